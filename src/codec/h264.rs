@@ -1,0 +1,138 @@
+//! H.264: the AVCDecoderConfigurationRecord and the sequence parameter set (resolution, profile).
+
+use super::bits::{BitReader, unescape_rbsp};
+use crate::media::VideoInfo;
+
+/// The first SPS of an AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1).
+pub fn avcc_first_sps(avcc: &[u8]) -> Option<&[u8]> {
+    if avcc.len() < 8 || avcc[0] != 1 || avcc[5] & 0x1f == 0 {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([avcc[6], avcc[7]]));
+    avcc.get(8..8 + len)
+}
+
+/// Resolution, profile and level from an AVCDecoderConfigurationRecord.
+pub fn parse_avcc(avcc: &[u8]) -> Option<VideoInfo> {
+    parse_sps(avcc_first_sps(avcc)?)
+}
+
+fn profile_name(idc: u32) -> &'static str {
+    match idc {
+        66 => "baseline",
+        77 => "main",
+        88 => "extended",
+        100 => "high",
+        110 => "high10",
+        122 => "high422",
+        244 => "high444",
+        _ => "other",
+    }
+}
+
+/// Parses an SPS NAL unit (with its one-byte header) far enough for the picture size.
+pub fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
+    if nal.first()? & 0x1f != 7 {
+        return None;
+    }
+    let rbsp = unescape_rbsp(&nal[1..]);
+    let mut r = BitReader::new(&rbsp);
+    let profile_idc = r.bits(8)?;
+    let _constraints = r.bits(8)?;
+    let level_idc = r.bits(8)?;
+    let _sps_id = r.ue()?;
+    let mut chroma_format_idc = 1;
+    let mut separate_colour_plane = false;
+    if matches!(profile_idc, 100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135) {
+        chroma_format_idc = r.ue()?;
+        if chroma_format_idc == 3 {
+            separate_colour_plane = r.bit()?;
+        }
+        let _bit_depth_luma = r.ue()?;
+        let _bit_depth_chroma = r.ue()?;
+        let _qpprime = r.bit()?;
+        if r.bit()? {
+            let lists = if chroma_format_idc == 3 { 12 } else { 8 };
+            for i in 0..lists {
+                if r.bit()? {
+                    let size = if i < 6 { 16 } else { 64 };
+                    let (mut last, mut next) = (8i32, 8i32);
+                    for _ in 0..size {
+                        if next != 0 {
+                            next = (last + r.se()? + 256) % 256;
+                        }
+                        last = if next == 0 { last } else { next };
+                    }
+                }
+            }
+        }
+    }
+    let _log2_max_frame_num = r.ue()?;
+    match r.ue()? {
+        0 => {
+            let _ = r.ue()?;
+        }
+        1 => {
+            r.bit()?;
+            r.se()?;
+            r.se()?;
+            let n = r.ue()?;
+            if n > 255 {
+                return None;
+            }
+            for _ in 0..n {
+                r.se()?;
+            }
+        }
+        _ => {}
+    }
+    let _max_ref_frames = r.ue()?;
+    r.bit()?;
+    let width_mbs = r.ue()?.checked_add(1)?;
+    let height_units = r.ue()?.checked_add(1)?;
+    let frame_mbs_only = r.bit()?;
+    if !frame_mbs_only {
+        r.bit()?;
+    }
+    r.bit()?;
+    let (mut cl, mut cr, mut ct, mut cb) = (0, 0, 0, 0);
+    if r.bit()? {
+        cl = r.ue()?;
+        cr = r.ue()?;
+        ct = r.ue()?;
+        cb = r.ue()?;
+    }
+    let chroma = if separate_colour_plane { 0 } else { chroma_format_idc };
+    let (sub_w, sub_h) = match chroma {
+        1 => (2, 2),
+        2 => (2, 1),
+        _ => (1, 1),
+    };
+    let frame_factor = if frame_mbs_only { 1 } else { 2 };
+    let (crop_x, crop_y) = if chroma == 0 { (1, frame_factor) } else { (sub_w, sub_h * frame_factor) };
+    let width = (width_mbs * 16).checked_sub(crop_x * (cl + cr))?;
+    let height = (frame_factor * height_units * 16).checked_sub(crop_y * (ct + cb))?;
+    Some(VideoInfo { width, height, profile: profile_name(profile_idc).to_owned(), level: level_idc as u8 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sps_1280x720_high() {
+        // x264 High 3.1, 1280x720.
+        let sps = [
+            0x67, 0x64, 0x00, 0x1f, 0xac, 0xd9, 0x40, 0x50, 0x05, 0xbb, 0x01, 0x10, 0x00, 0x00, 0x03,
+            0x00, 0x10, 0x00, 0x00, 0x03, 0x03, 0xc0, 0xf1, 0x83, 0x19, 0x60,
+        ];
+        let info = parse_sps(&sps).unwrap();
+        assert_eq!((info.width, info.height, info.profile.as_str(), info.level), (1280, 720, "high", 31));
+    }
+
+    #[test]
+    fn garbage_is_none() {
+        assert_eq!(parse_sps(&[0x67]), None);
+        assert_eq!(parse_avcc(&[1, 2, 3]), None);
+    }
+}

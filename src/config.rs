@@ -1,0 +1,235 @@
+//! Configuration: one struct read from flags, `CASTNODE_*` environment variables and an optional
+//! TOML file (`--config`), in that order of precedence, validated before any port is bound.
+//!
+//! A bad value is a [`ConfigError`] naming the key; `main` exits with status 64 (EX_USAGE).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
+
+/// castnode: a live-streaming cluster in one binary.
+#[derive(Parser, Debug)]
+#[command(name = "castnode", version, about)]
+pub struct Cli {
+    /// The role this process plays.
+    #[command(subcommand)]
+    pub role: Role,
+}
+
+/// Roles of the binary.
+#[derive(Subcommand, Debug)]
+pub enum Role {
+    /// Everything one machine needs in one process: ingest, playback, (later) stream manager.
+    Standalone(NodeArgs),
+    /// Ingest node (RTMP/WHIP) serving the cluster.
+    Origin(NodeArgs),
+    /// Fans broadcasts out between nodes over QUIC.
+    Relay(NodeArgs),
+    /// Serves viewers, pulling broadcasts from upstream on demand.
+    Edge(NodeArgs),
+    /// Builds ABR ladders with FFmpeg.
+    Transcoder(NodeArgs),
+    /// Composites several broadcasts into one.
+    Mixer(NodeArgs),
+    /// The stream manager: placement, scaling, API and console.
+    Manager(NodeArgs),
+}
+
+impl Role {
+    /// The role's name and its arguments.
+    pub fn parts(&self) -> (&'static str, &NodeArgs) {
+        match self {
+            Role::Standalone(a) => ("standalone", a),
+            Role::Origin(a) => ("origin", a),
+            Role::Relay(a) => ("relay", a),
+            Role::Edge(a) => ("edge", a),
+            Role::Transcoder(a) => ("transcoder", a),
+            Role::Mixer(a) => ("mixer", a),
+            Role::Manager(a) => ("manager", a),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of a media node. Every field can come from a flag, an environment variable or the
+/// TOML file (same names as the flags, e.g. `max-message-bytes = 1048576`).
+#[derive(Args, Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NodeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "CASTNODE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// RTMP listen address [default: 0.0.0.0:1935].
+    #[arg(long, env = "CASTNODE_RTMP")]
+    pub rtmp: Option<SocketAddr>,
+    /// HTTP listen address: HTTP-FLV, API, health, metrics [default: 0.0.0.0:8080].
+    #[arg(long, env = "CASTNODE_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "CASTNODE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Largest RTMP message accepted, bytes [default: 8388608].
+    #[arg(long, env = "CASTNODE_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Most RTMP connections at once [default: 10000].
+    #[arg(long, env = "CASTNODE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most players (RTMP + HTTP-FLV) at once [default: 20000].
+    #[arg(long, env = "CASTNODE_MAX_PLAYERS")]
+    pub max_players: Option<usize>,
+    /// Seconds a broadcast waits for its publisher to reconnect [default: 5].
+    #[arg(long, env = "CASTNODE_PUBLISH_GRACE")]
+    pub publish_grace: Option<f64>,
+    /// Seconds a client has to finish the RTMP handshake [default: 10].
+    #[arg(long, env = "CASTNODE_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<f64>,
+    /// Milliseconds between writes to one player; frames in between go out in one write
+    /// [default: 40].
+    #[arg(long, env = "CASTNODE_PLAYER_BATCH_MS")]
+    pub player_batch_ms: Option<u64>,
+    /// Seconds a player may block a write before it is disconnected [default: 10].
+    #[arg(long, env = "CASTNODE_STALL_TIMEOUT")]
+    pub stall_timeout: Option<f64>,
+    /// Host name printed in the URLs given to broadcasters and players [default: localhost].
+    #[arg(long, env = "CASTNODE_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    /// The key (flag name without dashes, as in the TOML file).
+    pub key: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+/// A media node's validated settings.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// RTMP listen address.
+    pub rtmp: SocketAddr,
+    /// HTTP listen address.
+    pub http: SocketAddr,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Largest RTMP message.
+    pub max_message_bytes: usize,
+    /// Most RTMP connections.
+    pub max_connections: usize,
+    /// Most players.
+    pub max_players: usize,
+    /// Reconnect grace.
+    pub publish_grace: Duration,
+    /// RTMP handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Interval between writes to a player.
+    pub player_batch: Duration,
+    /// How long a player may block a write.
+    pub stall_timeout: Duration,
+    /// Host used in printed URLs.
+    pub public_host: String,
+}
+
+fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration, ConfigError> {
+    let v = v.unwrap_or(default);
+    if !(0.0..=max).contains(&v) {
+        return Err(bad(key, format!("{v} is outside 0..={max} seconds")));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl NodeArgs {
+    /// Fills what flags and environment left unset from the TOML file, then validates.
+    pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
+                toml::from_str::<NodeArgs>(&text).map_err(|e| {
+                    let msg = e.message().to_owned();
+                    let key = msg.split('`').nth(1).unwrap_or("config").to_owned();
+                    bad(&key, format!("{}: {msg}", path.display()))
+                })?
+            }
+            None => NodeArgs::default(),
+        };
+        let a = self.clone();
+        let max_message_bytes = a.max_message_bytes.or(file.max_message_bytes).unwrap_or(8 << 20);
+        if !(1024..=0xFF_FFFF).contains(&max_message_bytes) {
+            return Err(bad("max-message-bytes", format!("{max_message_bytes} is outside 1024..=16777215")));
+        }
+        let max_connections = a.max_connections.or(file.max_connections).unwrap_or(10_000);
+        if max_connections == 0 {
+            return Err(bad("max-connections", "must be at least 1"));
+        }
+        let max_players = a.max_players.or(file.max_players).unwrap_or(20_000);
+        let player_batch_ms = a.player_batch_ms.or(file.player_batch_ms).unwrap_or(40);
+        if player_batch_ms > 1000 {
+            return Err(bad("player-batch-ms", format!("{player_batch_ms} is over 1000")));
+        }
+        let public_host = a.public_host.or(file.public_host).unwrap_or_else(|| "localhost".into());
+        if public_host.is_empty() || public_host.contains(['/', ' ']) {
+            return Err(bad("public-host", format!("{public_host:?} is not a host name")));
+        }
+        Ok(NodeConfig {
+            rtmp: a.rtmp.or(file.rtmp).unwrap_or_else(|| "0.0.0.0:1935".parse().expect("literal address")),
+            http: a.http.or(file.http).unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal address")),
+            log_format: a.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            max_message_bytes,
+            max_connections,
+            max_players,
+            publish_grace: seconds("publish-grace", a.publish_grace.or(file.publish_grace), 5.0, 3600.0)?,
+            handshake_timeout: seconds("handshake-timeout", a.handshake_timeout.or(file.handshake_timeout), 10.0, 600.0)?,
+            player_batch: Duration::from_millis(player_batch_ms),
+            stall_timeout: seconds("stall-timeout", a.stall_timeout.or(file.stall_timeout), 10.0, 3600.0)?,
+            public_host,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> NodeArgs {
+        let mut v = vec!["castnode", "standalone"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().role {
+            Role::Standalone(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_and_file_and_flags() {
+        let dir = std::env::temp_dir().join(format!("castnode-cfg-{}", std::process::id()));
+        std::fs::write(&dir, "rtmp = \"127.0.0.1:1999\"\nmax-message-bytes = 2048\n").unwrap();
+        let cfg = parse(&["--config", dir.to_str().unwrap(), "--max-message-bytes", "4096"]).resolve().unwrap();
+        assert_eq!(cfg.rtmp, "127.0.0.1:1999".parse().unwrap());
+        assert_eq!(cfg.max_message_bytes, 4096);
+        assert_eq!(cfg.http, "0.0.0.0:8080".parse().unwrap());
+        std::fs::write(&dir, "bogus = 1\n").unwrap();
+        let err = parse(&["--config", dir.to_str().unwrap()]).resolve().unwrap_err();
+        assert_eq!(err.key, "bogus");
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(parse(&["--max-message-bytes", "1"]).resolve().unwrap_err().key, "max-message-bytes");
+    }
+}

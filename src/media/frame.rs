@@ -1,0 +1,138 @@
+//! The media model: tracks, frames and metadata.
+//!
+//! A broadcast carries tracks (one per kind and rendition); a track carries frames in decode
+//! order. Payloads are codec-native: H.264/H.265 as length-prefixed NAL units (AVCC/HVCC), AAC as
+//! raw access units with the AudioSpecificConfig as the track's config. Times are microseconds on
+//! the broadcast's own timeline.
+
+use bytes::Bytes;
+
+/// Index of a track inside its broadcast.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TrackId(pub u8);
+
+/// What a track carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrackKind {
+    /// Pictures.
+    Video,
+    /// Sound.
+    Audio,
+}
+
+/// The codecs castnode understands well enough to carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Codec {
+    /// H.264 / AVC; config is an AVCDecoderConfigurationRecord.
+    H264,
+    /// H.265 / HEVC; config is an HEVCDecoderConfigurationRecord.
+    H265,
+    /// AV1; config is an AV1CodecConfigurationRecord.
+    Av1,
+    /// AAC; config is an AudioSpecificConfig.
+    Aac,
+    /// Opus.
+    Opus,
+}
+
+impl Codec {
+    /// Short lowercase name used in APIs and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::H264 => "h264",
+            Codec::H265 => "h265",
+            Codec::Av1 => "av1",
+            Codec::Aac => "aac",
+            Codec::Opus => "opus",
+        }
+    }
+
+    /// Whether frames of this codec are pictures.
+    pub fn kind(self) -> TrackKind {
+        match self {
+            Codec::H264 | Codec::H265 | Codec::Av1 => TrackKind::Video,
+            Codec::Aac | Codec::Opus => TrackKind::Audio,
+        }
+    }
+}
+
+/// Facts about a video track, read from its codec config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VideoInfo {
+    /// Picture width in pixels (after cropping).
+    pub width: u32,
+    /// Picture height in pixels (after cropping).
+    pub height: u32,
+    /// Profile name such as "high" or "baseline".
+    pub profile: String,
+    /// Level times ten (e.g. 31 for 3.1).
+    pub level: u8,
+}
+
+/// Facts about an audio track, read from its codec config.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AudioInfo {
+    /// Samples per second.
+    pub sample_rate: u32,
+    /// Channel count.
+    pub channels: u8,
+}
+
+/// A track's description: codec and the configuration a decoder needs first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrackInfo {
+    /// The codec.
+    pub codec: Codec,
+    /// Decoder configuration (codec specific), if the codec has one.
+    pub config: Option<Bytes>,
+    /// Set for video tracks whose config could be parsed.
+    pub video: Option<VideoInfo>,
+    /// Set for audio tracks whose config could be parsed.
+    pub audio: Option<AudioInfo>,
+}
+
+/// One access unit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Presentation time in microseconds.
+    pub pts: i64,
+    /// Decode time in microseconds; frames of a track arrive in decode order.
+    pub dts: i64,
+    /// A random-access point (IDR for video; every audio frame).
+    pub keyframe: bool,
+    /// Codec-native payload, shared by every consumer.
+    pub payload: Bytes,
+}
+
+/// A value of broadcast metadata (the publisher's description of its stream).
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaValue {
+    /// A number.
+    Number(f64),
+    /// A flag.
+    Bool(bool),
+    /// Text.
+    Text(String),
+}
+
+/// Publisher-supplied key/value metadata, in the order it was given.
+pub type Metadata = Vec<(String, MetaValue)>;
+
+/// What travels through the hub's log, in the publisher's order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Item {
+    /// A track's (new) decoder configuration; consumers pass it on before the track's next frame.
+    Config {
+        /// The track.
+        track: TrackId,
+        /// The track's description at this point.
+        info: TrackInfo,
+    },
+    /// A frame of a track.
+    Frame {
+        /// The track.
+        track: TrackId,
+        /// The frame.
+        frame: Frame,
+    },
+}

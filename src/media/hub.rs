@@ -1,0 +1,799 @@
+//! The in-node hub: live broadcasts, their publishers and their consumers.
+//!
+//! Guarantees:
+//! - Fan-out is zero-copy: every consumer reads the same `Arc<Entry>`; derived serializations
+//!   (an RTMP chunk stream, an FLV tag) are computed once per entry in a [`MemoSlot`] and shared.
+//! - A new consumer starts at the newest group (a video keyframe), after the tracks' configs.
+//! - The publisher never waits for a consumer. A consumer that falls behind by more than
+//!   [`HubConfig::max_lag`], or whose position was evicted, skips ahead to the newest group; the
+//!   skipped frames are counted.
+//! - Memory per broadcast is bounded: the log keeps [`HubConfig::retain_groups`] groups and at most
+//!   [`HubConfig::max_log_bytes`] of payload.
+//! - A publisher that comes back under the same name within [`HubConfig::reconnect_grace`]
+//!   continues the broadcast: its timeline is rebased to follow on, consumers resume at its first
+//!   keyframe without reconnecting. After the grace, consumers read [`ReadOutcome::Ended`].
+//!
+//! A group here spans all tracks of a broadcast (one GOP of the video track and the audio
+//! interleaved with it), so the publisher's interleaving is kept for muxed outputs.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::frame::{Frame, Item, Metadata, TrackId, TrackInfo, TrackKind};
+
+/// How many derived serializations an entry can memoize.
+const MEMO_SLOTS: usize = 4;
+
+/// A slot for one derived serialization of entries (one per output format).
+#[derive(Clone, Copy, Debug)]
+pub struct MemoSlot(pub usize);
+
+/// Hub tuning.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// How long a broadcast waits for its publisher to come back.
+    pub reconnect_grace: Duration,
+    /// Groups kept per broadcast (the newest is the one being written).
+    pub retain_groups: usize,
+    /// Payload bytes kept per broadcast at most.
+    pub max_log_bytes: usize,
+    /// A consumer further behind the newest frame than this skips to the newest group.
+    pub max_lag: Duration,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            reconnect_grace: Duration::from_secs(5),
+            retain_groups: 2,
+            max_log_bytes: 64 << 20,
+            max_lag: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a publish was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    /// Another publisher is live under this name.
+    #[error("broadcast {0} already has a live publisher")]
+    AlreadyLive(String),
+}
+
+/// One item of a broadcast's log.
+#[derive(Debug)]
+pub struct Entry {
+    /// Position in the broadcast's log.
+    pub seq: u64,
+    /// Decode time of the item (for configs: of the frame before it), microseconds.
+    pub dts: i64,
+    /// The item.
+    pub item: Item,
+    memo: [OnceLock<Bytes>; MEMO_SLOTS],
+}
+
+impl Entry {
+    fn new(seq: u64, dts: i64, item: Item) -> Self {
+        Self { seq, dts, item, memo: Default::default() }
+    }
+
+    /// An entry outside any log (a config sent to one player); its memo serves only itself.
+    pub fn detached(dts: i64, item: Item) -> Self {
+        Self::new(u64::MAX, dts, item)
+    }
+
+    /// The serialization of this entry in `slot`, computed by `encode` on first use and shared
+    /// with every later caller.
+    pub fn memo(&self, slot: MemoSlot, encode: impl FnOnce(&Item) -> Bytes) -> &Bytes {
+        self.memo[slot.0].get_or_init(|| encode(&self.item))
+    }
+
+    fn payload_len(&self) -> usize {
+        match &self.item {
+            Item::Frame { frame, .. } => frame.payload.len(),
+            Item::Config { .. } => 0,
+        }
+    }
+}
+
+/// Counters of one broadcast; readable without locks.
+#[derive(Debug, Default)]
+pub struct BroadcastStats {
+    /// Payload bytes received from publishers.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to players (drivers add to it).
+    pub bytes_out: AtomicU64,
+    /// Frames received from publishers.
+    pub frames_in: AtomicU64,
+    /// Frames players skipped because they fell behind.
+    pub frames_skipped: AtomicU64,
+    /// Players currently attached.
+    pub players: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Publisher {
+    Live(u64),
+    Gone(Instant),
+    Ended,
+}
+
+/// Per-track figures measured at ingest.
+#[derive(Debug, Default, Clone)]
+struct TrackFigures {
+    window_start: Option<i64>,
+    window_frames: u32,
+    window_bytes: u64,
+    fps: f64,
+    bitrate: f64,
+    last_pts: Option<i64>,
+    b_frames: bool,
+    last_key_dts: Option<i64>,
+    keyframe_interval: Option<f64>,
+}
+
+impl TrackFigures {
+    fn observe(&mut self, f: &Frame, video: bool) {
+        let start = *self.window_start.get_or_insert(f.dts);
+        self.window_frames += 1;
+        self.window_bytes += f.payload.len() as u64;
+        let span = f.dts - start;
+        if span >= 1_000_000 {
+            let secs = span as f64 / 1e6;
+            self.fps = f64::from(self.window_frames - 1) / secs;
+            self.bitrate = (self.window_bytes - f.payload.len() as u64) as f64 * 8.0 / secs;
+            self.window_start = Some(f.dts);
+            self.window_frames = 1;
+            self.window_bytes = f.payload.len() as u64;
+        }
+        if video {
+            if let Some(last) = self.last_pts {
+                // Presentation order differs from decode order only when frames are reordered.
+                if f.pts < last {
+                    self.b_frames = true;
+                }
+            }
+            self.last_pts = Some(f.pts);
+            if f.keyframe {
+                if let Some(k) = self.last_key_dts {
+                    self.keyframe_interval = Some((f.dts - k) as f64 / 1e6);
+                }
+                self.last_key_dts = Some(f.dts);
+            }
+        }
+    }
+}
+
+struct State {
+    tracks: Vec<Option<TrackInfo>>,
+    figures: Vec<TrackFigures>,
+    metadata: Metadata,
+    log: VecDeque<Arc<Entry>>,
+    next_seq: u64,
+    group_starts: VecDeque<u64>,
+    log_bytes: usize,
+    publisher: Publisher,
+    ts_offset: i64,
+    last_dts: i64,
+    /// Set on resume: the next frame rebases the timeline (the gap started at this instant).
+    rebase_from: Option<Instant>,
+    /// Set on resume: video waits for a keyframe.
+    needs_keyframe: bool,
+}
+
+impl State {
+    fn first_seq(&self) -> u64 {
+        self.log.front().map_or(self.next_seq, |e| e.seq)
+    }
+
+    fn has_video(&self) -> bool {
+        self.tracks.iter().flatten().any(|t| t.codec.kind() == TrackKind::Video)
+    }
+
+    fn append(&mut self, item: Item, group_start: bool, retain_groups: usize, max_bytes: usize) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if group_start {
+            self.group_starts.push_back(seq);
+        }
+        let entry = Arc::new(Entry::new(seq, self.last_dts, item));
+        self.log_bytes += entry.payload_len();
+        self.log.push_back(entry);
+        while self.group_starts.len() > retain_groups.max(1) {
+            self.group_starts.pop_front();
+            let keep_from = self.group_starts[0];
+            while self.log.front().is_some_and(|e| e.seq < keep_from) {
+                self.pop_front();
+            }
+        }
+        while self.log_bytes > max_bytes && self.log.len() > 1 {
+            self.pop_front();
+        }
+        let first = self.first_seq();
+        while self.group_starts.front().is_some_and(|&g| g < first) {
+            self.group_starts.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(e) = self.log.pop_front() {
+            self.log_bytes -= e.payload_len();
+        }
+    }
+}
+
+/// A live (or lingering) broadcast.
+pub struct Broadcast {
+    name: String,
+    created: Instant,
+    state: Mutex<State>,
+    notify: watch::Sender<()>,
+    /// Counters, readable without locks.
+    pub stats: BroadcastStats,
+}
+
+impl Broadcast {
+    fn new(name: &str, publisher_id: u64) -> Self {
+        Self {
+            name: name.to_owned(),
+            created: Instant::now(),
+            state: Mutex::new(State {
+                tracks: Vec::new(),
+                figures: Vec::new(),
+                metadata: Vec::new(),
+                log: VecDeque::new(),
+                next_seq: 0,
+                group_starts: VecDeque::new(),
+                log_bytes: 0,
+                publisher: Publisher::Live(publisher_id),
+                ts_offset: 0,
+                last_dts: 0,
+                rebase_from: None,
+                needs_keyframe: false,
+            }),
+            notify: watch::channel(()).0,
+            stats: BroadcastStats::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock would be a bug in this module; recover the data
+        // rather than poisoning every other session of the broadcast.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The broadcast's name (`app/key`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A description for APIs: tracks with measured figures, players, uptime.
+    pub fn describe(&self) -> BroadcastInfo {
+        let st = self.lock();
+        let tracks = st
+            .tracks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
+            .map(|(i, t)| {
+                let f = st.figures.get(i).cloned().unwrap_or_default();
+                TrackSummary {
+                    id: i as u8,
+                    kind: match t.codec.kind() {
+                        TrackKind::Video => "video",
+                        TrackKind::Audio => "audio",
+                    },
+                    codec: t.codec.name(),
+                    width: t.video.as_ref().map(|v| v.width),
+                    height: t.video.as_ref().map(|v| v.height),
+                    profile: t.video.as_ref().map(|v| v.profile.clone()),
+                    sample_rate: t.audio.as_ref().map(|a| a.sample_rate),
+                    channels: t.audio.as_ref().map(|a| a.channels),
+                    fps: round2(f.fps),
+                    bitrate_kbps: round2(f.bitrate / 1000.0),
+                    b_frames: (t.codec.kind() == TrackKind::Video).then_some(f.b_frames),
+                    keyframe_interval_s: f.keyframe_interval.map(round2),
+                }
+            })
+            .collect();
+        BroadcastInfo {
+            name: self.name.clone(),
+            publishing: matches!(st.publisher, Publisher::Live(_)),
+            tracks,
+            players: self.stats.players.load(Relaxed),
+            uptime_s: round2(self.created.elapsed().as_secs_f64()),
+            bytes_in: self.stats.bytes_in.load(Relaxed),
+            bytes_out: self.stats.bytes_out.load(Relaxed),
+            frames_skipped: self.stats.frames_skipped.load(Relaxed),
+        }
+    }
+
+    /// Ingest bitrate over the last measured second, all tracks, bits per second.
+    pub fn ingest_bitrate(&self) -> f64 {
+        self.lock().figures.iter().map(|f| f.bitrate).sum()
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// JSON view of a broadcast.
+#[derive(Debug, Serialize)]
+pub struct BroadcastInfo {
+    /// `app/key`.
+    pub name: String,
+    /// Whether a publisher is connected now.
+    pub publishing: bool,
+    /// Tracks with measured figures.
+    pub tracks: Vec<TrackSummary>,
+    /// Attached players.
+    pub players: u64,
+    /// Seconds since the broadcast started.
+    pub uptime_s: f64,
+    /// Payload bytes in.
+    pub bytes_in: u64,
+    /// Bytes out to players.
+    pub bytes_out: u64,
+    /// Frames skipped by slow players.
+    pub frames_skipped: u64,
+}
+
+/// JSON view of a track.
+#[derive(Debug, Serialize)]
+pub struct TrackSummary {
+    /// Track id.
+    pub id: u8,
+    /// "video" or "audio".
+    pub kind: &'static str,
+    /// Codec name.
+    pub codec: &'static str,
+    /// Width, video only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<u32>,
+    /// Height, video only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u32>,
+    /// Profile, video only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// Sample rate, audio only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_rate: Option<u32>,
+    /// Channels, audio only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channels: Option<u8>,
+    /// Frames per second over the last second of media time.
+    pub fps: f64,
+    /// Kilobits per second over the last second of media time.
+    pub bitrate_kbps: f64,
+    /// Whether frames are reordered (B-frames), video only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b_frames: Option<bool>,
+    /// Seconds between the last two keyframes, video only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyframe_interval_s: Option<f64>,
+}
+
+/// Hub-wide counters.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Payload bytes received from publishers, all broadcasts ever.
+    pub bytes_in: AtomicU64,
+    /// Bytes written to players, all broadcasts ever.
+    pub bytes_out: AtomicU64,
+    /// Frames skipped by slow players, all broadcasts ever.
+    pub frames_skipped: AtomicU64,
+}
+
+struct HubInner {
+    cfg: HubConfig,
+    broadcasts: Mutex<HashMap<String, Arc<Broadcast>>>,
+    next_id: AtomicU64,
+    stats: HubStats,
+}
+
+/// The broadcasts of this node. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new(HubConfig::default())
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new(cfg: HubConfig) -> Self {
+        Self {
+            inner: Arc::new(HubInner {
+                cfg,
+                broadcasts: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                stats: HubStats::default(),
+            }),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Broadcast>>> {
+        self.inner.broadcasts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hub-wide counters.
+    pub fn stats(&self) -> &HubStats {
+        &self.inner.stats
+    }
+
+    /// The hub's configuration.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.cfg
+    }
+
+    /// Start publishing `name`, or continue it when its publisher left within the grace.
+    pub fn publish(&self, name: &str) -> Result<BroadcastProducer, PublishError> {
+        let id = self.inner.next_id.fetch_add(1, Relaxed);
+        let mut map = self.map();
+        if let Some(bc) = map.get(name) {
+            let mut st = bc.lock();
+            match st.publisher {
+                Publisher::Live(_) => return Err(PublishError::AlreadyLive(name.to_owned())),
+                Publisher::Gone(since) => {
+                    st.publisher = Publisher::Live(id);
+                    st.rebase_from = Some(since);
+                    st.needs_keyframe = st.has_video();
+                    drop(st);
+                    return Ok(BroadcastProducer { hub: self.clone(), bc: bc.clone(), id });
+                }
+                Publisher::Ended => {}
+            }
+        }
+        let bc = Arc::new(Broadcast::new(name, id));
+        map.insert(name.to_owned(), bc.clone());
+        Ok(BroadcastProducer { hub: self.clone(), bc, id })
+    }
+
+    /// A consumer of `name`, or `None` when nothing is published under it.
+    pub fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
+        let bc = self.map().get(name)?.clone();
+        if bc.lock().publisher == Publisher::Ended {
+            return None;
+        }
+        Some(BroadcastConsumer::new(self.clone(), bc))
+    }
+
+    /// All broadcasts, sorted by name.
+    pub fn broadcasts(&self) -> Vec<Arc<Broadcast>> {
+        let mut v: Vec<_> = self.map().values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Ends broadcasts whose publisher has been gone longer than the grace. Call about once a
+    /// second.
+    pub fn reap(&self, now: Instant) {
+        let grace = self.inner.cfg.reconnect_grace;
+        let mut ended = Vec::new();
+        self.map().retain(|_, bc| {
+            let mut st = bc.lock();
+            match st.publisher {
+                Publisher::Gone(since) if now.saturating_duration_since(since) >= grace => {
+                    st.publisher = Publisher::Ended;
+                    ended.push(bc.clone());
+                    false
+                }
+                _ => true,
+            }
+        });
+        for bc in ended {
+            tracing::info!(broadcast = %bc.name, "publisher did not come back within the grace; broadcast ended");
+            bc.notify.send_replace(());
+        }
+    }
+}
+
+/// The publishing side of a broadcast. Dropping it starts the reconnect grace.
+pub struct BroadcastProducer {
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    id: u64,
+}
+
+impl BroadcastProducer {
+    /// The broadcast being published.
+    pub fn broadcast(&self) -> &Arc<Broadcast> {
+        &self.bc
+    }
+
+    /// Declares or updates a track. Consumers get the new config before the track's next frame.
+    pub fn set_track(&mut self, track: TrackId, info: TrackInfo) {
+        let cfg = &self.hub.inner.cfg;
+        let mut st = self.bc.lock();
+        let i = usize::from(track.0);
+        if st.tracks.len() <= i {
+            st.tracks.resize(i + 1, None);
+            st.figures.resize(i + 1, TrackFigures::default());
+        }
+        if st.tracks[i].as_ref() == Some(&info) {
+            return;
+        }
+        st.tracks[i] = Some(info.clone());
+        st.append(Item::Config { track, info }, false, cfg.retain_groups, cfg.max_log_bytes);
+        drop(st);
+        self.bc.notify.send_replace(());
+    }
+
+    /// Replaces the broadcast's metadata.
+    pub fn set_metadata(&mut self, metadata: Metadata) {
+        self.bc.lock().metadata = metadata;
+    }
+
+    /// Appends a frame of `track` (declare the track first). Never waits for consumers.
+    pub fn push(&mut self, track: TrackId, mut frame: Frame) {
+        let cfg = &self.hub.inner.cfg;
+        let len = frame.payload.len() as u64;
+        let mut st = self.bc.lock();
+        if st.publisher != Publisher::Live(self.id) {
+            return;
+        }
+        let Some(kind) = st.tracks.get(usize::from(track.0)).and_then(|t| t.as_ref()).map(|t| t.codec.kind())
+        else {
+            return;
+        };
+        let video = kind == TrackKind::Video;
+        if st.needs_keyframe {
+            if video && !frame.keyframe {
+                return;
+            }
+            st.needs_keyframe = !video;
+        }
+        if let Some(since) = st.rebase_from.take() {
+            // Continue the timeline where the old publisher left it, plus the real gap (at
+            // least a millisecond, the unit of RTMP timestamps).
+            let gap = Instant::now().saturating_duration_since(since).as_micros() as i64;
+            st.ts_offset = st.last_dts + gap.max(1000) - frame.dts;
+        }
+        frame.dts += st.ts_offset;
+        frame.pts += st.ts_offset;
+        st.last_dts = frame.dts;
+        let group_start = if video {
+            frame.keyframe
+        } else if !st.has_video() {
+            // Audio-only: a group per second keeps late joiners and skips cheap.
+            let last_start = st.group_starts.back().and_then(|&g| {
+                st.log.get((g - st.first_seq()) as usize).map(|e| e.dts)
+            });
+            last_start.is_none_or(|d| frame.dts - d >= 1_000_000)
+        } else {
+            false
+        };
+        st.figures[usize::from(track.0)].observe(&frame, video);
+        st.append(Item::Frame { track, frame }, group_start, cfg.retain_groups, cfg.max_log_bytes);
+        drop(st);
+        self.bc.stats.bytes_in.fetch_add(len, Relaxed);
+        self.bc.stats.frames_in.fetch_add(1, Relaxed);
+        self.hub.inner.stats.bytes_in.fetch_add(len, Relaxed);
+        self.bc.notify.send_replace(());
+    }
+}
+
+impl Drop for BroadcastProducer {
+    fn drop(&mut self) {
+        let mut st = self.bc.lock();
+        if st.publisher == Publisher::Live(self.id) {
+            st.publisher = Publisher::Gone(Instant::now());
+        }
+        drop(st);
+        self.bc.notify.send_replace(());
+    }
+}
+
+/// What [`BroadcastConsumer::read`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// `n` entries were appended (possibly 0: wait with [`BroadcastConsumer::changed`]).
+    Read(usize),
+    /// The consumer was behind; `skipped` frames were passed over and reading resumed at the
+    /// newest group, of which `n` entries were appended.
+    Skipped {
+        /// Frames passed over.
+        skipped: u64,
+        /// Entries appended.
+        n: usize,
+    },
+    /// The broadcast ended and everything was read.
+    Ended,
+}
+
+/// A reader of a broadcast. Each consumer keeps its own position; cloning a payload is a
+/// reference count.
+pub struct BroadcastConsumer {
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    cursor: Option<u64>,
+    rx: watch::Receiver<()>,
+}
+
+impl BroadcastConsumer {
+    fn new(hub: Hub, bc: Arc<Broadcast>) -> Self {
+        bc.stats.players.fetch_add(1, Relaxed);
+        let rx = bc.notify.subscribe();
+        Self { hub, bc, cursor: None, rx }
+    }
+
+    /// The broadcast being read.
+    pub fn broadcast(&self) -> &Arc<Broadcast> {
+        &self.bc
+    }
+
+    /// The tracks and metadata as they are now: what a player needs before the first frame.
+    pub fn snapshot(&self) -> (Vec<(TrackId, TrackInfo)>, Metadata) {
+        let st = self.bc.lock();
+        let tracks = st
+            .tracks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.clone().map(|t| (TrackId(i as u8), t)))
+            .collect();
+        (tracks, st.metadata.clone())
+    }
+
+    /// Appends up to `max` entries to `out`. A first read starts at the newest group.
+    pub fn read(&mut self, out: &mut Vec<Arc<Entry>>, max: usize) -> ReadOutcome {
+        self.rx.borrow_and_update();
+        let st = self.bc.lock();
+        let first = st.first_seq();
+        let newest_group = st.group_starts.back().copied();
+        let mut skipped = 0;
+        let cursor = match self.cursor {
+            None => match newest_group {
+                Some(g) => g,
+                None if st.publisher == Publisher::Ended => return ReadOutcome::Ended,
+                None => return ReadOutcome::Read(0),
+            },
+            Some(c) => {
+                let behind = c < first
+                    || st.log.get((c - first) as usize).is_some_and(|e| {
+                        st.last_dts - e.dts > self.hub.inner.cfg.max_lag.as_micros() as i64
+                    });
+                match newest_group {
+                    Some(g) if behind && g > c => {
+                        skipped = st
+                            .log
+                            .iter()
+                            .skip(c.saturating_sub(first) as usize)
+                            .take_while(|e| e.seq < g)
+                            .filter(|e| matches!(e.item, Item::Frame { .. }))
+                            .count() as u64
+                            + first.saturating_sub(c);
+                        g
+                    }
+                    _ => c.max(first),
+                }
+            }
+        };
+        let start = (cursor - first) as usize;
+        let n = st.log.len().saturating_sub(start).min(max);
+        out.extend(st.log.range(start..start + n).cloned());
+        self.cursor = Some(cursor + n as u64);
+        if n == 0 && st.publisher == Publisher::Ended {
+            return ReadOutcome::Ended;
+        }
+        drop(st);
+        if skipped > 0 {
+            self.bc.stats.frames_skipped.fetch_add(skipped, Relaxed);
+            self.hub.inner.stats.frames_skipped.fetch_add(skipped, Relaxed);
+            ReadOutcome::Skipped { skipped, n }
+        } else {
+            ReadOutcome::Read(n)
+        }
+    }
+
+    /// Waits until the broadcast has changed since the last read.
+    pub async fn changed(&mut self) {
+        // The sender lives in the broadcast, which this consumer keeps alive: it never closes.
+        let _ = self.rx.changed().await;
+    }
+}
+
+impl Drop for BroadcastConsumer {
+    fn drop(&mut self) {
+        self.bc.stats.players.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::Codec;
+
+    fn video() -> TrackInfo {
+        TrackInfo { codec: Codec::H264, config: Some(Bytes::from_static(b"cfg")), video: None, audio: None }
+    }
+
+    fn frame(ms: i64, key: bool) -> Frame {
+        Frame { pts: ms * 1000, dts: ms * 1000, keyframe: key, payload: Bytes::from(vec![0u8; 10]) }
+    }
+
+    fn frames(out: &[Arc<Entry>]) -> Vec<i64> {
+        out.iter()
+            .filter_map(|e| match &e.item {
+                Item::Frame { frame, .. } => Some(frame.dts / 1000),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn late_joiner_starts_at_newest_keyframe() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        for i in 0..10 {
+            p.push(TrackId(0), frame(i * 33, i % 4 == 0));
+        }
+        let mut c = hub.subscribe("live/a").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(2));
+        assert_eq!(frames(&out), vec![264, 297]);
+        assert!(matches!(&out[0].item, Item::Frame { frame, .. } if frame.keyframe));
+    }
+
+    #[test]
+    fn second_publisher_refused_and_grace_resumes() {
+        let hub = Hub::new(HubConfig { reconnect_grace: Duration::from_secs(5), ..Default::default() });
+        let mut p = hub.publish("live/a").unwrap();
+        assert_eq!(hub.publish("live/a").err(), Some(PublishError::AlreadyLive("live/a".into())));
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(1000, true));
+        let mut c = hub.subscribe("live/a").unwrap();
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        drop(p);
+        hub.reap(Instant::now());
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, false)); // dropped: waits for a keyframe
+        p.push(TrackId(0), frame(33, true));
+        out.clear();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(1));
+        // Rebased after the old timeline.
+        assert!(frames(&out)[0] > 1000);
+        drop(p);
+        hub.reap(Instant::now() + Duration::from_secs(6));
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Ended);
+        assert!(hub.subscribe("live/a").is_none());
+    }
+
+    #[test]
+    fn slow_consumer_skips_to_newest_group() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, true));
+        let mut c = hub.subscribe("live/a").unwrap();
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        for i in 1..200 {
+            p.push(TrackId(0), frame(i * 33, i % 60 == 0));
+        }
+        out.clear();
+        match c.read(&mut out, 1000) {
+            ReadOutcome::Skipped { skipped, n } => {
+                assert!(skipped > 0);
+                assert_eq!(n, 200 - 180);
+            }
+            o => panic!("expected a skip, got {o:?}"),
+        }
+        assert_eq!(frames(&out)[0], 180 * 33);
+        assert_eq!(hub.stats().frames_skipped.load(Relaxed), 179);
+    }
+}

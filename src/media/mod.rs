@@ -1,0 +1,14 @@
+//! Protocol-agnostic media core: the model every protocol converts to and from, and the in-node
+//! hub that fans broadcasts out.
+//!
+//! Guarantees: nothing in this module names a protocol. A frame's payload is a [`bytes::Bytes`]
+//! that is shared, never copied, between every consumer of a broadcast.
+
+pub mod feed;
+pub mod frame;
+pub mod hub;
+
+pub use frame::{AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo};
+pub use hub::{
+    BroadcastConsumer, BroadcastProducer, Entry, Hub, HubConfig, MemoSlot, PublishError, ReadOutcome,
+};

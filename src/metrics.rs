@@ -1,0 +1,98 @@
+//! Node counters and their Prometheus text rendering.
+//!
+//! Counters are plain atomics owned by the node (drivers add to them); per-broadcast figures are
+//! read from the hub when `/metrics` is scraped, so an ended broadcast leaves no stale series.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::media::Hub;
+
+/// Counters of one node.
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Open RTMP connections.
+    pub rtmp_connections: AtomicU64,
+    /// RTMP connections refused at the connection limit.
+    pub rtmp_refused: AtomicU64,
+    /// RTMP connections closed for a protocol error or timeout.
+    pub rtmp_errors: AtomicU64,
+    /// Publishers connected now.
+    pub publishers: AtomicU64,
+    /// RTMP players connected now.
+    pub rtmp_players: AtomicU64,
+    /// HTTP-FLV players connected now.
+    pub flv_players: AtomicU64,
+    /// Players disconnected because they stopped reading.
+    pub players_stalled: AtomicU64,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Renders the node's metrics in the Prometheus text format (version 0.0.4).
+pub fn render(stats: &NodeStats, hub: &Hub) -> String {
+    let mut s = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(s, "{name}{labels} {v}");
+        }
+    };
+    let g = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed) as f64)];
+    let broadcasts = hub.broadcasts();
+    let hs = hub.stats();
+    metric("castnode_broadcasts", "gauge", "Broadcasts on this node.", &[(String::new(), broadcasts.len() as f64)]);
+    metric("castnode_publishers", "gauge", "Publishers connected.", &g(&stats.publishers));
+    metric(
+        "castnode_players",
+        "gauge",
+        "Players connected, by protocol.",
+        &[
+            ("{protocol=\"rtmp\"}".into(), stats.rtmp_players.load(Relaxed) as f64),
+            ("{protocol=\"flv\"}".into(), stats.flv_players.load(Relaxed) as f64),
+        ],
+    );
+    metric("castnode_rtmp_connections", "gauge", "Open RTMP connections.", &g(&stats.rtmp_connections));
+    metric("castnode_rtmp_refused_total", "counter", "RTMP connections refused at the limit.", &g(&stats.rtmp_refused));
+    metric("castnode_rtmp_errors_total", "counter", "RTMP connections closed for an error.", &g(&stats.rtmp_errors));
+    metric("castnode_players_stalled_total", "counter", "Players disconnected for not reading.", &g(&stats.players_stalled));
+    metric("castnode_bytes_in_total", "counter", "Media payload bytes received.", &g(&hs.bytes_in));
+    metric("castnode_bytes_out_total", "counter", "Bytes sent to players.", &g(&hs.bytes_out));
+    metric(
+        "castnode_frames_skipped_total",
+        "counter",
+        "Frames slow players skipped to catch up.",
+        &g(&hs.frames_skipped),
+    );
+    let per = |f: &dyn Fn(&crate::media::hub::Broadcast) -> f64| -> Vec<(String, f64)> {
+        broadcasts.iter().map(|b| (format!("{{broadcast=\"{}\"}}", escape(b.name())), f(b))).collect()
+    };
+    metric(
+        "castnode_broadcast_ingest_bitrate_bps",
+        "gauge",
+        "Ingest bitrate of a broadcast over the last second of media.",
+        &per(&|b| b.ingest_bitrate().round()),
+    );
+    metric("castnode_broadcast_players", "gauge", "Players of a broadcast.", &per(&|b| b.stats.players.load(Relaxed) as f64));
+    metric(
+        "castnode_broadcast_bytes_in_total",
+        "counter",
+        "Payload bytes received for a broadcast.",
+        &per(&|b| b.stats.bytes_in.load(Relaxed) as f64),
+    );
+    metric(
+        "castnode_broadcast_bytes_out_total",
+        "counter",
+        "Bytes sent to a broadcast's players.",
+        &per(&|b| b.stats.bytes_out.load(Relaxed) as f64),
+    );
+    metric(
+        "castnode_broadcast_frames_skipped_total",
+        "counter",
+        "Frames a broadcast's slow players skipped.",
+        &per(&|b| b.stats.frames_skipped.load(Relaxed) as f64),
+    );
+    s
+}

@@ -1,0 +1,53 @@
+//! What every role's modules share: the hub, the counters and the validated configuration.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::config::NodeConfig;
+use crate::media::{Hub, HubConfig};
+use crate::metrics::NodeStats;
+
+/// Shared state of one media node.
+pub struct NodeContext {
+    /// The node's broadcasts.
+    pub hub: Hub,
+    /// Counters for `/metrics`.
+    pub stats: NodeStats,
+    /// Settings.
+    pub cfg: NodeConfig,
+}
+
+impl NodeContext {
+    /// A node with an empty hub.
+    pub fn new(cfg: NodeConfig) -> Arc<Self> {
+        let hub = Hub::new(HubConfig { reconnect_grace: cfg.publish_grace, ..HubConfig::default() });
+        Arc::new(Self { hub, stats: NodeStats::default(), cfg })
+    }
+
+    /// Registers a player of `counter` if the node has room; the guard unregisters it.
+    pub fn admit_player(self: &Arc<Self>, flv: bool) -> Option<PlayerGuard> {
+        let players = self.stats.rtmp_players.load(Relaxed) + self.stats.flv_players.load(Relaxed);
+        if players >= self.cfg.max_players as u64 {
+            return None;
+        }
+        let counter = self.counter(flv);
+        counter.fetch_add(1, Relaxed);
+        Some(PlayerGuard { ctx: self.clone(), flv })
+    }
+
+    fn counter(&self, flv: bool) -> &AtomicU64 {
+        if flv { &self.stats.flv_players } else { &self.stats.rtmp_players }
+    }
+}
+
+/// Counts a player while it lives.
+pub struct PlayerGuard {
+    ctx: Arc<NodeContext>,
+    flv: bool,
+}
+
+impl Drop for PlayerGuard {
+    fn drop(&mut self) {
+        self.ctx.counter(self.flv).fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,3 @@
+//! Roles: each wires shared modules together; no protocol logic lives here.
+
+pub mod standalone;

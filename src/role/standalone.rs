@@ -1,0 +1,46 @@
+//! `castnode standalone`: RTMP ingest, RTMP and HTTP-FLV playback, API and metrics in one
+//! process.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::NodeConfig;
+use crate::node::NodeContext;
+
+/// Binds the listeners, prints where to publish and play, and serves until SIGINT/SIGTERM.
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let rtmp = TcpListener::bind(cfg.rtmp).await.with_context(|| format!("binding RTMP to {}", cfg.rtmp))?;
+    let http = TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP to {}", cfg.http))?;
+    let (rtmp_port, http_port) = (rtmp.local_addr()?.port(), http.local_addr()?.port());
+    let host = cfg.public_host.clone();
+    let ctx = NodeContext::new(cfg);
+    println!("castnode standalone is running.");
+    println!("  OBS: Settings > Stream > Service: Custom");
+    println!("       Server:     rtmp://{host}:{rtmp_port}/live");
+    println!("       Stream key: mystream   (any key; the broadcast is live/<key>)");
+    println!("  ffmpeg: ffmpeg -re -i clip.flv -c copy -f flv rtmp://{host}:{rtmp_port}/live/mystream");
+    println!("  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>");
+    println!("  Watch (RTMP):     rtmp://{host}:{rtmp_port}/live/mystream");
+    println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
+    println!("  Metrics:    http://{host}:{http_port}/metrics");
+    tracing::info!(rtmp = %ctx.cfg.rtmp, http = %ctx.cfg.http, "standalone node started");
+
+    tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
+    let reaper = Arc::clone(&ctx);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tick.tick().await;
+            reaper.hub.reap(std::time::Instant::now());
+        }
+    });
+    axum::serve(http, crate::http::router(ctx))
+        .with_graceful_shutdown(crate::shutdown::signal())
+        .await
+        .context("HTTP server")?;
+    tracing::info!("shutting down");
+    Ok(())
+}
