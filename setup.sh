@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# castnode set-up: installs what is missing on a Debian/Ubuntu machine, then
+#   ./setup.sh standalone   builds and starts `castnode standalone` (extra flags are passed on)
+#   ./setup.sh test         runs the whole test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+mode="${1:-}"
+[ $# -gt 0 ] && shift
+case "$mode" in
+  standalone|test) ;;
+  *) echo "usage: ./setup.sh standalone [castnode flags…] | ./setup.sh test" >&2; exit 64 ;;
+esac
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# System packages: a C toolchain and pkg-config for crates that build C, curl for rustup,
+# and the ffmpeg CLI that makes the test fixtures and plays the part of OBS and of players.
+need=()
+command -v cc >/dev/null || need+=(build-essential)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v curl >/dev/null || need+=(curl ca-certificates)
+if [ "$mode" = test ]; then
+  command -v ffmpeg >/dev/null || need+=(ffmpeg)
+  command -v python3 >/dev/null || need+=(python3)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing ${need[*]}"
+  as_root apt-get update -qq
+  # --no-install-recommends: some recommended video-driver packages are not always downloadable.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+
+# Rust: the distribution's rustc is too old for edition 2024; rustup brings the stable toolchain.
+if ! command -v cargo >/dev/null; then
+  [ -x "$HOME/.cargo/bin/cargo" ] || curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+if [ "$mode" = standalone ]; then
+  cargo build --release --locked --bin castnode
+  exec ./target/release/castnode standalone "$@"
+fi
+
+# The whole test suite.
+echo "==> fixtures"
+bash fixtures/make.sh
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --locked --all-targets -- -D warnings
+echo "==> cargo test"
+cargo test --locked --all-targets -- --test-threads 1

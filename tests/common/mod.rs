@@ -1,0 +1,246 @@
+//! Test harness: real `castnode` processes on 127.0.0.1 with ports the kernel picks, the ffmpeg
+//! CLI as publisher and player, and small helpers to read what comes back. Every process started
+//! here is killed when its guard drops.
+#![allow(dead_code)] // Each test file uses a different part of the harness.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// A child process killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Waits up to `limit` for the process to exit by itself; its status, or `None` on timeout.
+    pub fn wait_for(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// A running `castnode standalone`.
+pub struct Server {
+    proc: Proc,
+    pub rtmp_port: u16,
+    pub http_port: u16,
+    log: Arc<Mutex<String>>,
+}
+
+fn port_after(line: &str, scheme: &str) -> Option<u16> {
+    let rest = &line[line.find(scheme)? + scheme.len()..];
+    let rest = rest.strip_prefix("127.0.0.1:")?;
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+impl Server {
+    /// Starts a node with extra flags; waits until it has printed its URLs.
+    pub fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_castnode"))
+            .args(["standalone", "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args(extra)
+            .env("RUST_LOG", "info,castnode=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start castnode");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (mut rtmp_port, mut http_port) = (None, None);
+        let mut lines = BufReader::new(stdout).lines();
+        while rtmp_port.is_none() || http_port.is_none() {
+            let line = lines.next().expect("castnode printed its URLs").unwrap();
+            rtmp_port = rtmp_port.or_else(|| port_after(&line, "Server:     rtmp://"));
+            http_port = http_port.or_else(|| port_after(&line, "Metrics:    http://"));
+        }
+        // Keep draining stdout so the process never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Server { proc: Proc(child), rtmp_port: rtmp_port.unwrap(), http_port: http_port.unwrap(), log }
+    }
+
+    pub fn rtmp_url(&self, key: &str) -> String {
+        format!("rtmp://127.0.0.1:{}/live/{key}", self.rtmp_port)
+    }
+
+    pub fn flv_url(&self, key: &str) -> String {
+        format!("http://127.0.0.1:{}/live/{key}.flv", self.http_port)
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, limit: Duration) -> bool {
+        wait_until(limit, || self.log().contains(needle))
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.proc.0.try_wait(), Ok(None))
+    }
+
+    /// A blocking `GET` on the node's HTTP port: (status, headers, body).
+    pub fn get(&self, path: &str) -> (u16, String, String) {
+        http_get(self.http_port, path)
+    }
+
+    /// Waits until `name` is live with video (the publisher has sent a keyframe).
+    pub fn wait_live(&self, name: &str, limit: Duration) {
+        let ok = wait_until(limit, || {
+            let (_, _, body) = self.get("/api/v1/broadcasts");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            v["broadcasts"].as_array().is_some_and(|a| {
+                a.iter().any(|b| b["name"] == name && b["publishing"] == true && b["bytes_in"].as_u64() > Some(50_000))
+            })
+        });
+        assert!(ok, "{name} did not go live; log:\n{}", self.log());
+    }
+
+    /// A Prometheus sample's value (first series whose line starts with `series`).
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, _, body) = self.get("/metrics");
+        body.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no metric {series} in:\n{body}"))
+    }
+}
+
+/// Polls `f` every 50 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`.
+pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// Path of a fixture, generated by `fixtures/make.sh` on first use.
+pub fn fixture(name: &str) -> PathBuf {
+    static MAKE: Once = Once::new();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    MAKE.call_once(|| {
+        let ok = Command::new("bash").arg(dir.join("make.sh")).status().expect("run fixtures/make.sh").success();
+        assert!(ok, "fixtures/make.sh failed");
+    });
+    dir.join(name)
+}
+
+/// `ffmpeg -re [-stream_loop N] -i F -c copy -f flv URL`: how OBS publishes, as far as ffmpeg can.
+pub fn ffmpeg_publish(url: &str, fixture: &Path, loops: u32) -> Proc {
+    let mut c = Command::new("ffmpeg");
+    c.args(["-hide_banner", "-nostdin", "-loglevel", "error", "-re"]);
+    if loops > 0 {
+        c.args(["-stream_loop", &loops.to_string()]);
+    }
+    c.arg("-i").arg(fixture).args(["-c", "copy", "-f", "flv", url]);
+    Proc(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ffmpeg"))
+}
+
+/// `ffmpeg -i URL [-t S] -map 0 -c copy -f framemd5 OUT`: a player writing one md5 per packet.
+pub fn ffmpeg_framemd5(url: &str, seconds: Option<f64>, out: &Path) -> Proc {
+    let mut c = Command::new("ffmpeg");
+    c.args(["-hide_banner", "-nostdin", "-loglevel", "error", "-rw_timeout", "15000000", "-i", url]);
+    if let Some(s) = seconds {
+        c.args(["-t", &s.to_string()]);
+    }
+    c.args(["-map", "0", "-c", "copy", "-f", "framemd5", "-y"]).arg(out);
+    Proc(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ffmpeg"))
+}
+
+/// One packet line of a framemd5 listing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packet {
+    pub stream: u32,
+    pub dts: i64,
+    pub size: usize,
+    pub md5: String,
+}
+
+/// Parses ffmpeg's framemd5 output.
+pub fn parse_framemd5(text: &str) -> Vec<Packet> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').map(str::trim).collect();
+            Some(Packet { stream: f[0].parse().ok()?, dts: f[1].parse().ok()?, size: f[4].parse().ok()?, md5: f[5].to_owned() })
+        })
+        .collect()
+}
+
+/// The framemd5 listing of a file, read directly with ffmpeg.
+pub fn source_packets(path: &Path) -> Vec<Packet> {
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-i"])
+        .arg(path)
+        .args(["-map", "0", "-c", "copy", "-f", "framemd5", "-"])
+        .output()
+        .expect("ffmpeg framemd5");
+    parse_framemd5(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("castnode-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Checks that `got` (one stream of a player's packets) is a contiguous run of the looped
+/// `source` sequence: each packet follows its predecessor in the source. Returns the first break.
+pub fn contiguous(source: &[String], got: &[String]) -> Result<(), String> {
+    let n = source.len();
+    for (i, w) in got.windows(2).enumerate() {
+        let follows = (0..n).any(|j| source[j] == w[0] && source[(j + 1) % n] == w[1]);
+        if !follows {
+            return Err(format!("packet {} ({}) does not follow packet {} ({}) in the source", i + 1, w[1], i, w[0]));
+        }
+    }
+    Ok(())
+}
