@@ -119,7 +119,10 @@ pub struct ConfigError {
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError { key: key.into(), reason: reason.into() }
+    ConfigError {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// A media node's validated settings.
@@ -162,19 +165,35 @@ impl NodeArgs {
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad("config", format!("{}: {e}", path.display())))?;
                 toml::from_str::<NodeArgs>(&text).map_err(|e| {
-                    let msg = e.message().to_owned();
-                    let key = msg.split('`').nth(1).unwrap_or("config").to_owned();
-                    bad(&key, format!("{}: {msg}", path.display()))
+                    // Name the key: the text before `=` on the line the error points at.
+                    let line_start = e
+                        .span()
+                        .map_or(0, |s| text[..s.start].rfind('\n').map_or(0, |i| i + 1));
+                    let line = text[line_start..].lines().next().unwrap_or_default();
+                    let key = line
+                        .split('=')
+                        .next()
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .unwrap_or("config");
+                    bad(key, format!("{}: {}", path.display(), e.message()))
                 })?
             }
             None => NodeArgs::default(),
         };
         let a = self.clone();
-        let max_message_bytes = a.max_message_bytes.or(file.max_message_bytes).unwrap_or(8 << 20);
+        let max_message_bytes = a
+            .max_message_bytes
+            .or(file.max_message_bytes)
+            .unwrap_or(8 << 20);
         if !(1024..=0xFF_FFFF).contains(&max_message_bytes) {
-            return Err(bad("max-message-bytes", format!("{max_message_bytes} is outside 1024..=16777215")));
+            return Err(bad(
+                "max-message-bytes",
+                format!("{max_message_bytes} is outside 1024..=16777215"),
+            ));
         }
         let max_connections = a.max_connections.or(file.max_connections).unwrap_or(10_000);
         if max_connections == 0 {
@@ -183,23 +202,53 @@ impl NodeArgs {
         let max_players = a.max_players.or(file.max_players).unwrap_or(20_000);
         let player_batch_ms = a.player_batch_ms.or(file.player_batch_ms).unwrap_or(40);
         if player_batch_ms > 1000 {
-            return Err(bad("player-batch-ms", format!("{player_batch_ms} is over 1000")));
+            return Err(bad(
+                "player-batch-ms",
+                format!("{player_batch_ms} is over 1000"),
+            ));
         }
-        let public_host = a.public_host.or(file.public_host).unwrap_or_else(|| "localhost".into());
+        let public_host = a
+            .public_host
+            .or(file.public_host)
+            .unwrap_or_else(|| "localhost".into());
         if public_host.is_empty() || public_host.contains(['/', ' ']) {
-            return Err(bad("public-host", format!("{public_host:?} is not a host name")));
+            return Err(bad(
+                "public-host",
+                format!("{public_host:?} is not a host name"),
+            ));
         }
         Ok(NodeConfig {
-            rtmp: a.rtmp.or(file.rtmp).unwrap_or_else(|| "0.0.0.0:1935".parse().expect("literal address")),
-            http: a.http.or(file.http).unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal address")),
+            rtmp: a
+                .rtmp
+                .or(file.rtmp)
+                .unwrap_or_else(|| "0.0.0.0:1935".parse().expect("literal address")),
+            http: a
+                .http
+                .or(file.http)
+                .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal address")),
             log_format: a.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             max_message_bytes,
             max_connections,
             max_players,
-            publish_grace: seconds("publish-grace", a.publish_grace.or(file.publish_grace), 5.0, 3600.0)?,
-            handshake_timeout: seconds("handshake-timeout", a.handshake_timeout.or(file.handshake_timeout), 10.0, 600.0)?,
+            publish_grace: seconds(
+                "publish-grace",
+                a.publish_grace.or(file.publish_grace),
+                5.0,
+                3600.0,
+            )?,
+            handshake_timeout: seconds(
+                "handshake-timeout",
+                a.handshake_timeout.or(file.handshake_timeout),
+                10.0,
+                600.0,
+            )?,
             player_batch: Duration::from_millis(player_batch_ms),
-            stall_timeout: seconds("stall-timeout", a.stall_timeout.or(file.stall_timeout), 10.0, 3600.0)?,
+            stall_timeout: seconds(
+                "stall-timeout",
+                a.stall_timeout.or(file.stall_timeout),
+                10.0,
+                3600.0,
+            )?,
             public_host,
         })
     }
@@ -221,15 +270,34 @@ mod tests {
     #[test]
     fn defaults_and_file_and_flags() {
         let dir = std::env::temp_dir().join(format!("castnode-cfg-{}", std::process::id()));
-        std::fs::write(&dir, "rtmp = \"127.0.0.1:1999\"\nmax-message-bytes = 2048\n").unwrap();
-        let cfg = parse(&["--config", dir.to_str().unwrap(), "--max-message-bytes", "4096"]).resolve().unwrap();
+        std::fs::write(
+            &dir,
+            "rtmp = \"127.0.0.1:1999\"\nmax-message-bytes = 2048\n",
+        )
+        .unwrap();
+        let cfg = parse(&[
+            "--config",
+            dir.to_str().unwrap(),
+            "--max-message-bytes",
+            "4096",
+        ])
+        .resolve()
+        .unwrap();
         assert_eq!(cfg.rtmp, "127.0.0.1:1999".parse().unwrap());
         assert_eq!(cfg.max_message_bytes, 4096);
         assert_eq!(cfg.http, "0.0.0.0:8080".parse().unwrap());
         std::fs::write(&dir, "bogus = 1\n").unwrap();
-        let err = parse(&["--config", dir.to_str().unwrap()]).resolve().unwrap_err();
+        let err = parse(&["--config", dir.to_str().unwrap()])
+            .resolve()
+            .unwrap_err();
         assert_eq!(err.key, "bogus");
         std::fs::remove_file(&dir).unwrap();
-        assert_eq!(parse(&["--max-message-bytes", "1"]).resolve().unwrap_err().key, "max-message-bytes");
+        assert_eq!(
+            parse(&["--max-message-bytes", "1"])
+                .resolve()
+                .unwrap_err()
+                .key,
+            "max-message-bytes"
+        );
     }
 }

@@ -28,7 +28,9 @@ pub struct NodeStats {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Renders the node's metrics in the Prometheus text format (version 0.0.4).
@@ -43,23 +45,69 @@ pub fn render(stats: &NodeStats, hub: &Hub) -> String {
     let g = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed) as f64)];
     let broadcasts = hub.broadcasts();
     let hs = hub.stats();
-    metric("castnode_broadcasts", "gauge", "Broadcasts on this node.", &[(String::new(), broadcasts.len() as f64)]);
-    metric("castnode_publishers", "gauge", "Publishers connected.", &g(&stats.publishers));
+    metric(
+        "castnode_broadcasts",
+        "gauge",
+        "Broadcasts on this node.",
+        &[(String::new(), broadcasts.len() as f64)],
+    );
+    metric(
+        "castnode_publishers",
+        "gauge",
+        "Publishers connected.",
+        &g(&stats.publishers),
+    );
     metric(
         "castnode_players",
         "gauge",
         "Players connected, by protocol.",
         &[
-            ("{protocol=\"rtmp\"}".into(), stats.rtmp_players.load(Relaxed) as f64),
-            ("{protocol=\"flv\"}".into(), stats.flv_players.load(Relaxed) as f64),
+            (
+                "{protocol=\"rtmp\"}".into(),
+                stats.rtmp_players.load(Relaxed) as f64,
+            ),
+            (
+                "{protocol=\"flv\"}".into(),
+                stats.flv_players.load(Relaxed) as f64,
+            ),
         ],
     );
-    metric("castnode_rtmp_connections", "gauge", "Open RTMP connections.", &g(&stats.rtmp_connections));
-    metric("castnode_rtmp_refused_total", "counter", "RTMP connections refused at the limit.", &g(&stats.rtmp_refused));
-    metric("castnode_rtmp_errors_total", "counter", "RTMP connections closed for an error.", &g(&stats.rtmp_errors));
-    metric("castnode_players_stalled_total", "counter", "Players disconnected for not reading.", &g(&stats.players_stalled));
-    metric("castnode_bytes_in_total", "counter", "Media payload bytes received.", &g(&hs.bytes_in));
-    metric("castnode_bytes_out_total", "counter", "Bytes sent to players.", &g(&hs.bytes_out));
+    metric(
+        "castnode_rtmp_connections",
+        "gauge",
+        "Open RTMP connections.",
+        &g(&stats.rtmp_connections),
+    );
+    metric(
+        "castnode_rtmp_refused_total",
+        "counter",
+        "RTMP connections refused at the limit.",
+        &g(&stats.rtmp_refused),
+    );
+    metric(
+        "castnode_rtmp_errors_total",
+        "counter",
+        "RTMP connections closed for an error.",
+        &g(&stats.rtmp_errors),
+    );
+    metric(
+        "castnode_players_stalled_total",
+        "counter",
+        "Players disconnected for not reading.",
+        &g(&stats.players_stalled),
+    );
+    metric(
+        "castnode_bytes_in_total",
+        "counter",
+        "Media payload bytes received.",
+        &g(&hs.bytes_in),
+    );
+    metric(
+        "castnode_bytes_out_total",
+        "counter",
+        "Bytes sent to players.",
+        &g(&hs.bytes_out),
+    );
     metric(
         "castnode_frames_skipped_total",
         "counter",
@@ -67,7 +115,10 @@ pub fn render(stats: &NodeStats, hub: &Hub) -> String {
         &g(&hs.frames_skipped),
     );
     let per = |f: &dyn Fn(&crate::media::hub::Broadcast) -> f64| -> Vec<(String, f64)> {
-        broadcasts.iter().map(|b| (format!("{{broadcast=\"{}\"}}", escape(b.name())), f(b))).collect()
+        broadcasts
+            .iter()
+            .map(|b| (format!("{{broadcast=\"{}\"}}", escape(b.name())), f(b)))
+            .collect()
     };
     metric(
         "castnode_broadcast_ingest_bitrate_bps",
@@ -75,7 +126,12 @@ pub fn render(stats: &NodeStats, hub: &Hub) -> String {
         "Ingest bitrate of a broadcast over the last second of media.",
         &per(&|b| b.ingest_bitrate().round()),
     );
-    metric("castnode_broadcast_players", "gauge", "Players of a broadcast.", &per(&|b| b.stats.players.load(Relaxed) as f64));
+    metric(
+        "castnode_broadcast_players",
+        "gauge",
+        "Players of a broadcast.",
+        &per(&|b| b.stats.players.load(Relaxed) as f64),
+    );
     metric(
         "castnode_broadcast_bytes_in_total",
         "counter",

@@ -20,8 +20,15 @@ pub struct NodeContext {
 impl NodeContext {
     /// A node with an empty hub.
     pub fn new(cfg: NodeConfig) -> Arc<Self> {
-        let hub = Hub::new(HubConfig { reconnect_grace: cfg.publish_grace, ..HubConfig::default() });
-        Arc::new(Self { hub, stats: NodeStats::default(), cfg })
+        let hub = Hub::new(HubConfig {
+            reconnect_grace: cfg.publish_grace,
+            ..HubConfig::default()
+        });
+        Arc::new(Self {
+            hub,
+            stats: NodeStats::default(),
+            cfg,
+        })
     }
 
     /// Registers a player of `counter` if the node has room; the guard unregisters it.
@@ -32,11 +39,18 @@ impl NodeContext {
         }
         let counter = self.counter(flv);
         counter.fetch_add(1, Relaxed);
-        Some(PlayerGuard { ctx: self.clone(), flv })
+        Some(PlayerGuard {
+            ctx: self.clone(),
+            flv,
+        })
     }
 
     fn counter(&self, flv: bool) -> &AtomicU64 {
-        if flv { &self.stats.flv_players } else { &self.stats.rtmp_players }
+        if flv {
+            &self.stats.flv_players
+        } else {
+            &self.stats.rtmp_players
+        }
     }
 }
 

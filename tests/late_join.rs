@@ -14,11 +14,31 @@ use common::*;
 /// First video packets' flags as ffprobe reports them.
 fn first_video_flags(url: &str) -> Vec<String> {
     let out = Command::new("timeout")
-        .args(["20", "ffprobe", "-v", "error", "-rw_timeout", "10000000", "-select_streams", "v:0"])
-        .args(["-show_entries", "packet=flags,pts", "-of", "csv=p=0", "-read_intervals", "%+#5", url])
+        .args([
+            "20",
+            "ffprobe",
+            "-v",
+            "error",
+            "-rw_timeout",
+            "10000000",
+            "-select_streams",
+            "v:0",
+        ])
+        .args([
+            "-show_entries",
+            "packet=flags,pts",
+            "-of",
+            "csv=p=0",
+            "-read_intervals",
+            "%+#5",
+            url,
+        ])
         .output()
         .expect("run ffprobe");
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Connects, plays, and returns the time until the first video message and whether it is a
@@ -27,7 +47,12 @@ fn time_to_first_frame(port: u16, key: &str) -> (Duration, bool) {
     let start = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut c = ClientConn::new("live", &format!("rtmp://127.0.0.1:{port}/live"), Mode::Play(key.into()), 3);
+    let mut c = ClientConn::new(
+        "live",
+        &format!("rtmp://127.0.0.1:{port}/live"),
+        Mode::Play(key.into()),
+        3,
+    );
     let mut buf = vec![0u8; 65536];
     loop {
         while let Some(b) = c.poll_transmit() {
@@ -37,7 +62,10 @@ fn time_to_first_frame(port: u16, key: &str) -> (Duration, bool) {
         assert!(n > 0, "castnode closed the player");
         c.handle_input(&buf[..n]).unwrap();
         while let Some(e) = c.poll_event() {
-            if let ClientEvent::Media { type_id: 9, body, .. } = e {
+            if let ClientEvent::Media {
+                type_id: 9, body, ..
+            } = e
+            {
                 // Skip the sequence header (AVCPacketType 0).
                 if body.get(1) == Some(&1) {
                     return (start.elapsed(), body[0] >> 4 == 1);
@@ -57,7 +85,10 @@ fn mid_stream_joiners_start_on_a_keyframe() {
     for url in [server.rtmp_url("j"), server.flv_url("j")] {
         let flags = first_video_flags(&url);
         println!("{url}: first video packets (pts,flags): {flags:?}");
-        assert!(flags.first().is_some_and(|f| f.contains('K')), "{url}: first video packet is not a keyframe: {flags:?}");
+        assert!(
+            flags.first().is_some_and(|f| f.contains('K')),
+            "{url}: first video packet is not a keyframe: {flags:?}"
+        );
     }
     let mut samples = Vec::new();
     for _ in 0..5 {
@@ -67,7 +98,14 @@ fn mid_stream_joiners_start_on_a_keyframe() {
         std::thread::sleep(Duration::from_millis(330));
     }
     samples.sort();
-    println!("RTMP time to first frame over 5 joins: min {:?}, median {:?}, max {:?}", samples[0], samples[2], samples[4]);
+    println!(
+        "RTMP time to first frame over 5 joins: min {:?}, median {:?}, max {:?}",
+        samples[0], samples[2], samples[4]
+    );
     // Starting from the newest group means no wait for the next keyframe (2 s in this clip).
-    assert!(samples[2] < Duration::from_secs(1), "median time to first frame {:?}", samples[2]);
+    assert!(
+        samples[2] < Duration::from_secs(1),
+        "median time to first frame {:?}",
+        samples[2]
+    );
 }

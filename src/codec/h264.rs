@@ -43,7 +43,10 @@ pub fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
     let _sps_id = r.ue()?;
     let mut chroma_format_idc = 1;
     let mut separate_colour_plane = false;
-    if matches!(profile_idc, 100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135) {
+    if matches!(
+        profile_idc,
+        100 | 110 | 122 | 244 | 44 | 83 | 86 | 118 | 128 | 138 | 139 | 134 | 135
+    ) {
         chroma_format_idc = r.ue()?;
         if chroma_format_idc == 3 {
             separate_colour_plane = r.bit()?;
@@ -102,17 +105,30 @@ pub fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
         ct = r.ue()?;
         cb = r.ue()?;
     }
-    let chroma = if separate_colour_plane { 0 } else { chroma_format_idc };
+    let chroma = if separate_colour_plane {
+        0
+    } else {
+        chroma_format_idc
+    };
     let (sub_w, sub_h) = match chroma {
         1 => (2, 2),
         2 => (2, 1),
         _ => (1, 1),
     };
     let frame_factor = if frame_mbs_only { 1 } else { 2 };
-    let (crop_x, crop_y) = if chroma == 0 { (1, frame_factor) } else { (sub_w, sub_h * frame_factor) };
+    let (crop_x, crop_y) = if chroma == 0 {
+        (1, frame_factor)
+    } else {
+        (sub_w, sub_h * frame_factor)
+    };
     let width = (width_mbs * 16).checked_sub(crop_x * (cl + cr))?;
     let height = (frame_factor * height_units * 16).checked_sub(crop_y * (ct + cb))?;
-    Some(VideoInfo { width, height, profile: profile_name(profile_idc).to_owned(), level: level_idc as u8 })
+    Some(VideoInfo {
+        width,
+        height,
+        profile: profile_name(profile_idc).to_owned(),
+        level: level_idc as u8,
+    })
 }
 
 #[cfg(test)]
@@ -123,11 +139,14 @@ mod tests {
     fn sps_1280x720_high() {
         // x264 High 3.1, 1280x720.
         let sps = [
-            0x67, 0x64, 0x00, 0x1f, 0xac, 0xd9, 0x40, 0x50, 0x05, 0xbb, 0x01, 0x10, 0x00, 0x00, 0x03,
-            0x00, 0x10, 0x00, 0x00, 0x03, 0x03, 0xc0, 0xf1, 0x83, 0x19, 0x60,
+            0x67, 0x64, 0x00, 0x1f, 0xac, 0xd9, 0x40, 0x50, 0x05, 0xbb, 0x01, 0x10, 0x00, 0x00,
+            0x03, 0x00, 0x10, 0x00, 0x00, 0x03, 0x03, 0xc0, 0xf1, 0x83, 0x19, 0x60,
         ];
         let info = parse_sps(&sps).unwrap();
-        assert_eq!((info.width, info.height, info.profile.as_str(), info.level), (1280, 720, "high", 31));
+        assert_eq!(
+            (info.width, info.height, info.profile.as_str(), info.level),
+            (1280, 720, "high", 31)
+        );
     }
 
     #[test]

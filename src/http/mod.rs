@@ -52,11 +52,17 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
 /// `GET /{app}/{key}.flv`: the broadcast as an endless FLV stream.
 async fn flv(State(ctx): State<Arc<NodeContext>>, uri: Uri) -> Response {
     let path = uri.path().trim_start_matches('/');
-    let Some(name) = path.strip_suffix(".flv").filter(|n| n.contains('/') && valid_key(n)) else {
+    let Some(name) = path
+        .strip_suffix(".flv")
+        .filter(|n| n.contains('/') && valid_key(n))
+    else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     let Some(guard) = ctx.admit_player(true) else {
-        info!(broadcast = name, "HTTP-FLV player refused: player limit reached");
+        info!(
+            broadcast = name,
+            "HTTP-FLV player refused: player limit reached"
+        );
         return plain(StatusCode::SERVICE_UNAVAILABLE, "player limit reached\n");
     };
     let Some(consumer) = ctx.hub.subscribe(name) else {
@@ -65,31 +71,40 @@ async fn flv(State(ctx): State<Arc<NodeContext>>, uri: Uri) -> Response {
     debug!(broadcast = name, "HTTP-FLV player started");
     let feed = Feed::new(consumer, FlvMuxer, ctx.cfg.player_batch);
     let state = (feed, VecDeque::<Bytes>::new(), guard, ctx.clone());
-    let stream = futures_util::stream::unfold(state, |(mut feed, mut queue, guard, ctx)| async move {
-        loop {
-            if let Some(b) = queue.pop_front() {
-                return Some((Ok::<_, Infallible>(b), (feed, queue, guard, ctx)));
-            }
-            let mut batch = Vec::new();
-            match feed.next(&mut batch).await {
-                FeedStatus::Ended => return None,
-                FeedStatus::Data { skipped } => {
-                    let bc = feed.consumer().broadcast();
-                    if skipped > 0 {
-                        info!(broadcast = %bc.name(), skipped, "HTTP-FLV player fell behind; skipped to the newest keyframe");
+    let stream = futures_util::stream::unfold(
+        state,
+        |(mut feed, mut queue, guard, ctx)| async move {
+            loop {
+                if let Some(b) = queue.pop_front() {
+                    return Some((Ok::<_, Infallible>(b), (feed, queue, guard, ctx)));
+                }
+                let mut batch = Vec::new();
+                match feed.next(&mut batch).await {
+                    FeedStatus::Ended => return None,
+                    FeedStatus::Data { skipped } => {
+                        let bc = feed.consumer().broadcast();
+                        if skipped > 0 {
+                            info!(broadcast = %bc.name(), skipped, "HTTP-FLV player fell behind; skipped to the newest keyframe");
+                        }
+                        let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                        bc.stats.bytes_out.fetch_add(len, Relaxed);
+                        ctx.hub.stats().bytes_out.fetch_add(len, Relaxed);
+                        queue.extend(batch);
                     }
-                    let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
-                    bc.stats.bytes_out.fetch_add(len, Relaxed);
-                    ctx.hub.stats().bytes_out.fetch_add(len, Relaxed);
-                    queue.extend(batch);
                 }
             }
-        }
-    });
+        },
+    );
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/x-flv"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("video/x-flv"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     resp
 }

@@ -126,10 +126,18 @@ impl<M: Muxer> Feed<M> {
     /// Sends the config of each track whose config differs from the last one sent.
     fn push_configs(&mut self, dts: i64, out: &mut Vec<Bytes>) {
         for i in 0..self.tracks.len() {
-            let Some(info) = &self.tracks[i] else { continue };
+            let Some(info) = &self.tracks[i] else {
+                continue;
+            };
             if info.config.is_some() && info.config != self.sent_config[i] {
                 self.sent_config[i] = info.config.clone();
-                let entry = Entry::detached(dts, Item::Config { track: TrackId(i as u8), info: info.clone() });
+                let entry = Entry::detached(
+                    dts,
+                    Item::Config {
+                        track: TrackId(i as u8),
+                        info: info.clone(),
+                    },
+                );
                 if let Some(b) = self.muxer.entry(&entry, info) {
                     out.push(b);
                 }

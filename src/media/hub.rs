@@ -80,7 +80,12 @@ pub struct Entry {
 
 impl Entry {
     fn new(seq: u64, dts: i64, item: Item) -> Self {
-        Self { seq, dts, item, memo: Default::default() }
+        Self {
+            seq,
+            dts,
+            item,
+            memo: Default::default(),
+        }
     }
 
     /// An entry outside any log (a config sent to one player); its memo serves only itself.
@@ -193,7 +198,10 @@ impl State {
     }
 
     fn has_video(&self) -> bool {
-        self.tracks.iter().flatten().any(|t| t.codec.kind() == TrackKind::Video)
+        self.tracks
+            .iter()
+            .flatten()
+            .any(|t| t.codec.kind() == TrackKind::Video)
     }
 
     fn append(&mut self, item: Item, group_start: bool, retain_groups: usize, max_bytes: usize) {
@@ -425,7 +433,10 @@ impl Hub {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Broadcast>>> {
-        self.inner.broadcasts.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner
+            .broadcasts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hub-wide counters.
@@ -451,14 +462,22 @@ impl Hub {
                     st.rebase_from = Some(since);
                     st.needs_keyframe = st.has_video();
                     drop(st);
-                    return Ok(BroadcastProducer { hub: self.clone(), bc: bc.clone(), id });
+                    return Ok(BroadcastProducer {
+                        hub: self.clone(),
+                        bc: bc.clone(),
+                        id,
+                    });
                 }
                 Publisher::Ended => {}
             }
         }
         let bc = Arc::new(Broadcast::new(name, id));
         map.insert(name.to_owned(), bc.clone());
-        Ok(BroadcastProducer { hub: self.clone(), bc, id })
+        Ok(BroadcastProducer {
+            hub: self.clone(),
+            bc,
+            id,
+        })
     }
 
     /// A consumer of `name`, or `None` when nothing is published under it.
@@ -526,7 +545,12 @@ impl BroadcastProducer {
             return;
         }
         st.tracks[i] = Some(info.clone());
-        st.append(Item::Config { track, info }, false, cfg.retain_groups, cfg.max_log_bytes);
+        st.append(
+            Item::Config { track, info },
+            false,
+            cfg.retain_groups,
+            cfg.max_log_bytes,
+        );
         drop(st);
         self.bc.notify.send_replace(());
     }
@@ -544,7 +568,11 @@ impl BroadcastProducer {
         if st.publisher != Publisher::Live(self.id) {
             return;
         }
-        let Some(kind) = st.tracks.get(usize::from(track.0)).and_then(|t| t.as_ref()).map(|t| t.codec.kind())
+        let Some(kind) = st
+            .tracks
+            .get(usize::from(track.0))
+            .and_then(|t| t.as_ref())
+            .map(|t| t.codec.kind())
         else {
             return;
         };
@@ -568,15 +596,21 @@ impl BroadcastProducer {
             frame.keyframe
         } else if !st.has_video() {
             // Audio-only: a group per second keeps late joiners and skips cheap.
-            let last_start = st.group_starts.back().and_then(|&g| {
-                st.log.get((g - st.first_seq()) as usize).map(|e| e.dts)
-            });
+            let last_start = st
+                .group_starts
+                .back()
+                .and_then(|&g| st.log.get((g - st.first_seq()) as usize).map(|e| e.dts));
             last_start.is_none_or(|d| frame.dts - d >= 1_000_000)
         } else {
             false
         };
         st.figures[usize::from(track.0)].observe(&frame, video);
-        st.append(Item::Frame { track, frame }, group_start, cfg.retain_groups, cfg.max_log_bytes);
+        st.append(
+            Item::Frame { track, frame },
+            group_start,
+            cfg.retain_groups,
+            cfg.max_log_bytes,
+        );
         drop(st);
         self.bc.stats.bytes_in.fetch_add(len, Relaxed);
         self.bc.stats.frames_in.fetch_add(1, Relaxed);
@@ -626,7 +660,12 @@ impl BroadcastConsumer {
     fn new(hub: Hub, bc: Arc<Broadcast>) -> Self {
         bc.stats.players.fetch_add(1, Relaxed);
         let rx = bc.notify.subscribe();
-        Self { hub, bc, cursor: None, rx }
+        Self {
+            hub,
+            bc,
+            cursor: None,
+            rx,
+        }
     }
 
     /// The broadcast being read.
@@ -690,7 +729,11 @@ impl BroadcastConsumer {
         drop(st);
         if skipped > 0 {
             self.bc.stats.frames_skipped.fetch_add(skipped, Relaxed);
-            self.hub.inner.stats.frames_skipped.fetch_add(skipped, Relaxed);
+            self.hub
+                .inner
+                .stats
+                .frames_skipped
+                .fetch_add(skipped, Relaxed);
             ReadOutcome::Skipped { skipped, n }
         } else {
             ReadOutcome::Read(n)
@@ -716,11 +759,21 @@ mod tests {
     use crate::media::Codec;
 
     fn video() -> TrackInfo {
-        TrackInfo { codec: Codec::H264, config: Some(Bytes::from_static(b"cfg")), video: None, audio: None }
+        TrackInfo {
+            codec: Codec::H264,
+            config: Some(Bytes::from_static(b"cfg")),
+            video: None,
+            audio: None,
+        }
     }
 
     fn frame(ms: i64, key: bool) -> Frame {
-        Frame { pts: ms * 1000, dts: ms * 1000, keyframe: key, payload: Bytes::from(vec![0u8; 10]) }
+        Frame {
+            pts: ms * 1000,
+            dts: ms * 1000,
+            keyframe: key,
+            payload: Bytes::from(vec![0u8; 10]),
+        }
     }
 
     fn frames(out: &[Arc<Entry>]) -> Vec<i64> {
@@ -749,9 +802,15 @@ mod tests {
 
     #[test]
     fn second_publisher_refused_and_grace_resumes() {
-        let hub = Hub::new(HubConfig { reconnect_grace: Duration::from_secs(5), ..Default::default() });
+        let hub = Hub::new(HubConfig {
+            reconnect_grace: Duration::from_secs(5),
+            ..Default::default()
+        });
         let mut p = hub.publish("live/a").unwrap();
-        assert_eq!(hub.publish("live/a").err(), Some(PublishError::AlreadyLive("live/a".into())));
+        assert_eq!(
+            hub.publish("live/a").err(),
+            Some(PublishError::AlreadyLive("live/a".into()))
+        );
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(1000, true));
         let mut c = hub.subscribe("live/a").unwrap();

@@ -8,7 +8,10 @@ pub mod feed;
 pub mod frame;
 pub mod hub;
 
-pub use frame::{AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo};
+pub use frame::{
+    AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo,
+};
 pub use hub::{
-    BroadcastConsumer, BroadcastProducer, Entry, Hub, HubConfig, MemoSlot, PublishError, ReadOutcome,
+    BroadcastConsumer, BroadcastProducer, Entry, Hub, HubConfig, MemoSlot, PublishError,
+    ReadOutcome,
 };

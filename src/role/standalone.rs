@@ -12,8 +12,12 @@ use crate::node::NodeContext;
 
 /// Binds the listeners, prints where to publish and play, and serves until SIGINT/SIGTERM.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let rtmp = TcpListener::bind(cfg.rtmp).await.with_context(|| format!("binding RTMP to {}", cfg.rtmp))?;
-    let http = TcpListener::bind(cfg.http).await.with_context(|| format!("binding HTTP to {}", cfg.http))?;
+    let rtmp = TcpListener::bind(cfg.rtmp)
+        .await
+        .with_context(|| format!("binding RTMP to {}", cfg.rtmp))?;
+    let http = TcpListener::bind(cfg.http)
+        .await
+        .with_context(|| format!("binding HTTP to {}", cfg.http))?;
     let (rtmp_port, http_port) = (rtmp.local_addr()?.port(), http.local_addr()?.port());
     let host = cfg.public_host.clone();
     let ctx = NodeContext::new(cfg);
@@ -21,8 +25,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     println!("  OBS: Settings > Stream > Service: Custom");
     println!("       Server:     rtmp://{host}:{rtmp_port}/live");
     println!("       Stream key: mystream   (any key; the broadcast is live/<key>)");
-    println!("  ffmpeg: ffmpeg -re -i clip.flv -c copy -f flv rtmp://{host}:{rtmp_port}/live/mystream");
-    println!("  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>");
+    println!(
+        "  ffmpeg: ffmpeg -re -i clip.flv -c copy -f flv rtmp://{host}:{rtmp_port}/live/mystream"
+    );
+    println!(
+        "  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>"
+    );
     println!("  Watch (RTMP):     rtmp://{host}:{rtmp_port}/live/mystream");
     println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
     println!("  Metrics:    http://{host}:{http_port}/metrics");

@@ -51,7 +51,9 @@ impl Amf0 {
     /// A property of an object or ECMA array.
     pub fn get(&self, key: &str) -> Option<&Amf0> {
         match self {
-            Amf0::Object(p) | Amf0::EcmaArray(p) => p.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            Amf0::Object(p) | Amf0::EcmaArray(p) => {
+                p.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+            }
             _ => None,
         }
     }
@@ -132,7 +134,9 @@ fn decode_depth(buf: &mut &[u8], depth: usize) -> Result<Amf0, Amf0Error> {
     }
     let marker = take(buf, 1)?[0];
     Ok(match marker {
-        0x00 => Amf0::Number(f64::from_be_bytes(take(buf, 8)?.try_into().map_err(|_| Amf0Error::Truncated)?)),
+        0x00 => Amf0::Number(f64::from_be_bytes(
+            take(buf, 8)?.try_into().map_err(|_| Amf0Error::Truncated)?,
+        )),
         0x01 => Amf0::Boolean(take(buf, 1)?[0] != 0),
         0x02 => {
             let len = u16be(buf)?;
@@ -158,7 +162,8 @@ fn decode_depth(buf: &mut &[u8], depth: usize) -> Result<Amf0, Amf0Error> {
             Amf0::StrictArray(items)
         }
         0x0B => {
-            let ms = f64::from_be_bytes(take(buf, 8)?.try_into().map_err(|_| Amf0Error::Truncated)?);
+            let ms =
+                f64::from_be_bytes(take(buf, 8)?.try_into().map_err(|_| Amf0Error::Truncated)?);
             let tz = take(buf, 2)?;
             Amf0::Date(ms, i16::from_be_bytes([tz[0], tz[1]]))
         }
@@ -242,7 +247,9 @@ mod tests {
 
     fn value() -> impl Strategy<Value = Amf0> {
         let leaf = prop_oneof![
-            any::<f64>().prop_filter("NaN is not equal to itself", |f| !f.is_nan()).prop_map(Amf0::Number),
+            any::<f64>()
+                .prop_filter("NaN is not equal to itself", |f| !f.is_nan())
+                .prop_map(Amf0::Number),
             any::<bool>().prop_map(Amf0::Boolean),
             ".{0,20}".prop_map(Amf0::String),
             Just(Amf0::Null),
@@ -251,7 +258,8 @@ mod tests {
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
                 prop::collection::vec(("[a-z]{1,8}", inner.clone()), 0..6).prop_map(Amf0::Object),
-                prop::collection::vec(("[a-z]{1,8}", inner.clone()), 0..6).prop_map(Amf0::EcmaArray),
+                prop::collection::vec(("[a-z]{1,8}", inner.clone()), 0..6)
+                    .prop_map(Amf0::EcmaArray),
                 prop::collection::vec(inner, 0..6).prop_map(Amf0::StrictArray),
             ]
         })
@@ -279,6 +287,9 @@ mod tests {
         deep.push(0x05);
         assert_eq!(decode_all(&deep), Err(Amf0Error::TooDeep));
         assert_eq!(decode_all(&[0x02, 0, 5, b'a']), Err(Amf0Error::Truncated));
-        assert_eq!(decode_all(&[0x0A, 0xff, 0xff, 0xff, 0xff]), Err(Amf0Error::Truncated));
+        assert_eq!(
+            decode_all(&[0x0A, 0xff, 0xff, 0xff, 0xff]),
+            Err(Amf0Error::Truncated)
+        );
     }
 }

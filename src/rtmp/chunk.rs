@@ -98,7 +98,10 @@ impl ChunkDecoder {
     /// A decoder that keeps the bodies of control messages but only counts audio/video bytes:
     /// what a load client needs.
     pub fn skimming(max_message: usize) -> Self {
-        Self { skim_media: true, ..Self::new(max_message) }
+        Self {
+            skim_media: true,
+            ..Self::new(max_message)
+        }
     }
 
     /// Applies a peer's Set Chunk Size.
@@ -115,7 +118,9 @@ impl ChunkDecoder {
     /// message, or `None` when more input is needed.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ChunkError> {
         loop {
-            let Some((header_len, csid, fmt)) = basic_header(buf) else { return Ok(None) };
+            let Some((header_len, csid, fmt)) = basic_header(buf) else {
+                return Ok(None);
+            };
             let mh_len = [11, 7, 3, 0][usize::from(fmt)];
             if buf.len() < header_len + mh_len {
                 return Ok(None);
@@ -137,27 +142,40 @@ impl ChunkDecoder {
             if buf.len() < full_header {
                 return Ok(None);
             }
-            let length = if fmt <= 1 { u32::from_be_bytes([0, h[3], h[4], h[5]]) } else { st.length };
+            let length = if fmt <= 1 {
+                u32::from_be_bytes([0, h[3], h[4], h[5]])
+            } else {
+                st.length
+            };
             let starting = st.received == 0 || fmt < 3;
-            let remaining = if starting { length } else { st.length - st.received };
+            let remaining = if starting {
+                length
+            } else {
+                st.length - st.received
+            };
             let body = (remaining as usize).min(self.chunk_size);
             let skim = self.skim_media && {
                 let type_id = if fmt <= 1 { h[6] } else { st.type_id };
                 type_id == 8 || type_id == 9
             };
             if starting && length as usize > self.max_message {
-                return Err(ChunkError::Oversized { length, limit: self.max_message });
+                return Err(ChunkError::Oversized {
+                    length,
+                    limit: self.max_message,
+                });
             }
             if buf.len() < full_header + body {
                 return Ok(None);
             }
             // The whole chunk header is here: commit it.
-            let ext = extended.then(|| u32::from_be_bytes([
-                buf[full_header - 4],
-                buf[full_header - 3],
-                buf[full_header - 2],
-                buf[full_header - 1],
-            ]));
+            let ext = extended.then(|| {
+                u32::from_be_bytes([
+                    buf[full_header - 4],
+                    buf[full_header - 3],
+                    buf[full_header - 2],
+                    buf[full_header - 1],
+                ])
+            });
             if starting {
                 if let Some(p) = st.partial.take() {
                     self.buffered -= p.len();
@@ -188,9 +206,9 @@ impl ChunkDecoder {
             if skim {
                 buf.advance(body);
             } else {
-                let p = st
-                    .partial
-                    .get_or_insert_with(|| BytesMut::with_capacity((st.length as usize).min(64 << 10)));
+                let p = st.partial.get_or_insert_with(|| {
+                    BytesMut::with_capacity((st.length as usize).min(64 << 10))
+                });
                 p.extend_from_slice(&buf[..body]);
                 buf.advance(body);
                 self.buffered += body;
@@ -222,7 +240,11 @@ fn basic_header(buf: &[u8]) -> Option<(usize, u32, u8)> {
     let fmt = b0 >> 6;
     match b0 & 0x3f {
         0 => Some((2, 64 + u32::from(*buf.get(1)?), fmt)),
-        1 => Some((3, 64 + u32::from(*buf.get(1)?) + 256 * u32::from(*buf.get(2)?), fmt)),
+        1 => Some((
+            3,
+            64 + u32::from(*buf.get(1)?) + 256 * u32::from(*buf.get(2)?),
+            fmt,
+        )),
         c => Some((1, u32::from(c), fmt)),
     }
 }
@@ -290,7 +312,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn msg(csid: u32, ts: u32, type_id: u8, sid: u32, body: Vec<u8>) -> Message {
-        Message { csid, timestamp: ts, type_id, stream_id: sid, length: body.len() as u32, payload: body.into() }
+        Message {
+            csid,
+            timestamp: ts,
+            type_id,
+            stream_id: sid,
+            length: body.len() as u32,
+            payload: body.into(),
+        }
     }
 
     fn decode_all(d: &mut ChunkDecoder, mut buf: BytesMut) -> Vec<Message> {
@@ -346,7 +375,10 @@ mod tests {
         wire.extend_from_slice(&[0x84, 0, 0, 33, 4, 5, 6]);
         wire.extend_from_slice(&[0xC4, 7, 8, 9]);
         let mut d = ChunkDecoder::new(1 << 20);
-        let ts: Vec<u32> = decode_all(&mut d, wire).iter().map(|m| m.timestamp).collect();
+        let ts: Vec<u32> = decode_all(&mut d, wire)
+            .iter()
+            .map(|m| m.timestamp)
+            .collect();
         assert_eq!(ts, vec![1000, 1033, 1066]);
     }
 
@@ -354,7 +386,13 @@ mod tests {
     fn oversized_is_refused_from_the_header() {
         let mut wire = BytesMut::from(&[0x04, 0, 0, 0, 0x10, 0, 1, 9, 1, 0, 0, 0][..]);
         let mut d = ChunkDecoder::new(1 << 20);
-        assert_eq!(d.decode(&mut wire), Err(ChunkError::Oversized { length: 0x100001, limit: 1 << 20 }));
+        assert_eq!(
+            d.decode(&mut wire),
+            Err(ChunkError::Oversized {
+                length: 0x100001,
+                limit: 1 << 20
+            })
+        );
     }
 
     #[test]

@@ -74,7 +74,13 @@ impl ClientConn {
 
     /// Starts a playing session that counts media bytes without keeping them.
     pub fn skimming(app: &str, tc_url: &str, key: &str, seed: u64) -> Self {
-        Self::with_decoder(app, tc_url, Mode::Play(key.into()), seed, ChunkDecoder::skimming(64 << 20))
+        Self::with_decoder(
+            app,
+            tc_url,
+            Mode::Play(key.into()),
+            seed,
+            ChunkDecoder::skimming(64 << 20),
+        )
     }
 
     fn with_decoder(app: &str, tc_url: &str, mode: Mode, seed: u64, decoder: ChunkDecoder) -> Self {
@@ -136,7 +142,10 @@ impl ClientConn {
             let cmd = msg::object(&[
                 ("app", Amf0::String(self.app.clone())),
                 ("type", Amf0::String("nonprivate".into())),
-                ("flashVer", Amf0::String("FMLE/3.0 (compatible; castnode)".into())),
+                (
+                    "flashVer",
+                    Amf0::String("FMLE/3.0 (compatible; castnode)".into()),
+                ),
                 ("tcUrl", Amf0::String(self.tc_url.clone())),
             ]);
             self.command(0, &[Amf0::String("connect".into()), Amf0::Number(1.0), cmd]);
@@ -152,15 +161,23 @@ impl ClientConn {
     }
 
     fn command(&mut self, stream_id: u32, values: &[Amf0]) {
-        let csid = if stream_id == 0 { msg::CSID_COMMAND } else { msg::CSID_DATA };
+        let csid = if stream_id == 0 {
+            msg::CSID_COMMAND
+        } else {
+            msg::CSID_DATA
+        };
         msg::amf(&mut self.out, csid, kind::COMMAND_AMF0, stream_id, values);
     }
 
     fn handle_message(&mut self, m: Message) -> Result<(), RtmpError> {
         match m.type_id {
             kind::SET_CHUNK_SIZE => {
-                let b = m.payload.get(..4).ok_or(RtmpError::BadMessage("short Set Chunk Size"))?;
-                self.decoder.set_chunk_size(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))?;
+                let b = m
+                    .payload
+                    .get(..4)
+                    .ok_or(RtmpError::BadMessage("short Set Chunk Size"))?;
+                self.decoder
+                    .set_chunk_size(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))?;
             }
             kind::WINDOW_ACK_SIZE => {
                 if let Some(b) = m.payload.get(..4) {
@@ -196,10 +213,33 @@ impl ClientConn {
             ("_result", 1) => {
                 if let Mode::Publish(key) = &self.mode {
                     let key = Amf0::String(key.clone());
-                    self.command(0, &[Amf0::String("releaseStream".into()), Amf0::Number(2.0), Amf0::Null, key.clone()]);
-                    self.command(0, &[Amf0::String("FCPublish".into()), Amf0::Number(3.0), Amf0::Null, key]);
+                    self.command(
+                        0,
+                        &[
+                            Amf0::String("releaseStream".into()),
+                            Amf0::Number(2.0),
+                            Amf0::Null,
+                            key.clone(),
+                        ],
+                    );
+                    self.command(
+                        0,
+                        &[
+                            Amf0::String("FCPublish".into()),
+                            Amf0::Number(3.0),
+                            Amf0::Null,
+                            key,
+                        ],
+                    );
                 }
-                self.command(0, &[Amf0::String("createStream".into()), Amf0::Number(4.0), Amf0::Null]);
+                self.command(
+                    0,
+                    &[
+                        Amf0::String("createStream".into()),
+                        Amf0::Number(4.0),
+                        Amf0::Null,
+                    ],
+                );
             }
             ("_result", 4) => {
                 self.stream_id = values.get(3).and_then(Amf0::as_f64).unwrap_or(1.0) as u32;
@@ -233,38 +273,92 @@ impl ClientConn {
                 }
             }
             ("onStatus", _) => {
-                let code = values.get(3).and_then(|o| o.get("code")).and_then(Amf0::as_str).unwrap_or_default();
-                let level = values.get(3).and_then(|o| o.get("level")).and_then(Amf0::as_str).unwrap_or_default();
+                let code = values
+                    .get(3)
+                    .and_then(|o| o.get("code"))
+                    .and_then(Amf0::as_str)
+                    .unwrap_or_default();
+                let level = values
+                    .get(3)
+                    .and_then(|o| o.get("level"))
+                    .and_then(Amf0::as_str)
+                    .unwrap_or_default();
                 match code {
-                    "NetStream.Publish.Start" | "NetStream.Play.Start" => self.events.push_back(ClientEvent::Ready),
-                    "NetStream.Play.UnpublishNotify" | "NetStream.Play.Stop" => self.events.push_back(ClientEvent::Ended),
-                    _ if level == "error" => self.events.push_back(ClientEvent::Refused(code.to_owned())),
+                    "NetStream.Publish.Start" | "NetStream.Play.Start" => {
+                        self.events.push_back(ClientEvent::Ready)
+                    }
+                    "NetStream.Play.UnpublishNotify" | "NetStream.Play.Stop" => {
+                        self.events.push_back(ClientEvent::Ended)
+                    }
+                    _ if level == "error" => {
+                        self.events.push_back(ClientEvent::Refused(code.to_owned()))
+                    }
                     _ => {}
                 }
             }
-            ("_error", _) => self.events.push_back(ClientEvent::Refused(format!("_error for transaction {txid}"))),
+            ("_error", _) => self.events.push_back(ClientEvent::Refused(format!(
+                "_error for transaction {txid}"
+            ))),
             _ => {}
         }
     }
 
     /// Queues `@setDataFrame onMetaData` (publish).
     pub fn send_metadata(&mut self, metadata: Amf0) {
-        let v = [Amf0::String("@setDataFrame".into()), Amf0::String("onMetaData".into()), metadata];
-        msg::amf(&mut self.out, msg::CSID_DATA, kind::DATA_AMF0, self.stream_id, &v);
+        let v = [
+            Amf0::String("@setDataFrame".into()),
+            Amf0::String("onMetaData".into()),
+            metadata,
+        ];
+        msg::amf(
+            &mut self.out,
+            msg::CSID_DATA,
+            kind::DATA_AMF0,
+            self.stream_id,
+            &v,
+        );
     }
 
     /// Queues an audio (8) or video (9) message whose body is the concatenation of `body`.
     pub fn send_media(&mut self, type_id: u8, timestamp: u32, body: &[&[u8]]) {
-        let csid = if type_id == kind::AUDIO { msg::CSID_AUDIO } else { msg::CSID_VIDEO };
-        encode_message(&mut self.out, csid, timestamp, type_id, self.stream_id, body, OUT_CHUNK_SIZE);
+        let csid = if type_id == kind::AUDIO {
+            msg::CSID_AUDIO
+        } else {
+            msg::CSID_VIDEO
+        };
+        encode_message(
+            &mut self.out,
+            csid,
+            timestamp,
+            type_id,
+            self.stream_id,
+            body,
+            OUT_CHUNK_SIZE,
+        );
     }
 
     /// Queues FCUnpublish + deleteStream.
     pub fn finish(&mut self) {
         let sid = Amf0::Number(f64::from(self.stream_id));
         if let Mode::Publish(key) = self.mode.clone() {
-            self.command(0, &[Amf0::String("FCUnpublish".into()), Amf0::Number(6.0), Amf0::Null, Amf0::String(key)]);
+            self.command(
+                0,
+                &[
+                    Amf0::String("FCUnpublish".into()),
+                    Amf0::Number(6.0),
+                    Amf0::Null,
+                    Amf0::String(key),
+                ],
+            );
         }
-        self.command(0, &[Amf0::String("deleteStream".into()), Amf0::Number(7.0), Amf0::Null, sid]);
+        self.command(
+            0,
+            &[
+                Amf0::String("deleteStream".into()),
+                Amf0::Number(7.0),
+                Amf0::Null,
+                sid,
+            ],
+        );
     }
 }

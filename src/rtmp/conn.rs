@@ -11,11 +11,11 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 
+use super::RtmpError;
 use super::amf0::{self, Amf0};
 use super::chunk::{ChunkDecoder, ChunkError, Message};
 use super::handshake;
 use super::message::{self as msg, OUT_CHUNK_SIZE, kind};
-use super::RtmpError;
 
 /// What the session learned that the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,7 +148,9 @@ impl ServerConn {
         self.inbuf.extend_from_slice(data);
         self.received += data.len() as u64;
         if self.phase == Phase::Hello {
-            let Some(&version) = self.inbuf.first() else { return Ok(()) };
+            let Some(&version) = self.inbuf.first() else {
+                return Ok(());
+            };
             if version != handshake::VERSION {
                 return Err(RtmpError::BadHandshake(version));
             }
@@ -198,13 +200,23 @@ impl ServerConn {
             }
             kind::AUDIO | kind::VIDEO => {
                 if self.publishing == Some(m.stream_id) && !p.is_empty() {
-                    self.events.push_back(Event::Media { type_id: m.type_id, timestamp: m.timestamp, body: m.payload });
+                    self.events.push_back(Event::Media {
+                        type_id: m.type_id,
+                        timestamp: m.timestamp,
+                        body: m.payload,
+                    });
                 }
             }
             kind::DATA_AMF0 | kind::DATA_AMF3 => {
-                let body = if m.type_id == kind::DATA_AMF3 { p.get(1..).unwrap_or_default() } else { &p[..] };
+                let body = if m.type_id == kind::DATA_AMF3 {
+                    p.get(1..).unwrap_or_default()
+                } else {
+                    &p[..]
+                };
                 let values = amf0::decode_all(body)?;
-                let mut it = values.into_iter().skip_while(|v| v.as_str() == Some("@setDataFrame"));
+                let mut it = values
+                    .into_iter()
+                    .skip_while(|v| v.as_str() == Some("@setDataFrame"));
                 if it.next().as_ref().and_then(Amf0::as_str) == Some("onMetaData") {
                     if let Some(meta) = it.next() {
                         self.events.push_back(Event::Metadata(meta));
@@ -212,7 +224,11 @@ impl ServerConn {
                 }
             }
             kind::COMMAND_AMF0 | kind::COMMAND_AMF3 => {
-                let body = if m.type_id == kind::COMMAND_AMF3 { p.get(1..).unwrap_or_default() } else { &p[..] };
+                let body = if m.type_id == kind::COMMAND_AMF3 {
+                    p.get(1..).unwrap_or_default()
+                } else {
+                    &p[..]
+                };
                 let values = amf0::decode_all(body)?;
                 self.handle_command(m.stream_id, values)?;
             }
@@ -228,9 +244,18 @@ impl ServerConn {
     }
 
     fn handle_command(&mut self, stream_id: u32, values: Vec<Amf0>) -> Result<(), RtmpError> {
-        let name = values.first().and_then(Amf0::as_str).ok_or(RtmpError::BadMessage("command without a name"))?;
+        let name = values
+            .first()
+            .and_then(Amf0::as_str)
+            .ok_or(RtmpError::BadMessage("command without a name"))?;
         let txid = values.get(1).and_then(Amf0::as_f64).unwrap_or(0.0);
-        let arg = |i: usize| values.get(i).and_then(Amf0::as_str).unwrap_or_default().to_owned();
+        let arg = |i: usize| {
+            values
+                .get(i)
+                .and_then(Amf0::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
         match name {
             "connect" => {
                 let app = values
@@ -263,7 +288,10 @@ impl ServerConn {
                 self.result(txid, vec![Amf0::Null, Amf0::Number(f64::from(id))]);
             }
             "publish" | "play" => {
-                let app = self.app.clone().ok_or(RtmpError::BadMessage("publish or play before connect"))?;
+                let app = self
+                    .app
+                    .clone()
+                    .ok_or(RtmpError::BadMessage("publish or play before connect"))?;
                 let full = arg(3);
                 let key = full.split('?').next().unwrap_or_default().to_owned();
                 if !valid_key(&key) {
@@ -272,7 +300,13 @@ impl ServerConn {
                     } else {
                         ("NetStream.Play.StreamNotFound", "play")
                     };
-                    msg::on_status(&mut self.out, stream_id, "error", code, "Invalid stream key.");
+                    msg::on_status(
+                        &mut self.out,
+                        stream_id,
+                        "error",
+                        code,
+                        "Invalid stream key.",
+                    );
                     return Err(RtmpError::BadMessage(if what == "publish" {
                         "publish with an invalid stream key"
                     } else {
@@ -280,9 +314,17 @@ impl ServerConn {
                     }));
                 }
                 self.events.push_back(if name == "publish" {
-                    Event::PublishRequested { stream_id, app, key }
+                    Event::PublishRequested {
+                        stream_id,
+                        app,
+                        key,
+                    }
                 } else {
-                    Event::PlayRequested { stream_id, app, key }
+                    Event::PlayRequested {
+                        stream_id,
+                        app,
+                        key,
+                    }
                 });
             }
             "FCUnpublish" | "deleteStream" | "closeStream" => {
@@ -311,37 +353,77 @@ impl ServerConn {
     pub fn accept_publish(&mut self, stream_id: u32) {
         self.publishing = Some(stream_id);
         msg::user_control(&mut self.out, 0, &stream_id.to_be_bytes());
-        msg::on_status(&mut self.out, stream_id, "status", "NetStream.Publish.Start", "Publishing.");
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "status",
+            "NetStream.Publish.Start",
+            "Publishing.",
+        );
     }
 
     /// Refuses a publish request with `NetStream.Publish.BadName`.
     pub fn reject_publish(&mut self, stream_id: u32, description: &str) {
-        msg::on_status(&mut self.out, stream_id, "error", "NetStream.Publish.BadName", description);
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "error",
+            "NetStream.Publish.BadName",
+            description,
+        );
     }
 
     /// Accepts a play request; the driver sends metadata and media next.
     pub fn accept_play(&mut self, stream_id: u32) {
         msg::user_control(&mut self.out, 0, &stream_id.to_be_bytes());
-        msg::on_status(&mut self.out, stream_id, "status", "NetStream.Play.Reset", "Playing and resetting.");
-        msg::on_status(&mut self.out, stream_id, "status", "NetStream.Play.Start", "Started playing.");
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "status",
+            "NetStream.Play.Reset",
+            "Playing and resetting.",
+        );
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "status",
+            "NetStream.Play.Start",
+            "Started playing.",
+        );
         msg::amf(
             &mut self.out,
             msg::CSID_DATA,
             kind::DATA_AMF0,
             stream_id,
-            &[Amf0::String("|RtmpSampleAccess".into()), Amf0::Boolean(true), Amf0::Boolean(true)],
+            &[
+                Amf0::String("|RtmpSampleAccess".into()),
+                Amf0::Boolean(true),
+                Amf0::Boolean(true),
+            ],
         );
     }
 
     /// Refuses a play request with `NetStream.Play.StreamNotFound`.
     pub fn reject_play(&mut self, stream_id: u32, description: &str) {
-        msg::on_status(&mut self.out, stream_id, "error", "NetStream.Play.StreamNotFound", description);
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "error",
+            "NetStream.Play.StreamNotFound",
+            description,
+        );
     }
 
     /// Tells a player its stream ended (StreamEOF + `NetStream.Play.UnpublishNotify`).
     pub fn end_play(&mut self, stream_id: u32) {
         msg::user_control(&mut self.out, 1, &stream_id.to_be_bytes());
-        msg::on_status(&mut self.out, stream_id, "status", "NetStream.Play.UnpublishNotify", "Stream ended.");
+        msg::on_status(
+            &mut self.out,
+            stream_id,
+            "status",
+            "NetStream.Play.UnpublishNotify",
+            "Stream ended.",
+        );
     }
 }
 
@@ -349,7 +431,9 @@ impl ServerConn {
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty()
         && key.len() <= 256
-        && !key.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+        && !key
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
         && key.chars().all(|c| c.is_ascii_graphic() && c != '\\')
 }
 
@@ -396,7 +480,13 @@ mod tests {
     }
 
     fn server() -> ServerConn {
-        ServerConn::new(&ConnConfig { max_message: 1 << 20 }, Instant::now() + Duration::from_secs(10), 7)
+        ServerConn::new(
+            &ConnConfig {
+                max_message: 1 << 20,
+            },
+            Instant::now() + Duration::from_secs(10),
+            7,
+        )
     }
 
     #[test]
@@ -404,11 +494,22 @@ mod tests {
         let mut s = server();
         let mut c = ClientConn::new("live", "rtmp://x/live", Mode::Publish("key".into()), 1);
         let (se, ce) = pump(&mut s, &mut c);
-        assert!(se.contains(&Event::PublishRequested { stream_id: 1, app: "live".into(), key: "key".into() }));
+        assert!(se.contains(&Event::PublishRequested {
+            stream_id: 1,
+            app: "live".into(),
+            key: "key".into()
+        }));
         assert!(ce.contains(&ClientEvent::Ready));
         c.send_media(9, 40, &[&[0x17, 0, 0, 0, 0, 1]]);
         let (se, _) = pump(&mut s, &mut c);
-        assert_eq!(se, vec![Event::Media { type_id: 9, timestamp: 40, body: Bytes::from_static(&[0x17, 0, 0, 0, 0, 1]) }]);
+        assert_eq!(
+            se,
+            vec![Event::Media {
+                type_id: 9,
+                timestamp: 40,
+                body: Bytes::from_static(&[0x17, 0, 0, 0, 0, 1])
+            }]
+        );
         assert!(s.poll_timeout().is_none());
     }
 
@@ -424,10 +525,16 @@ mod tests {
     #[test]
     fn bad_handshake_and_timeout() {
         let mut s = server();
-        assert_eq!(s.handle_input(b"GET / HTTP/1.1\r\n"), Err(RtmpError::BadHandshake(b'G')));
+        assert_eq!(
+            s.handle_input(b"GET / HTTP/1.1\r\n"),
+            Err(RtmpError::BadHandshake(b'G'))
+        );
         let mut s = server();
         s.handle_input(&[3; 100]).unwrap();
-        assert_eq!(s.handle_timeout(Instant::now() + Duration::from_secs(11)), Err(RtmpError::HandshakeTimeout));
+        assert_eq!(
+            s.handle_timeout(Instant::now() + Duration::from_secs(11)),
+            Err(RtmpError::HandshakeTimeout)
+        );
     }
 
     #[test]

@@ -75,8 +75,14 @@ async fn flush(sock: &mut TcpStream, conn: &mut ServerConn) -> std::io::Result<(
     Ok(())
 }
 
-async fn session(mut sock: TcpStream, peer: SocketAddr, ctx: &Arc<NodeContext>) -> Result<(), SessionError> {
-    let cfg = ConnConfig { max_message: ctx.cfg.max_message_bytes };
+async fn session(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<NodeContext>,
+) -> Result<(), SessionError> {
+    let cfg = ConnConfig {
+        max_message: ctx.cfg.max_message_bytes,
+    };
     let deadline = std::time::Instant::now() + ctx.cfg.handshake_timeout;
     let mut conn = ServerConn::new(&cfg, deadline, rand::random());
     let mut buf = BytesMut::with_capacity(16 << 10);
@@ -106,7 +112,11 @@ async fn session(mut sock: TcpStream, peer: SocketAddr, ctx: &Arc<NodeContext>) 
         while let Some(ev) = conn.poll_event() {
             match ev {
                 Event::Connected { app } => debug!(%peer, app, "RTMP connect"),
-                Event::PublishRequested { stream_id, app, key } => {
+                Event::PublishRequested {
+                    stream_id,
+                    app,
+                    key,
+                } => {
                     let name = format!("{app}/{key}");
                     if ingest.is_some() {
                         conn.reject_publish(stream_id, "Already publishing on this connection.");
@@ -125,7 +135,11 @@ async fn session(mut sock: TcpStream, peer: SocketAddr, ctx: &Arc<NodeContext>) 
                         }
                     }
                 }
-                Event::PlayRequested { stream_id, app, key } => {
+                Event::PlayRequested {
+                    stream_id,
+                    app,
+                    key,
+                } => {
                     let name = format!("{app}/{key}");
                     let Some(guard) = ctx.admit_player(false) else {
                         warn!(%peer, broadcast = %name, "play refused: player limit reached");
@@ -150,7 +164,11 @@ async fn session(mut sock: TcpStream, peer: SocketAddr, ctx: &Arc<NodeContext>) 
                         i.producer.set_metadata(flv::metadata_from_amf(&v));
                     }
                 }
-                Event::Media { type_id, timestamp, body } => {
+                Event::Media {
+                    type_id,
+                    timestamp,
+                    body,
+                } => {
                     if let Some(i) = &mut ingest {
                         i.handle(type_id, timestamp, &body)?;
                     }
@@ -176,12 +194,27 @@ struct Ingest {
 
 impl Ingest {
     fn new(producer: BroadcastProducer, ctx: Arc<NodeContext>) -> Self {
-        Self { producer, ctx, codecs: [None, None], ignored: Vec::new() }
+        Self {
+            producer,
+            ctx,
+            codecs: [None, None],
+            ignored: Vec::new(),
+        }
     }
 
     fn handle(&mut self, type_id: u8, timestamp: u32, body: &Bytes) -> Result<(), RtmpError> {
-        let tag = if type_id == kind::VIDEO { flv::parse_video(timestamp, body)? } else { flv::parse_audio(timestamp, body)? };
-        let track = |k: TrackKind| if k == TrackKind::Video { TrackId(0) } else { TrackId(1) };
+        let tag = if type_id == kind::VIDEO {
+            flv::parse_video(timestamp, body)?
+        } else {
+            flv::parse_audio(timestamp, body)?
+        };
+        let track = |k: TrackKind| {
+            if k == TrackKind::Video {
+                TrackId(0)
+            } else {
+                TrackId(1)
+            }
+        };
         match tag {
             Tag::Config(info) => {
                 let t = track(info.codec.kind());
@@ -193,7 +226,15 @@ impl Ingest {
                 if self.codecs[usize::from(t.0)] != Some(codec) {
                     // Frames before (or without) a sequence header: declare the track bare.
                     self.codecs[usize::from(t.0)] = Some(codec);
-                    self.producer.set_track(t, TrackInfo { codec, config: None, video: None, audio: None });
+                    self.producer.set_track(
+                        t,
+                        TrackInfo {
+                            codec,
+                            config: None,
+                            video: None,
+                            audio: None,
+                        },
+                    );
                 }
                 self.producer.push(t, frame);
             }
@@ -215,7 +256,10 @@ impl Drop for Ingest {
 }
 
 /// Writes every buffer, in order, with vectored writes.
-pub async fn write_all_bufs<W: AsyncWrite + Unpin>(w: &mut W, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+pub async fn write_all_bufs<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bufs: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     let mut i = 0;
     while i < bufs.len() {
         let mut slices = [IoSlice::new(&[]); 64];

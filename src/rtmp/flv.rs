@@ -67,12 +67,25 @@ fn video_config(codec: Codec, config: Bytes) -> Tag {
         Codec::H264 => h264::parse_avcc(&config),
         _ => None,
     };
-    Tag::Config(TrackInfo { codec, config: Some(config), video, audio: None })
+    Tag::Config(TrackInfo {
+        codec,
+        config: Some(config),
+        video,
+        audio: None,
+    })
 }
 
 fn frame(codec: Codec, ts_ms: u32, cts: i64, keyframe: bool, payload: Bytes) -> Tag {
     let dts = i64::from(ts_ms) * 1000;
-    Tag::Frame(codec, Frame { dts, pts: dts + cts * 1000, keyframe, payload })
+    Tag::Frame(
+        codec,
+        Frame {
+            dts,
+            pts: dts + cts * 1000,
+            keyframe,
+            payload,
+        },
+    )
 }
 
 /// Parses the body of a video tag (RTMP message type 9) sent at `ts_ms`.
@@ -85,7 +98,9 @@ pub fn parse_video(ts_ms: u32, body: &Bytes) -> Result<Tag, FlvError> {
         }
         let frame_type = (b0 >> 4) & 0x07;
         let packet_type = b0 & 0x0f;
-        let Some(codec) = fourcc_codec(&body[1..5]) else { return Ok(Tag::Ignored("unsupported video FourCC")) };
+        let Some(codec) = fourcc_codec(&body[1..5]) else {
+            return Ok(Tag::Ignored("unsupported video FourCC"));
+        };
         if frame_type == 5 {
             return Ok(Tag::Ignored("video command frame"));
         }
@@ -117,7 +132,13 @@ pub fn parse_video(ts_ms: u32, body: &Bytes) -> Result<Tag, FlvError> {
     }
     Ok(match body[1] {
         0 => video_config(codec, body.slice(5..)),
-        1 => frame(codec, ts_ms, cts24(&body[2..5]), frame_type == 1, body.slice(5..)),
+        1 => frame(
+            codec,
+            ts_ms,
+            cts24(&body[2..5]),
+            frame_type == 1,
+            body.slice(5..),
+        ),
         _ => Tag::Ignored("end of sequence"),
     })
 }
@@ -135,7 +156,12 @@ pub fn parse_audio(ts_ms: u32, body: &Bytes) -> Result<Tag, FlvError> {
         0 => {
             let config = body.slice(2..);
             let audio = aac::parse_asc(&config);
-            Tag::Config(TrackInfo { codec: Codec::Aac, config: Some(config), video: None, audio })
+            Tag::Config(TrackInfo {
+                codec: Codec::Aac,
+                config: Some(config),
+                video: None,
+                audio,
+            })
         }
         _ => frame(Codec::Aac, ts_ms, 0, true, body.slice(2..)),
     })
@@ -219,7 +245,10 @@ pub fn on_metadata_body(metadata: &Metadata) -> BytesMut {
         })
         .collect();
     if !props.iter().any(|(k, _)| k == "server") {
-        props.push(("server".into(), Amf0::String(concat!("castnode ", env!("CARGO_PKG_VERSION")).into())));
+        props.push((
+            "server".into(),
+            Amf0::String(concat!("castnode ", env!("CARGO_PKG_VERSION")).into()),
+        ));
     }
     super::amf0::encode_all(&[Amf0::String("onMetaData".into()), Amf0::EcmaArray(props)])
 }
@@ -269,7 +298,10 @@ impl FlvReader {
             return None;
         }
         let header = u32::from_be_bytes([data[5], data[6], data[7], data[8]]) as usize;
-        Some(Self { data, pos: header + 4 })
+        Some(Self {
+            data,
+            pos: header + 4,
+        })
     }
 }
 
@@ -285,7 +317,11 @@ impl Iterator for FlvReader {
         let body = self.data.get(start..start + len)?;
         let body = self.data.slice_ref(body);
         self.pos = start + len + 4;
-        Some(RawTag { tag_type, ts_ms, body })
+        Some(RawTag {
+            tag_type,
+            ts_ms,
+            body,
+        })
     }
 }
 
@@ -306,8 +342,13 @@ mod tests {
     #[test]
     fn avc_frame_round_trip() {
         let body = Bytes::from_static(&[0x27, 1, 0, 0, 66, 0, 0, 0, 2, 0xAA, 0xBB]);
-        let Tag::Frame(codec, f) = parse_video(1000, &body).unwrap() else { panic!() };
-        assert_eq!((codec, f.dts, f.pts, f.keyframe), (Codec::H264, 1_000_000, 1_066_000, false));
+        let Tag::Frame(codec, f) = parse_video(1000, &body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (codec, f.dts, f.pts, f.keyframe),
+            (Codec::H264, 1_000_000, 1_066_000, false)
+        );
         let mut out = BytesMut::new();
         frame_header(codec, &f, &mut out);
         out.extend_from_slice(&f.payload);
@@ -317,35 +358,60 @@ mod tests {
     #[test]
     fn negative_cts() {
         let body = Bytes::from_static(&[0x27, 1, 0xFF, 0xFF, 0xFF, 1]);
-        let Tag::Frame(_, f) = parse_video(1000, &body).unwrap() else { panic!() };
+        let Tag::Frame(_, f) = parse_video(1000, &body).unwrap() else {
+            panic!()
+        };
         assert_eq!(f.pts, 999_000);
     }
 
     #[test]
     fn enhanced_hevc_round_trip() {
         let seq = Bytes::from_static(&[0x90, b'h', b'v', b'c', b'1', 1, 2, 3]);
-        let Tag::Config(info) = parse_video(0, &seq).unwrap() else { panic!() };
-        assert_eq!((info.codec, &info.config.as_deref().unwrap()[..]), (Codec::H265, &[1u8, 2, 3][..]));
+        let Tag::Config(info) = parse_video(0, &seq).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (info.codec, &info.config.as_deref().unwrap()[..]),
+            (Codec::H265, &[1u8, 2, 3][..])
+        );
         let coded = Bytes::from_static(&[0x91, b'h', b'v', b'c', b'1', 0, 0, 33, 0, 0, 0, 1, 0x26]);
-        let Tag::Frame(codec, f) = parse_video(100, &coded).unwrap() else { panic!() };
-        assert_eq!((codec, f.keyframe, f.pts - f.dts), (Codec::H265, true, 33_000));
+        let Tag::Frame(codec, f) = parse_video(100, &coded).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (codec, f.keyframe, f.pts - f.dts),
+            (Codec::H265, true, 33_000)
+        );
         let mut out = BytesMut::new();
         frame_header(codec, &f, &mut out);
         out.extend_from_slice(&f.payload);
         assert_eq!(out.freeze(), coded);
         let av1 = Bytes::from_static(&[0xA3, b'a', b'v', b'0', b'1', 0x12, 0]);
-        let Tag::Frame(codec, f) = parse_video(0, &av1).unwrap() else { panic!() };
-        assert_eq!((codec, f.keyframe, &f.payload[..]), (Codec::Av1, false, &[0x12u8, 0][..]));
+        let Tag::Frame(codec, f) = parse_video(0, &av1).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (codec, f.keyframe, &f.payload[..]),
+            (Codec::Av1, false, &[0x12u8, 0][..])
+        );
     }
 
     #[test]
     fn aac_config_and_frame() {
-        let Tag::Config(info) = parse_audio(0, &Bytes::from_static(&[0xAF, 0, 0x11, 0x90])).unwrap() else {
+        let Tag::Config(info) =
+            parse_audio(0, &Bytes::from_static(&[0xAF, 0, 0x11, 0x90])).unwrap()
+        else {
             panic!()
         };
         assert_eq!(info.audio.unwrap().sample_rate, 48000);
-        assert!(matches!(parse_audio(0, &Bytes::from_static(&[0xAF])), Err(FlvError::Truncated(_))));
-        assert_eq!(parse_audio(0, &Bytes::from_static(&[0x2F, 1])).unwrap(), Tag::Ignored("unsupported audio codec"));
+        assert!(matches!(
+            parse_audio(0, &Bytes::from_static(&[0xAF])),
+            Err(FlvError::Truncated(_))
+        ));
+        assert_eq!(
+            parse_audio(0, &Bytes::from_static(&[0x2F, 1])).unwrap(),
+            Tag::Ignored("unsupported audio codec")
+        );
     }
 
     #[test]
@@ -353,6 +419,9 @@ mod tests {
         let mut out = BytesMut::from(&file_header(true, true)[..]);
         put_tag(&mut out, TAG_VIDEO, 0x0123_4567, &[b"ab", b"c"]);
         let tags: Vec<_> = FlvReader::new(out.freeze()).unwrap().collect();
-        assert_eq!((tags[0].tag_type, tags[0].ts_ms, &tags[0].body[..]), (TAG_VIDEO, 0x0123_4567, &b"abc"[..]));
+        assert_eq!(
+            (tags[0].tag_type, tags[0].ts_ms, &tags[0].body[..]),
+            (TAG_VIDEO, 0x0123_4567, &b"abc"[..])
+        );
     }
 }

@@ -50,14 +50,30 @@ pub mod kind {
 
 /// Appends a protocol control message with a 4-byte value.
 pub fn control(out: &mut BytesMut, type_id: u8, value: u32) {
-    encode_message(out, CSID_CONTROL, 0, type_id, 0, &[&value.to_be_bytes()], OUT_CHUNK_SIZE);
+    encode_message(
+        out,
+        CSID_CONTROL,
+        0,
+        type_id,
+        0,
+        &[&value.to_be_bytes()],
+        OUT_CHUNK_SIZE,
+    );
 }
 
 /// Appends Set Peer Bandwidth (dynamic limit).
 pub fn set_peer_bandwidth(out: &mut BytesMut, window: u32) {
     let mut b = [2u8; 5];
     b[..4].copy_from_slice(&window.to_be_bytes());
-    encode_message(out, CSID_CONTROL, 0, kind::SET_PEER_BANDWIDTH, 0, &[&b], OUT_CHUNK_SIZE);
+    encode_message(
+        out,
+        CSID_CONTROL,
+        0,
+        kind::SET_PEER_BANDWIDTH,
+        0,
+        &[&b],
+        OUT_CHUNK_SIZE,
+    );
 }
 
 /// Appends a user control event (0 StreamBegin, 1 StreamEOF, 3 SetBufferLength, 6/7 ping).
@@ -65,7 +81,15 @@ pub fn user_control(out: &mut BytesMut, event: u16, data: &[u8]) {
     let mut b = BytesMut::with_capacity(2 + data.len());
     b.put_u16(event);
     b.put_slice(data);
-    encode_message(out, CSID_CONTROL, 0, kind::USER_CONTROL, 0, &[&b], OUT_CHUNK_SIZE);
+    encode_message(
+        out,
+        CSID_CONTROL,
+        0,
+        kind::USER_CONTROL,
+        0,
+        &[&b],
+        OUT_CHUNK_SIZE,
+    );
 }
 
 /// Appends an AMF0 command or data message.
@@ -76,7 +100,12 @@ pub fn amf(out: &mut BytesMut, csid: u32, type_id: u8, stream_id: u32, values: &
 
 /// An AMF0 object from string keys.
 pub fn object(props: &[(&str, Amf0)]) -> Amf0 {
-    Amf0::Object(props.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect())
+    Amf0::Object(
+        props
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect(),
+    )
 }
 
 /// Appends an `onStatus` on `stream_id`.
@@ -91,6 +120,11 @@ pub fn on_status(out: &mut BytesMut, stream_id: u32, level: &str, code: &str, de
         CSID_DATA,
         kind::COMMAND_AMF0,
         stream_id,
-        &[Amf0::String("onStatus".into()), Amf0::Number(0.0), Amf0::Null, info],
+        &[
+            Amf0::String("onStatus".into()),
+            Amf0::Number(0.0),
+            Amf0::Null,
+            info,
+        ],
     );
 }

@@ -33,7 +33,9 @@ fn encode(entry: &Entry, info: &TrackInfo, rtmp: bool) -> Bytes {
             (frame.payload.clone(), ms(frame.dts))
         }
         Item::Config { info, .. } => {
-            let Some(config) = info.config.clone() else { return Bytes::new() };
+            let Some(config) = info.config.clone() else {
+                return Bytes::new();
+            };
             flv::config_header(info.codec, &mut header);
             (config, ms(entry.dts))
         }
@@ -41,8 +43,20 @@ fn encode(entry: &Entry, info: &TrackInfo, rtmp: bool) -> Bytes {
     let tag_type = flv::tag_type(info.codec);
     let mut out = BytesMut::new();
     if rtmp {
-        let csid = if tag_type == flv::TAG_AUDIO { CSID_AUDIO } else { CSID_VIDEO };
-        encode_message(&mut out, csid, ts, tag_type, PLAY_STREAM_ID, &[&header, &payload], OUT_CHUNK_SIZE);
+        let csid = if tag_type == flv::TAG_AUDIO {
+            CSID_AUDIO
+        } else {
+            CSID_VIDEO
+        };
+        encode_message(
+            &mut out,
+            csid,
+            ts,
+            tag_type,
+            PLAY_STREAM_ID,
+            &[&header, &payload],
+            OUT_CHUNK_SIZE,
+        );
     } else {
         flv::put_tag(&mut out, tag_type, ts, &[&header, &payload]);
     }
@@ -58,11 +72,22 @@ fn prelude(rtmp: bool, tracks: &[(TrackId, TrackInfo)], metadata: &Metadata, out
     let mut b = BytesMut::new();
     if !rtmp {
         let has = |k| tracks.iter().any(|(_, t)| t.codec.kind() == k);
-        b.extend_from_slice(&flv::file_header(has(crate::media::TrackKind::Audio), has(crate::media::TrackKind::Video)));
+        b.extend_from_slice(&flv::file_header(
+            has(crate::media::TrackKind::Audio),
+            has(crate::media::TrackKind::Video),
+        ));
     }
     let meta = flv::on_metadata_body(metadata);
     if rtmp {
-        encode_message(&mut b, CSID_DATA, 0, kind::DATA_AMF0, PLAY_STREAM_ID, &[&meta], OUT_CHUNK_SIZE);
+        encode_message(
+            &mut b,
+            CSID_DATA,
+            0,
+            kind::DATA_AMF0,
+            PLAY_STREAM_ID,
+            &[&meta],
+            OUT_CHUNK_SIZE,
+        );
     } else {
         flv::put_tag(&mut b, flv::TAG_SCRIPT, 0, &[&meta]);
     }

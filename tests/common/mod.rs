@@ -45,14 +45,25 @@ pub struct Server {
 fn port_after(line: &str, scheme: &str) -> Option<u16> {
     let rest = &line[line.find(scheme)? + scheme.len()..];
     let rest = rest.strip_prefix("127.0.0.1:")?;
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 impl Server {
     /// Starts a node with extra flags; waits until it has printed its URLs.
     pub fn start(extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_castnode"))
-            .args(["standalone", "--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0", "--public-host", "127.0.0.1"])
+            .args([
+                "standalone",
+                "--rtmp",
+                "127.0.0.1:0",
+                "--http",
+                "127.0.0.1:0",
+                "--public-host",
+                "127.0.0.1",
+            ])
             .args(extra)
             .env("RUST_LOG", "info,castnode=debug")
             .stdout(Stdio::piped())
@@ -79,7 +90,12 @@ impl Server {
         }
         // Keep draining stdout so the process never blocks on it.
         std::thread::spawn(move || for _ in lines {});
-        Server { proc: Proc(child), rtmp_port: rtmp_port.unwrap(), http_port: http_port.unwrap(), log }
+        Server {
+            proc: Proc(child),
+            rtmp_port: rtmp_port.unwrap(),
+            http_port: http_port.unwrap(),
+            log,
+        }
     }
 
     pub fn rtmp_url(&self, key: &str) -> String {
@@ -116,7 +132,11 @@ impl Server {
             let (_, _, body) = self.get("/api/v1/broadcasts");
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
             v["broadcasts"].as_array().is_some_and(|a| {
-                a.iter().any(|b| b["name"] == name && b["publishing"] == true && b["bytes_in"].as_u64() > Some(50_000))
+                a.iter().any(|b| {
+                    b["name"] == name
+                        && b["publishing"] == true
+                        && b["bytes_in"].as_u64() > Some(50_000)
+                })
             })
         });
         assert!(ok, "{name} did not go live; log:\n{}", self.log());
@@ -151,12 +171,20 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect HTTP");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     (status, head.to_owned(), body.to_owned())
 }
 
@@ -165,7 +193,11 @@ pub fn fixture(name: &str) -> PathBuf {
     static MAKE: Once = Once::new();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     MAKE.call_once(|| {
-        let ok = Command::new("bash").arg(dir.join("make.sh")).status().expect("run fixtures/make.sh").success();
+        let ok = Command::new("bash")
+            .arg(dir.join("make.sh"))
+            .status()
+            .expect("run fixtures/make.sh")
+            .success();
         assert!(ok, "fixtures/make.sh failed");
     });
     dir.join(name)
@@ -178,19 +210,43 @@ pub fn ffmpeg_publish(url: &str, fixture: &Path, loops: u32) -> Proc {
     if loops > 0 {
         c.args(["-stream_loop", &loops.to_string()]);
     }
-    c.arg("-i").arg(fixture).args(["-c", "copy", "-f", "flv", url]);
-    Proc(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ffmpeg"))
+    c.arg("-i")
+        .arg(fixture)
+        .args(["-c", "copy", "-f", "flv", url]);
+    Proc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ffmpeg"),
+    )
 }
 
 /// `ffmpeg -i URL [-t S] -map 0 -c copy -f framemd5 OUT`: a player writing one md5 per packet.
 pub fn ffmpeg_framemd5(url: &str, seconds: Option<f64>, out: &Path) -> Proc {
     let mut c = Command::new("ffmpeg");
-    c.args(["-hide_banner", "-nostdin", "-loglevel", "error", "-rw_timeout", "15000000", "-i", url]);
+    c.args([
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-rw_timeout",
+        "15000000",
+        "-i",
+        url,
+    ]);
     if let Some(s) = seconds {
         c.args(["-t", &s.to_string()]);
     }
-    c.args(["-map", "0", "-c", "copy", "-f", "framemd5", "-y"]).arg(out);
-    Proc(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start ffmpeg"))
+    c.args(["-map", "0", "-c", "copy", "-f", "framemd5", "-y"])
+        .arg(out);
+    Proc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ffmpeg"),
+    )
 }
 
 /// One packet line of a framemd5 listing.
@@ -208,7 +264,12 @@ pub fn parse_framemd5(text: &str) -> Vec<Packet> {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
             let f: Vec<&str> = l.split(',').map(str::trim).collect();
-            Some(Packet { stream: f[0].parse().ok()?, dts: f[1].parse().ok()?, size: f[4].parse().ok()?, md5: f[5].to_owned() })
+            Some(Packet {
+                stream: f[0].parse().ok()?,
+                dts: f[1].parse().ok()?,
+                size: f[4].parse().ok()?,
+                md5: f[5].to_owned(),
+            })
         })
         .collect()
 }
@@ -239,8 +300,133 @@ pub fn contiguous(source: &[String], got: &[String]) -> Result<(), String> {
     for (i, w) in got.windows(2).enumerate() {
         let follows = (0..n).any(|j| source[j] == w[0] && source[(j + 1) % n] == w[1]);
         if !follows {
-            return Err(format!("packet {} ({}) does not follow packet {} ({}) in the source", i + 1, w[1], i, w[0]));
+            return Err(format!(
+                "packet {} ({}) does not follow packet {} ({}) in the source",
+                i + 1,
+                w[1],
+                i,
+                w[0]
+            ));
         }
     }
     Ok(())
+}
+
+/// Blocking RTMP session with castnode's own client: handshake, connect and publish or play.
+pub struct RtmpClient {
+    pub sock: TcpStream,
+    pub conn: castnode::rtmp::client::ClientConn,
+    buf: Vec<u8>,
+}
+
+impl RtmpClient {
+    /// Connects and waits until publishing/playing has started (panics on refusal).
+    pub fn open(sock: TcpStream, key: &str, publish: bool) -> RtmpClient {
+        Self::try_open(sock, key, publish).unwrap_or_else(|code| panic!("refused: {code}"))
+    }
+
+    /// Connects and waits until publishing/playing has started; the status code on refusal.
+    pub fn try_open(sock: TcpStream, key: &str, publish: bool) -> Result<RtmpClient, String> {
+        use castnode::rtmp::client::{ClientConn, ClientEvent, Mode};
+        let port = sock.peer_addr().unwrap().port();
+        let mode = if publish {
+            Mode::Publish(key.into())
+        } else {
+            Mode::Play(key.into())
+        };
+        let conn = ClientConn::new("live", &format!("rtmp://127.0.0.1:{port}/live"), mode, 9);
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        sock.set_nodelay(true).unwrap();
+        let mut c = RtmpClient {
+            sock,
+            conn,
+            buf: vec![0; 65536],
+        };
+        loop {
+            c.flush();
+            for e in c.read_events() {
+                match e {
+                    ClientEvent::Ready => return Ok(c),
+                    ClientEvent::Refused(code) => return Err(code),
+                    ClientEvent::Ended => return Err("connection closed".into()),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn connect(port: u16, key: &str, publish: bool) -> RtmpClient {
+        Self::open(
+            TcpStream::connect(("127.0.0.1", port)).expect("connect RTMP"),
+            key,
+            publish,
+        )
+    }
+
+    /// Writes what the session queued.
+    pub fn flush(&mut self) {
+        while let Some(b) = self.conn.poll_transmit() {
+            self.sock.write_all(&b).expect("write to castnode");
+        }
+    }
+
+    /// Reads once and returns the events it produced (empty at end of stream).
+    pub fn read_events(&mut self) -> Vec<castnode::rtmp::client::ClientEvent> {
+        let n = self.sock.read(&mut self.buf).unwrap_or(0);
+        if n == 0 {
+            return vec![castnode::rtmp::client::ClientEvent::Ended];
+        }
+        self.conn
+            .handle_input(&self.buf[..n])
+            .expect("valid RTMP from castnode");
+        self.flush();
+        std::iter::from_fn(|| self.conn.poll_event()).collect()
+    }
+}
+
+/// Publishes an FLV file `loops` times in real time with castnode's client: the tag with
+/// timestamp `ts` (continuing across loops) is sent at `t0 + ts`. Returns `t0` and the thread.
+pub fn publish_paced(
+    port: u16,
+    key: &str,
+    path: &Path,
+    loops: u32,
+) -> (Instant, std::thread::JoinHandle<()>) {
+    use castnode::rtmp::flv::{FlvReader, TAG_SCRIPT};
+    let data = bytes::Bytes::from(std::fs::read(path).expect("read fixture"));
+    let mut c = RtmpClient::connect(port, key, true);
+    let t0 = Instant::now();
+    let handle = std::thread::spawn(move || {
+        let last = FlvReader::new(data.clone())
+            .unwrap()
+            .map(|t| t.ts_ms)
+            .max()
+            .unwrap_or(0);
+        for lap in 0..loops {
+            let offset = lap * (last + 33);
+            for tag in FlvReader::new(data.clone()).unwrap() {
+                if tag.tag_type == TAG_SCRIPT {
+                    if lap == 0 {
+                        if let Ok(v) = castnode::rtmp::amf0::decode_all(&tag.body) {
+                            if let Some(meta) = v.into_iter().nth(1) {
+                                c.conn.send_metadata(meta);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                let ts = tag.ts_ms + offset;
+                let due = t0 + Duration::from_millis(u64::from(ts));
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                c.conn.send_media(tag.tag_type, ts, &[&tag.body]);
+                c.flush();
+            }
+        }
+        c.conn.finish();
+        c.flush();
+    });
+    (t0, handle)
 }

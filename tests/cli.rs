@@ -1,0 +1,105 @@
+//! The command line: roles not built yet exit 2; bad configuration exits 64 naming the key,
+//! before any port is bound; flags, environment and TOML file all configure the node.
+
+mod common;
+
+use std::process::Command;
+
+fn castnode(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_castnode"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn roles_not_built_yet_exit_2() {
+    for role in ["origin", "relay", "edge", "transcoder", "mixer", "manager"] {
+        let (code, _, err) = castnode(&[role], &[]);
+        assert_eq!(code, 2, "{role}: {err}");
+        assert!(err.contains("not built yet"), "{role}: {err}");
+    }
+}
+
+#[test]
+fn bad_values_exit_64_naming_the_key() {
+    let (code, _, err) = castnode(&["standalone", "--max-message-bytes", "12"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("max-message-bytes"), "{err}");
+    let (code, _, err) = castnode(&["standalone", "--rtmp", "not-an-address"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("--rtmp"), "{err}");
+    let (code, _, err) = castnode(&["standalone"], &[("CASTNODE_HTTP", "nowhere")]);
+    assert_eq!(code, 64);
+    assert!(err.contains("--http"), "{err}");
+    let (code, _, err) = castnode(&["frobnicate"], &[]);
+    assert_eq!(code, 64, "{err}");
+    let (code, out, _) = castnode(&["--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(out.contains("standalone"));
+}
+
+#[test]
+fn toml_file_is_read_and_checked() {
+    let dir = common::temp_dir("cli");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "rtmp = \"127.0.0.1:0\"\nplayer-batch-msec = 3\n").unwrap();
+    let (code, _, err) = castnode(&["standalone", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("player-batch-msec"), "{err}");
+    std::fs::write(&bad, "publish-grace = \"soon\"\n").unwrap();
+    let (code, _, err) = castnode(&["standalone", "--config", bad.to_str().unwrap()], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("publish-grace"), "{err}");
+    let (code, _, err) = castnode(
+        &["standalone", "--config", "/nonexistent/castnode.toml"],
+        &[],
+    );
+    assert_eq!(code, 64);
+    assert!(err.contains("config"), "{err}");
+
+    // A good file configures the node: the RTMP port it names is the one served.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        format!("rtmp = \"127.0.0.1:{port}\"\npublic-host = \"example.test\"\n"),
+    )
+    .unwrap();
+    let mut child = common::Proc(
+        Command::new(env!("CARGO_BIN_EXE_castnode"))
+            .args([
+                "standalone",
+                "--http",
+                "127.0.0.1:0",
+                "--config",
+                good.to_str().unwrap(),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut banner = String::new();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    while !banner.contains("Metrics") {
+        banner.push_str(&lines.next().unwrap().unwrap());
+        banner.push('\n');
+    }
+    assert!(
+        banner.contains(&format!("rtmp://example.test:{port}/live")),
+        "{banner}"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
