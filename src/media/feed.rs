@@ -110,10 +110,10 @@ impl<M: Muxer> Feed<M> {
                         self.push_configs(entry.dts, out);
                     }
                     Item::Frame { track, .. } => {
-                        if let Some(Some(info)) = self.tracks.get(usize::from(track.0)) {
-                            if let Some(b) = self.muxer.entry(&entry, info) {
-                                out.push(b);
-                            }
+                        if let Some(Some(info)) = self.tracks.get(usize::from(track.0))
+                            && let Some(b) = self.muxer.entry(&entry, info)
+                        {
+                            out.push(b);
                         }
                     }
                 }

@@ -184,10 +184,9 @@ impl ClientConn {
                     self.ack_window = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
-            kind::USER_CONTROL => {
-                if m.payload.len() >= 6 && m.payload[..2] == [0, 6] {
-                    msg::user_control(&mut self.out, 7, &m.payload[2..6]);
-                }
+            kind::USER_CONTROL if m.payload.len() >= 6 && m.payload[..2] == [0, 6] => {
+                // Ping request → ping response with the same timestamp.
+                msg::user_control(&mut self.out, 7, &m.payload[2..6]);
             }
             kind::AUDIO | kind::VIDEO | kind::DATA_AMF0 => {
                 self.events.push_back(ClientEvent::Media {

@@ -192,20 +192,16 @@ impl ServerConn {
             kind::SET_CHUNK_SIZE => self.decoder.set_chunk_size(u32_at(0)?)?,
             kind::WINDOW_ACK_SIZE => self.ack_window = u32_at(0)?,
             kind::ABORT | kind::ACK | kind::SET_PEER_BANDWIDTH => {}
-            kind::USER_CONTROL => {
+            kind::USER_CONTROL if p.len() >= 6 && p[..2] == [0, 6] => {
                 // Ping request → ping response with the same timestamp.
-                if p.len() >= 6 && p[..2] == [0, 6] {
-                    msg::user_control(&mut self.out, 7, &p[2..6]);
-                }
+                msg::user_control(&mut self.out, 7, &p[2..6]);
             }
-            kind::AUDIO | kind::VIDEO => {
-                if self.publishing == Some(m.stream_id) && !p.is_empty() {
-                    self.events.push_back(Event::Media {
-                        type_id: m.type_id,
-                        timestamp: m.timestamp,
-                        body: m.payload,
-                    });
-                }
+            kind::AUDIO | kind::VIDEO if self.publishing == Some(m.stream_id) && !p.is_empty() => {
+                self.events.push_back(Event::Media {
+                    type_id: m.type_id,
+                    timestamp: m.timestamp,
+                    body: m.payload,
+                });
             }
             kind::DATA_AMF0 | kind::DATA_AMF3 => {
                 let body = if m.type_id == kind::DATA_AMF3 {
@@ -217,10 +213,10 @@ impl ServerConn {
                 let mut it = values
                     .into_iter()
                     .skip_while(|v| v.as_str() == Some("@setDataFrame"));
-                if it.next().as_ref().and_then(Amf0::as_str) == Some("onMetaData") {
-                    if let Some(meta) = it.next() {
-                        self.events.push_back(Event::Metadata(meta));
-                    }
+                if it.next().as_ref().and_then(Amf0::as_str) == Some("onMetaData")
+                    && let Some(meta) = it.next()
+                {
+                    self.events.push_back(Event::Metadata(meta));
                 }
             }
             kind::COMMAND_AMF0 | kind::COMMAND_AMF3 => {

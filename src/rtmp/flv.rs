@@ -371,7 +371,7 @@ mod tests {
             panic!()
         };
         assert_eq!(
-            (info.codec, &info.config.as_deref().unwrap()[..]),
+            (info.codec, info.config.as_deref().unwrap()),
             (Codec::H265, &[1u8, 2, 3][..])
         );
         let coded = Bytes::from_static(&[0x91, b'h', b'v', b'c', b'1', 0, 0, 33, 0, 0, 0, 1, 0x26]);

@@ -407,12 +407,11 @@ pub fn publish_paced(
             let offset = lap * (last + 33);
             for tag in FlvReader::new(data.clone()).unwrap() {
                 if tag.tag_type == TAG_SCRIPT {
-                    if lap == 0 {
-                        if let Ok(v) = castnode::rtmp::amf0::decode_all(&tag.body) {
-                            if let Some(meta) = v.into_iter().nth(1) {
-                                c.conn.send_metadata(meta);
-                            }
-                        }
+                    if lap == 0
+                        && let Ok(v) = castnode::rtmp::amf0::decode_all(&tag.body)
+                        && let Some(meta) = v.into_iter().nth(1)
+                    {
+                        c.conn.send_metadata(meta);
                     }
                     continue;
                 }
