@@ -56,12 +56,11 @@ fn fanout(c: &mut Criterion) {
                         for c in &mut consumers {
                             c.read(&mut entries, 64);
                             for e in entries.drain(..) {
-                                if let Item::Frame { track, .. } = &e.item {
-                                    if let Some(b) =
+                                if let Item::Frame { track, .. } = &e.item
+                                    && let Some(b) =
                                         RtmpMuxer.entry(&e, &infos[usize::from(track.0)])
-                                    {
-                                        out.push(b);
-                                    }
+                                {
+                                    out.push(b);
                                 }
                             }
                             sent += out.len();
