@@ -50,4 +50,4 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "==> cargo test"
-cargo test --locked --all-targets -- --test-threads 1
+cargo test --locked -- --test-threads 1

@@ -3,7 +3,7 @@
 use castnode::rtmp::flv::{TAG_AUDIO, TAG_VIDEO, Tag, parse_audio, parse_video};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 fn demux(c: &mut Criterion) {

@@ -11,7 +11,7 @@ use castnode::rtmp::flv::{TAG_AUDIO, TAG_VIDEO, Tag, parse_audio, parse_video};
 use castnode::rtmp::mux::RtmpMuxer;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 fn fanout(c: &mut Criterion) {

@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use castnode::rtmp::chunk::{ChunkDecoder, encode_message};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-#[path = "common.rs"]
+#[path = "common/mod.rs"]
 mod common;
 
 fn chunks(c: &mut Criterion) {

@@ -158,7 +158,11 @@ struct RtmpTarget {
     key: String,
 }
 
-fn split_host_port(url: &str, scheme: &str, default_port: u16) -> anyhow::Result<(String, u16, String)> {
+fn split_host_port(
+    url: &str,
+    scheme: &str,
+    default_port: u16,
+) -> anyhow::Result<(String, u16, String)> {
     let rest = url
         .strip_prefix(scheme)
         .with_context(|| format!("{url}: does not start with {scheme}"))?;
@@ -184,7 +188,10 @@ fn resolve(host: &str, port: u16) -> anyhow::Result<SocketAddr> {
 impl RtmpTarget {
     fn parse(url: &str) -> anyhow::Result<(Self, String)> {
         let (host, port, path) = split_host_port(url, "rtmp://", 1935)?;
-        let Some((app, key)) = path.split_once('/').filter(|(a, k)| !a.is_empty() && !k.is_empty()) else {
+        let Some((app, key)) = path
+            .split_once('/')
+            .filter(|(a, k)| !a.is_empty() && !k.is_empty())
+        else {
             bail!("{url}: expected rtmp://host:port/app/key");
         };
         let target = Self {
@@ -207,8 +214,15 @@ struct HttpTarget {
 impl HttpTarget {
     fn parse(url: &str) -> anyhow::Result<(Self, String)> {
         let (host, port, path) = split_host_port(url, "http://", 80)?;
-        let request = format!("GET /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n");
-        Ok((Self { addr: SocketAddr::from(([0, 0, 0, 0], port)), request }, host))
+        let request =
+            format!("GET /{path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n");
+        Ok((
+            Self {
+                addr: SocketAddr::from(([0, 0, 0, 0], port)),
+                request,
+            },
+            host,
+        ))
     }
 }
 
@@ -258,7 +272,8 @@ fn classify(tag_type: u8, body: &[u8]) -> Option<bool> {
 impl Fixture {
     fn load(path: &Path) -> anyhow::Result<Self> {
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        let reader = FlvReader::new(Bytes::from(data)).with_context(|| format!("{}: not FLV", path.display()))?;
+        let reader = FlvReader::new(Bytes::from(data))
+            .with_context(|| format!("{}: not FLV", path.display()))?;
         Self::from_tags(reader)
     }
 
@@ -276,7 +291,9 @@ impl Fixture {
                     }
                 }
                 TAG_AUDIO | TAG_VIDEO => {
-                    let Some(config) = classify(tag.tag_type, &tag.body) else { continue };
+                    let Some(config) = classify(tag.tag_type, &tag.body) else {
+                        continue;
+                    };
                     if !config {
                         let t = &mut track[usize::from(tag.tag_type == TAG_VIDEO)];
                         t.0 = t.0.min(tag.ts_ms);
@@ -297,7 +314,11 @@ impl Fixture {
             .iter()
             .filter(|t| t.2 > 0)
             .map(|t| {
-                let step = if t.2 > 1 { (t.1 - t.0) / (t.2 as u32 - 1) } else { 33 };
+                let step = if t.2 > 1 {
+                    (t.1 - t.0) / (t.2 as u32 - 1)
+                } else {
+                    33
+                };
                 u64::from(t.1 + step.max(1))
             })
             .max()
@@ -337,7 +358,11 @@ async fn flush_conn(sock: &mut TcpStream, conn: &mut ClientConn) -> std::io::Res
 }
 
 /// Reads what the server sent and handles it; fails when the server closes or stops the stream.
-async fn publisher_read(sock: &mut TcpStream, conn: &mut ClientConn, n: std::io::Result<usize>) -> anyhow::Result<bool> {
+async fn publisher_read(
+    sock: &mut TcpStream,
+    conn: &mut ClientConn,
+    n: std::io::Result<usize>,
+) -> anyhow::Result<bool> {
     let n = n.context("reading from the server")?;
     if n == 0 {
         bail!("the server closed the publishing connection");
@@ -368,20 +393,22 @@ fn start_publisher(
     std::thread::Builder::new()
         .name("publisher".into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     let _ = tx.send(Err(format!("runtime: {e}")));
                     return;
                 }
             };
-            if let Err(e) = rt.block_on(publish(&target, &fixture, base_ms, &tx)) {
+            if let Err(e) = rt.block_on(publish(&target, &fixture, base_ms, &stats, &tx)) {
                 let msg = format!("{e:#}");
                 let _ = tx.send(Err(msg.clone()));
                 log(format_args!("publisher stopped: {msg}"));
                 *stats.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
             }
-            drop(stats);
         })
         .context("starting the publisher thread")?;
     match rx.recv_timeout(Duration::from_secs(15)) {
@@ -391,22 +418,24 @@ fn start_publisher(
     }
 }
 
-/// The publisher's stats, reachable from `publish` without threading them through.
-static PUBLISHER: std::sync::OnceLock<Arc<PublisherStats>> = std::sync::OnceLock::new();
-
 async fn publish(
     target: &RtmpTarget,
     fixture: &Fixture,
     base_ms: u32,
+    stats: &PublisherStats,
     ready_tx: &std::sync::mpsc::Sender<Result<Instant, String>>,
 ) -> anyhow::Result<()> {
-    let stats = PUBLISHER.get().context("publisher stats")?.clone();
     let mut sock = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(target.addr))
         .await
         .context("connecting the publisher: timed out")?
         .with_context(|| format!("connecting the publisher to {}", target.addr))?;
     let _ = sock.set_nodelay(true);
-    let mut conn = ClientConn::new(&target.app, &target.tc_url, Mode::Publish(target.key.clone()), 0x5eed);
+    let mut conn = ClientConn::new(
+        &target.app,
+        &target.tc_url,
+        Mode::Publish(target.key.clone()),
+        0x5eed,
+    );
     flush_conn(&mut sock, &mut conn).await?;
     loop {
         let n = sock.read_buf(conn.input_buffer()).await;
@@ -430,7 +459,9 @@ async fn publish(
             let sched = loop_ms + u64::from(t.tag.ts_ms);
             let due = t0 + Duration::from_millis(sched);
             if Instant::now() < due {
-                flush_conn(&mut sock, &mut conn).await.context("writing to the server")?;
+                flush_conn(&mut sock, &mut conn)
+                    .await
+                    .context("writing to the server")?;
                 if let Some(p) = pending.take() {
                     let late = Instant::now().saturating_duration_since(p).as_micros() as u64;
                     stats.late_max_us.fetch_max(late, Relaxed);
@@ -451,7 +482,9 @@ async fn publish(
             let ts = u64::from(base_ms) + sched;
             conn.send_media(t.tag.tag_type, ts as u32, &[&t.tag.body]);
             if !t.config {
-                stats.media_bytes.fetch_add(t.tag.body.len() as u64, Relaxed);
+                stats
+                    .media_bytes
+                    .fetch_add(t.tag.body.len() as u64, Relaxed);
             }
         }
         loop_ms += fixture.period_ms;
@@ -562,7 +595,10 @@ impl Recorder {
                 Some(raw)
             }
             LagMethod::Unknown => {
-                self.method = LagMethod::Calibrating { until: now + CALIBRATION, min_us: raw };
+                self.method = LagMethod::Calibrating {
+                    until: now + CALIBRATION,
+                    min_us: raw,
+                };
                 None
             }
             LagMethod::Absolute => Some(raw),
@@ -641,7 +677,12 @@ async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<Tcp
     }
 }
 
-async fn rtmp_player(target: Arc<RtmpTarget>, shared: Arc<Shared>, mut phase: watch::Receiver<u8>, seed: u64) -> PlayerResult {
+async fn rtmp_player(
+    target: Arc<RtmpTarget>,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<u8>,
+    seed: u64,
+) -> PlayerResult {
     let mut res = PlayerResult::new(&shared);
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
     let mut sock = match connect(target.addr, deadline).await {
@@ -690,10 +731,17 @@ async fn rtmp_player(target: Arc<RtmpTarget>, shared: Arc<Shared>, mut phase: wa
         while let Some(ev) = conn.poll_event() {
             match ev {
                 ClientEvent::Ready => res.started(&shared),
-                ClientEvent::Media { type_id, timestamp, length, .. } => {
+                ClientEvent::Media {
+                    type_id,
+                    timestamp,
+                    length,
+                    ..
+                } => {
                     res.rec.media(type_id, timestamp, length, now, measuring);
                 }
-                ClientEvent::Refused(code) => return res.end(&shared, format!("play refused: {code}")),
+                ClientEvent::Refused(code) => {
+                    return res.end(&shared, format!("play refused: {code}"));
+                }
                 ClientEvent::Ended => return res.end(&shared, "the stream ended".into()),
             }
         }
@@ -706,7 +754,11 @@ thread_local! {
     static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; 256 << 10].into_boxed_slice());
 }
 
-async fn flv_player(target: Arc<HttpTarget>, shared: Arc<Shared>, mut phase: watch::Receiver<u8>) -> PlayerResult {
+async fn flv_player(
+    target: Arc<HttpTarget>,
+    shared: Arc<Shared>,
+    mut phase: watch::Receiver<u8>,
+) -> PlayerResult {
     let mut res = PlayerResult::new(&shared);
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
     let mut sock = match connect(target.addr, deadline).await {
@@ -745,7 +797,8 @@ async fn flv_player(target: Arc<HttpTarget>, shared: Arc<Shared>, mut phase: wat
                 if measuring {
                     rec.wire_bytes += n as u64;
                 }
-                let mut on_tag = |t: FlvTag| rec.media(t.tag_type, t.timestamp, t.size, now, measuring);
+                let mut on_tag =
+                    |t: FlvTag| rec.media(t.tag_type, t.timestamp, t.size, now, measuring);
                 skim.feed(&buf[..n], &mut on_tag).map_err(|e| e.to_string())
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
@@ -812,7 +865,12 @@ enum HttpPart {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ChunkPart {
     /// The chunk-size line: value so far, hex digits, in an extension, after its CR.
-    Size { value: u64, digits: u8, ext: bool, cr: bool },
+    Size {
+        value: u64,
+        digits: u8,
+        ext: bool,
+        cr: bool,
+    },
     /// Chunk data bytes left.
     Data(u64),
     /// The CRLF after chunk data (whether the CR was seen).
@@ -823,7 +881,12 @@ enum ChunkPart {
     Finished,
 }
 
-const SIZE_LINE: ChunkPart = ChunkPart::Size { value: 0, digits: 0, ext: false, cr: false };
+const SIZE_LINE: ChunkPart = ChunkPart::Size {
+    value: 0,
+    digits: 0,
+    ext: false,
+    cr: false,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FlvPart {
@@ -890,9 +953,15 @@ impl FlvSkimmer {
 
     /// Consumes the next bytes of the response, calling `on_tag` for each tag completed in them.
     /// Bytes after the end of a chunked body are ignored.
-    pub fn feed(&mut self, mut data: &[u8], on_tag: &mut impl FnMut(FlvTag)) -> Result<(), SkimError> {
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        on_tag: &mut impl FnMut(FlvTag),
+    ) -> Result<(), SkimError> {
         while self.http == HttpPart::Head {
-            let Some((&b, rest)) = data.split_first() else { return Ok(()) };
+            let Some((&b, rest)) = data.split_first() else {
+                return Ok(());
+            };
             data = rest;
             self.head.push(b);
             if self.head.ends_with(b"\r\n\r\n") || self.head.ends_with(b"\n\n") {
@@ -913,7 +982,11 @@ impl FlvSkimmer {
                     let n = left.min(data.len() as u64) as usize;
                     let (now, rest) = data.split_at(n);
                     data = rest;
-                    self.chunk = if left == n as u64 { ChunkPart::DataEnd { cr: false } } else { ChunkPart::Data(left - n as u64) };
+                    self.chunk = if left == n as u64 {
+                        ChunkPart::DataEnd { cr: false }
+                    } else {
+                        ChunkPart::Data(left - n as u64)
+                    };
                     self.skim_flv(now, on_tag)?;
                 }
                 ChunkPart::Finished => break,
@@ -936,7 +1009,10 @@ impl FlvSkimmer {
         if !status.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
             return Err(SkimError::Head("no HTTP/1.x status line"));
         }
-        let code = status.next().and_then(|c| c.parse::<u16>().ok()).ok_or(SkimError::Head("bad status code"))?;
+        let code = status
+            .next()
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or(SkimError::Head("bad status code"))?;
         self.status = Some(code);
         if code != 200 {
             return Err(SkimError::Status(code));
@@ -955,24 +1031,50 @@ impl FlvSkimmer {
     /// Advances the chunk framing outside chunk data by one byte.
     fn chunk_byte(&mut self, b: u8) -> Result<(), SkimError> {
         self.chunk = match self.chunk {
-            ChunkPart::Size { value, digits, ext, cr } => {
+            ChunkPart::Size {
+                value,
+                digits,
+                ext,
+                cr,
+            } => {
                 if b == b'\n' {
                     if digits == 0 {
                         return Err(SkimError::Chunk("empty chunk size"));
                     }
-                    if value == 0 { ChunkPart::Trailer { line: 0 } } else { ChunkPart::Data(value) }
+                    if value == 0 {
+                        ChunkPart::Trailer { line: 0 }
+                    } else {
+                        ChunkPart::Data(value)
+                    }
                 } else if cr {
                     return Err(SkimError::Chunk("CR without LF in chunk size line"));
                 } else if b == b'\r' {
-                    ChunkPart::Size { value, digits, ext, cr: true }
+                    ChunkPart::Size {
+                        value,
+                        digits,
+                        ext,
+                        cr: true,
+                    }
                 } else if ext || matches!(b, b';' | b' ' | b'\t') {
-                    ChunkPart::Size { value, digits, ext: true, cr }
+                    ChunkPart::Size {
+                        value,
+                        digits,
+                        ext: true,
+                        cr,
+                    }
                 } else {
-                    let d = (b as char).to_digit(16).ok_or(SkimError::Chunk("bad chunk size"))?;
+                    let d = (b as char)
+                        .to_digit(16)
+                        .ok_or(SkimError::Chunk("bad chunk size"))?;
                     if digits >= 15 {
                         return Err(SkimError::Chunk("chunk size too large"));
                     }
-                    ChunkPart::Size { value: value * 16 + u64::from(d), digits: digits + 1, ext, cr }
+                    ChunkPart::Size {
+                        value: value * 16 + u64::from(d),
+                        digits: digits + 1,
+                        ext,
+                        cr,
+                    }
                 }
             }
             ChunkPart::DataEnd { cr } => match b {
@@ -1001,7 +1103,11 @@ impl FlvSkimmer {
     }
 
     /// Walks FLV bytes of the body.
-    fn skim_flv(&mut self, mut data: &[u8], on_tag: &mut impl FnMut(FlvTag)) -> Result<(), SkimError> {
+    fn skim_flv(
+        &mut self,
+        mut data: &[u8],
+        on_tag: &mut impl FnMut(FlvTag),
+    ) -> Result<(), SkimError> {
         while !data.is_empty() {
             match self.flv {
                 FlvPart::Header => {
@@ -1009,7 +1115,12 @@ impl FlvSkimmer {
                         if &self.hdr[..3] != b"FLV" {
                             return Err(SkimError::Flv("no FLV signature"));
                         }
-                        let offset = u32::from_be_bytes([self.hdr[5], self.hdr[6], self.hdr[7], self.hdr[8]]);
+                        let offset = u32::from_be_bytes([
+                            self.hdr[5],
+                            self.hdr[6],
+                            self.hdr[7],
+                            self.hdr[8],
+                        ]);
                         if offset < 9 {
                             return Err(SkimError::Flv("header shorter than 9 bytes"));
                         }
@@ -1021,7 +1132,11 @@ impl FlvSkimmer {
                 FlvPart::Skip(left) => {
                     let n = left.min(data.len() as u64);
                     data = &data[n as usize..];
-                    self.flv = if n == left { FlvPart::TagHeader } else { FlvPart::Skip(left - n) };
+                    self.flv = if n == left {
+                        FlvPart::TagHeader
+                    } else {
+                        FlvPart::Skip(left - n)
+                    };
                 }
                 FlvPart::TagHeader => {
                     if self.collect(&mut data, 11) {
@@ -1075,10 +1190,16 @@ fn cpu_ticks(stat_path: &str) -> Option<u64> {
 /// `pid` and its children.
 fn family(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
         if stat_fields(&text).and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(pid) {
             out.push(child);
         }
@@ -1102,7 +1223,10 @@ struct ServerSample {
 
 fn sample_server(pid: u32) -> Option<ServerSample> {
     let fam = family(pid);
-    let ticks = fam.iter().filter_map(|p| cpu_ticks(&format!("/proc/{p}/stat"))).sum();
+    let ticks = fam
+        .iter()
+        .filter_map(|p| cpu_ticks(&format!("/proc/{p}/stat")))
+        .sum();
     let rss_kib = fam.iter().filter_map(|p| rss_kib(*p)).sum();
     cpu_ticks(&format!("/proc/{pid}/stat"))?;
     Some(ServerSample { ticks, rss_kib })
@@ -1129,8 +1253,18 @@ fn open_files_limit() -> Option<u64> {
 // ---------------------------------------------------------------------------------------------
 
 fn run(args: &Args) -> anyhow::Result<Report> {
-    if args.players == 0 || !(args.duration > 0.0) || !(args.connect_rate > 0.0) || !(args.warmup >= 0.0) {
-        bail!("--players, --duration and --connect-rate must be positive, --warmup not negative");
+    let positive = |v: f64| v.is_finite() && v > 0.0;
+    let valid = args.players > 0
+        && positive(args.duration)
+        && positive(args.connect_rate)
+        && positive(args.connect_timeout)
+        && args.warmup.is_finite()
+        && args.warmup >= 0.0;
+    if !valid {
+        bail!(
+            "--players, --duration, --connect-rate and --connect-timeout must be positive, \
+             --warmup not negative"
+        );
     }
     let fixture = Arc::new(Fixture::load(&args.fixture)?);
     let (mut rtmp, rtmp_host) = RtmpTarget::parse(&args.rtmp_url)?;
@@ -1138,7 +1272,10 @@ fn run(args: &Args) -> anyhow::Result<Report> {
     let rtmp = Arc::new(rtmp);
     let flv = match args.protocol {
         Protocol::Flv => {
-            let url = args.flv_url.as_deref().context("--protocol flv needs --flv-url")?;
+            let url = args
+                .flv_url
+                .as_deref()
+                .context("--protocol flv needs --flv-url")?;
             let (mut t, host) = HttpTarget::parse(url)?;
             t.addr = resolve(&host, t.addr.port())?;
             Some(Arc::new(t))
@@ -1154,9 +1291,14 @@ fn run(args: &Args) -> anyhow::Result<Report> {
         ));
     }
     let rt = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
     };
     rt.block_on(coordinate(args, fixture, rtmp, flv))
 }
@@ -1168,11 +1310,16 @@ async fn coordinate(
     flv: Option<Arc<HttpTarget>>,
 ) -> anyhow::Result<Report> {
     let clk_tck = clock_ticks_per_second();
-    let pub_stats = PUBLISHER.get_or_init(Arc::default).clone();
+    let pub_stats = Arc::new(PublisherStats::default());
     let t0 = if args.no_publish {
         None
     } else {
-        let t0 = start_publisher(rtmp.clone(), fixture.clone(), args.ts_base_ms, pub_stats.clone())?;
+        let t0 = start_publisher(
+            rtmp.clone(),
+            fixture.clone(),
+            args.ts_base_ms,
+            pub_stats.clone(),
+        )?;
         log(format_args!(
             "publishing {} to {} ({:.0} kbit/s, loop of {} ms)",
             args.fixture.display(),
@@ -1186,7 +1333,10 @@ async fn coordinate(
     };
     let server_before = args.server_pid.and_then(sample_server);
     if args.server_pid.is_some() && server_before.is_none() {
-        bail!("cannot read /proc/{}/stat", args.server_pid.unwrap_or_default());
+        bail!(
+            "cannot read /proc/{}/stat",
+            args.server_pid.unwrap_or_default()
+        );
     }
 
     let shared = Arc::new(Shared {
@@ -1202,20 +1352,29 @@ async fn coordinate(
     let start = tokio::time::Instant::now();
     let mut last_log = Instant::now();
     for i in 0..args.players {
-        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate)).await;
-        let (shared, phase) = (shared.clone(), phase_rx.clone());
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate))
+            .await;
+        let (sh, phase) = (shared.clone(), phase_rx.clone());
         handles.push(match &flv {
-            Some(t) => tokio::spawn(flv_player(t.clone(), shared, phase)),
-            None => tokio::spawn(rtmp_player(rtmp.clone(), shared, phase, i as u64)),
+            Some(t) => tokio::spawn(flv_player(t.clone(), sh, phase)),
+            None => tokio::spawn(rtmp_player(rtmp.clone(), sh, phase, i as u64)),
         });
         if last_log.elapsed() >= Duration::from_secs(2) {
             last_log = Instant::now();
-            let (c, f) = (shared_counts(&shared).0, shared_counts(&shared).1);
-            log(format_args!("started {}/{} players: {c} playing, {f} failed", i + 1, args.players));
+            let (c, f) = shared_counts(&shared);
+            log(format_args!(
+                "started {}/{} players: {c} playing, {f} failed",
+                i + 1,
+                args.players
+            ));
         }
     }
     let give_up = Instant::now() + shared.connect_timeout + Duration::from_secs(1);
-    while shared_counts(&shared).0 + shared_counts(&shared).1 < args.players && Instant::now() < give_up {
+    while {
+        let (c, f) = shared_counts(&shared);
+        c + f < args.players
+    } && Instant::now() < give_up
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (c, f) = shared_counts(&shared);
@@ -1239,7 +1398,11 @@ async fn coordinate(
     let server_after = args.server_pid.and_then(sample_server);
     let pub_bytes = pub_stats.media_bytes.load(Relaxed) - pub_bytes_before;
     let pub_late_ms = pub_stats.late_max_us.load(Relaxed) as f64 / 1000.0;
-    let pub_error = pub_stats.error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let pub_error = pub_stats
+        .error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
 
     let mut results = Vec::with_capacity(handles.len());
     for h in handles {
@@ -1387,14 +1550,14 @@ impl Report {
                 LagMethod::Unknown => {}
             }
             r.rec.lags_us.sort_unstable();
-            let lag_ok =
-                args.no_publish || percentile(&r.rec.lags_us, 99.0).is_some_and(|p99| p99 <= limit_us);
+            let lag_ok = args.no_publish
+                || percentile(&r.rec.lags_us, 99.0).is_some_and(|p99| p99 <= limit_us);
             if !r.disconnected && bps >= target && lag_ok {
                 keeping_up += 1;
             }
             all_lags.extend_from_slice(&r.rec.lags_us);
         }
-        errors.sort_by(|a, b| b.1.cmp(&a.1));
+        errors.sort_by_key(|e| std::cmp::Reverse(e.1));
         errors.truncate(8);
         all_lags.sort_unstable();
         let ms = |p: f64| f64::from(percentile(&all_lags, p).unwrap_or_default()) / 1000.0;
@@ -1426,7 +1589,8 @@ impl Report {
             disconnected,
             failed,
             published_kbps: input.fixture.media_bps / 1000.0,
-            published_actual_kbps: (!args.no_publish).then_some(input.published_actual_bps / 1000.0),
+            published_actual_kbps: (!args.no_publish)
+                .then_some(input.published_actual_bps / 1000.0),
             publisher_late_ms: input.publisher_late_ms,
             publisher_error: input.publisher_error,
             received_kbps,
@@ -1508,15 +1672,26 @@ impl fmt::Display for Report {
             Protocol::Flv => "HTTP-FLV",
         };
         writeln!(f, "castnode-load: {proto} players of {}", self.url)?;
-        writeln!(f, "  window             {:.1} s after {:.1} s of warmup", self.window_s, self.warmup_s)?;
+        writeln!(
+            f,
+            "  window             {:.1} s after {:.1} s of warmup",
+            self.window_s, self.warmup_s
+        )?;
         writeln!(
             f,
             "  players            {} requested, {} connected, {} keeping up, {} disconnected, {} failed",
             self.requested, self.connected, self.keeping_up, self.disconnected, self.failed
         )?;
-        write!(f, "  published          {:.0} kbit/s (fixture)", self.published_kbps)?;
+        write!(
+            f,
+            "  published          {:.0} kbit/s (fixture)",
+            self.published_kbps
+        )?;
         if let (Some(a), Some(l)) = (self.published_actual_kbps, self.publisher_late_ms) {
-            write!(f, "; {a:.0} kbit/s sent in the window, writes at most {l:.1} ms late")?;
+            write!(
+                f,
+                "; {a:.0} kbit/s sent in the window, writes at most {l:.1} ms late"
+            )?;
         }
         writeln!(f)?;
         if let Some(e) = &self.publisher_error {
@@ -1533,7 +1708,14 @@ impl fmt::Display for Report {
                 f,
                 "  lag (video)        p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1} ms over {} frames (limit p99 {} ms); \
                  {} players absolute, {} calibrated",
-                l.p50, l.p95, l.p99, l.max, l.samples, self.lag_limit_ms, self.lag_absolute, self.lag_calibrated
+                l.p50,
+                l.p95,
+                l.p99,
+                l.max,
+                l.samples,
+                self.lag_limit_ms,
+                self.lag_absolute,
+                self.lag_calibrated
             )?,
             None => writeln!(f, "  lag (video)        not measured")?,
         }
@@ -1597,7 +1779,8 @@ mod tests {
 
     const HEAD_CHUNKED: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: video/x-flv\r\n\
         Transfer-Encoding: chunked\r\ncache-control: no-cache\r\n\r\n";
-    const HEAD_IDENTITY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: video/x-flv\r\nConnection: close\r\n\r\n";
+    const HEAD_IDENTITY: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Type: video/x-flv\r\nConnection: close\r\n\r\n";
 
     fn tags() -> Vec<(u8, u32, usize)> {
         vec![
@@ -1614,7 +1797,11 @@ mod tests {
     fn expected() -> Vec<FlvTag> {
         tags()
             .into_iter()
-            .map(|(tag_type, timestamp, size)| FlvTag { tag_type, timestamp, size: size as u32 })
+            .map(|(tag_type, timestamp, size)| FlvTag {
+                tag_type,
+                timestamp,
+                size: size as u32,
+            })
             .collect()
     }
 
@@ -1647,7 +1834,8 @@ mod tests {
         let (mut s, seen) = feed_parts(&bytes);
         assert_eq!(seen, expected());
         assert!(s.finished());
-        s.feed(b"garbage", &mut |_| panic!("no tags after the end")).unwrap();
+        s.feed(b"garbage", &mut |_| panic!("no tags after the end"))
+            .unwrap();
     }
 
     #[test]
@@ -1669,35 +1857,60 @@ mod tests {
         let (_, seen) = feed_parts(&[&response[..cut]]);
         assert!(seen.is_empty());
         let (_, seen) = feed_parts(&[&response[..cut], &response[cut..cut + 1]]);
-        assert_eq!(seen, vec![FlvTag { tag_type: 9, timestamp: 7, size: 100 }]);
+        assert_eq!(
+            seen,
+            vec![FlvTag {
+                tag_type: 9,
+                timestamp: 7,
+                size: 100
+            }]
+        );
     }
 
     #[test]
     fn errors() {
         let mut s = FlvSkimmer::new();
-        let r = s.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n", &mut |_| {});
+        let r = s.feed(
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n",
+            &mut |_| {},
+        );
         assert_eq!((r, s.status()), (Err(SkimError::Status(404)), Some(404)));
 
         let mut s = FlvSkimmer::new();
         let mut bad = HEAD_CHUNKED.to_vec();
         bad.extend_from_slice(b"zz\r\n");
-        assert_eq!(s.feed(&bad, &mut |_| {}), Err(SkimError::Chunk("bad chunk size")));
+        assert_eq!(
+            s.feed(&bad, &mut |_| {}),
+            Err(SkimError::Chunk("bad chunk size"))
+        );
 
         let mut s = FlvSkimmer::new();
         let mut bad = HEAD_CHUNKED.to_vec();
         bad.extend_from_slice(b"3\r\nFLVxx");
-        assert_eq!(s.feed(&bad, &mut |_| {}), Err(SkimError::Chunk("no CRLF after chunk data")));
+        assert_eq!(
+            s.feed(&bad, &mut |_| {}),
+            Err(SkimError::Chunk("no CRLF after chunk data"))
+        );
 
         let mut s = FlvSkimmer::new();
         let mut bad = HEAD_IDENTITY.to_vec();
         bad.extend_from_slice(b"GIF89a\0\0\0\0\0\0");
-        assert_eq!(s.feed(&bad, &mut |_| {}), Err(SkimError::Flv("no FLV signature")));
+        assert_eq!(
+            s.feed(&bad, &mut |_| {}),
+            Err(SkimError::Flv("no FLV signature"))
+        );
 
         let mut s = FlvSkimmer::new();
-        assert_eq!(s.feed(b"SSH-2.0-OpenSSH\r\n\r\n", &mut |_| {}), Err(SkimError::Head("no HTTP/1.x status line")));
+        assert_eq!(
+            s.feed(b"SSH-2.0-OpenSSH\r\n\r\n", &mut |_| {}),
+            Err(SkimError::Head("no HTTP/1.x status line"))
+        );
 
         let mut s = FlvSkimmer::new();
-        assert_eq!(s.feed(&vec![b'a'; MAX_HEAD + 1], &mut |_| {}), Err(SkimError::Head("longer than 16 KiB")));
+        assert_eq!(
+            s.feed(&vec![b'a'; MAX_HEAD + 1], &mut |_| {}),
+            Err(SkimError::Head("longer than 16 KiB"))
+        );
     }
 
     #[test]
@@ -1709,7 +1922,10 @@ mod tests {
         r.media(9, base + 1000, 10, t0 + Duration::from_millis(1025), true);
         r.media(8, base + 1000, 5, t0 + Duration::from_millis(1030), true);
         assert_eq!(r.method, LagMethod::Absolute);
-        assert_eq!((r.lags_us.as_slice(), r.media_bytes, r.video_frames), (&[25_000u32][..], 15, 1));
+        assert_eq!(
+            (r.lags_us.as_slice(), r.media_bytes, r.video_frames),
+            (&[25_000u32][..], 15, 1)
+        );
         // Outside the window: counted nowhere.
         r.media(9, base + 1033, 10, t0 + Duration::from_millis(1040), false);
         assert_eq!((r.lags_us.len(), r.media_bytes), (1, 15));
@@ -1723,7 +1939,12 @@ mod tests {
         r.media(9, 66, 1, at(5_100), true);
         assert!(r.lags_us.is_empty());
         r.media(9, 1000, 1, at(6_050), true); // first second over: 6050 - 1000 - 5030 = 20 ms
-        assert_eq!(r.method, LagMethod::Calibrated { offset_us: 65_030_000 });
+        assert_eq!(
+            r.method,
+            LagMethod::Calibrated {
+                offset_us: 65_030_000
+            }
+        );
         r.media(9, 1033, 1, at(6_100), true);
         assert_eq!(r.lags_us, vec![20_000, 37_000]);
     }
@@ -1733,9 +1954,15 @@ mod tests {
         assert_eq!(classify(TAG_VIDEO, &[0x17, 0, 0, 0, 0, 1]), Some(true));
         assert_eq!(classify(TAG_VIDEO, &[0x27, 1, 0, 0, 0, 1]), Some(false));
         assert_eq!(classify(TAG_VIDEO, &[0x17, 2, 0, 0, 0]), None);
-        assert_eq!(classify(TAG_VIDEO, &[0x90, b'h', b'v', b'c', b'1']), Some(true));
+        assert_eq!(
+            classify(TAG_VIDEO, &[0x90, b'h', b'v', b'c', b'1']),
+            Some(true)
+        );
         assert_eq!(classify(TAG_VIDEO, &[0x92, b'h', b'v', b'c', b'1']), None);
-        assert_eq!(classify(TAG_VIDEO, &[0x93, b'a', b'v', b'0', b'1']), Some(false));
+        assert_eq!(
+            classify(TAG_VIDEO, &[0x93, b'a', b'v', b'0', b'1']),
+            Some(false)
+        );
         assert_eq!(classify(TAG_AUDIO, &[0xAF, 0, 0x11, 0x90]), Some(true));
         assert_eq!(classify(TAG_AUDIO, &[0xAF, 1, 0x21]), Some(false));
         assert_eq!(classify(TAG_AUDIO, &[]), None);
@@ -1743,10 +1970,19 @@ mod tests {
 
     #[test]
     fn fixture_loop_period_and_bitrate() {
-        let tag = |tag_type, ts_ms, body: &'static [u8]| RawTag { tag_type, ts_ms, body: Bytes::from_static(body) };
-        let meta = amf0::encode_all(&[Amf0::String("onMetaData".into()), Amf0::EcmaArray(vec![])]).freeze();
+        let tag = |tag_type, ts_ms, body: &'static [u8]| RawTag {
+            tag_type,
+            ts_ms,
+            body: Bytes::from_static(body),
+        };
+        let meta = amf0::encode_all(&[Amf0::String("onMetaData".into()), Amf0::EcmaArray(vec![])])
+            .freeze();
         let mut tags = vec![
-            RawTag { tag_type: TAG_SCRIPT, ts_ms: 0, body: meta },
+            RawTag {
+                tag_type: TAG_SCRIPT,
+                ts_ms: 0,
+                body: meta,
+            },
             tag(TAG_VIDEO, 0, &[0x17, 0, 0, 0, 0, 1, 2]),
             tag(TAG_AUDIO, 0, &[0xAF, 0, 0x11, 0x90]),
         ];
@@ -1769,14 +2005,23 @@ mod tests {
     #[test]
     fn urls() {
         let (t, host) = RtmpTarget::parse("rtmp://127.0.0.1:29350/live/load").unwrap();
-        assert_eq!((host.as_str(), t.app.as_str(), t.key.as_str()), ("127.0.0.1", "live", "load"));
-        assert_eq!((t.tc_url.as_str(), t.addr.port()), ("rtmp://127.0.0.1:29350/live", 29350));
+        assert_eq!(
+            (host.as_str(), t.app.as_str(), t.key.as_str()),
+            ("127.0.0.1", "live", "load")
+        );
+        assert_eq!(
+            (t.tc_url.as_str(), t.addr.port()),
+            ("rtmp://127.0.0.1:29350/live", 29350)
+        );
         assert_eq!(RtmpTarget::parse("rtmp://h/live/a/b").unwrap().0.key, "a/b");
         assert!(RtmpTarget::parse("rtmp://h:1935/live").is_err());
         assert!(RtmpTarget::parse("http://h/live/x").is_err());
         let (t, host) = HttpTarget::parse("http://localhost:28080/live/load.flv").unwrap();
         assert_eq!((host.as_str(), t.addr.port()), ("localhost", 28080));
-        assert!(t.request.starts_with("GET /live/load.flv HTTP/1.1\r\nHost: localhost:28080\r\n"));
+        assert!(
+            t.request
+                .starts_with("GET /live/load.flv HTTP/1.1\r\nHost: localhost:28080\r\n")
+        );
         assert!(t.request.ends_with("\r\n\r\n"));
     }
 

@@ -652,7 +652,13 @@ pub enum ReadOutcome {
 pub struct BroadcastConsumer {
     hub: Hub,
     bc: Arc<Broadcast>,
-    cursor: Option<u64>,
+    /// Next entry to read.
+    cursor: u64,
+    /// Waiting for a group to start at or after the cursor (first read, after eviction, when
+    /// too far behind).
+    resync: bool,
+    /// Nothing read yet: start at the newest group, whatever the cursor.
+    fresh: bool,
     rx: watch::Receiver<()>,
 }
 
@@ -663,7 +669,9 @@ impl BroadcastConsumer {
         Self {
             hub,
             bc,
-            cursor: None,
+            cursor: 0,
+            resync: true,
+            fresh: true,
             rx,
         }
     }
@@ -690,42 +698,49 @@ impl BroadcastConsumer {
         self.rx.borrow_and_update();
         let st = self.bc.lock();
         let first = st.first_seq();
-        let newest_group = st.group_starts.back().copied();
-        let mut skipped = 0;
-        let cursor = match self.cursor {
-            None => match newest_group {
-                Some(g) => g,
-                None if st.publisher == Publisher::Ended => return ReadOutcome::Ended,
-                None => return ReadOutcome::Read(0),
-            },
-            Some(c) => {
-                let behind = c < first
-                    || st.log.get((c - first) as usize).is_some_and(|e| {
-                        st.last_dts - e.dts > self.hub.inner.cfg.max_lag.as_micros() as i64
-                    });
-                match newest_group {
-                    Some(g) if behind && g > c => {
-                        skipped = st
-                            .log
-                            .iter()
-                            .skip(c.saturating_sub(first) as usize)
-                            .take_while(|e| e.seq < g)
-                            .filter(|e| matches!(e.item, Item::Frame { .. }))
-                            .count() as u64
-                            + first.saturating_sub(c);
-                        g
-                    }
-                    _ => c.max(first),
-                }
-            }
+        let frames_between = |from: u64, to: u64| -> u64 {
+            let (a, b) = (from.max(first) - first, to.max(first) - first);
+            let known = st.log.range(a as usize..b as usize);
+            known
+                .filter(|e| matches!(e.item, Item::Frame { .. }))
+                .count() as u64
+                + first.saturating_sub(from).min(to.saturating_sub(from))
         };
-        let start = (cursor - first) as usize;
-        let n = st.log.len().saturating_sub(start).min(max);
-        out.extend(st.log.range(start..start + n).cloned());
-        self.cursor = Some(cursor + n as u64);
-        if n == 0 && st.publisher == Publisher::Ended {
-            return ReadOutcome::Ended;
+        let mut skipped = 0;
+        if self.cursor < first && !self.fresh {
+            // Evicted under this consumer: resynchronise on a group.
+            self.resync = true;
         }
+        let newest_group = st.group_starts.back().copied();
+        if !self.resync
+            && newest_group.is_some_and(|g| g > self.cursor)
+            && st.log.get((self.cursor - first) as usize).is_some_and(|e| {
+                st.last_dts - e.dts > self.hub.inner.cfg.max_lag.as_micros() as i64
+            })
+        {
+            // Too far behind: jump to the newest group.
+            self.resync = true;
+        }
+        if self.resync {
+            let target = newest_group.filter(|&g| self.fresh || g >= self.cursor);
+            let to = target.unwrap_or(st.next_seq);
+            if !self.fresh {
+                skipped = frames_between(self.cursor, to);
+            }
+            self.cursor = to;
+            if target.is_some() {
+                self.resync = false;
+                self.fresh = false;
+            }
+        }
+        let mut n = 0;
+        if !self.resync {
+            let start = (self.cursor - first) as usize;
+            n = st.log.len().saturating_sub(start).min(max);
+            out.extend(st.log.range(start..start + n).cloned());
+            self.cursor += n as u64;
+        }
+        let ended = n == 0 && st.publisher == Publisher::Ended;
         drop(st);
         if skipped > 0 {
             self.bc.stats.frames_skipped.fetch_add(skipped, Relaxed);
@@ -734,6 +749,10 @@ impl BroadcastConsumer {
                 .stats
                 .frames_skipped
                 .fetch_add(skipped, Relaxed);
+        }
+        if ended {
+            ReadOutcome::Ended
+        } else if skipped > 0 {
             ReadOutcome::Skipped { skipped, n }
         } else {
             ReadOutcome::Read(n)
@@ -854,5 +873,83 @@ mod tests {
         }
         assert_eq!(frames(&out)[0], 180 * 33);
         assert_eq!(hub.stats().frames_skipped.load(Relaxed), 179);
+    }
+
+    mod random_ops {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push { video: bool, key: bool, size: usize },
+            Read { consumer: usize, max: usize },
+            Subscribe,
+            Unsubscribe(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (any::<bool>(), prop::bool::weighted(0.1), 1usize..5000)
+                    .prop_map(|(video, key, size)| Op::Push { video, key, size }),
+                4 => (0usize..8, 1usize..50).prop_map(|(consumer, max)| Op::Read { consumer, max }),
+                1 => Just(Op::Subscribe),
+                1 => (0usize..8).prop_map(Op::Unsubscribe),
+            ]
+        }
+
+        proptest! {
+            /// Whatever the interleaving: every consumer reads entries in log order, starts and
+            /// resumes after a skip on a video keyframe, and the log stays within its bounds.
+            #[test]
+            fn consumers_read_in_order_from_keyframes(ops in prop::collection::vec(op(), 1..400)) {
+                let cfg = HubConfig { max_log_bytes: 50_000, max_lag: Duration::from_millis(300), ..Default::default() };
+                let hub = Hub::new(cfg);
+                let mut p = hub.publish("live/p").unwrap();
+                p.set_track(TrackId(0), video());
+                p.set_track(TrackId(1), TrackInfo { codec: Codec::Aac, config: None, video: None, audio: None });
+                let mut consumers: Vec<(BroadcastConsumer, Option<u64>, bool)> = Vec::new();
+                let mut t = 0i64;
+                for op in ops {
+                    match op {
+                        Op::Push { video, key, size } => {
+                            t += 10_000;
+                            let f = Frame { pts: t, dts: t, keyframe: key || !video, payload: Bytes::from(vec![0u8; size]) };
+                            p.push(TrackId(if video { 0 } else { 1 }), f);
+                        }
+                        Op::Subscribe => consumers.push((hub.subscribe("live/p").unwrap(), None, true)),
+                        Op::Unsubscribe(i) if i < consumers.len() => { consumers.remove(i); }
+                        Op::Unsubscribe(_) => {}
+                        Op::Read { consumer, max } => {
+                            let Some((c, last, fresh)) = consumers.get_mut(consumer) else { continue };
+                            let mut out = Vec::new();
+                            let outcome = c.read(&mut out, max);
+                            prop_assert!(out.len() <= max);
+                            if matches!(outcome, ReadOutcome::Skipped { .. }) {
+                                *fresh = true;
+                            }
+                            let restart = *fresh;
+                            if restart && !out.is_empty() {
+                                let first_frame = out.iter().find_map(|e| match &e.item {
+                                    Item::Frame { track, frame } => Some((*track, frame.keyframe)),
+                                    _ => None,
+                                });
+                                prop_assert_eq!(first_frame.map(|f| f == (TrackId(0), true)), Some(true));
+                                *fresh = false;
+                            }
+                            for e in &out {
+                                prop_assert!(last.is_none_or(|l| e.seq == l + 1 || restart));
+                                *last = Some(e.seq);
+                            }
+                        }
+                    }
+                    let st = p.broadcast().lock();
+                    prop_assert!(st.log_bytes <= 50_000 || st.log.len() == 1);
+                    prop_assert!(st.group_starts.len() <= 2);
+                }
+                drop(p);
+                let players = hub.broadcasts()[0].stats.players.load(Relaxed);
+                prop_assert_eq!(players, consumers.len() as u64);
+            }
+        }
     }
 }
