@@ -48,8 +48,7 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -495,13 +494,15 @@ async fn publish(
 // Players
 // ---------------------------------------------------------------------------------------------
 
-/// Phases the coordinator announces to players.
+/// Phases of a run, as players see them.
 const CONNECTING: u8 = 0;
 const MEASURING: u8 = 1;
 const DONE: u8 = 2;
 
 /// What every player needs to know.
 struct Shared {
+    /// [`CONNECTING`], [`MEASURING`] or [`DONE`]: read on every read, cheaply.
+    phase: AtomicU8,
     /// Players that started playing.
     connected: AtomicUsize,
     /// Players that never started playing.
@@ -661,9 +662,15 @@ const READ_MIN: usize = 16 << 10;
 
 /// Outcome of waiting in a player loop.
 enum Wake<T> {
-    Phase,
+    Done,
     Timeout,
     Io(T),
+}
+
+/// Completes when the run ends. One future per player, kept across reads: cheaper than a new
+/// `changed()` future per read.
+async fn until_done(mut done: watch::Receiver<bool>) {
+    let _ = done.wait_for(|d| *d).await;
 }
 
 async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<TcpStream, String> {
@@ -680,7 +687,7 @@ async fn connect(addr: SocketAddr, deadline: tokio::time::Instant) -> Result<Tcp
 async fn rtmp_player(
     target: Arc<RtmpTarget>,
     shared: Arc<Shared>,
-    mut phase: watch::Receiver<u8>,
+    done: watch::Receiver<bool>,
     seed: u64,
 ) -> PlayerResult {
     let mut res = PlayerResult::new(&shared);
@@ -692,8 +699,10 @@ async fn rtmp_player(
     let mut conn = ClientConn::skimming(&target.app, &target.tc_url, &target.key, seed);
     let timeout = tokio::time::sleep_until(deadline);
     tokio::pin!(timeout);
+    let done = until_done(done);
+    tokio::pin!(done);
     loop {
-        let p = *phase.borrow_and_update();
+        let p = shared.phase.load(Relaxed);
         if p == DONE {
             return res;
         }
@@ -710,12 +719,12 @@ async fn rtmp_player(
         }
         let wake = tokio::select! {
             biased;
-            _ = phase.changed() => Wake::Phase,
+            () = &mut done => Wake::Done,
             () = &mut timeout, if !res.connected => Wake::Timeout,
             r = sock.read_buf(conn.input_buffer()) => Wake::Io(r),
         };
         let n = match wake {
-            Wake::Phase => continue,
+            Wake::Done => return res,
             Wake::Timeout => return res.end(&shared, "no NetStream.Play.Start in time".into()),
             Wake::Io(Ok(0)) => return res.end(&shared, "the server closed the connection".into()),
             Wake::Io(Ok(n)) => n,
@@ -757,7 +766,7 @@ thread_local! {
 async fn flv_player(
     target: Arc<HttpTarget>,
     shared: Arc<Shared>,
-    mut phase: watch::Receiver<u8>,
+    done: watch::Receiver<bool>,
 ) -> PlayerResult {
     let mut res = PlayerResult::new(&shared);
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
@@ -771,20 +780,22 @@ async fn flv_player(
     let mut skim = FlvSkimmer::new();
     let timeout = tokio::time::sleep_until(deadline);
     tokio::pin!(timeout);
+    let done = until_done(done);
+    tokio::pin!(done);
     loop {
-        let p = *phase.borrow_and_update();
+        let p = shared.phase.load(Relaxed);
         if p == DONE {
             return res;
         }
         let measuring = p == MEASURING;
         let wake = tokio::select! {
             biased;
-            _ = phase.changed() => Wake::Phase,
+            () = &mut done => Wake::Done,
             () = &mut timeout, if !res.connected => Wake::Timeout,
             r = sock.readable() => Wake::Io(r),
         };
         match wake {
-            Wake::Phase => continue,
+            Wake::Done => return res,
             Wake::Timeout => return res.end(&shared, "no HTTP response in time".into()),
             Wake::Io(Err(e)) => return res.end(&shared, format!("read: {e}")),
             Wake::Io(Ok(())) => {}
@@ -1340,6 +1351,7 @@ async fn coordinate(
     }
 
     let shared = Arc::new(Shared {
+        phase: AtomicU8::new(CONNECTING),
         connected: AtomicUsize::new(0),
         failed: AtomicUsize::new(0),
         t0,
@@ -1347,17 +1359,18 @@ async fn coordinate(
         lag_capacity: (fixture.video_fps * args.duration * 1.25) as usize + 64,
         connect_timeout: Duration::from_secs_f64(args.connect_timeout),
     });
-    let (phase_tx, phase_rx) = watch::channel(CONNECTING);
+    // Players read the phase from `shared`; `done_tx` also wakes those waiting for data.
+    let (done_tx, done_rx) = watch::channel(false);
     let mut handles = Vec::with_capacity(args.players);
     let start = tokio::time::Instant::now();
     let mut last_log = Instant::now();
     for i in 0..args.players {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate))
             .await;
-        let (sh, phase) = (shared.clone(), phase_rx.clone());
+        let (sh, done) = (shared.clone(), done_rx.clone());
         handles.push(match &flv {
-            Some(t) => tokio::spawn(flv_player(t.clone(), sh, phase)),
-            None => tokio::spawn(rtmp_player(rtmp.clone(), sh, phase, i as u64)),
+            Some(t) => tokio::spawn(flv_player(t.clone(), sh, done)),
+            None => tokio::spawn(rtmp_player(rtmp.clone(), sh, done, i as u64)),
         });
         if last_log.elapsed() >= Duration::from_secs(2) {
             last_log = Instant::now();
@@ -1390,9 +1403,10 @@ async fn coordinate(
     let pub_bytes_before = pub_stats.media_bytes.load(Relaxed);
     pub_stats.late_max_us.store(0, Relaxed);
     let window_start = Instant::now();
-    phase_tx.send_replace(MEASURING);
+    shared.phase.store(MEASURING, Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
-    phase_tx.send_replace(DONE);
+    shared.phase.store(DONE, Relaxed);
+    done_tx.send_replace(true);
     let window = window_start.elapsed().as_secs_f64();
     let self_after = cpu_ticks("/proc/self/stat");
     let server_after = args.server_pid.and_then(sample_server);

@@ -49,6 +49,17 @@ fn plain(status: StatusCode, text: &'static str) -> Response {
     (status, [(header::ACCESS_CONTROL_ALLOW_ORIGIN, "*")], text).into_response()
 }
 
+/// What an HTTP-FLV response body holds between polls.
+struct FlvState {
+    feed: Feed<FlvMuxer>,
+    /// Buffers of the current batch not yet handed to hyper.
+    queue: VecDeque<Bytes>,
+    /// Reused for every batch.
+    batch: Vec<Bytes>,
+    _guard: crate::node::PlayerGuard,
+    ctx: Arc<NodeContext>,
+}
+
 /// `GET /{app}/{key}.flv`: the broadcast as an endless FLV stream.
 async fn flv(State(ctx): State<Arc<NodeContext>>, uri: Uri) -> Response {
     let path = uri.path().trim_start_matches('/');
@@ -70,31 +81,40 @@ async fn flv(State(ctx): State<Arc<NodeContext>>, uri: Uri) -> Response {
     };
     debug!(broadcast = name, "HTTP-FLV player started");
     let feed = Feed::new(consumer, FlvMuxer, ctx.cfg.player_batch);
-    let state = (feed, VecDeque::<Bytes>::new(), guard, ctx.clone());
-    let stream = futures_util::stream::unfold(
-        state,
-        |(mut feed, mut queue, guard, ctx)| async move {
-            loop {
-                if let Some(b) = queue.pop_front() {
-                    return Some((Ok::<_, Infallible>(b), (feed, queue, guard, ctx)));
-                }
-                let mut batch = Vec::new();
-                match feed.next(&mut batch).await {
-                    FeedStatus::Ended => return None,
-                    FeedStatus::Data { skipped } => {
-                        let bc = feed.consumer().broadcast();
-                        if skipped > 0 {
-                            info!(broadcast = %bc.name(), skipped, "HTTP-FLV player fell behind; skipped to the newest keyframe");
-                        }
-                        let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
-                        bc.stats.bytes_out.fetch_add(len, Relaxed);
-                        ctx.hub.stats().bytes_out.fetch_add(len, Relaxed);
-                        queue.extend(batch);
+    let state = FlvState {
+        feed,
+        queue: VecDeque::new(),
+        batch: Vec::new(),
+        _guard: guard,
+        ctx: ctx.clone(),
+    };
+    let stream = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(b) = st.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(b), st));
+            }
+            let FlvState {
+                feed,
+                queue,
+                batch,
+                ctx,
+                ..
+            } = &mut st;
+            match feed.next(batch).await {
+                FeedStatus::Ended => return None,
+                FeedStatus::Data { skipped } => {
+                    let bc = feed.consumer().broadcast();
+                    if skipped > 0 {
+                        info!(broadcast = %bc.name(), skipped, "HTTP-FLV player fell behind; skipped to the newest keyframe");
                     }
+                    let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
+                    bc.stats.bytes_out.fetch_add(len, Relaxed);
+                    ctx.hub.stats().bytes_out.fetch_add(len, Relaxed);
+                    queue.extend(batch.drain(..));
                 }
             }
-        },
-    );
+        }
+    });
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
     h.insert(

@@ -103,7 +103,10 @@ impl<M: Muxer> Feed<M> {
                 let dts = self.entries.first().map_or(0, |e| e.dts);
                 self.push_configs(dts, out);
             }
-            for entry in std::mem::take(&mut self.entries).drain(..) {
+            // Taken out (and put back below) so the loop can call &mut self methods; the Vec
+            // keeps its allocation from batch to batch.
+            let mut entries = std::mem::take(&mut self.entries);
+            for entry in entries.drain(..) {
                 match &entry.item {
                     Item::Config { track, info } => {
                         self.set_track(*track, info.clone());
@@ -118,6 +121,7 @@ impl<M: Muxer> Feed<M> {
                     }
                 }
             }
+            self.entries = entries;
             self.next_batch = Some(Instant::now() + self.batch);
             return FeedStatus::Data { skipped };
         }

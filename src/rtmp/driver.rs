@@ -152,6 +152,8 @@ async fn session(
                         continue;
                     };
                     conn.accept_play(stream_id);
+                    // A player sends little: give back the publisher-sized read buffer.
+                    drop(std::mem::take(&mut buf));
                     flush(&mut sock, &mut conn).await?;
                     debug!(%peer, broadcast = %name, "RTMP player started");
                     let feed = Feed::new(consumer, RtmpMuxer, ctx.cfg.player_batch);
@@ -292,7 +294,7 @@ async fn play(
     ctx: &Arc<NodeContext>,
 ) -> Result<(), SessionError> {
     let (mut rd, mut wr) = sock.split();
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::with_capacity(256);
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     let broadcast = feed.consumer().broadcast().clone();
     loop {
