@@ -32,7 +32,8 @@
 //! - **Server cost** (`--server-pid`, summed with the process's children such as nginx workers):
 //!   CPU (utime + stime) over the window in cores and in microseconds per player per second; RSS
 //!   before the players connect and at the window's end, per player.
-//! - **This tool's CPU** over the window, since it shares the machine with the server.
+//! - **This tool's CPU** over the window, since it shares the machine with the server, and how
+//!   busy the whole machine was (/proc/stat): a busy machine, not the server, may be the limit.
 //!
 //! # Keeping the tool cheap
 //!
@@ -65,7 +66,7 @@ use tokio::sync::watch;
 
 /// Opens N players of one live stream and reports how many keep up.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Where to publish, and where RTMP players play: rtmp://host:port/app/key.
     #[arg(long)]
@@ -404,8 +405,10 @@ fn start_publisher(
             };
             if let Err(e) = rt.block_on(publish(&target, &fixture, base_ms, &stats, &tx)) {
                 let msg = format!("{e:#}");
-                let _ = tx.send(Err(msg.clone()));
-                log(format_args!("publisher stopped: {msg}"));
+                // The send fails once the coordinator has its `t0`: then nobody else reports it.
+                if tx.send(Err(msg.clone())).is_err() {
+                    log(format_args!("publisher stopped: {msg}"));
+                }
                 *stats.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
             }
         })
@@ -1252,6 +1255,18 @@ fn clock_ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Busy ticks of the whole machine (all CPUs: everything but idle and iowait), from /proc/stat.
+fn machine_busy_ticks() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = text.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    Some(v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?)
+}
+
 /// The soft limit on open files, from /proc/self/limits.
 fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -1383,11 +1398,11 @@ async fn coordinate(
         }
     }
     let give_up = Instant::now() + shared.connect_timeout + Duration::from_secs(1);
-    while {
+    loop {
         let (c, f) = shared_counts(&shared);
-        c + f < args.players
-    } && Instant::now() < give_up
-    {
+        if c + f >= args.players || Instant::now() >= give_up {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (c, f) = shared_counts(&shared);
@@ -1399,6 +1414,7 @@ async fn coordinate(
 
     // The window.
     let self_before = cpu_ticks("/proc/self/stat");
+    let machine_before = machine_busy_ticks();
     let cpu_before = args.server_pid.and_then(sample_server);
     let pub_bytes_before = pub_stats.media_bytes.load(Relaxed);
     pub_stats.late_max_us.store(0, Relaxed);
@@ -1409,6 +1425,7 @@ async fn coordinate(
     done_tx.send_replace(true);
     let window = window_start.elapsed().as_secs_f64();
     let self_after = cpu_ticks("/proc/self/stat");
+    let machine_after = machine_busy_ticks();
     let server_after = args.server_pid.and_then(sample_server);
     let pub_bytes = pub_stats.media_bytes.load(Relaxed) - pub_bytes_before;
     let pub_late_ms = pub_stats.late_max_us.load(Relaxed) as f64 / 1000.0;
@@ -1446,6 +1463,7 @@ async fn coordinate(
         publisher_error: pub_error,
         server,
         tool_cpu_cores: cpu(self_before, self_after),
+        machine_cpu_cores: cpu(machine_before, machine_after),
     }))
 }
 
@@ -1474,6 +1492,7 @@ struct ReportInput<'a> {
     publisher_error: Option<String>,
     server: Option<ServerCost>,
     tool_cpu_cores: Option<f64>,
+    machine_cpu_cores: Option<f64>,
 }
 
 /// Min / p50 / mean.
@@ -1527,6 +1546,7 @@ struct Report {
     lag_limit_ms: u32,
     server: Option<ServerCost>,
     tool_cpu_cores: Option<f64>,
+    machine_cpu_cores: Option<f64>,
     errors: Vec<(String, usize)>,
 }
 
@@ -1587,7 +1607,7 @@ impl Report {
         let received_kbps = Spread {
             min: bitrates.first().copied().unwrap_or_default() / 1000.0,
             p50: percentile(&bitrates, 50.0).unwrap_or_default() / 1000.0,
-            mean: bitrates.iter().sum::<f64>() / n.max(1) as f64 / 1000.0,
+            mean: bitrates.iter().fold(0.0, |a, b| a + b) / n.max(1) as f64 / 1000.0,
         };
         Self {
             protocol: args.protocol,
@@ -1616,6 +1636,7 @@ impl Report {
             lag_limit_ms: args.lag_limit_ms,
             server: input.server,
             tool_cpu_cores: input.tool_cpu_cores,
+            machine_cpu_cores: input.machine_cpu_cores,
             errors,
         }
     }
@@ -1674,6 +1695,8 @@ impl Report {
                 "kib_per_player": per_player.map(|p| r1(p.1)),
             })),
             "load_tool_cpu_cores": self.tool_cpu_cores.map(r3),
+            "machine_cpu_cores": self.machine_cpu_cores.map(r3),
+            "machine_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "errors": self.errors.iter().map(|(e, n)| json!({"error": e, "players": n})).collect::<Vec<_>>(),
         })
     }
@@ -1741,7 +1764,15 @@ impl fmt::Display for Report {
             )?;
         }
         if let Some(c) = self.tool_cpu_cores {
-            writeln!(f, "  load tool          {c:.3} cores")?;
+            write!(f, "  load tool          {c:.3} cores")?;
+            if let Some(m) = self.machine_cpu_cores {
+                let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+                write!(
+                    f,
+                    "; the machine was {m:.3} of {cpus} cores busy (all processes, interrupts)"
+                )?;
+            }
+            writeln!(f)?;
         }
         for (e, n) in &self.errors {
             writeln!(f, "  error              {n} players: {e}")?;
