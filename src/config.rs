@@ -96,10 +96,14 @@ pub struct NodeArgs {
     /// Seconds a client has to finish the RTMP handshake [default: 10].
     #[arg(long, env = "CASTNODE_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<f64>,
-    /// Milliseconds between writes to one player; frames in between go out in one write
-    /// [default: 40].
+    /// Most milliseconds between two writes to one player; frames in between go out in one
+    /// write [default: 100].
     #[arg(long, env = "CASTNODE_PLAYER_BATCH_MS")]
     pub player_batch_ms: Option<u64>,
+    /// Writes per second to players, all together, before frames are merged into fewer writes
+    /// [default: 40000].
+    #[arg(long, env = "CASTNODE_WRITE_BUDGET")]
+    pub write_budget: Option<u64>,
     /// Seconds a player may block a write before it is disconnected [default: 10].
     #[arg(long, env = "CASTNODE_STALL_TIMEOUT")]
     pub stall_timeout: Option<f64>,
@@ -144,8 +148,10 @@ pub struct NodeConfig {
     pub publish_grace: Duration,
     /// RTMP handshake deadline.
     pub handshake_timeout: Duration,
-    /// Interval between writes to a player.
+    /// Longest interval between writes to a player.
     pub player_batch: Duration,
+    /// Writes per second to all players before batching sets in.
+    pub write_budget: u64,
     /// How long a player may block a write.
     pub stall_timeout: Duration,
     /// Host used in printed URLs.
@@ -200,7 +206,11 @@ impl NodeArgs {
             return Err(bad("max-connections", "must be at least 1"));
         }
         let max_players = a.max_players.or(file.max_players).unwrap_or(20_000);
-        let player_batch_ms = a.player_batch_ms.or(file.player_batch_ms).unwrap_or(40);
+        let player_batch_ms = a.player_batch_ms.or(file.player_batch_ms).unwrap_or(100);
+        let write_budget = a.write_budget.or(file.write_budget).unwrap_or(40_000);
+        if write_budget == 0 {
+            return Err(bad("write-budget", "must be at least 1"));
+        }
         if player_batch_ms > 1000 {
             return Err(bad(
                 "player-batch-ms",
@@ -243,6 +253,7 @@ impl NodeArgs {
                 600.0,
             )?,
             player_batch: Duration::from_millis(player_batch_ms),
+            write_budget,
             stall_timeout: seconds(
                 "stall-timeout",
                 a.stall_timeout.or(file.stall_timeout),

@@ -16,7 +16,8 @@
 //!                                      memoized in the entry, shared by every player)
 //!                           │ rtmp::mux::RtmpMuxer          │ rtmp::mux::FlvMuxer
 //!                           ▼                               ▼
-//!                   rtmp::driver (vectored writes)    http (axum, chunked body)
+//!                   player::play (one vectored write per batch, batch interval from the
+//!                                 node's write budget) ── via rtmp::driver / http::flv
 //!                           │                               │
 //!                     RTMP players                   HTTP-FLV players
 //! ```
@@ -29,7 +30,8 @@
 //! - [`codec`]: bitstream parsers (H.264 SPS, AAC AudioSpecificConfig).
 //! - [`rtmp`]: handshake, chunk stream, AMF0, server and client sessions (sans-IO), FLV tag
 //!   conversions, muxers, and the tokio driver.
-//! - [`http`]: HTTP-FLV, `/healthz`, `/metrics`, `/api/v1/broadcasts`.
+//! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
+//! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
@@ -45,6 +47,7 @@ pub mod http;
 pub mod media;
 pub mod metrics;
 pub mod node;
+pub mod player;
 pub mod role;
 pub mod rtmp;
 pub mod shutdown;

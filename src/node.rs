@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use crate::config::NodeConfig;
 use crate::media::{Hub, HubConfig};
@@ -43,6 +44,16 @@ impl NodeContext {
             ctx: self.clone(),
             flv,
         })
+    }
+
+    /// The interval between two writes to one player now: the node's write budget
+    /// (`--write-budget` writes per second across all players) shared out among its players,
+    /// at most `--player-batch-ms`. Few players get every frame at once; many players get
+    /// frames merged, because each write costs the kernel about the same whatever its size.
+    pub fn player_batch(&self) -> Duration {
+        let players = self.stats.rtmp_players.load(Relaxed) + self.stats.flv_players.load(Relaxed);
+        let per_player = Duration::from_secs_f64(players as f64 / self.cfg.write_budget as f64);
+        per_player.min(self.cfg.player_batch)
     }
 
     fn counter(&self, flv: bool) -> &AtomicU64 {

@@ -55,12 +55,17 @@ impl<M: Muxer> Feed<M> {
             consumer,
             muxer,
             batch,
-            entries: Vec::with_capacity(64),
+            entries: Vec::with_capacity(16),
             tracks: Vec::new(),
             sent_config: Vec::new(),
             started: false,
             next_batch: None,
         }
+    }
+
+    /// Changes the interval between batches (from the next batch on).
+    pub fn set_batch(&mut self, batch: Duration) {
+        self.batch = batch;
     }
 
     /// The consumer underneath.
@@ -79,7 +84,9 @@ impl<M: Muxer> Feed<M> {
 
     /// Waits for the next batch and appends its buffers to `out`.
     pub async fn next(&mut self, out: &mut Vec<Bytes>) -> FeedStatus {
-        if let Some(at) = self.next_batch {
+        if let Some(at) = self.next_batch
+            && at > Instant::now()
+        {
             tokio::time::sleep_until(at).await;
         }
         loop {

@@ -45,6 +45,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             reaper.hub.reap(std::time::Instant::now());
         }
     });
+    let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
     axum::serve(http, crate::http::router(ctx))
         .with_graceful_shutdown(crate::shutdown::signal())
         .await

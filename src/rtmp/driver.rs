@@ -6,14 +6,13 @@
 //! disconnected; a player that falls behind skips ahead (logged); the publisher is never slowed
 //! by a player.
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -22,9 +21,10 @@ use super::conn::{ConnConfig, Event, ServerConn};
 use super::flv::{self, Tag};
 use super::message::kind;
 use super::mux::RtmpMuxer;
-use crate::media::feed::{Feed, FeedStatus};
+use crate::media::feed::Feed;
 use crate::media::{BroadcastProducer, Codec, TrackId, TrackInfo, TrackKind};
 use crate::node::NodeContext;
+use crate::player::{self, PlayerProtocol};
 
 /// Accepts RTMP connections until the listener fails.
 pub async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
@@ -49,6 +49,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
         tokio::spawn(async move {
             match session(sock, peer, &ctx).await {
                 Ok(()) => debug!(%peer, "RTMP connection closed"),
+                Err(SessionError::Io(e)) if player::is_disconnect(&e) => {
+                    debug!(%peer, error = %e, "RTMP connection closed by the peer");
+                }
                 Err(e) => {
                     ctx.stats.rtmp_errors.fetch_add(1, Relaxed);
                     warn!(%peer, error = %e, "RTMP connection closed on error");
@@ -66,6 +69,8 @@ enum SessionError {
     Rtmp(#[from] RtmpError),
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Player(String),
 }
 
 async fn flush(sock: &mut TcpStream, conn: &mut ServerConn) -> std::io::Result<()> {
@@ -156,10 +161,11 @@ async fn session(
                     drop(std::mem::take(&mut buf));
                     flush(&mut sock, &mut conn).await?;
                     debug!(%peer, broadcast = %name, "RTMP player started");
-                    let feed = Feed::new(consumer, RtmpMuxer, ctx.cfg.player_batch);
-                    let r = play(&mut sock, conn, stream_id, feed, peer, ctx).await;
+                    let feed = Feed::new(consumer, RtmpMuxer, ctx.player_batch());
+                    let r =
+                        player::play(&sock, feed, RtmpPlayer { conn, stream_id }, peer, ctx).await;
                     drop(guard);
-                    return r;
+                    return r.map_err(SessionError::Player);
                 }
                 Event::Metadata(v) => {
                     if let Some(i) = &mut ingest {
@@ -257,93 +263,34 @@ impl Drop for Ingest {
     }
 }
 
-/// Writes every buffer, in order, with vectored writes.
-pub async fn write_all_bufs<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    bufs: &mut Vec<Bytes>,
-) -> std::io::Result<()> {
-    let mut i = 0;
-    while i < bufs.len() {
-        let mut slices = [IoSlice::new(&[]); 64];
-        let k = slices.len().min(bufs.len() - i);
-        for (s, b) in slices.iter_mut().zip(&bufs[i..i + k]) {
-            *s = IoSlice::new(b);
-        }
-        let mut n = w.write_vectored(&slices[..k]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while i < bufs.len() && n >= bufs[i].len() {
-            n -= bufs[i].len();
-            i += 1;
-        }
-        if n > 0 {
-            bufs[i].advance(n);
-        }
-    }
-    bufs.clear();
-    Ok(())
+/// RTMP specifics of a playing connection: the session keeps answering pings and
+/// acknowledging, and `deleteStream`/`closeStream` ends playback.
+struct RtmpPlayer {
+    conn: ServerConn,
+    stream_id: u32,
 }
 
-async fn play(
-    sock: &mut TcpStream,
-    mut conn: ServerConn,
-    stream_id: u32,
-    mut feed: Feed<RtmpMuxer>,
-    peer: SocketAddr,
-    ctx: &Arc<NodeContext>,
-) -> Result<(), SessionError> {
-    let (mut rd, mut wr) = sock.split();
-    let mut buf = BytesMut::with_capacity(256);
-    let mut out: Vec<Bytes> = Vec::with_capacity(64);
-    let broadcast = feed.consumer().broadcast().clone();
-    loop {
-        tokio::select! {
-            r = rd.read_buf(&mut buf) => {
-                if r? == 0 {
-                    return Ok(());
-                }
-                conn.handle_input(&buf)?;
-                buf.clear();
-                while let Some(ev) = conn.poll_event() {
-                    if ev == Event::StreamClosed {
-                        return Ok(());
-                    }
-                }
-            }
-            st = feed.next(&mut out) => match st {
-                FeedStatus::Ended => {
-                    conn.end_play(stream_id);
-                    if let Some(b) = conn.poll_transmit() {
-                        out.push(b);
-                    }
-                    let _ = tokio::time::timeout(Duration::from_secs(1), write_all_bufs(&mut wr, &mut out)).await;
-                    debug!(%peer, broadcast = %broadcast.name(), "broadcast ended; player closed");
-                    return Ok(());
-                }
-                FeedStatus::Data { skipped } => {
-                    if skipped > 0 {
-                        info!(%peer, broadcast = %broadcast.name(), skipped, "RTMP player fell behind; skipped to the newest keyframe");
-                    }
-                }
-            },
-        }
-        if let Some(b) = conn.poll_transmit() {
-            out.insert(0, b);
-        }
-        if out.is_empty() {
-            continue;
-        }
-        let len: u64 = out.iter().map(|b| b.len() as u64).sum();
-        match tokio::time::timeout(ctx.cfg.stall_timeout, write_all_bufs(&mut wr, &mut out)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                ctx.stats.players_stalled.fetch_add(1, Relaxed);
-                warn!(%peer, broadcast = %broadcast.name(), "RTMP player stopped reading; disconnected");
-                return Ok(());
+impl PlayerProtocol for RtmpPlayer {
+    const NAME: &'static str = "RTMP";
+
+    fn handle_input(&mut self, data: &[u8]) -> Result<bool, String> {
+        self.conn.handle_input(data).map_err(|e| e.to_string())?;
+        while let Some(ev) = self.conn.poll_event() {
+            if ev == Event::StreamClosed {
+                return Ok(false);
             }
         }
-        broadcast.stats.bytes_out.fetch_add(len, Relaxed);
-        ctx.hub.stats().bytes_out.fetch_add(len, Relaxed);
+        Ok(true)
+    }
+
+    fn poll_transmit(&mut self) -> Option<Bytes> {
+        self.conn.poll_transmit()
+    }
+
+    fn frame(&mut self, _batch: &mut Vec<Bytes>) {}
+
+    fn end(&mut self, out: &mut Vec<Bytes>) {
+        self.conn.end_play(self.stream_id);
+        out.extend(self.conn.poll_transmit());
     }
 }
