@@ -101,7 +101,7 @@ pub struct NodeArgs {
     #[arg(long, env = "CASTNODE_PLAYER_BATCH_MS")]
     pub player_batch_ms: Option<u64>,
     /// Writes per second to players, all together, before frames are merged into fewer writes
-    /// [default: 40000].
+    /// [default: 10000].
     #[arg(long, env = "CASTNODE_WRITE_BUDGET")]
     pub write_budget: Option<u64>,
     /// Seconds a player may block a write before it is disconnected [default: 10].
@@ -207,7 +207,7 @@ impl NodeArgs {
         }
         let max_players = a.max_players.or(file.max_players).unwrap_or(20_000);
         let player_batch_ms = a.player_batch_ms.or(file.player_batch_ms).unwrap_or(100);
-        let write_budget = a.write_budget.or(file.write_budget).unwrap_or(40_000);
+        let write_budget = a.write_budget.or(file.write_budget).unwrap_or(10_000);
         if write_budget == 0 {
             return Err(bad("write-budget", "must be at least 1"));
         }

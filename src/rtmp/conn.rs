@@ -100,7 +100,7 @@ impl ServerConn {
     pub fn new(cfg: &ConnConfig, handshake_deadline: Instant, seed: u64) -> Self {
         Self {
             phase: Phase::Hello,
-            inbuf: BytesMut::with_capacity(4096),
+            inbuf: BytesMut::new(),
             decoder: ChunkDecoder::new(cfg.max_message),
             out: BytesMut::new(),
             events: VecDeque::new(),
@@ -136,6 +136,18 @@ impl ServerConn {
     /// The next event, if any.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Gives back buffer capacity the session no longer needs (a player's session receives
+    /// little after `play`).
+    pub fn shrink(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf = BytesMut::new();
+        }
+        if self.out.is_empty() {
+            self.out = BytesMut::new();
+        }
+        self.events.shrink_to_fit();
     }
 
     /// Whether this session publishes.

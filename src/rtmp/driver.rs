@@ -160,6 +160,7 @@ async fn session(
                     // A player sends little: give back the publisher-sized read buffer.
                     drop(std::mem::take(&mut buf));
                     flush(&mut sock, &mut conn).await?;
+                    conn.shrink();
                     debug!(%peer, broadcast = %name, "RTMP player started");
                     let feed = Feed::new(consumer, RtmpMuxer, ctx.player_batch());
                     let r =
