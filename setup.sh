@@ -14,8 +14,8 @@ esac
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# System packages: a C toolchain and pkg-config for crates that build C, curl for rustup,
-# and the ffmpeg CLI that makes the test fixtures and plays the part of OBS and of players.
+# System packages: a C toolchain and pkg-config for crates that build C, curl for rustup;
+# for tests, the ffmpeg CLI (fixtures, and the part of OBS and of players) and Chromium (WHEP).
 need=()
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
@@ -23,6 +23,7 @@ command -v curl >/dev/null || need+=(curl ca-certificates)
 if [ "$mode" = test ]; then
   command -v ffmpeg >/dev/null || need+=(ffmpeg)
   command -v python3 >/dev/null || need+=(python3)
+  command -v chromium >/dev/null || need+=(chromium)   # headless WebRTC viewer in tests
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"

@@ -3,7 +3,7 @@
 //!
 //! A bad value is a [`ConfigError`] naming the key; `main` exits with status 64 (EX_USAGE).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -107,6 +107,17 @@ pub struct NodeArgs {
     /// Seconds a player may block a write before it is disconnected [default: 10].
     #[arg(long, env = "CASTNODE_STALL_TIMEOUT")]
     pub stall_timeout: Option<f64>,
+    /// WebRTC media: the one UDP address every peer uses [default: 0.0.0.0:8189].
+    #[arg(long, env = "CASTNODE_WEBRTC_UDP")]
+    pub webrtc_udp: Option<SocketAddr>,
+    /// Address handed to WebRTC peers as a candidate (repeatable; comma-separated in the
+    /// environment) [default: the bound address, or this host's primary address and 127.0.0.1].
+    #[arg(long, env = "CASTNODE_WEBRTC_PUBLIC_IP", value_delimiter = ',')]
+    #[serde(default)]
+    pub webrtc_public_ip: Vec<IpAddr>,
+    /// Most WebRTC viewers at once [default: 2000].
+    #[arg(long, env = "CASTNODE_MAX_VIEWERS")]
+    pub max_viewers: Option<usize>,
     /// Host name printed in the URLs given to broadcasters and players [default: localhost].
     #[arg(long, env = "CASTNODE_PUBLIC_HOST")]
     pub public_host: Option<String>,
@@ -156,6 +167,12 @@ pub struct NodeConfig {
     pub stall_timeout: Duration,
     /// Host used in printed URLs.
     pub public_host: String,
+    /// WebRTC UDP address.
+    pub webrtc_udp: SocketAddr,
+    /// Candidate addresses for WebRTC peers (empty: derived from the bound address).
+    pub webrtc_public_ip: Vec<IpAddr>,
+    /// Most WebRTC viewers.
+    pub max_viewers: usize,
 }
 
 fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration, ConfigError> {
@@ -261,6 +278,16 @@ impl NodeArgs {
                 3600.0,
             )?,
             public_host,
+            webrtc_udp: a
+                .webrtc_udp
+                .or(file.webrtc_udp)
+                .unwrap_or_else(|| "0.0.0.0:8189".parse().expect("literal address")),
+            webrtc_public_ip: if a.webrtc_public_ip.is_empty() {
+                file.webrtc_public_ip
+            } else {
+                a.webrtc_public_ip
+            },
+            max_viewers: a.max_viewers.or(file.max_viewers).unwrap_or(2000),
         })
     }
 }

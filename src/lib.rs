@@ -33,6 +33,7 @@
 //! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
 //! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
+//! - [`webrtc`]: WHEP playback over str0m, every peer on one UDP socket.
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
@@ -51,3 +52,4 @@ pub mod player;
 pub mod role;
 pub mod rtmp;
 pub mod shutdown;
+pub mod webrtc;

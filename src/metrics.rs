@@ -25,6 +25,14 @@ pub struct NodeStats {
     pub flv_players: AtomicU64,
     /// Players disconnected because they stopped reading.
     pub players_stalled: AtomicU64,
+    /// WebRTC (WHEP) sessions now, connected or connecting.
+    pub webrtc_viewers: AtomicU64,
+    /// WebRTC sessions that connected (ICE + DTLS), ever.
+    pub webrtc_connected: AtomicU64,
+    /// Keyframe requests (PLI/FIR) from WebRTC viewers.
+    pub webrtc_keyframe_requests: AtomicU64,
+    /// Datagrams on the WebRTC port that no session accepted.
+    pub webrtc_datagrams_dropped: AtomicU64,
 }
 
 fn escape(v: &str) -> String {
@@ -95,6 +103,30 @@ pub fn render(stats: &NodeStats, hub: &Hub) -> String {
         "counter",
         "Players disconnected for not reading.",
         &g(&stats.players_stalled),
+    );
+    metric(
+        "castnode_webrtc_viewers",
+        "gauge",
+        "WebRTC sessions, connected or connecting.",
+        &g(&stats.webrtc_viewers),
+    );
+    metric(
+        "castnode_webrtc_connected_total",
+        "counter",
+        "WebRTC sessions that connected.",
+        &g(&stats.webrtc_connected),
+    );
+    metric(
+        "castnode_webrtc_keyframe_requests_total",
+        "counter",
+        "PLI/FIR from WebRTC viewers.",
+        &g(&stats.webrtc_keyframe_requests),
+    );
+    metric(
+        "castnode_webrtc_datagrams_dropped_total",
+        "counter",
+        "Datagrams no WebRTC session accepted.",
+        &g(&stats.webrtc_datagrams_dropped),
     );
     metric(
         "castnode_bytes_in_total",

@@ -17,6 +17,63 @@ pub fn parse_avcc(avcc: &[u8]) -> Option<VideoInfo> {
     parse_sps(avcc_first_sps(avcc)?)
 }
 
+/// The NAL length size (1, 2 or 4 bytes) and the SPS/PPS NAL units of an
+/// AVCDecoderConfigurationRecord.
+pub fn avcc_parameter_sets(avcc: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
+    if avcc.len() < 7 || avcc[0] != 1 {
+        return None;
+    }
+    let length_size = usize::from(avcc[4] & 3) + 1;
+    let mut sets = Vec::new();
+    let mut pos = 5;
+    for count_mask in [0x1f, 0xff] {
+        let count = *avcc.get(pos)? & count_mask;
+        pos += 1;
+        for _ in 0..count {
+            let len = usize::from(u16::from_be_bytes([*avcc.get(pos)?, *avcc.get(pos + 1)?]));
+            sets.push(avcc.get(pos + 2..pos + 2 + len)?);
+            pos += 2 + len;
+        }
+    }
+    Some((length_size, sets))
+}
+
+/// Converts a frame of length-prefixed NAL units to Annex B (start codes). On a keyframe without
+/// its own SPS/PPS, those of `avcc` go first: WebRTC receivers need them in band before every
+/// IDR. Malformed lengths end the conversion at the last whole NAL unit.
+pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<u8> {
+    let sets = avcc.and_then(avcc_parameter_sets);
+    let length_size = sets.as_ref().map_or(4, |(l, _)| *l);
+    let mut nals = Vec::new();
+    let mut pos = 0;
+    while pos + length_size <= frame.len() {
+        let len = frame[pos..pos + length_size]
+            .iter()
+            .fold(0usize, |a, &b| (a << 8) | usize::from(b));
+        pos += length_size;
+        let Some(nal) = frame.get(pos..pos + len) else {
+            break;
+        };
+        pos += len;
+        if !nal.is_empty() {
+            nals.push(nal);
+        }
+    }
+    let has_sps = nals.iter().any(|n| n[0] & 0x1f == 7);
+    let mut out = Vec::with_capacity(frame.len() + 64);
+    if keyframe && !has_sps {
+        for set in sets.iter().flat_map(|(_, s)| s) {
+            out.extend_from_slice(&[0, 0, 0, 1]);
+            out.extend_from_slice(set);
+        }
+    }
+    for nal in nals {
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(nal);
+    }
+    out
+}
+
 fn profile_name(idc: u32) -> &'static str {
     match idc {
         66 => "baseline",
@@ -146,6 +203,30 @@ mod tests {
         assert_eq!(
             (info.width, info.height, info.profile.as_str(), info.level),
             (1280, 720, "high", 31)
+        );
+    }
+
+    #[test]
+    fn annexb_with_parameter_sets_before_idr() {
+        // avcC: version 1, profile, compat, level, 4-byte lengths, 1 SPS (2 bytes), 1 PPS (1 byte).
+        let avcc = [
+            1, 0x42, 0, 0x1e, 0xff, 0xe1, 0, 2, 0x67, 0xAA, 1, 0, 1, 0x68,
+        ];
+        let frame = [0, 0, 0, 2, 0x65, 0x11, 0, 0, 0, 1, 0x06];
+        assert_eq!(
+            avcc_to_annexb(&frame, Some(&avcc), true),
+            vec![
+                0, 0, 0, 1, 0x67, 0xAA, 0, 0, 0, 1, 0x68, 0, 0, 0, 1, 0x65, 0x11, 0, 0, 0, 1, 0x06
+            ]
+        );
+        assert_eq!(
+            avcc_to_annexb(&frame, Some(&avcc), false),
+            vec![0, 0, 0, 1, 0x65, 0x11, 0, 0, 0, 1, 0x06]
+        );
+        // A length running past the end stops the conversion.
+        assert_eq!(
+            avcc_to_annexb(&[0, 0, 0, 9, 0x65], None, false),
+            Vec::<u8>::new()
         );
     }
 

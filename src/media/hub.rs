@@ -16,12 +16,12 @@
 //! A group here spans all tracks of a broadcast (one GOP of the video track and the audio
 //! interleaved with it), so the publisher's interleaving is kept for muxed outputs.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -75,7 +75,7 @@ pub struct Entry {
     pub dts: i64,
     /// The item.
     pub item: Item,
-    memo: [OnceLock<Bytes>; MEMO_SLOTS],
+    memo: [OnceLock<Box<dyn Any + Send + Sync>>; MEMO_SLOTS],
 }
 
 impl Entry {
@@ -95,8 +95,17 @@ impl Entry {
 
     /// The serialization of this entry in `slot`, computed by `encode` on first use and shared
     /// with every later caller.
-    pub fn memo(&self, slot: MemoSlot, encode: impl FnOnce(&Item) -> Bytes) -> &Bytes {
-        self.memo[slot.0].get_or_init(|| encode(&self.item))
+    ///
+    /// # Panics
+    /// When `slot` was first used with another type: each [`MemoSlot`] belongs to one output
+    /// format, which always stores the same type.
+    pub fn memo<T: Send + Sync + 'static>(
+        &self,
+        slot: MemoSlot,
+        encode: impl FnOnce(&Item) -> T,
+    ) -> &T {
+        let v = self.memo[slot.0].get_or_init(|| Box::new(encode(&self.item)));
+        v.downcast_ref::<T>().expect("a memo slot holds one type")
     }
 
     fn payload_len(&self) -> usize {
@@ -776,6 +785,7 @@ impl Drop for BroadcastConsumer {
 mod tests {
     use super::*;
     use crate::media::Codec;
+    use bytes::Bytes;
 
     fn video() -> TrackInfo {
         TrackInfo {

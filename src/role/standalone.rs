@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::config::NodeConfig;
 use crate::node::NodeContext;
+use crate::webrtc::driver::Webrtc;
 
 /// Binds the listeners, prints where to publish and play, and serves until SIGINT/SIGTERM.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
@@ -20,7 +21,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP to {}", cfg.http))?;
     let (rtmp_port, http_port) = (rtmp.local_addr()?.port(), http.local_addr()?.port());
     let host = cfg.public_host.clone();
+    let (udp, public_ips) = (cfg.webrtc_udp, cfg.webrtc_public_ip.clone());
     let ctx = NodeContext::new(cfg);
+    let webrtc = Webrtc::start(udp, &public_ips, ctx.clone())
+        .await
+        .with_context(|| format!("binding WebRTC UDP to {udp}"))?;
     println!("castnode standalone is running.");
     println!("  OBS: Settings > Stream > Service: Custom");
     println!("       Server:     rtmp://{host}:{rtmp_port}/live");
@@ -32,6 +37,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         "  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>"
     );
     println!("  Watch (RTMP):     rtmp://{host}:{rtmp_port}/live/mystream");
+    println!(
+        "  Watch (WebRTC, WHEP): http://{host}:{http_port}/whep/live/mystream   (UDP {})",
+        webrtc.local_addr()
+    );
     println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
     println!("  Metrics:    http://{host}:{http_port}/metrics");
     tracing::info!(rtmp = %ctx.cfg.rtmp, http = %ctx.cfg.http, "standalone node started");
@@ -46,7 +55,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
-    axum::serve(http, crate::http::router(ctx))
+    let routes = crate::http::router(ctx.clone()).merge(crate::webrtc::whep::router(ctx, webrtc));
+    axum::serve(http, routes)
         .with_graceful_shutdown(crate::shutdown::signal())
         .await
         .context("HTTP server")?;

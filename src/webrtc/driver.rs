@@ -1,0 +1,418 @@
+//! The WebRTC driver: one tokio task owns the node's UDP socket and every peer's `str0m::Rtc`.
+//!
+//! Guarantees:
+//! - Datagrams are routed by source address (learned from the first STUN check a peer's `Rtc`
+//!   accepts); a datagram no session accepts (garbage, spoofed STUN, stray DTLS) is dropped and
+//!   disturbs nothing.
+//! - A session whose ICE/DTLS has not connected within [`CONNECT_TIMEOUT`] is reaped; so is one
+//!   whose ICE disconnects.
+//! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
+//!   from the hub every [`MEDIA_TICK`] and the Annex B form of each H.264 frame is built once
+//!   per broadcast.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::format::Codec as RtcCodec;
+use str0m::media::{MediaKind, MediaTime, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::WebrtcError;
+use crate::codec::h264;
+use crate::media::{BroadcastConsumer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo};
+use crate::node::NodeContext;
+
+/// Memo slot of a frame's Annex B form.
+pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
+/// A session must connect (ICE + DTLS) within this.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often viewers' hub consumers are read.
+pub const MEDIA_TICK: Duration = Duration::from_millis(5);
+
+enum Command {
+    Whep {
+        consumer: BroadcastConsumer,
+        offer: SdpOffer,
+        reply: oneshot::Sender<Result<(u64, String), WebrtcError>>,
+    },
+    Close {
+        id: u64,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+/// Handle to the node's WebRTC task.
+pub struct Webrtc {
+    tx: mpsc::Sender<Command>,
+    local: SocketAddr,
+}
+
+impl Webrtc {
+    /// Binds `addr` and starts the task. `public_ips` are the addresses handed to peers as
+    /// candidates (with the bound port); empty means the bound address, or this host's primary
+    /// address and 127.0.0.1 when bound to all interfaces.
+    pub async fn start(
+        addr: SocketAddr,
+        public_ips: &[IpAddr],
+        ctx: Arc<NodeContext>,
+    ) -> std::io::Result<Arc<Self>> {
+        let socket = UdpSocket::bind(addr).await?;
+        let local = socket.local_addr()?;
+        let mut ips = public_ips.to_vec();
+        if ips.is_empty() {
+            if local.ip().is_unspecified() {
+                ips.extend(primary_ip());
+                ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            } else {
+                ips.push(local.ip());
+            }
+        }
+        let candidates = ips
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, local.port()))
+            .collect();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(run(socket, local, candidates, rx, ctx));
+        Ok(Arc::new(Self { tx, local }))
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Answers a WHEP offer for `consumer`'s broadcast: (session id, SDP answer).
+    pub async fn whep(
+        &self,
+        consumer: BroadcastConsumer,
+        offer: &str,
+    ) -> Result<(u64, String), WebrtcError> {
+        let offer =
+            SdpOffer::from_sdp_string(offer).map_err(|e| WebrtcError::BadOffer(e.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Whep {
+                consumer,
+                offer,
+                reply,
+            })
+            .await
+            .map_err(|_| WebrtcError::Stopped)?;
+        rx.await.map_err(|_| WebrtcError::Stopped)?
+    }
+
+    /// Ends session `id`; false when there is none.
+    pub async fn close(&self, id: u64) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Close { id, reply }).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+/// This host's address on its default route, found without sending anything (a UDP connect
+/// only selects a route).
+fn primary_ip() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    s.local_addr()
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+struct Session {
+    id: u64,
+    rtc: Rtc,
+    consumer: BroadcastConsumer,
+    entries: Vec<Arc<Entry>>,
+    tracks: Vec<Option<TrackInfo>>,
+    video: Option<Mid>,
+    video_pt: Option<Pt>,
+    connected: bool,
+    created: Instant,
+    deadline: Instant,
+}
+
+impl Session {
+    /// Sends what the Rtc has queued and handles its events; returns its next deadline.
+    fn drain(&mut self, socket: &UdpSocket, ctx: &NodeContext) -> Instant {
+        loop {
+            if !self.rtc.is_alive() {
+                return Instant::now();
+            }
+            match self.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => {
+                    // Never wait on the socket: a full send buffer drops the datagram, which
+                    // the peer recovers from like any loss.
+                    let _ = socket.try_send_to(&t.contents, t.destination);
+                }
+                Ok(Output::Timeout(t)) => return t,
+                Ok(Output::Event(e)) => self.handle_event(e, ctx),
+                Err(e) => {
+                    debug!(session = self.id, error = %e, "WebRTC session failed");
+                    self.rtc.disconnect();
+                }
+            }
+        }
+    }
+
+    fn handle_event(&mut self, e: Event, ctx: &NodeContext) {
+        match e {
+            Event::Connected => {
+                self.connected = true;
+                ctx.stats.webrtc_connected.fetch_add(1, Relaxed);
+                info!(session = self.id, broadcast = %self.consumer.broadcast().name(), after_ms = self.created.elapsed().as_millis() as u64, "WHEP viewer connected");
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.rtc.disconnect()
+            }
+            Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
+                self.video = Some(m.mid)
+            }
+            Event::KeyframeRequest(_) => {
+                ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry
+    /// for the stream's profile.
+    fn choose_pt(&mut self, profile_idc: u8) -> Option<Pt> {
+        if self.video_pt.is_none() {
+            let writer = self.rtc.writer(self.video?)?;
+            let h264: Vec<_> = writer
+                .payload_params()
+                .filter(|p| {
+                    p.spec().codec == RtcCodec::H264
+                        && p.spec().format.packetization_mode == Some(1)
+                })
+                .map(|p| {
+                    (
+                        p.pt(),
+                        p.spec().format.profile_level_id.map(|id| (id >> 16) as u8),
+                    )
+                })
+                .collect();
+            self.video_pt = h264
+                .iter()
+                .find(|(_, prof)| *prof == Some(profile_idc))
+                .or(h264.first())
+                .map(|(pt, _)| *pt);
+        }
+        self.video_pt
+    }
+
+    /// Writes the frames the hub has for this viewer.
+    fn pump(&mut self) {
+        if !self.connected || self.video.is_none() {
+            return;
+        }
+        if self.tracks.is_empty() {
+            let (tracks, _) = self.consumer.snapshot();
+            for (id, info) in tracks {
+                set_track(&mut self.tracks, id.0, info);
+            }
+        }
+        if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
+            self.rtc.disconnect();
+            return;
+        }
+        let mut entries = std::mem::take(&mut self.entries);
+        for e in entries.drain(..) {
+            match &e.item {
+                Item::Config { track, info } => set_track(&mut self.tracks, track.0, info.clone()),
+                Item::Frame { track, frame } => {
+                    let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
+                        continue;
+                    };
+                    if info.codec != Codec::H264 {
+                        continue;
+                    }
+                    let config = info.config.clone();
+                    let profile = config
+                        .as_ref()
+                        .and_then(|c| c.get(1).copied())
+                        .unwrap_or(0x42);
+                    let Some(pt) = self.choose_pt(profile) else {
+                        continue;
+                    };
+                    let data: &Arc<[u8]> = e.memo(ANNEXB_SLOT, |_| {
+                        h264::avcc_to_annexb(&frame.payload, config.as_deref(), frame.keyframe)
+                            .into()
+                    });
+                    let rtp_time = MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
+                    let Some(writer) = self.video.and_then(|mid| self.rtc.writer(mid)) else {
+                        continue;
+                    };
+                    if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data.clone()) {
+                        debug!(session = self.id, error = %err, "WebRTC write failed");
+                    }
+                }
+            }
+        }
+        self.entries = entries;
+    }
+}
+
+fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
+    let i = usize::from(id);
+    if tracks.len() <= i {
+        tracks.resize(i + 1, None);
+    }
+    tracks[i] = Some(info);
+}
+
+async fn run(
+    socket: UdpSocket,
+    local: SocketAddr,
+    candidates: Vec<SocketAddr>,
+    mut rx: mpsc::Receiver<Command>,
+    ctx: Arc<NodeContext>,
+) {
+    let mut sessions: HashMap<u64, Session> = HashMap::new();
+    let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
+    let mut next_id = 1u64;
+    let mut buf = vec![0u8; 2048];
+    let mut tick = tokio::time::interval(MEDIA_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut next_deadline;
+    loop {
+        // Recomputed each turn: every branch below may have moved a session's deadline.
+        let now = Instant::now();
+        next_deadline = sessions
+            .values()
+            .map(|s| s.deadline)
+            .min()
+            .unwrap_or(now + Duration::from_millis(100))
+            .max(now);
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let Ok((n, source)) = r else { continue };
+                let now = Instant::now();
+                let Ok(contents) = buf[..n].try_into() else { continue };
+                let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: local, contents });
+                let id = by_source.get(&source).copied().filter(|id| sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)))
+                    .or_else(|| sessions.values().find(|s| s.rtc.accepts(&input)).map(|s| s.id));
+                let Some(id) = id else {
+                    ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                    continue;
+                };
+                by_source.insert(source, id);
+                if let Some(s) = sessions.get_mut(&id) {
+                    if let Err(e) = s.rtc.handle_input(input) {
+                        debug!(session = id, error = %e, "WebRTC input rejected");
+                    }
+                    s.deadline = s.drain(&socket, &ctx);
+                }
+            }
+            cmd = rx.recv() => match cmd {
+                None => return,
+                Some(Command::Whep { consumer, offer, reply }) => {
+                    let id = next_id;
+                    next_id += 1;
+                    let r = accept(id, consumer, offer, &candidates).map(|(mut s, answer)| {
+                        s.deadline = s.drain(&socket, &ctx);
+                        sessions.insert(id, s);
+                        ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
+                        (id, answer)
+                    });
+                    let _ = reply.send(r);
+                }
+                Some(Command::Close { id, reply }) => {
+                    let found = sessions.get_mut(&id).map(|s| s.rtc.disconnect()).is_some();
+                    let _ = reply.send(found);
+                }
+            },
+            _ = tokio::time::sleep_until(next_deadline.into()) => {
+                let now = Instant::now();
+                for s in sessions.values_mut().filter(|s| s.deadline <= now) {
+                    let _ = s.rtc.handle_input(Input::Timeout(now));
+                    s.deadline = s.drain(&socket, &ctx);
+                }
+            }
+            _ = tick.tick() => {
+                for s in sessions.values_mut() {
+                    s.pump();
+                    s.deadline = s.drain(&socket, &ctx);
+                }
+            }
+        }
+        // Reap: disconnected, or never connected in time.
+        let now = Instant::now();
+        let before = sessions.len();
+        sessions.retain(|id, s| {
+            let keep = s.rtc.is_alive()
+                && (s.connected || now.duration_since(s.created) < CONNECT_TIMEOUT);
+            if !keep {
+                if !s.connected {
+                    warn!(
+                        session = id,
+                        "WebRTC session did not connect within {CONNECT_TIMEOUT:?}; reaped"
+                    );
+                } else {
+                    info!(session = id, "WHEP viewer left");
+                }
+            }
+            keep
+        });
+        if sessions.len() != before {
+            ctx.stats
+                .webrtc_viewers
+                .store(sessions.len() as u64, Relaxed);
+            by_source.retain(|_, id| sessions.contains_key(id));
+        }
+    }
+}
+
+/// Builds a session from an offer: (session, answer SDP).
+fn accept(
+    id: u64,
+    consumer: BroadcastConsumer,
+    offer: SdpOffer,
+    candidates: &[SocketAddr],
+) -> Result<(Session, String), WebrtcError> {
+    let now = Instant::now();
+    let mut rtc = Rtc::builder()
+        .set_ice_lite(true)
+        .clear_codecs()
+        .enable_h264(true)
+        .enable_opus(true, false)
+        .build(now);
+    for c in candidates {
+        if let Ok(c) = Candidate::host(*c, "udp") {
+            rtc.add_local_candidate(c);
+        }
+    }
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(offer)
+        .map_err(|e| WebrtcError::Rejected(e.to_string()))?;
+    let sdp = answer.to_sdp_string();
+    if !sdp.contains("H264") {
+        return Err(WebrtcError::NoCodec("H.264 video"));
+    }
+    let session = Session {
+        id,
+        rtc,
+        consumer,
+        entries: Vec::with_capacity(64),
+        tracks: Vec::new(),
+        video: None,
+        video_pt: None,
+        connected: false,
+        created: now,
+        deadline: now,
+    };
+    Ok((session, sdp))
+}

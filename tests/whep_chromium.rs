@@ -1,0 +1,157 @@
+//! RTMP (ffmpeg, clip without B-frames) → WHEP in headless Chromium: several viewers in one page
+//! each decode video at the source's frame rate with no freezes, through castnode's one UDP
+//! port; the test reports time to first frame. Skips (with a message) where Chromium is not
+//! installed; `./setup.sh test` installs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+
+const VIEWERS: usize = 3;
+
+fn page(whep: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+const WHEP = "{whep}";
+async function viewer(i) {{
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", {{ direction: "recvonly" }});
+  pc.addTransceiver("audio", {{ direction: "recvonly" }});
+  const video = document.createElement("video");
+  video.muted = true; video.autoplay = true; video.playsInline = true;
+  document.body.appendChild(video);
+  pc.ontrack = (e) => {{ if (e.track.kind === "video") video.srcObject = new MediaStream([e.track]); }};
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((r) => {{
+    if (pc.iceGatheringState === "complete") return r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r();
+    setTimeout(r, 2000);
+  }});
+  const t0 = performance.now();
+  const res = await fetch(WHEP, {{ method: "POST", headers: {{ "Content-Type": "application/sdp" }}, body: pc.localDescription.sdp }});
+  if (res.status !== 201) throw new Error("WHEP answered " + res.status + ": " + await res.text());
+  const location = res.headers.get("Location");
+  await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
+  const ttff = await new Promise((r) => video.requestVideoFrameCallback(() => r(performance.now() - t0)));
+  const stats = async () => {{
+    let v = null;
+    (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === "video") v = s; }});
+    return v || {{}};
+  }};
+  const a = await stats();
+  await new Promise((r) => setTimeout(r, 10000));
+  const b = await stats();
+  return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
+           freezeCount: b.freezeCount, packetsLost: b.packetsLost, width: b.frameWidth, height: b.frameHeight,
+           state: pc.connectionState }};
+}}
+Promise.all([...Array({VIEWERS}).keys()].map(viewer))
+  .then((r) => fetch("/report", {{ method: "POST", body: JSON.stringify(r) }}))
+  .catch((e) => fetch("/report", {{ method: "POST", body: JSON.stringify({{ error: String(e) }}) }}));
+</script></body></html>"#
+    )
+}
+
+/// Serves `html` at `/` and returns the body POSTed to `/report`.
+fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let (ctype, out) = if line.starts_with("POST /report") {
+                let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                ("text/plain", String::new())
+            } else {
+                ("text/html", html.clone())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                out.len()
+            );
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn rtmp_to_whep_in_chromium() {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
+        return;
+    }
+    let server = Server::start(&["--webrtc-udp", "127.0.0.1:0"]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("w"), &fixture("baseline.flv"), 2);
+    server.wait_live("live/w", Duration::from_secs(10));
+    let whep = format!("http://127.0.0.1:{}/whep/live/w", server.http_port);
+    let (port, reports) = serve_page(page(&whep));
+    let profile = temp_dir("chromium-profile");
+    let _browser = Proc(
+        Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium"),
+    );
+    let report = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the page reported within 60 s");
+    println!("viewers: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let viewers = v
+        .as_array()
+        .unwrap_or_else(|| panic!("page failed: {report}\nserver log:\n{}", server.log()));
+    assert_eq!(viewers.len(), VIEWERS);
+    for viewer in viewers {
+        let fps = viewer["fps"].as_f64().unwrap_or(0.0);
+        assert!(fps >= 25.0, "viewer decoded {fps} fps: {viewer}");
+        assert_eq!(viewer["freezeCount"].as_u64(), Some(0), "{viewer}");
+        assert_eq!(
+            (viewer["width"].as_u64(), viewer["height"].as_u64()),
+            (Some(640), Some(360))
+        );
+        println!(
+            "viewer {}: time to first frame {:.0} ms, {fps} fps",
+            viewer["i"],
+            viewer["ttff"].as_f64().unwrap_or(-1.0)
+        );
+    }
+    assert!(server.metric("castnode_webrtc_connected_total") >= VIEWERS as f64);
+}
