@@ -82,6 +82,8 @@ fn toml_file_is_read_and_checked() {
                 "standalone",
                 "--http",
                 "127.0.0.1:0",
+                "--webrtc-udp",
+                "127.0.0.1:0",
                 "--config",
                 good.to_str().unwrap(),
             ])

@@ -103,7 +103,7 @@ fn rtmp_to_whep_in_chromium() {
         eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
         return;
     }
-    let server = Server::start(&["--webrtc-udp", "127.0.0.1:0"]);
+    let server = Server::start(&[]);
     let _publisher = ffmpeg_publish(&server.rtmp_url("w"), &fixture("baseline.flv"), 2);
     server.wait_live("live/w", Duration::from_secs(10));
     let whep = format!("http://127.0.0.1:{}/whep/live/w", server.http_port);
