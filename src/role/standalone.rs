@@ -43,7 +43,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
     println!("  Metrics:    http://{host}:{http_port}/metrics");
-    tracing::info!(rtmp = %ctx.cfg.rtmp, http = %ctx.cfg.http, "standalone node started");
+    tracing::info!(rtmp = %ctx.cfg.rtmp, http = %ctx.cfg.http, webrtc_udp = %webrtc.local_addr(), "standalone node started");
 
     tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
     let reaper = Arc::clone(&ctx);

@@ -95,8 +95,15 @@ impl Webrtc {
         consumer: BroadcastConsumer,
         offer: &str,
     ) -> Result<(u64, String), WebrtcError> {
-        let offer =
-            SdpOffer::from_sdp_string(offer).map_err(|e| WebrtcError::BadOffer(e.to_string()))?;
+        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| {
+            // The parser's message names memory offsets; keep what a client can use.
+            let text = e.to_string();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("PointerOffset") && !l.trim().is_empty())
+                .collect();
+            WebrtcError::BadOffer(lines.join("; "))
+        })?;
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Command::Whep {
@@ -300,7 +307,10 @@ async fn run(
             r = socket.recv_from(&mut buf) => {
                 let Ok((n, source)) = r else { continue };
                 let now = Instant::now();
-                let Ok(contents) = buf[..n].try_into() else { continue };
+                let Ok(contents) = buf[..n].try_into() else {
+                    ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                    continue;
+                };
                 let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: local, contents });
                 let id = by_source.get(&source).copied().filter(|id| sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)))
                     .or_else(|| sessions.values().find(|s| s.rtc.accepts(&input)).map(|s| s.id));
@@ -401,6 +411,9 @@ fn accept(
     let sdp = answer.to_sdp_string();
     if !sdp.contains("H264") {
         return Err(WebrtcError::NoCodec("H.264 video"));
+    }
+    if !sdp.contains("opus") {
+        return Err(WebrtcError::NoCodec("Opus audio"));
     }
     let session = Session {
         id,

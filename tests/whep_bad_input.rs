@@ -1,0 +1,193 @@
+//! Bad input on the WHEP surface: every refusal is a 4xx with a reason; garbage, spoofed STUN and
+//! stray DTLS datagrams on the WebRTC port disturb no session; an offer whose peer never
+//! connects is reaped within 10 s. Uses a real SDP offer recorded from Chromium.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::time::Duration;
+
+use common::*;
+
+/// A recvonly video + audio offer as Chromium makes it (payload types vary between versions).
+const OFFER: &str = include_str!("../fixtures/sdp/chromium-whep-offer.sdp");
+
+fn request(port: u16, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+fn udp_port(server: &Server) -> u16 {
+    let (_, _, body) = server.get("/metrics");
+    assert!(body.contains("castnode_webrtc_viewers"));
+    let log = server.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webrtc_udp="))
+        .expect("log names the WebRTC port");
+    line.rsplit("webrtc_udp=127.0.0.1:")
+        .next()
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn whep_refusals_and_udp_noise() {
+    let server = Server::start(&["--max-viewers", "2"]);
+    let port = server.http_port;
+    let _publisher = ffmpeg_publish(&server.rtmp_url("b"), &fixture("baseline.flv"), 1);
+    server.wait_live("live/b", Duration::from_secs(10));
+
+    let no_h264 = OFFER.replace("H264", "VP8").replace("h264", "vp8");
+    let no_opus = OFFER.replace("opus", "xpus");
+    let cases: [(&str, &str, &[u8], u16, &str); 6] = [
+        (
+            "/whep/live/b",
+            "text/plain",
+            OFFER.as_bytes(),
+            415,
+            "application/sdp",
+        ),
+        (
+            "/whep/live/b",
+            "application/sdp",
+            b"v=0\r\nthis is not sdp",
+            400,
+            "malformed SDP",
+        ),
+        (
+            "/whep/live/nobody",
+            "application/sdp",
+            OFFER.as_bytes(),
+            404,
+            "not live",
+        ),
+        ("/whep/live/b", "application/sdp", &[b'a'; 70_000], 413, ""),
+        (
+            "/whep/live/b",
+            "application/sdp",
+            no_h264.as_bytes(),
+            400,
+            "H.264",
+        ),
+        (
+            "/whep/live/b",
+            "application/sdp",
+            no_opus.as_bytes(),
+            400,
+            "Opus",
+        ),
+    ];
+    for (path, ctype, body, status, reason) in cases {
+        let (got, _, text) = request(port, "POST", path, ctype, body);
+        println!(
+            "POST {path} ({ctype}, {} bytes) -> {got} {}",
+            body.len(),
+            text.trim()
+        );
+        assert_eq!(got, status, "{path} {ctype}: {text}");
+        assert!(
+            text.contains(reason),
+            "{path}: reason {text:?} lacks {reason:?}"
+        );
+    }
+    let (status, head, _) = request(port, "OPTIONS", "/whep/live/b", "application/sdp", b"");
+    assert_eq!(status, 204);
+    assert!(
+        head.to_lowercase()
+            .contains("access-control-expose-headers: location"),
+        "{head}"
+    );
+
+    // Two offers whose peers never connect: accepted, then reaped after 10 s.
+    for _ in 0..2 {
+        let (status, head, answer) = request(
+            port,
+            "POST",
+            "/whep/live/b",
+            "application/sdp",
+            OFFER.as_bytes(),
+        );
+        assert_eq!(status, 201, "{answer}");
+        assert!(
+            head.to_lowercase().contains("location: /whep/live/b/"),
+            "{head}"
+        );
+        assert!(answer.contains("a=ice-lite"), "{answer}");
+    }
+    // At --max-viewers.
+    assert_eq!(
+        request(
+            port,
+            "POST",
+            "/whep/live/b",
+            "application/sdp",
+            OFFER.as_bytes()
+        )
+        .0,
+        503
+    );
+
+    // Noise on the UDP port: garbage, a STUN binding request with an unknown username, a DTLS
+    // record from nowhere. Nothing accepts them; nothing breaks.
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let target = ("127.0.0.1", udp_port(&server));
+    let mut stun = vec![0x00, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
+    stun.extend_from_slice(&[7u8; 12]);
+    stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x08]);
+    stun.extend_from_slice(b"evil:you");
+    let dtls = [22u8, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 1, 2, 3, 4];
+    for _ in 0..50 {
+        udp.send_to(b"garbage garbage garbage", target).unwrap();
+        udp.send_to(&stun, target).unwrap();
+        udp.send_to(&dtls, target).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || server
+            .metric("castnode_webrtc_datagrams_dropped_total")
+            >= 150.0),
+        "noise datagrams not counted as dropped"
+    );
+    assert!(
+        server.wait_log(
+            "did not connect within 10s; reaped",
+            Duration::from_secs(15)
+        ),
+        "unconnected sessions not reaped:\n{}",
+        server.log()
+    );
+    assert!(wait_until(Duration::from_secs(2), || server
+        .metric("castnode_webrtc_viewers")
+        == 0.0));
+    // Room again after the reaping.
+    assert_eq!(
+        request(
+            port,
+            "POST",
+            "/whep/live/b",
+            "application/sdp",
+            OFFER.as_bytes()
+        )
+        .0,
+        201
+    );
+    let (_, _, log) = (0, 0, server.log());
+    assert!(!log.contains("panicked"), "{log}");
+}
