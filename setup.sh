@@ -14,12 +14,19 @@ esac
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# System packages: a C toolchain and pkg-config for crates that build C, curl for rustup;
+# System packages: a C toolchain and pkg-config for crates that build C, curl for rustup,
+# FFmpeg's development libraries;
 # for tests, the ffmpeg CLI (fixtures, and the part of OBS and of players) and Chromium (WHEP).
 need=()
+have() { dpkg -s "$1" >/dev/null 2>&1; }
 command -v cc >/dev/null || need+=(build-essential)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v curl >/dev/null || need+=(curl ca-certificates)
+# FFmpeg's libraries (castnode transcodes in process; bindgen needs clang to read their headers).
+for p in clang libavcodec-dev libavformat-dev libavutil-dev libswresample-dev libswscale-dev \
+         libavfilter-dev libavdevice-dev; do
+  have "$p" || need+=("$p")
+done
 if [ "$mode" = test ]; then
   command -v ffmpeg >/dev/null || need+=(ffmpeg)
   command -v python3 >/dev/null || need+=(python3)

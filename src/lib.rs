@@ -34,6 +34,8 @@
 //! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
 //! - [`webrtc`]: WHEP playback over str0m, every peer on one UDP socket.
+//! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
+//!   (AAC → Opus for WebRTC viewers), written back into the hub as extra tracks.
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
@@ -44,6 +46,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod ffmpeg;
 pub mod http;
 pub mod media;
 pub mod metrics;
@@ -52,4 +55,5 @@ pub mod player;
 pub mod role;
 pub mod rtmp;
 pub mod shutdown;
+pub mod transcode;
 pub mod webrtc;

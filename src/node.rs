@@ -16,6 +16,8 @@ pub struct NodeContext {
     pub stats: NodeStats,
     /// Settings.
     pub cfg: NodeConfig,
+    /// On-demand transcoders.
+    pub transcoders: crate::transcode::Transcoders,
 }
 
 impl NodeContext {
@@ -29,6 +31,7 @@ impl NodeContext {
             hub,
             stats: NodeStats::default(),
             cfg,
+            transcoders: Default::default(),
         })
     }
 

@@ -1,6 +1,7 @@
-//! RTMP (ffmpeg, clip without B-frames) → WHEP in headless Chromium: several viewers in one page
-//! each decode video at the source's frame rate with no freezes, through castnode's one UDP
-//! port; the test reports time to first frame. Skips (with a message) where Chromium is not
+//! RTMP (ffmpeg, clip without B-frames, AAC) → WHEP in headless Chromium: several viewers in one
+//! page each decode video at the source's frame rate with no freezes and receive audio (AAC
+//! transcoded to Opus once for all of them), through castnode's one UDP port; the test reports
+//! time to first frame. Skips (with a message) where Chromium is not
 //! installed; `./setup.sh test` installs it.
 
 mod common;
@@ -26,7 +27,9 @@ async function viewer(i) {{
   const video = document.createElement("video");
   video.muted = true; video.autoplay = true; video.playsInline = true;
   document.body.appendChild(video);
-  pc.ontrack = (e) => {{ if (e.track.kind === "video") video.srcObject = new MediaStream([e.track]); }};
+  const stream = new MediaStream();
+  video.srcObject = stream;
+  pc.ontrack = (e) => stream.addTrack(e.track);
   await pc.setLocalDescription(await pc.createOffer());
   await new Promise((r) => {{
     if (pc.iceGatheringState === "complete") return r();
@@ -39,16 +42,18 @@ async function viewer(i) {{
   const location = res.headers.get("Location");
   await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
   const ttff = await new Promise((r) => video.requestVideoFrameCallback(() => r(performance.now() - t0)));
-  const stats = async () => {{
+  const stats = async (kind) => {{
     let v = null;
-    (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === "video") v = s; }});
+    (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === kind) v = s; }});
     return v || {{}};
   }};
-  const a = await stats();
+  const a = await stats("video");
   await new Promise((r) => setTimeout(r, 10000));
-  const b = await stats();
+  const b = await stats("video");
+  const audio = await stats("audio");
   return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
            freezeCount: b.freezeCount, packetsLost: b.packetsLost, width: b.frameWidth, height: b.frameHeight,
+           audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
            state: pc.connectionState }};
 }}
 Promise.all([...Array({VIEWERS}).keys()].map(viewer))
@@ -146,6 +151,12 @@ fn rtmp_to_whep_in_chromium() {
         assert_eq!(
             (viewer["width"].as_u64(), viewer["height"].as_u64()),
             (Some(640), Some(360))
+        );
+        // AAC from RTMP reaches WebRTC as Opus (transcoded once per broadcast): 10 s at 48 kHz.
+        let samples = viewer["audioSamples"].as_u64().unwrap_or(0);
+        assert!(
+            samples > 400_000,
+            "viewer received {samples} audio samples: {viewer}"
         );
         println!(
             "viewer {}: time to first frame {:.0} ms, {fps} fps",

@@ -238,6 +238,32 @@ impl State {
         }
     }
 
+    /// Appends a frame (already on the broadcast's timeline), starting a group where one starts.
+    fn push_frame(&mut self, track: TrackId, frame: Frame, video: bool, cfg: &HubConfig) {
+        self.last_dts = self.last_dts.max(frame.dts);
+        let group_start = if video {
+            frame.keyframe
+        } else if !self.has_video() {
+            // Audio-only: a group per second keeps late joiners and skips cheap.
+            let last_start = self
+                .group_starts
+                .back()
+                .and_then(|&g| self.log.get((g - self.first_seq()) as usize).map(|e| e.dts));
+            last_start.is_none_or(|d| frame.dts - d >= 1_000_000)
+        } else {
+            false
+        };
+        if let Some(f) = self.figures.get_mut(usize::from(track.0)) {
+            f.observe(&frame, video);
+        }
+        self.append(
+            Item::Frame { track, frame },
+            group_start,
+            cfg.retain_groups,
+            cfg.max_log_bytes,
+        );
+    }
+
     fn pop_front(&mut self) {
         if let Some(e) = self.log.pop_front() {
             self.log_bytes -= e.payload_len();
@@ -329,6 +355,25 @@ impl Broadcast {
             bytes_out: self.stats.bytes_out.load(Relaxed),
             frames_skipped: self.stats.frames_skipped.load(Relaxed),
         }
+    }
+
+    /// The tracks as they are now.
+    pub fn tracks(&self) -> Vec<(TrackId, TrackInfo)> {
+        let st = self.lock();
+        st.tracks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.clone().map(|t| (TrackId(i as u8), t)))
+            .collect()
+    }
+
+    /// One track's description.
+    pub fn track(&self, track: TrackId) -> Option<TrackInfo> {
+        self.lock()
+            .tracks
+            .get(usize::from(track.0))
+            .cloned()
+            .flatten()
     }
 
     /// Ingest bitrate over the last measured second, all tracks, bits per second.
@@ -600,26 +645,7 @@ impl BroadcastProducer {
         }
         frame.dts += st.ts_offset;
         frame.pts += st.ts_offset;
-        st.last_dts = frame.dts;
-        let group_start = if video {
-            frame.keyframe
-        } else if !st.has_video() {
-            // Audio-only: a group per second keeps late joiners and skips cheap.
-            let last_start = st
-                .group_starts
-                .back()
-                .and_then(|&g| st.log.get((g - st.first_seq()) as usize).map(|e| e.dts));
-            last_start.is_none_or(|d| frame.dts - d >= 1_000_000)
-        } else {
-            false
-        };
-        st.figures[usize::from(track.0)].observe(&frame, video);
-        st.append(
-            Item::Frame { track, frame },
-            group_start,
-            cfg.retain_groups,
-            cfg.max_log_bytes,
-        );
+        st.push_frame(track, frame, video, cfg);
         drop(st);
         self.bc.stats.bytes_in.fetch_add(len, Relaxed);
         self.bc.stats.frames_in.fetch_add(1, Relaxed);
@@ -636,6 +662,67 @@ impl Drop for BroadcastProducer {
         }
         drop(st);
         self.bc.notify.send_replace(());
+    }
+}
+
+/// Writes a track derived from the broadcast itself (transcoded audio, a rendition) into the
+/// broadcast's log. Dropping it withdraws the track from new consumers.
+pub struct RenditionProducer {
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    track: TrackId,
+    video: bool,
+}
+
+impl Broadcast {
+    /// Declares a rendition track (the first free track id) and returns its writer.
+    pub fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
+        let cfg = &hub.inner.cfg;
+        let mut st = self.lock();
+        let i = st.tracks.len().max(2);
+        st.tracks.resize(i + 1, None);
+        st.figures.resize(i + 1, TrackFigures::default());
+        st.tracks[i] = Some(info.clone());
+        let track = TrackId(i as u8);
+        let video = info.codec.kind() == TrackKind::Video;
+        st.append(
+            Item::Config { track, info },
+            false,
+            cfg.retain_groups,
+            cfg.max_log_bytes,
+        );
+        drop(st);
+        self.notify.send_replace(());
+        RenditionProducer {
+            hub: hub.clone(),
+            bc: self.clone(),
+            track,
+            video,
+        }
+    }
+}
+
+impl RenditionProducer {
+    /// The rendition's track id.
+    pub fn track(&self) -> TrackId {
+        self.track
+    }
+
+    /// Appends a frame whose times are on the broadcast's timeline.
+    pub fn push(&mut self, frame: Frame) {
+        self.bc
+            .lock()
+            .push_frame(self.track, frame, self.video, &self.hub.inner.cfg);
+        self.bc.notify.send_replace(());
+    }
+}
+
+impl Drop for RenditionProducer {
+    fn drop(&mut self) {
+        let mut st = self.bc.lock();
+        if let Some(t) = st.tracks.get_mut(usize::from(self.track.0)) {
+            *t = None;
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::media::{Entry, Item, MemoSlot, Metadata, TrackId, TrackInfo, feed::Muxer};
+use crate::media::{Codec, Entry, Item, MemoSlot, Metadata, TrackId, TrackInfo, feed::Muxer};
 
 use super::chunk::encode_message;
 use super::flv;
@@ -26,6 +26,10 @@ fn ms(us: i64) -> u32 {
 /// Encodes an entry of a track described by `info` as one chunked RTMP message or one FLV tag;
 /// empty for a config without bytes.
 fn encode(entry: &Entry, info: &TrackInfo, rtmp: bool) -> Bytes {
+    if info.codec == Codec::Opus {
+        // Legacy FLV cannot carry Opus (a WebRTC rendition or a WHIP source's audio).
+        return Bytes::new();
+    }
     let mut header = BytesMut::with_capacity(8);
     let (payload, ts) = match &entry.item {
         Item::Frame { frame, .. } => {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
-use str0m::media::{MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -29,6 +29,7 @@ use super::WebrtcError;
 use crate::codec::h264;
 use crate::media::{BroadcastConsumer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo};
 use crate::node::NodeContext;
+use crate::transcode::{OpusRendition, opus_for};
 
 /// Memo slot of a frame's Annex B form.
 pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
@@ -145,6 +146,10 @@ struct Session {
     tracks: Vec<Option<TrackInfo>>,
     video: Option<Mid>,
     video_pt: Option<Pt>,
+    audio: Option<Mid>,
+    audio_pt: Option<Pt>,
+    /// Keeps the broadcast's AAC → Opus transcoder running while this viewer watches.
+    _opus: Option<Arc<OpusRendition>>,
     connected: bool,
     created: Instant,
     deadline: Instant,
@@ -186,6 +191,9 @@ impl Session {
             Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
                 self.video = Some(m.mid)
             }
+            Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
+                self.audio = Some(m.mid)
+            }
             Event::KeyframeRequest(_) => {
                 ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
             }
@@ -220,6 +228,27 @@ impl Session {
         self.video_pt
     }
 
+    /// The Opus payload type of the audio m-line.
+    fn opus_pt(&mut self) -> Option<Pt> {
+        if self.audio_pt.is_none() {
+            let writer = self.rtc.writer(self.audio?)?;
+            self.audio_pt = writer
+                .payload_params()
+                .find(|p| p.spec().codec == RtcCodec::Opus)
+                .map(|p| p.pt());
+        }
+        self.audio_pt
+    }
+
+    fn write(&mut self, mid: Option<Mid>, pt: Pt, rtp_time: MediaTime, data: Arc<[u8]>) {
+        let Some(writer) = mid.and_then(|mid| self.rtc.writer(mid)) else {
+            return;
+        };
+        if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data) {
+            debug!(session = self.id, error = %err, "WebRTC write failed");
+        }
+    }
+
     /// Writes the frames the hub has for this viewer.
     fn pump(&mut self) {
         if !self.connected || self.video.is_none() {
@@ -243,27 +272,39 @@ impl Session {
                     let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
                         continue;
                     };
-                    if info.codec != Codec::H264 {
-                        continue;
-                    }
-                    let config = info.config.clone();
-                    let profile = config
-                        .as_ref()
-                        .and_then(|c| c.get(1).copied())
-                        .unwrap_or(0x42);
-                    let Some(pt) = self.choose_pt(profile) else {
-                        continue;
-                    };
-                    let data: &Arc<[u8]> = e.memo(ANNEXB_SLOT, |_| {
-                        h264::avcc_to_annexb(&frame.payload, config.as_deref(), frame.keyframe)
-                            .into()
-                    });
-                    let rtp_time = MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
-                    let Some(writer) = self.video.and_then(|mid| self.rtc.writer(mid)) else {
-                        continue;
-                    };
-                    if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data.clone()) {
-                        debug!(session = self.id, error = %err, "WebRTC write failed");
+                    match info.codec {
+                        Codec::H264 => {
+                            let config = info.config.clone();
+                            let profile = config
+                                .as_ref()
+                                .and_then(|c| c.get(1).copied())
+                                .unwrap_or(0x42);
+                            let Some(pt) = self.choose_pt(profile) else {
+                                continue;
+                            };
+                            let data: &Arc<[u8]> = e.memo(ANNEXB_SLOT, |_| {
+                                h264::avcc_to_annexb(
+                                    &frame.payload,
+                                    config.as_deref(),
+                                    frame.keyframe,
+                                )
+                                .into()
+                            });
+                            let rtp_time =
+                                MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
+                            self.write(self.video, pt, rtp_time, data.clone());
+                        }
+                        Codec::Opus => {
+                            let Some(pt) = self.opus_pt() else { continue };
+                            let data: &Arc<[u8]> =
+                                e.memo(ANNEXB_SLOT, |_| Arc::from(&frame.payload[..]));
+                            let rtp_time = MediaTime::new(
+                                (frame.pts.max(0) as u64) * 48 / 1000,
+                                Frequency::FORTY_EIGHT_KHZ,
+                            );
+                            self.write(self.audio, pt, rtp_time, data.clone());
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -332,6 +373,9 @@ async fn run(
                     let id = next_id;
                     next_id += 1;
                     let r = accept(id, consumer, offer, &candidates).map(|(mut s, answer)| {
+                        // Start the broadcast's audio rendition now, not at connect: it is
+                        // ready by the time ICE and DTLS are.
+                        s._opus = opus_for(&ctx.transcoders, &ctx.hub, s.consumer.broadcast());
                         s.deadline = s.drain(&socket, &ctx);
                         sessions.insert(id, s);
                         ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
@@ -423,6 +467,9 @@ fn accept(
         tracks: Vec::new(),
         video: None,
         video_pt: None,
+        audio: None,
+        audio_pt: None,
+        _opus: None,
         connected: false,
         created: now,
         deadline: now,
