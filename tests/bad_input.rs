@@ -114,24 +114,11 @@ fn bad_input_closes_only_its_own_connection() {
     );
     let got = parse_framemd5(&std::fs::read_to_string(&watched).unwrap());
     let source = source_packets(&src);
-    for stream in [0, 1] {
-        let src: Vec<String> = source
-            .iter()
-            .filter(|p| p.stream == stream)
-            .map(|p| p.md5.clone())
-            .collect();
-        let mine: Vec<String> = got
-            .iter()
-            .filter(|p| p.stream == stream)
-            .map(|p| p.md5.clone())
-            .collect();
-        assert!(
-            mine.len() > 200,
-            "player got {} packets of stream {stream}",
-            mine.len()
-        );
-        contiguous(&src, &mine).unwrap();
-    }
+    let counts = assert_contiguous("player beside the bad input", &source, &got);
+    assert!(
+        counts.iter().all(|&n| n > 200),
+        "player got {counts:?} packets"
+    );
     let log = server.log();
     for reason in [
         "unsupported handshake version 71",

@@ -238,6 +238,26 @@ impl State {
         }
     }
 
+    /// Sets track `track`'s description and logs it for consumers; false when unchanged.
+    fn declare_track(&mut self, track: TrackId, info: TrackInfo, cfg: &HubConfig) -> bool {
+        let i = usize::from(track.0);
+        if self.tracks.len() <= i {
+            self.tracks.resize(i + 1, None);
+            self.figures.resize(i + 1, TrackFigures::default());
+        }
+        if self.tracks[i].as_ref() == Some(&info) {
+            return false;
+        }
+        self.tracks[i] = Some(info.clone());
+        self.append(
+            Item::Config { track, info },
+            false,
+            cfg.retain_groups,
+            cfg.max_log_bytes,
+        );
+        true
+    }
+
     /// Appends a frame (already on the broadcast's timeline), starting a group where one starts.
     fn push_frame(&mut self, track: TrackId, frame: Frame, video: bool, cfg: &HubConfig) {
         self.last_dts = self.last_dts.max(frame.dts);
@@ -588,25 +608,13 @@ impl BroadcastProducer {
 
     /// Declares or updates a track. Consumers get the new config before the track's next frame.
     pub fn set_track(&mut self, track: TrackId, info: TrackInfo) {
-        let cfg = &self.hub.inner.cfg;
-        let mut st = self.bc.lock();
-        let i = usize::from(track.0);
-        if st.tracks.len() <= i {
-            st.tracks.resize(i + 1, None);
-            st.figures.resize(i + 1, TrackFigures::default());
+        let changed = self
+            .bc
+            .lock()
+            .declare_track(track, info, &self.hub.inner.cfg);
+        if changed {
+            self.bc.notify.send_replace(());
         }
-        if st.tracks[i].as_ref() == Some(&info) {
-            return;
-        }
-        st.tracks[i] = Some(info.clone());
-        st.append(
-            Item::Config { track, info },
-            false,
-            cfg.retain_groups,
-            cfg.max_log_bytes,
-        );
-        drop(st);
-        self.bc.notify.send_replace(());
     }
 
     /// Replaces the broadcast's metadata.
@@ -677,20 +685,10 @@ pub struct RenditionProducer {
 impl Broadcast {
     /// Declares a rendition track (the first free track id) and returns its writer.
     pub fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
-        let cfg = &hub.inner.cfg;
         let mut st = self.lock();
-        let i = st.tracks.len().max(2);
-        st.tracks.resize(i + 1, None);
-        st.figures.resize(i + 1, TrackFigures::default());
-        st.tracks[i] = Some(info.clone());
-        let track = TrackId(i as u8);
+        let track = TrackId(st.tracks.len().max(2) as u8);
         let video = info.codec.kind() == TrackKind::Video;
-        st.append(
-            Item::Config { track, info },
-            false,
-            cfg.retain_groups,
-            cfg.max_log_bytes,
-        );
+        st.declare_track(track, info, &hub.inner.cfg);
         drop(st);
         self.notify.send_replace(());
         RenditionProducer {

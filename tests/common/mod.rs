@@ -171,13 +171,28 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// A minimal HTTP/1.1 GET with `Connection: close`.
 pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
+    http_request(port, "GET", path, None, b"")
+}
+
+/// A minimal HTTP/1.1 request with `Connection: close`: (status, head, body).
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    ctype: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect HTTP");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let ctype = ctype
+        .map(|c| format!("Content-Type: {c}\r\nContent-Length: {}\r\n", body.len()))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{ctype}Connection: close\r\n\r\n"
     )
     .unwrap();
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
@@ -205,6 +220,17 @@ pub fn fixture(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// Starts `c` with no terminal I/O.
+fn quiet(c: &mut Command) -> Proc {
+    Proc(
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a test process"),
+    )
+}
+
 /// `ffmpeg -re [-stream_loop N] -i F -c copy -f flv URL`: how OBS publishes, as far as ffmpeg can.
 pub fn ffmpeg_publish(url: &str, fixture: &Path, loops: u32) -> Proc {
     let mut c = Command::new("ffmpeg");
@@ -215,13 +241,7 @@ pub fn ffmpeg_publish(url: &str, fixture: &Path, loops: u32) -> Proc {
     c.arg("-i")
         .arg(fixture)
         .args(["-c", "copy", "-f", "flv", url]);
-    Proc(
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ffmpeg"),
-    )
+    quiet(&mut c)
 }
 
 /// `ffmpeg -i URL [-t S] -map 0 -c copy -f framemd5 OUT`: a player writing one md5 per packet.
@@ -242,13 +262,7 @@ pub fn ffmpeg_framemd5(url: &str, seconds: Option<f64>, out: &Path) -> Proc {
     }
     c.args(["-map", "0", "-c", "copy", "-f", "framemd5", "-y"])
         .arg(out);
-    Proc(
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ffmpeg"),
-    )
+    quiet(&mut c)
 }
 
 /// One packet line of a framemd5 listing.
@@ -293,6 +307,29 @@ pub fn temp_dir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// Checks, stream by stream (0 video, 1 audio), that a player's packets are a contiguous run of
+/// the looped source; returns how many packets of each stream it got.
+pub fn assert_contiguous(what: &str, source: &[Packet], got: &[Packet]) -> [usize; 2] {
+    let mut counts = [0; 2];
+    for stream in [0, 1] {
+        let src: Vec<String> = source
+            .iter()
+            .filter(|p| p.stream == stream)
+            .map(|p| p.md5.clone())
+            .collect();
+        let mine: Vec<String> = got
+            .iter()
+            .filter(|p| p.stream == stream)
+            .map(|p| p.md5.clone())
+            .collect();
+        if let Err(e) = contiguous(&src, &mine) {
+            panic!("{what}: stream {stream}: {e}");
+        }
+        counts[stream as usize] = mine.len();
+    }
+    counts
 }
 
 /// Checks that `got` (one stream of a player's packets) is a contiguous run of the looped
