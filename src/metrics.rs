@@ -6,8 +6,6 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::media::Hub;
-
 /// Counters of one node.
 #[derive(Debug, Default)]
 pub struct NodeStats {
@@ -42,7 +40,9 @@ fn escape(v: &str) -> String {
 }
 
 /// Renders the node's metrics in the Prometheus text format (version 0.0.4).
-pub fn render(stats: &NodeStats, hub: &Hub) -> String {
+pub fn render(ctx: &crate::node::NodeContext) -> String {
+    let (stats, hub) = (&ctx.stats, &ctx.hub);
+    let (opus, video) = ctx.transcoders.running();
     let mut s = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -127,6 +127,15 @@ pub fn render(stats: &NodeStats, hub: &Hub) -> String {
         "counter",
         "Datagrams no WebRTC session accepted.",
         &g(&stats.webrtc_datagrams_dropped),
+    );
+    metric(
+        "castnode_transcoders",
+        "gauge",
+        "On-demand transcoders running, by kind.",
+        &[
+            ("{kind=\"aac_to_opus\"}".into(), opus as f64),
+            ("{kind=\"bframe_reencode\"}".into(), video as f64),
+        ],
     );
     metric(
         "castnode_bytes_in_total",

@@ -12,16 +12,21 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::codec::h264;
 use crate::ffmpeg::audio::AacToOpus;
+use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
 use crate::media::{AudioInfo, Codec, Hub, Item, ReadOutcome, TrackInfo};
 
-/// A running AAC → Opus transcoder; dropping the last handle stops it.
-pub struct OpusRendition {
+/// A running transcoder; dropping the last handle stops it.
+pub struct Rendition {
     task: JoinHandle<()>,
 }
 
-impl Drop for OpusRendition {
+/// The AAC → Opus rendition.
+pub type OpusRendition = Rendition;
+
+impl Drop for Rendition {
     fn drop(&mut self) {
         self.task.abort();
     }
@@ -30,7 +35,124 @@ impl Drop for OpusRendition {
 /// The transcoders of a node, by broadcast name.
 #[derive(Default)]
 pub struct Transcoders {
-    opus: Mutex<HashMap<String, Weak<OpusRendition>>>,
+    opus: Mutex<HashMap<String, Weak<Rendition>>>,
+    video: Mutex<HashMap<String, Weak<Rendition>>>,
+}
+
+impl Transcoders {
+    /// Running transcoders: (AAC → Opus, B-frame re-encodes).
+    pub fn running(&self) -> (usize, usize) {
+        let count = |m: &Mutex<HashMap<String, Weak<Rendition>>>| {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|w| w.strong_count() > 0)
+                .count()
+        };
+        (count(&self.opus), count(&self.video))
+    }
+}
+
+/// The running rendition in `map` for `name`, or a new one from `start`.
+fn get_or_start(
+    map: &Mutex<HashMap<String, Weak<Rendition>>>,
+    name: &str,
+    start: impl FnOnce() -> JoinHandle<()>,
+) -> Arc<Rendition> {
+    let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(r) = map.get(name).and_then(Weak::upgrade) {
+        return r;
+    }
+    let r = Arc::new(Rendition { task: start() });
+    map.retain(|_, w| w.strong_count() > 0);
+    map.insert(name.to_owned(), Arc::downgrade(&r));
+    r
+}
+
+/// The B-frame-free H.264 rendition of `bc` for WebRTC, started if needed; `None` when its
+/// video has no B-frames (it is sent as it is).
+pub fn video_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+    let (id, source) = bc
+        .tracks()
+        .into_iter()
+        .find(|(id, t)| t.codec == Codec::H264 && id.0 < 2)?;
+    if !bc.has_b_frames(id) {
+        return None;
+    }
+    let (hub, bc2) = (hub.clone(), bc.clone());
+    Some(get_or_start(&registry.video, bc.name(), move || {
+        tokio::spawn(run_video(hub, bc2, id, source))
+    }))
+}
+
+async fn run_video(
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    source_track: crate::media::TrackId,
+    source: TrackInfo,
+) {
+    let Some(mut consumer) = hub.subscribe(bc.name()) else {
+        return;
+    };
+    let mut reencoder = match Reencoder::new() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(broadcast = %bc.name(), error = %e, "cannot re-encode video; WebRTC viewers get it with B-frames");
+            return;
+        }
+    };
+    let mut config = source.config.clone();
+    let mut rendition = None;
+    info!(broadcast = %bc.name(), "B-frame re-encode for WebRTC started");
+    let mut entries = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(4);
+    loop {
+        match consumer.read(&mut entries, 256) {
+            ReadOutcome::Ended => break,
+            ReadOutcome::Read(0) => {
+                consumer.changed().await;
+                continue;
+            }
+            _ => {}
+        }
+        for e in entries.drain(..) {
+            match &e.item {
+                Item::Config { track, info } if *track == source_track => {
+                    config = info.config.clone()
+                }
+                Item::Frame { track, frame } if *track == source_track => {
+                    // Re-encoding is CPU work: keep it off the runtime's I/O threads.
+                    let r = tokio::task::block_in_place(|| {
+                        reencoder.push(frame, config.as_deref(), &mut out)
+                    });
+                    if let Err(err) = r {
+                        warn!(broadcast = %bc.name(), error = %err, "re-encode failed; stopping it");
+                        return;
+                    }
+                    let Some(avcc) = reencoder.config.clone() else {
+                        continue;
+                    };
+                    let producer = rendition.get_or_insert_with(|| {
+                        let video = h264::parse_avcc(&avcc);
+                        bc.add_rendition(
+                            &hub,
+                            TrackInfo {
+                                codec: Codec::H264,
+                                config: Some(avcc),
+                                video,
+                                audio: None,
+                            },
+                        )
+                    });
+                    for f in out.drain(..) {
+                        producer.push(f);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    info!(broadcast = %bc.name(), "B-frame re-encode stopped");
 }
 
 /// The Opus rendition of `bc`, started if needed; `None` when the broadcast has no AAC track or
@@ -47,15 +169,10 @@ pub fn opus_for(
     let (_, aac) = tracks
         .into_iter()
         .find(|(_, t)| t.codec == Codec::Aac && t.config.is_some())?;
-    let mut map = registry.opus.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(r) = map.get(bc.name()).and_then(Weak::upgrade) {
-        return Some(r);
-    }
-    let task = tokio::spawn(run_opus(hub.clone(), bc.clone(), aac));
-    let r = Arc::new(OpusRendition { task });
-    map.retain(|_, w| w.strong_count() > 0);
-    map.insert(bc.name().to_owned(), Arc::downgrade(&r));
-    Some(r)
+    let (hub, bc2) = (hub.clone(), bc.clone());
+    Some(get_or_start(&registry.opus, bc.name(), move || {
+        tokio::spawn(run_opus(hub, bc2, aac))
+    }))
 }
 
 fn registry_has(registry: &Transcoders, name: &str) -> bool {

@@ -3,6 +3,7 @@
 //! tasks that feed them from the hub live in [`crate::transcode`].
 
 pub mod audio;
+pub mod video;
 
 /// Why a transcoder could not be built or failed.
 #[derive(Debug, thiserror::Error)]

@@ -27,7 +27,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&ctx.stats, &ctx.hub),
+        crate::metrics::render(&ctx),
     )
 }
 

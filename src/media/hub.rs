@@ -387,6 +387,14 @@ impl Broadcast {
             .collect()
     }
 
+    /// Whether a video track's frames are reordered (B-frames), as seen at ingest.
+    pub fn has_b_frames(&self, track: TrackId) -> bool {
+        self.lock()
+            .figures
+            .get(usize::from(track.0))
+            .is_some_and(|f| f.b_frames)
+    }
+
     /// One track's description.
     pub fn track(&self, track: TrackId) -> Option<TrackInfo> {
         self.lock()

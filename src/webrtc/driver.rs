@@ -29,7 +29,7 @@ use super::WebrtcError;
 use crate::codec::h264;
 use crate::media::{BroadcastConsumer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo};
 use crate::node::NodeContext;
-use crate::transcode::{OpusRendition, opus_for};
+use crate::transcode::{Rendition, opus_for, video_for};
 
 /// Memo slot of a frame's Annex B form.
 pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
@@ -149,7 +149,12 @@ struct Session {
     audio: Option<Mid>,
     audio_pt: Option<Pt>,
     /// Keeps the broadcast's AAC → Opus transcoder running while this viewer watches.
-    _opus: Option<Arc<OpusRendition>>,
+    _opus: Option<Arc<Rendition>>,
+    /// The broadcast's B-frame-free video while this viewer watches; when set, only that
+    /// rendition's frames are sent.
+    video_rendition: Option<Arc<Rendition>>,
+    /// A keyframe of the chosen video track has been sent.
+    video_started: bool,
     connected: bool,
     created: Instant,
     deadline: Instant,
@@ -273,7 +278,11 @@ impl Session {
                         continue;
                     };
                     match info.codec {
-                        Codec::H264 => {
+                        Codec::H264 if (track.0 >= 2) == self.video_rendition.is_some() => {
+                            if !self.video_started && !frame.keyframe {
+                                continue;
+                            }
+                            self.video_started = true;
                             let config = info.config.clone();
                             let profile = config
                                 .as_ref()
@@ -376,6 +385,7 @@ async fn run(
                         // Start the broadcast's audio rendition now, not at connect: it is
                         // ready by the time ICE and DTLS are.
                         s._opus = opus_for(&ctx.transcoders, &ctx.hub, s.consumer.broadcast());
+                        s.video_rendition = video_for(&ctx.transcoders, &ctx.hub, s.consumer.broadcast());
                         s.deadline = s.drain(&socket, &ctx);
                         sessions.insert(id, s);
                         ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
@@ -470,6 +480,8 @@ fn accept(
         audio: None,
         audio_pt: None,
         _opus: None,
+        video_rendition: None,
+        video_started: false,
         connected: false,
         created: now,
         deadline: now,

@@ -1,0 +1,197 @@
+//! H.264 with B-frames → H.264 without, once per broadcast, for WebRTC receivers (which do not
+//! reorder frames): decode, re-encode with libx264 (`zerolatency`, constrained baseline, same
+//! size), forcing an IDR wherever the source has one so groups stay aligned, and at least every
+//! 2 s so long-GOP sources start fast.
+//!
+//! The decoder is fed Annex B with SPS/PPS in band before every IDR, and the encoder's parameter
+//! sets are read from its in-band output, so no extradata has to pass through raw pointers.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use ffmpeg_next as ff;
+
+use super::FfmpegError;
+use crate::codec::h264;
+use crate::media::Frame;
+
+/// The re-encoder of one broadcast's video.
+pub struct Reencoder {
+    decoder: ff::decoder::Video,
+    encoder: Option<ff::encoder::Video>,
+    decoded: ff::frame::Video,
+    /// The output's AVCDecoderConfigurationRecord, once the encoder produced SPS and PPS.
+    pub config: Option<Bytes>,
+    /// Frames FFmpeg could not decode.
+    pub errors: u64,
+}
+
+/// Splits Annex B into NAL units.
+fn nal_units(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i..i + 3] == [0, 0, 1] {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    (0..starts.len()).map(move |k| {
+        let s = starts[k];
+        let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
+        while end > s && data[end - 1] == 0 {
+            end -= 1;
+        }
+        &data[s..end]
+    })
+}
+
+/// An AVCDecoderConfigurationRecord for one SPS and one PPS.
+pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
+    if sps.len() < 4 {
+        return None;
+    }
+    let mut c = BytesMut::with_capacity(11 + sps.len() + pps.len());
+    c.put_slice(&[1, sps[1], sps[2], sps[3], 0xFF, 0xE1]);
+    c.put_u16(sps.len() as u16);
+    c.put_slice(sps);
+    c.put_u8(1);
+    c.put_u16(pps.len() as u16);
+    c.put_slice(pps);
+    Some(c.freeze())
+}
+
+impl Reencoder {
+    /// A re-encoder; the encoder opens on the first decoded picture (its size comes from it).
+    pub fn new() -> Result<Self, FfmpegError> {
+        super::init();
+        let codec = ff::decoder::find(ff::codec::Id::H264)
+            .ok_or(FfmpegError::MissingCodec("H.264 decoder"))?;
+        let decoder = ff::codec::context::Context::new_with_codec(codec)
+            .decoder()
+            .video()?;
+        Ok(Self {
+            decoder,
+            encoder: None,
+            decoded: ff::frame::Video::empty(),
+            config: None,
+            errors: 0,
+        })
+    }
+
+    fn open_encoder(&mut self) -> Result<(), FfmpegError> {
+        let x264 = ff::encoder::find_by_name("libx264")
+            .ok_or(FfmpegError::MissingCodec("libx264 encoder"))?;
+        let mut enc = ff::codec::context::Context::new_with_codec(x264)
+            .encoder()
+            .video()?;
+        enc.set_width(self.decoded.width());
+        enc.set_height(self.decoded.height());
+        enc.set_format(ff::format::Pixel::YUV420P);
+        enc.set_time_base((1, 1_000_000));
+        enc.set_max_b_frames(0);
+        enc.set_gop(60);
+        let mut opts = ff::Dictionary::new();
+        opts.set("preset", "veryfast");
+        opts.set("tune", "zerolatency");
+        opts.set("profile", "baseline");
+        opts.set(
+            "x264-params",
+            "keyint=60:min-keyint=1:scenecut=0:repeat-headers=1",
+        );
+        self.encoder = Some(enc.open_as_with(x264, opts)?);
+        Ok(())
+    }
+
+    /// Re-encodes one source frame (`avcc` is the source track's config); appends finished
+    /// frames, length-prefixed, to `out`.
+    pub fn push(
+        &mut self,
+        frame: &Frame,
+        avcc: Option<&[u8]>,
+        out: &mut Vec<Frame>,
+    ) -> Result<(), FfmpegError> {
+        let annexb = h264::avcc_to_annexb(&frame.payload, avcc, frame.keyframe);
+        let mut packet = ff::Packet::copy(&annexb);
+        packet.set_pts(Some(frame.pts));
+        packet.set_dts(Some(frame.dts));
+        if self.decoder.send_packet(&packet).is_err() {
+            self.errors += 1;
+            return Ok(());
+        }
+        while self.decoder.receive_frame(&mut self.decoded).is_ok() {
+            if self.decoded.format() != ff::format::Pixel::YUV420P {
+                return Err(FfmpegError::BadConfig(
+                    "only 4:2:0 8-bit video can be re-encoded",
+                ));
+            }
+            if self.encoder.is_none() {
+                self.open_encoder()?;
+            }
+            let pts = self.decoded.timestamp().or(self.decoded.pts());
+            self.decoded.set_pts(pts);
+            // An IDR in the source is an IDR in the output: groups stay aligned.
+            let kind = if self.decoded.is_key() {
+                ff::picture::Type::I
+            } else {
+                ff::picture::Type::None
+            };
+            self.decoded.set_kind(kind);
+            let Some(enc) = self.encoder.as_mut() else {
+                continue;
+            };
+            enc.send_frame(&self.decoded)?;
+            let mut packet = ff::Packet::empty();
+            while enc.receive_packet(&mut packet).is_ok() {
+                let Some(data) = packet.data() else { continue };
+                let mut payload = BytesMut::with_capacity(data.len() + 16);
+                let (mut sps, mut pps) = (None, None);
+                for nal in nal_units(data) {
+                    match nal.first().map(|b| b & 0x1f) {
+                        Some(7) => sps = Some(nal),
+                        Some(8) => pps = Some(nal),
+                        _ => {}
+                    }
+                    payload.put_u32(nal.len() as u32);
+                    payload.put_slice(nal);
+                }
+                if let (Some(sps), Some(pps)) = (sps, pps) {
+                    self.config = avcc_record(sps, pps).or(self.config.take());
+                }
+                let pts = packet.pts().unwrap_or(frame.pts);
+                out.push(Frame {
+                    pts,
+                    dts: pts,
+                    keyframe: packet.is_key(),
+                    payload: payload.freeze(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annexb_split_and_record() {
+        let data = [
+            0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 1, 0x68, 9, 0, 0, 1, 0x65, 7,
+        ];
+        let nals: Vec<&[u8]> = nal_units(&data).collect();
+        assert_eq!(
+            nals,
+            vec![&[0x67, 1, 2, 3][..], &[0x68, 9][..], &[0x65, 7][..]]
+        );
+        let rec = avcc_record(nals[0], nals[1]).unwrap();
+        assert_eq!(
+            &rec[..],
+            &[
+                1, 1, 2, 3, 0xFF, 0xE1, 0, 4, 0x67, 1, 2, 3, 1, 0, 2, 0x68, 9
+            ][..]
+        );
+        assert!(h264::avcc_parameter_sets(&rec).is_some());
+    }
+}
