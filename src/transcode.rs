@@ -16,7 +16,7 @@ use crate::codec::h264;
 use crate::ffmpeg::audio::AacToOpus;
 use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
-use crate::media::{AudioInfo, Codec, Hub, Item, ReadOutcome, TrackInfo};
+use crate::media::{AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOutcome, TrackInfo};
 
 /// A running transcoder; dropping the last handle stops it.
 pub struct Rendition {
@@ -106,15 +106,7 @@ async fn run_video(
     info!(broadcast = %bc.name(), "B-frame re-encode for WebRTC started");
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4);
-    loop {
-        match consumer.read(&mut entries, 256) {
-            ReadOutcome::Ended => break,
-            ReadOutcome::Read(0) => {
-                consumer.changed().await;
-                continue;
-            }
-            _ => {}
-        }
+    while next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
             match &e.item {
                 Item::Config { track, info } if *track == source_track => {
@@ -180,6 +172,17 @@ fn registry_has(registry: &Transcoders, name: &str) -> bool {
     map.get(name).is_some_and(|w| w.strong_count() > 0)
 }
 
+/// Waits for the next entries of `consumer`; false when the broadcast ended.
+async fn next_entries(consumer: &mut BroadcastConsumer, entries: &mut Vec<Arc<Entry>>) -> bool {
+    loop {
+        match consumer.read(entries, 256) {
+            ReadOutcome::Ended => return false,
+            ReadOutcome::Read(0) => consumer.changed().await,
+            _ => return true,
+        }
+    }
+}
+
 async fn run_opus(hub: Hub, bc: Arc<Broadcast>, aac: TrackInfo) {
     let Some(mut consumer) = hub.subscribe(bc.name()) else {
         return;
@@ -205,15 +208,7 @@ async fn run_opus(hub: Hub, bc: Arc<Broadcast>, aac: TrackInfo) {
     info!(broadcast = %bc.name(), track = rendition.track().0, "AAC → Opus transcoder started");
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(8);
-    loop {
-        match consumer.read(&mut entries, 256) {
-            ReadOutcome::Ended => break,
-            ReadOutcome::Read(0) => {
-                consumer.changed().await;
-                continue;
-            }
-            _ => {}
-        }
+    while next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
             let Item::Frame { track, frame } = &e.item else {
                 continue;

@@ -13,37 +13,12 @@ use castnode::rtmp::client::ClientEvent;
 use castnode::rtmp::flv::{FlvReader, TAG_VIDEO};
 use common::*;
 
-/// Splits Annex B into NAL units.
-fn nal_units(data: &[u8]) -> Vec<&[u8]> {
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data[i..i + 3] == [0, 0, 1] {
-            starts.push(i + 3);
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    starts
-        .iter()
-        .enumerate()
-        .map(|(k, &s)| {
-            let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
-            while end > s && data[end - 1] == 0 {
-                end -= 1;
-            }
-            &data[s..end]
-        })
-        .collect()
-}
-
 /// (hvcC config, access units as length-prefixed NAL units with a keyframe flag).
 fn hevc_stream(annexb: &[u8]) -> (Bytes, Vec<(bool, Bytes)>) {
     let mut params: Vec<(u8, &[u8])> = Vec::new();
     let mut aus: Vec<(bool, BytesMut)> = Vec::new();
     let mut pending = BytesMut::new();
-    for nal in nal_units(annexb) {
+    for nal in castnode::codec::h264::annexb_nal_units(annexb) {
         let kind = (nal[0] >> 1) & 0x3f;
         match kind {
             32..=34 => {

@@ -74,6 +74,28 @@ pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<
     out
 }
 
+/// The NAL units of an Annex B byte stream (start codes of 3 or 4 bytes, trailing zeros dropped).
+pub fn annexb_nal_units(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut starts = Vec::new();
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i..i + 3] == [0, 0, 1] {
+            starts.push(i + 3);
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    (0..starts.len()).map(move |k| {
+        let s = starts[k];
+        let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
+        while end > s && data[end - 1] == 0 {
+            end -= 1;
+        }
+        &data[s..end]
+    })
+}
+
 fn profile_name(idc: u32) -> &'static str {
     match idc {
         66 => "baseline",

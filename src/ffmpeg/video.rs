@@ -24,28 +24,6 @@ pub struct Reencoder {
     pub errors: u64,
 }
 
-/// Splits Annex B into NAL units.
-fn nal_units(data: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut starts = Vec::new();
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data[i..i + 3] == [0, 0, 1] {
-            starts.push(i + 3);
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    (0..starts.len()).map(move |k| {
-        let s = starts[k];
-        let mut end = starts.get(k + 1).map_or(data.len(), |&n| n - 3);
-        while end > s && data[end - 1] == 0 {
-            end -= 1;
-        }
-        &data[s..end]
-    })
-}
-
 /// An AVCDecoderConfigurationRecord for one SPS and one PPS.
 pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
     if sps.len() < 4 {
@@ -146,7 +124,7 @@ impl Reencoder {
                 let Some(data) = packet.data() else { continue };
                 let mut payload = BytesMut::with_capacity(data.len() + 16);
                 let (mut sps, mut pps) = (None, None);
-                for nal in nal_units(data) {
+                for nal in h264::annexb_nal_units(data) {
                     match nal.first().map(|b| b & 0x1f) {
                         Some(7) => sps = Some(nal),
                         Some(8) => pps = Some(nal),
@@ -180,7 +158,7 @@ mod tests {
         let data = [
             0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 1, 0x68, 9, 0, 0, 1, 0x65, 7,
         ];
-        let nals: Vec<&[u8]> = nal_units(&data).collect();
+        let nals: Vec<&[u8]> = h264::annexb_nal_units(&data).collect();
         assert_eq!(
             nals,
             vec![&[0x67, 1, 2, 3][..], &[0x68, 9][..], &[0x65, 7][..]]
