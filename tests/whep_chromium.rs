@@ -105,21 +105,9 @@ fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
-/// Publishes `clip` over RTMP, opens VIEWERS WHEP viewers in one headless Chromium page and
-/// checks each decodes ≥ 25 fps for 10 s without freezes and receives audio. Returns the server
-/// (still running) for further checks, or `None` where Chromium is missing.
-fn watch_in_chromium(clip: &str) -> Option<Server> {
-    if Command::new("chromium").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
-        return None;
-    }
-    let server = Server::start(&[]);
-    let _publisher = ffmpeg_publish(&server.rtmp_url("w"), &fixture(clip), 2);
-    server.wait_live("live/w", Duration::from_secs(10));
-    let whep = format!("http://127.0.0.1:{}/whep/live/w", server.http_port);
-    let (port, reports) = serve_page(page(&whep));
-    let profile = temp_dir(&format!("chromium-profile-{clip}"));
-    let _browser = Proc(
+/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see TESTING.md).
+fn chromium(url: &str, profile: &std::path::Path) -> Proc {
+    Proc(
         Command::new("chromium")
             .args([
                 "--headless=new",
@@ -134,12 +122,29 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
                 "--disable-features=WebRtcHideLocalIpsWithMdns",
             ])
             .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(format!("http://127.0.0.1:{port}/"))
+            .arg(url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start chromium"),
-    );
+    )
+}
+
+/// Publishes `clip` over RTMP, opens VIEWERS WHEP viewers in one headless Chromium page and
+/// checks each decodes ≥ 25 fps for 10 s without freezes and receives audio. Returns the server
+/// (still running) for further checks, or `None` where Chromium is missing.
+fn watch_in_chromium(clip: &str) -> Option<Server> {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
+        return None;
+    }
+    let server = Server::start(&[]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("w"), &fixture(clip), 2);
+    server.wait_live("live/w", Duration::from_secs(10));
+    let whep = format!("http://127.0.0.1:{}/whep/live/w", server.http_port);
+    let (port, reports) = serve_page(page(&whep));
+    let profile = temp_dir(&format!("chromium-profile-{clip}"));
+    let _browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
     let report = reports
         .recv_timeout(Duration::from_secs(60))
         .expect("the page reported within 60 s");
@@ -198,4 +203,35 @@ fn rtmp_with_b_frames_to_whep_is_reencoded_once() {
             1.0
         );
     }
+}
+
+/// The built-in player page (`/play/{app}/{key}`) connects over WHEP from a browser.
+#[test]
+fn player_page_plays_in_chromium() {
+    if Command::new("chromium").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
+        return;
+    }
+    let server = Server::start(&[]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("p"), &fixture("baseline.flv"), 1);
+    server.wait_live("live/p", Duration::from_secs(10));
+    let (status, head, page) = server.get("/play/live/p");
+    assert_eq!(status, 200);
+    assert!(
+        head.to_lowercase().contains("text/html") && page.contains("/whep/"),
+        "{head}"
+    );
+    let profile = temp_dir("chromium-profile-play");
+    let _browser = chromium(
+        &format!("http://127.0.0.1:{}/play/live/p", server.http_port),
+        &profile,
+    );
+    let connected = wait_until(Duration::from_secs(20), || {
+        server.metric("castnode_webrtc_connected_total") >= 1.0
+    });
+    assert!(
+        connected,
+        "the player page did not connect:\n{}",
+        server.log()
+    );
 }

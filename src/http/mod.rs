@@ -21,6 +21,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/broadcasts", get(broadcasts))
+        .route("/play/{app}/{key}", get(play_page))
         .with_state(ctx)
 }
 
@@ -28,6 +29,15 @@ async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::metrics::render(&ctx),
+    )
+}
+
+/// The WHEP player page (plain HTML/JS embedded in the binary): plays the broadcast named in its
+/// path, with a small stats overlay (resolution, fps, bitrate, RTT).
+async fn play_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/play.html"),
     )
 }
 

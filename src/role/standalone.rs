@@ -33,6 +33,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     println!(
         "  ffmpeg: ffmpeg -re -i clip.flv -c copy -f flv rtmp://{host}:{rtmp_port}/live/mystream"
     );
+    println!("  Watch in a browser: http://{host}:{http_port}/play/live/mystream");
     println!(
         "  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>"
     );
