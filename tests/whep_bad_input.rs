@@ -16,6 +16,17 @@ fn request(port: u16, method: &str, path: &str, ctype: &str, body: &[u8]) -> (u1
     http_request(port, method, path, Some(ctype), body)
 }
 
+/// POSTs the recorded Chromium offer to `live/b`.
+fn post_offer(port: u16) -> (u16, String, String) {
+    request(
+        port,
+        "POST",
+        "/whep/live/b",
+        "application/sdp",
+        OFFER.as_bytes(),
+    )
+}
+
 fn udp_port(server: &Server) -> u16 {
     let (_, _, body) = server.get("/metrics");
     assert!(body.contains("castnode_webrtc_viewers"));
@@ -104,13 +115,7 @@ fn whep_refusals_and_udp_noise() {
 
     // Two offers whose peers never connect: accepted, then reaped after 10 s.
     for _ in 0..2 {
-        let (status, head, answer) = request(
-            port,
-            "POST",
-            "/whep/live/b",
-            "application/sdp",
-            OFFER.as_bytes(),
-        );
+        let (status, head, answer) = post_offer(port);
         assert_eq!(status, 201, "{answer}");
         assert!(
             head.to_lowercase().contains("location: /whep/live/b/"),
@@ -119,17 +124,7 @@ fn whep_refusals_and_udp_noise() {
         assert!(answer.contains("a=ice-lite"), "{answer}");
     }
     // At --max-viewers.
-    assert_eq!(
-        request(
-            port,
-            "POST",
-            "/whep/live/b",
-            "application/sdp",
-            OFFER.as_bytes()
-        )
-        .0,
-        503
-    );
+    assert_eq!(post_offer(port).0, 503);
 
     // Noise on the UDP port: garbage, a STUN binding request with an unknown username, a DTLS
     // record from nowhere. Nothing accepts them; nothing breaks.
@@ -163,17 +158,7 @@ fn whep_refusals_and_udp_noise() {
         .metric("castnode_webrtc_viewers")
         == 0.0));
     // Room again after the reaping.
-    assert_eq!(
-        request(
-            port,
-            "POST",
-            "/whep/live/b",
-            "application/sdp",
-            OFFER.as_bytes()
-        )
-        .0,
-        201
-    );
+    assert_eq!(post_offer(port).0, 201);
     let (_, _, log) = (0, 0, server.log());
     assert!(!log.contains("panicked"), "{log}");
 }
