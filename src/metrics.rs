@@ -31,6 +31,12 @@ pub struct NodeStats {
     pub webrtc_keyframe_requests: AtomicU64,
     /// Datagrams on the WebRTC port that no session accepted.
     pub webrtc_datagrams_dropped: AtomicU64,
+    /// WHIP publishers.
+    pub webrtc_publishers: AtomicU64,
+    /// Losses in WHIP publishers' video that made the node wait for a keyframe.
+    pub webrtc_ingest_gaps: AtomicU64,
+    /// Keyframe requests (PLI) sent to WHIP publishers.
+    pub webrtc_keyframe_requests_sent: AtomicU64,
 }
 
 fn escape(v: &str) -> String {
@@ -42,7 +48,7 @@ fn escape(v: &str) -> String {
 /// Renders the node's metrics in the Prometheus text format (version 0.0.4).
 pub fn render(ctx: &crate::node::NodeContext) -> String {
     let (stats, hub) = (&ctx.stats, &ctx.hub);
-    let (opus, video) = ctx.transcoders.running();
+    let running = ctx.transcoders.running();
     let mut s = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -123,6 +129,24 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         &g(&stats.webrtc_keyframe_requests),
     );
     metric(
+        "castnode_webrtc_publishers",
+        "gauge",
+        "WHIP publishers on this node.",
+        &g(&stats.webrtc_publishers),
+    );
+    metric(
+        "castnode_webrtc_ingest_gaps_total",
+        "counter",
+        "Losses in WHIP publishers' video after which the node waited for a keyframe.",
+        &g(&stats.webrtc_ingest_gaps),
+    );
+    metric(
+        "castnode_webrtc_keyframe_requests_sent_total",
+        "counter",
+        "Keyframe requests (PLI) sent to WHIP publishers.",
+        &g(&stats.webrtc_keyframe_requests_sent),
+    );
+    metric(
         "castnode_webrtc_datagrams_dropped_total",
         "counter",
         "Datagrams no WebRTC session accepted.",
@@ -133,8 +157,12 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         "gauge",
         "On-demand transcoders running, by kind.",
         &[
-            ("{kind=\"aac_to_opus\"}".into(), opus as f64),
-            ("{kind=\"bframe_reencode\"}".into(), video as f64),
+            ("{kind=\"aac_to_opus\"}".into(), running.aac_to_opus as f64),
+            ("{kind=\"opus_to_aac\"}".into(), running.opus_to_aac as f64),
+            (
+                "{kind=\"bframe_reencode\"}".into(),
+                running.bframe_reencode as f64,
+            ),
         ],
     );
     metric(

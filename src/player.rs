@@ -9,6 +9,8 @@
 //!   players every frame goes out at once; with many, frames are merged so that the node's
 //!   write rate stays within its budget.
 //! - A player that falls behind skips to the newest keyframe (logged, counted).
+//! - A broadcast whose audio is Opus (published over WHIP) gets its AAC rendition started for
+//!   as long as the player plays.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -99,6 +101,8 @@ pub async fn play<M: Muxer, P: PlayerProtocol>(
     ctx: &Arc<NodeContext>,
 ) -> Result<(), String> {
     let broadcast = feed.consumer().broadcast().clone();
+    // A WHIP source's Opus cannot go into FLV: its AAC rendition runs while this player plays.
+    let _aac = crate::transcode::aac_for(&ctx.transcoders, &ctx.hub, &broadcast);
     let mut out: Vec<Bytes> = Vec::with_capacity(16);
     let mut input = BytesMut::new();
     loop {

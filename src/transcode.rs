@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::codec::h264;
-use crate::ffmpeg::audio::AacToOpus;
+use crate::ffmpeg::FfmpegError;
+use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
 use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
 use crate::media::{AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOutcome, TrackInfo};
@@ -22,9 +23,6 @@ use crate::media::{AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOu
 pub struct Rendition {
     task: JoinHandle<()>,
 }
-
-/// The AAC → Opus rendition.
-pub type OpusRendition = Rendition;
 
 impl Drop for Rendition {
     fn drop(&mut self) {
@@ -36,12 +34,24 @@ impl Drop for Rendition {
 #[derive(Default)]
 pub struct Transcoders {
     opus: Mutex<HashMap<String, Weak<Rendition>>>,
+    aac: Mutex<HashMap<String, Weak<Rendition>>>,
     video: Mutex<HashMap<String, Weak<Rendition>>>,
 }
 
+/// How many transcoders of each kind run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Running {
+    /// AAC → Opus (WebRTC viewers of RTMP sources).
+    pub aac_to_opus: usize,
+    /// Opus → AAC (RTMP/FLV players of WHIP sources).
+    pub opus_to_aac: usize,
+    /// B-frame-free re-encodes (WebRTC viewers of sources with B-frames).
+    pub bframe_reencode: usize,
+}
+
 impl Transcoders {
-    /// Running transcoders: (AAC → Opus, B-frame re-encodes).
-    pub fn running(&self) -> (usize, usize) {
+    /// Running transcoders by kind.
+    pub fn running(&self) -> Running {
         let count = |m: &Mutex<HashMap<String, Weak<Rendition>>>| {
             m.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -49,7 +59,11 @@ impl Transcoders {
                 .filter(|w| w.strong_count() > 0)
                 .count()
         };
-        (count(&self.opus), count(&self.video))
+        Running {
+            aac_to_opus: count(&self.opus),
+            opus_to_aac: count(&self.aac),
+            bframe_reencode: count(&self.video),
+        }
     }
 }
 
@@ -147,29 +161,42 @@ async fn run_video(
     info!(broadcast = %bc.name(), "B-frame re-encode stopped");
 }
 
-/// The Opus rendition of `bc`, started if needed; `None` when the broadcast has no AAC track or
-/// already carries Opus.
-pub fn opus_for(
-    registry: &Transcoders,
-    hub: &Hub,
-    bc: &Arc<Broadcast>,
-) -> Option<Arc<OpusRendition>> {
-    let tracks = bc.tracks();
-    if tracks.iter().any(|(_, t)| t.codec == Codec::Opus) && !registry_has(registry, bc.name()) {
-        return None;
-    }
-    let (_, aac) = tracks
-        .into_iter()
-        .find(|(_, t)| t.codec == Codec::Aac && t.config.is_some())?;
-    let (hub, bc2) = (hub.clone(), bc.clone());
-    Some(get_or_start(&registry.opus, bc.name(), move || {
-        tokio::spawn(run_opus(hub, bc2, aac))
-    }))
+/// The Opus rendition of `bc` (for WebRTC viewers), started if needed; `None` when the
+/// broadcast has no AAC track or was published with Opus.
+pub fn opus_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+    audio_for(&registry.opus, hub, bc, Codec::Aac, Codec::Opus)
 }
 
-fn registry_has(registry: &Transcoders, name: &str) -> bool {
-    let map = registry.opus.lock().unwrap_or_else(|p| p.into_inner());
-    map.get(name).is_some_and(|w| w.strong_count() > 0)
+/// The AAC rendition of `bc` (for RTMP and HTTP-FLV players, which cannot carry Opus), started
+/// if needed; `None` when the broadcast has no Opus track or was published with AAC.
+pub fn aac_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+    audio_for(&registry.aac, hub, bc, Codec::Opus, Codec::Aac)
+}
+
+/// The `to` rendition of `bc`'s `from` audio, started in `map` if needed.
+fn audio_for(
+    map: &Mutex<HashMap<String, Weak<Rendition>>>,
+    hub: &Hub,
+    bc: &Arc<Broadcast>,
+    from: Codec,
+    to: Codec,
+) -> Option<Arc<Rendition>> {
+    let tracks = bc.tracks();
+    let running = map
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(bc.name())
+        .is_some_and(|w| w.strong_count() > 0);
+    if !running && tracks.iter().any(|(_, t)| t.codec == to) {
+        return None;
+    }
+    let (_, source) = tracks
+        .into_iter()
+        .find(|(id, t)| id.0 < 2 && t.codec == from)?;
+    let (hub, bc2) = (hub.clone(), bc.clone());
+    Some(get_or_start(map, bc.name(), move || {
+        tokio::spawn(run_audio(hub, bc2, source, to))
+    }))
 }
 
 /// Waits for the next entries of `consumer`; false when the broadcast ended.
@@ -183,29 +210,47 @@ async fn next_entries(consumer: &mut BroadcastConsumer, entries: &mut Vec<Arc<En
     }
 }
 
-async fn run_opus(hub: Hub, bc: Arc<Broadcast>, aac: TrackInfo) {
-    let Some(mut consumer) = hub.subscribe(bc.name()) else {
-        return;
-    };
-    let config = aac.config.clone().unwrap_or_default();
-    let mut transcoder = match AacToOpus::new(&config, 96_000) {
-        Ok(t) => t,
-        Err(e) => {
-            warn!(broadcast = %bc.name(), error = %e, "cannot transcode AAC to Opus; WebRTC viewers get no audio");
-            return;
+/// An audio transcoder from `source` to `to` and the description of the track it writes.
+fn audio_transcoder(
+    source: &TrackInfo,
+    to: Codec,
+) -> Result<(AudioTranscoder, TrackInfo), FfmpegError> {
+    let (transcoder, config) = match to {
+        Codec::Opus => {
+            let asc = source.config.clone().unwrap_or_default();
+            (AudioTranscoder::aac_to_opus(&asc, 96_000)?, None)
         }
+        _ => (
+            AudioTranscoder::opus_to_aac(128_000)?,
+            Some(bytes::Bytes::from_static(&AAC_48K_STEREO_ASC)),
+        ),
     };
     let info = TrackInfo {
-        codec: Codec::Opus,
-        config: None,
+        codec: to,
+        config,
         video: None,
         audio: Some(AudioInfo {
             sample_rate: 48_000,
             channels: 2,
         }),
     };
+    Ok((transcoder, info))
+}
+
+async fn run_audio(hub: Hub, bc: Arc<Broadcast>, source: TrackInfo, to: Codec) {
+    let Some(mut consumer) = hub.subscribe(bc.name()) else {
+        return;
+    };
+    let (from, to_name) = (source.codec.name(), to.name());
+    let (mut transcoder, info) = match audio_transcoder(&source, to) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(broadcast = %bc.name(), error = %e, "cannot transcode {from} to {to_name}; its players get no audio");
+            return;
+        }
+    };
     let mut rendition = bc.add_rendition(&hub, info);
-    info!(broadcast = %bc.name(), track = rendition.track().0, "AAC → Opus transcoder started");
+    info!(broadcast = %bc.name(), track = rendition.track().0, "{from} → {to_name} transcoder started");
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(8);
     while next_entries(&mut consumer, &mut entries).await {
@@ -213,12 +258,11 @@ async fn run_opus(hub: Hub, bc: Arc<Broadcast>, aac: TrackInfo) {
             let Item::Frame { track, frame } = &e.item else {
                 continue;
             };
-            if *track == rendition.track() || bc.track(*track).is_none_or(|t| t.codec != Codec::Aac)
-            {
+            if track.0 >= 2 || bc.track(*track).is_none_or(|t| t.codec != source.codec) {
                 continue;
             }
             if let Err(err) = transcoder.push(frame, &mut out) {
-                warn!(broadcast = %bc.name(), error = %err, "AAC → Opus failed; stopping the transcoder");
+                warn!(broadcast = %bc.name(), error = %err, "{from} → {to_name} failed; stopping the transcoder");
                 return;
             }
             for f in out.drain(..) {
@@ -226,5 +270,5 @@ async fn run_opus(hub: Hub, bc: Arc<Broadcast>, aac: TrackInfo) {
             }
         }
     }
-    info!(broadcast = %bc.name(), "AAC → Opus transcoder stopped");
+    info!(broadcast = %bc.name(), "{from} → {to_name} transcoder stopped");
 }

@@ -162,3 +162,101 @@ fn whep_refusals_and_udp_noise() {
     let (_, _, log) = (0, 0, server.log());
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// The WHIP side: refusals with reasons, one publisher per broadcast, DELETE ends the session and
+/// the broadcast.
+#[test]
+fn whip_refusals_and_resource_lifecycle() {
+    let server = Server::start(&[]);
+    let port = server.http_port;
+    let _rtmp = ffmpeg_publish(&server.rtmp_url("b"), &fixture("baseline.flv"), 1);
+    server.wait_live("live/b", Duration::from_secs(10));
+    // The recorded offer turned around: it sends video and audio.
+    let offer = OFFER.replace("a=recvonly", "a=sendonly");
+    let no_h264 = offer.replace("H264", "VP8").replace("h264", "vp8");
+    let cases: [(&str, &str, &[u8], u16, &str); 5] = [
+        (
+            "/whip/live/c",
+            "text/plain",
+            offer.as_bytes(),
+            415,
+            "application/sdp",
+        ),
+        (
+            "/whip/live/c",
+            "application/sdp",
+            b"v=0\r\nnot sdp",
+            400,
+            "malformed SDP",
+        ),
+        (
+            "/whip/live/c",
+            "application/sdp",
+            no_h264.as_bytes(),
+            400,
+            "H.264",
+        ),
+        ("/whip/live/c", "application/sdp", &[b'a'; 70_000], 413, ""),
+        (
+            "/whip/live/b",
+            "application/sdp",
+            offer.as_bytes(),
+            409,
+            "already has a live publisher",
+        ),
+    ];
+    for (path, ctype, body, status, reason) in cases {
+        let (got, _, text) = request(port, "POST", path, ctype, body);
+        println!("POST {path} ({ctype}) -> {got} {}", text.trim());
+        assert_eq!(got, status, "{path} {ctype}: {text}");
+        assert!(text.contains(reason), "{path}: {text:?} lacks {reason:?}");
+    }
+
+    let (status, head, answer) = request(
+        port,
+        "POST",
+        "/whip/live/c",
+        "application/sdp",
+        offer.as_bytes(),
+    );
+    assert_eq!(status, 201, "{answer}");
+    assert!(answer.contains("a=recvonly"), "{answer}");
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("location: ")
+                .or(l.strip_prefix("Location: "))
+        })
+        .expect("a Location")
+        .trim()
+        .to_owned();
+    assert!(location.starts_with("/whip/live/c/"), "{location}");
+    assert_eq!(server.metric("castnode_webrtc_publishers"), 1.0);
+    // A second publisher for the same name waits its turn.
+    let again = request(
+        port,
+        "POST",
+        "/whip/live/c",
+        "application/sdp",
+        offer.as_bytes(),
+    );
+    assert_eq!(again.0, 409, "{}", again.2);
+    // The resource is a publisher's: the WHEP path of the same id does not end it.
+    let id = location.rsplit('/').next().unwrap();
+    let wrong = request(
+        port,
+        "DELETE",
+        &format!("/whep/live/c/{id}"),
+        "text/plain",
+        b"",
+    );
+    assert_eq!(wrong.0, 404);
+    assert_eq!(request(port, "DELETE", &location, "text/plain", b"").0, 200);
+    assert!(wait_until(Duration::from_secs(2), || server
+        .metric("castnode_webrtc_publishers")
+        == 0.0));
+    assert_eq!(request(port, "DELETE", &location, "text/plain", b"").0, 404);
+    // The RTMP broadcast next to it never noticed.
+    assert!(server.metric("castnode_broadcasts") >= 1.0);
+    assert!(!server.log().contains("panicked"));
+}

@@ -1,5 +1,7 @@
 //! H.264: the AVCDecoderConfigurationRecord and the sequence parameter set (resolution, profile).
 
+use bytes::{BufMut, Bytes, BytesMut};
+
 use super::bits::{BitReader, unescape_rbsp};
 use crate::media::VideoInfo;
 
@@ -72,6 +74,49 @@ pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<
         out.extend_from_slice(nal);
     }
     out
+}
+
+/// An AVCDecoderConfigurationRecord for one SPS and one PPS.
+pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
+    if sps.len() < 4 {
+        return None;
+    }
+    let mut c = BytesMut::with_capacity(11 + sps.len() + pps.len());
+    c.put_slice(&[1, sps[1], sps[2], sps[3], 0xFF, 0xE1]);
+    c.put_u16(sps.len() as u16);
+    c.put_slice(sps);
+    c.put_u8(1);
+    c.put_u16(pps.len() as u16);
+    c.put_slice(pps);
+    Some(c.freeze())
+}
+
+/// What an Annex B access unit held (see [`annexb_to_avcc`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AccessUnit<'a> {
+    /// It has an IDR slice.
+    pub idr: bool,
+    /// Its last sequence parameter set.
+    pub sps: Option<&'a [u8]>,
+    /// Its last picture parameter set.
+    pub pps: Option<&'a [u8]>,
+}
+
+/// Appends the NAL units of Annex B `data` to `out`, each behind a 4-byte length (the form
+/// frames have in the hub); parameter sets stay in-band and are also returned.
+pub fn annexb_to_avcc<'a>(data: &'a [u8], out: &mut BytesMut) -> AccessUnit<'a> {
+    let mut au = AccessUnit::default();
+    for nal in annexb_nal_units(data) {
+        match nal.first().map(|b| b & 0x1f) {
+            Some(5) => au.idr = true,
+            Some(7) => au.sps = Some(nal),
+            Some(8) => au.pps = Some(nal),
+            _ => {}
+        }
+        out.put_u32(nal.len() as u32);
+        out.put_slice(nal);
+    }
+    au
 }
 
 /// The NAL units of an Annex B byte stream (start codes of 3 or 4 bytes, trailing zeros dropped).
@@ -213,6 +258,36 @@ pub fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annexb_to_avcc_and_record() {
+        let data = [
+            0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 1, 0x68, 9, 0, 0, 1, 0x65, 7,
+        ];
+        let nals: Vec<&[u8]> = annexb_nal_units(&data).collect();
+        assert_eq!(
+            nals,
+            vec![&[0x67, 1, 2, 3][..], &[0x68, 9][..], &[0x65, 7][..]]
+        );
+        let mut out = BytesMut::new();
+        let au = annexb_to_avcc(&data, &mut out);
+        assert!(au.idr);
+        assert_eq!(
+            &out[..],
+            &[
+                0, 0, 0, 4, 0x67, 1, 2, 3, 0, 0, 0, 2, 0x68, 9, 0, 0, 0, 2, 0x65, 7
+            ][..]
+        );
+        let rec = avcc_record(au.sps.unwrap(), au.pps.unwrap()).unwrap();
+        assert_eq!(
+            &rec[..],
+            &[
+                1, 1, 2, 3, 0xFF, 0xE1, 0, 4, 0x67, 1, 2, 3, 1, 0, 2, 0x68, 9
+            ][..]
+        );
+        assert!(avcc_parameter_sets(&rec).is_some());
+        assert_eq!(avcc_to_annexb(&out, None, false).len(), data.len() + 2);
+    }
 
     #[test]
     fn sps_1280x720_high() {

@@ -1,9 +1,10 @@
-//! AAC → Opus, once per broadcast: decode AAC (fed as ADTS, so no extradata has to be set
-//! through FFmpeg's raw pointers), resample to 48 kHz stereo, cut into 20 ms frames and encode
-//! with libopus.
+//! Audio transcoders, once per broadcast: AAC → Opus (for WebRTC viewers of RTMP sources) and
+//! Opus → AAC (for RTMP/HTTP-FLV players of WHIP sources). Decode (AAC is fed as ADTS, so no
+//! extradata has to be set through FFmpeg's raw pointers), resample to 48 kHz stereo, cut into
+//! the encoder's frame size and encode.
 //!
 //! Guarantees: output timestamps continue from the first input frame's, in 48 kHz samples, so
-//! the Opus track stays in sync with the video it was published with; a frame FFmpeg cannot
+//! the new track stays in sync with the video it was published with; a frame FFmpeg cannot
 //! decode is skipped (counted), never fatal.
 
 use bytes::Bytes;
@@ -17,18 +18,37 @@ use crate::media::Frame;
 
 /// Opus frame length at 48 kHz (20 ms).
 pub const OPUS_FRAME: usize = 960;
+/// AAC frame length.
+pub const AAC_FRAME: usize = 1024;
+/// The AudioSpecificConfig of what [`AudioTranscoder::opus_to_aac`] produces: AAC-LC, 48 kHz,
+/// stereo.
+pub const AAC_48K_STEREO_ASC: [u8; 2] = [0x11, 0x90];
 
-/// The AAC → Opus transcoder of one broadcast.
-pub struct AacToOpus {
-    adts: [u8; 7],
+/// How input frames reach the decoder.
+enum Framing {
+    /// Raw AAC access units, wrapped in ADTS with this fixed header.
+    Adts([u8; 7]),
+    /// Packets as they are (Opus).
+    Raw,
+}
+
+/// One broadcast's audio transcoder.
+pub struct AudioTranscoder {
+    framing: Framing,
     decoder: ff::decoder::Audio,
     resampler: Option<ff::software::resampling::Context>,
     encoder: ff::encoder::Audio,
+    /// Samples per channel in one encoded frame.
+    frame_size: usize,
+    /// The encoder takes planar samples (one plane per channel).
+    planar: bool,
+    /// Interleaved stereo samples waiting for a whole encoder frame.
     fifo: Vec<f32>,
     /// Presentation time of the first sample in `fifo`, microseconds.
     fifo_pts: Option<i64>,
     decoded: ff::frame::Audio,
     resampled: ff::frame::Audio,
+    packet: Vec<u8>,
     /// Frames FFmpeg could not decode.
     pub errors: u64,
 }
@@ -62,9 +82,27 @@ fn adts_template(asc: &[u8]) -> Result<[u8; 7], FfmpegError> {
     ])
 }
 
-impl AacToOpus {
-    /// A transcoder for AAC described by `asc` (its AudioSpecificConfig).
-    pub fn new(asc: &[u8], bitrate: usize) -> Result<Self, FfmpegError> {
+/// An opened 48 kHz stereo encoder taking `format`.
+fn open_encoder(
+    codec: ff::Codec,
+    format: Sample,
+    bitrate: usize,
+) -> Result<ff::encoder::Audio, FfmpegError> {
+    let mut enc = ff::codec::context::Context::new_with_codec(codec)
+        .encoder()
+        .audio()?;
+    enc.set_rate(48_000);
+    enc.set_channel_layout(ChannelLayout::STEREO);
+    enc.set_channels(2);
+    enc.set_format(format);
+    enc.set_bit_rate(bitrate);
+    enc.set_time_base((1, 48_000));
+    Ok(enc.open_as(codec)?)
+}
+
+impl AudioTranscoder {
+    /// AAC described by `asc` (its AudioSpecificConfig) → Opus at `bitrate`, 20 ms frames.
+    pub fn aac_to_opus(asc: &[u8], bitrate: usize) -> Result<Self, FfmpegError> {
         super::init();
         let adts = adts_template(asc)?;
         let aac = ff::decoder::find(ff::codec::Id::AAC)
@@ -74,43 +112,74 @@ impl AacToOpus {
             .audio()?;
         let opus = ff::encoder::find_by_name("libopus")
             .ok_or(FfmpegError::MissingCodec("libopus encoder"))?;
-        let mut enc = ff::codec::context::Context::new_with_codec(opus)
-            .encoder()
+        let encoder = open_encoder(opus, Sample::F32(SampleType::Packed), bitrate)?;
+        Ok(Self::with(
+            Framing::Adts(adts),
+            decoder,
+            encoder,
+            OPUS_FRAME,
+            false,
+        ))
+    }
+
+    /// Opus (48 kHz, mono or stereo) → AAC-LC 48 kHz stereo at `bitrate`; the output's
+    /// AudioSpecificConfig is [`AAC_48K_STEREO_ASC`].
+    pub fn opus_to_aac(bitrate: usize) -> Result<Self, FfmpegError> {
+        super::init();
+        let opus = ff::decoder::find(ff::codec::Id::OPUS)
+            .ok_or(FfmpegError::MissingCodec("Opus decoder"))?;
+        let decoder = ff::codec::context::Context::new_with_codec(opus)
+            .decoder()
             .audio()?;
-        enc.set_rate(48_000);
-        enc.set_channel_layout(ChannelLayout::STEREO);
-        enc.set_channels(2);
-        enc.set_format(Sample::F32(SampleType::Packed));
-        enc.set_bit_rate(bitrate);
-        enc.set_time_base((1, 48_000));
-        let encoder = enc.open_as(opus)?;
-        Ok(Self {
-            adts,
+        let aac = ff::encoder::find(ff::codec::Id::AAC)
+            .ok_or(FfmpegError::MissingCodec("AAC encoder"))?;
+        let encoder = open_encoder(aac, Sample::F32(SampleType::Planar), bitrate)?;
+        Ok(Self::with(Framing::Raw, decoder, encoder, AAC_FRAME, true))
+    }
+
+    fn with(
+        framing: Framing,
+        decoder: ff::decoder::Audio,
+        encoder: ff::encoder::Audio,
+        frame_size: usize,
+        planar: bool,
+    ) -> Self {
+        Self {
+            framing,
             decoder,
             resampler: None,
             encoder,
-            fifo: Vec::with_capacity(OPUS_FRAME * 4),
+            frame_size,
+            planar,
+            fifo: Vec::with_capacity(frame_size * 8),
             fifo_pts: None,
             decoded: ff::frame::Audio::empty(),
             resampled: ff::frame::Audio::empty(),
+            packet: Vec::with_capacity(2048),
             errors: 0,
-        })
+        }
     }
 
-    /// Transcodes one AAC frame; appends the Opus frames that are now complete to `out`.
-    pub fn push(&mut self, aac: &Frame, out: &mut Vec<Frame>) -> Result<(), FfmpegError> {
-        let len = aac.payload.len() + 7;
-        let mut adts = Vec::with_capacity(len);
-        adts.extend_from_slice(&self.adts);
-        adts[3] |= ((len >> 11) & 3) as u8;
-        adts[4] = (len >> 3) as u8;
-        adts[5] |= ((len & 7) << 5) as u8;
-        adts.extend_from_slice(&aac.payload);
-        if self.decoder.send_packet(&ff::Packet::copy(&adts)).is_err() {
+    /// Transcodes one input frame; appends the output frames that are now complete to `out`.
+    pub fn push(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<(), FfmpegError> {
+        self.packet.clear();
+        if let Framing::Adts(template) = &self.framing {
+            let len = input.payload.len() + 7;
+            self.packet.extend_from_slice(template);
+            self.packet[3] |= ((len >> 11) & 3) as u8;
+            self.packet[4] = (len >> 3) as u8;
+            self.packet[5] |= ((len & 7) << 5) as u8;
+        }
+        self.packet.extend_from_slice(&input.payload);
+        if self
+            .decoder
+            .send_packet(&ff::Packet::copy(&self.packet))
+            .is_err()
+        {
             self.errors += 1;
             return Ok(());
         }
-        self.fifo_pts.get_or_insert(aac.pts);
+        self.fifo_pts.get_or_insert(input.pts);
         while self.decoder.receive_frame(&mut self.decoded).is_ok() {
             if self.resampler.is_none() {
                 let layout = match self.decoded.channel_layout() {
@@ -137,7 +206,7 @@ impl AacToOpus {
                 );
             }
         }
-        while self.fifo.len() >= OPUS_FRAME * 2 {
+        while self.fifo.len() >= self.frame_size * 2 {
             self.encode_one(out)?;
         }
         Ok(())
@@ -145,21 +214,33 @@ impl AacToOpus {
 
     fn encode_one(&mut self, out: &mut Vec<Frame>) -> Result<(), FfmpegError> {
         let pts_us = self.fifo_pts.unwrap_or(0);
-        let mut frame = ff::frame::Audio::new(
-            Sample::F32(SampleType::Packed),
-            OPUS_FRAME,
-            ChannelLayout::STEREO,
-        );
+        let n = self.frame_size;
+        let format = if self.planar {
+            Sample::F32(SampleType::Planar)
+        } else {
+            Sample::F32(SampleType::Packed)
+        };
+        let mut frame = ff::frame::Audio::new(format, n, ChannelLayout::STEREO);
         frame.set_rate(48_000);
-        let dst = frame.data_mut(0);
-        for (d, s) in dst
-            .chunks_exact_mut(4)
-            .zip(self.fifo.drain(..OPUS_FRAME * 2))
-        {
-            d.copy_from_slice(&s.to_ne_bytes());
+        if self.planar {
+            // One plane per channel, de-interleaved from the FIFO.
+            for ch in 0..2 {
+                for (i, d) in frame.data_mut(ch).chunks_exact_mut(4).take(n).enumerate() {
+                    d.copy_from_slice(&self.fifo[i * 2 + ch].to_ne_bytes());
+                }
+            }
+        } else {
+            for (d, s) in frame
+                .data_mut(0)
+                .chunks_exact_mut(4)
+                .zip(&self.fifo[..n * 2])
+            {
+                d.copy_from_slice(&s.to_ne_bytes());
+            }
         }
+        self.fifo.drain(..n * 2);
         frame.set_pts(Some(pts_us * 48 / 1000));
-        self.fifo_pts = Some(pts_us + (OPUS_FRAME as i64) * 1_000_000 / 48_000);
+        self.fifo_pts = Some(pts_us + (n as i64) * 1_000_000 / 48_000);
         self.encoder.send_frame(&frame)?;
         let mut packet = ff::Packet::empty();
         while self.encoder.receive_packet(&mut packet).is_ok() {

@@ -6,7 +6,7 @@
 //! The decoder is fed Annex B with SPS/PPS in band before every IDR, and the encoder's parameter
 //! sets are read from its in-band output, so no extradata has to pass through raw pointers.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use ffmpeg_next as ff;
 
 use super::FfmpegError;
@@ -22,21 +22,6 @@ pub struct Reencoder {
     pub config: Option<Bytes>,
     /// Frames FFmpeg could not decode.
     pub errors: u64,
-}
-
-/// An AVCDecoderConfigurationRecord for one SPS and one PPS.
-pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
-    if sps.len() < 4 {
-        return None;
-    }
-    let mut c = BytesMut::with_capacity(11 + sps.len() + pps.len());
-    c.put_slice(&[1, sps[1], sps[2], sps[3], 0xFF, 0xE1]);
-    c.put_u16(sps.len() as u16);
-    c.put_slice(sps);
-    c.put_u8(1);
-    c.put_u16(pps.len() as u16);
-    c.put_slice(pps);
-    Some(c.freeze())
 }
 
 impl Reencoder {
@@ -123,18 +108,9 @@ impl Reencoder {
             while enc.receive_packet(&mut packet).is_ok() {
                 let Some(data) = packet.data() else { continue };
                 let mut payload = BytesMut::with_capacity(data.len() + 16);
-                let (mut sps, mut pps) = (None, None);
-                for nal in h264::annexb_nal_units(data) {
-                    match nal.first().map(|b| b & 0x1f) {
-                        Some(7) => sps = Some(nal),
-                        Some(8) => pps = Some(nal),
-                        _ => {}
-                    }
-                    payload.put_u32(nal.len() as u32);
-                    payload.put_slice(nal);
-                }
-                if let (Some(sps), Some(pps)) = (sps, pps) {
-                    self.config = avcc_record(sps, pps).or(self.config.take());
+                let au = h264::annexb_to_avcc(data, &mut payload);
+                if let (Some(sps), Some(pps)) = (au.sps, au.pps) {
+                    self.config = h264::avcc_record(sps, pps).or(self.config.take());
                 }
                 let pts = packet.pts().unwrap_or(frame.pts);
                 out.push(Frame {
@@ -146,30 +122,5 @@ impl Reencoder {
             }
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn annexb_split_and_record() {
-        let data = [
-            0, 0, 0, 1, 0x67, 1, 2, 3, 0, 0, 1, 0x68, 9, 0, 0, 1, 0x65, 7,
-        ];
-        let nals: Vec<&[u8]> = h264::annexb_nal_units(&data).collect();
-        assert_eq!(
-            nals,
-            vec![&[0x67, 1, 2, 3][..], &[0x68, 9][..], &[0x65, 7][..]]
-        );
-        let rec = avcc_record(nals[0], nals[1]).unwrap();
-        assert_eq!(
-            &rec[..],
-            &[
-                1, 1, 2, 3, 0xFF, 0xE1, 0, 4, 0x67, 1, 2, 3, 1, 0, 2, 0x68, 9
-            ][..]
-        );
-        assert!(h264::avcc_parameter_sets(&rec).is_some());
     }
 }

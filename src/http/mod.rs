@@ -22,6 +22,7 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/broadcasts", get(broadcasts))
         .route("/play/{app}/{key}", get(play_page))
+        .route("/publish/{app}/{key}", get(publish_page))
         .with_state(ctx)
 }
 
@@ -38,6 +39,15 @@ async fn play_page() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
         include_str!("assets/play.html"),
+    )
+}
+
+/// The WHIP publisher page (plain HTML/JS embedded in the binary): sends the browser's camera
+/// and microphone to the broadcast named in its path.
+async fn publish_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/publish.html"),
     )
 }
 

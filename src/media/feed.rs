@@ -2,7 +2,9 @@
 //! format needs, batching frames so that a player costs one write per batch interval.
 //!
 //! Guarantees: the first bytes are the format's prelude (metadata and the tracks' configs), then
-//! entries from a keyframe; a config that did not change is not sent twice; buffers come from the
+//! entries from a keyframe; of each kind (video, audio) only one track is played: the lowest
+//! numbered one the format can carry (the source's own, or a rendition where the format cannot
+//! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus); a config that did not change is not sent twice; buffers come from the
 //! format's [`Muxer`], which shares them between players; a feed never waits on anything but the
 //! hub and its own batch timer, so dropping its future at an await point loses nothing.
 
@@ -12,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use super::frame::{Item, Metadata, TrackId, TrackInfo};
+use super::frame::{Codec, Item, Metadata, TrackId, TrackInfo, TrackKind};
 use super::hub::{BroadcastConsumer, Entry, ReadOutcome};
 
 /// An output format.
@@ -22,6 +24,11 @@ pub trait Muxer {
     /// The bytes of one entry of a track described by `info` (shared; computed once per entry),
     /// or `None` when the entry has nothing to send in this format.
     fn entry(&self, entry: &Entry, info: &TrackInfo) -> Option<Bytes>;
+    /// Whether the format can carry `codec`.
+    fn carries(&self, codec: Codec) -> bool {
+        let _ = codec;
+        true
+    }
 }
 
 /// What [`Feed::next`] produced.
@@ -43,6 +50,8 @@ pub struct Feed<M> {
     batch: Duration,
     entries: Vec<Arc<Entry>>,
     tracks: Vec<Option<TrackInfo>>,
+    /// Per track: whether it is the one played of its kind.
+    played: Vec<bool>,
     sent_config: Vec<Option<Bytes>>,
     started: bool,
     next_batch: Option<Instant>,
@@ -57,6 +66,7 @@ impl<M: Muxer> Feed<M> {
             batch,
             entries: Vec::with_capacity(16),
             tracks: Vec::new(),
+            played: Vec::new(),
             sent_config: Vec::new(),
             started: false,
             next_batch: None,
@@ -78,8 +88,20 @@ impl<M: Muxer> Feed<M> {
         if self.tracks.len() <= i {
             self.tracks.resize(i + 1, None);
             self.sent_config.resize(i + 1, None);
+            self.played.resize(i + 1, false);
         }
         self.tracks[i] = Some(info);
+        for kind in [TrackKind::Video, TrackKind::Audio] {
+            let first = self.tracks.iter().position(|t| {
+                t.as_ref()
+                    .is_some_and(|t| t.codec.kind() == kind && self.muxer.carries(t.codec))
+            });
+            for (j, t) in self.tracks.iter().enumerate() {
+                if t.as_ref().is_some_and(|t| t.codec.kind() == kind) {
+                    self.played[j] = Some(j) == first;
+                }
+            }
+        }
     }
 
     /// Waits for the next batch and appends its buffers to `out`.
@@ -120,7 +142,9 @@ impl<M: Muxer> Feed<M> {
                         self.push_configs(entry.dts, out);
                     }
                     Item::Frame { track, .. } => {
-                        if let Some(Some(info)) = self.tracks.get(usize::from(track.0))
+                        let i = usize::from(track.0);
+                        if self.played.get(i) == Some(&true)
+                            && let Some(Some(info)) = self.tracks.get(i)
                             && let Some(b) = self.muxer.entry(&entry, info)
                         {
                             out.push(b);
@@ -140,6 +164,9 @@ impl<M: Muxer> Feed<M> {
             let Some(info) = &self.tracks[i] else {
                 continue;
             };
+            if !self.played[i] {
+                continue;
+            }
             if info.config.is_some() && info.config != self.sent_config[i] {
                 self.sent_config[i] = info.config.clone();
                 let entry = Entry::detached(

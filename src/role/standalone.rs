@@ -33,6 +33,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     println!(
         "  ffmpeg: ffmpeg -re -i clip.flv -c copy -f flv rtmp://{host}:{rtmp_port}/live/mystream"
     );
+    println!(
+        "  Publish from a browser (camera + microphone, WHIP): http://{host}:{http_port}/publish/live/mystream"
+    );
+    println!(
+        "       (browsers open cameras only on https:// or http://localhost; tunnel the port if remote)"
+    );
+    println!("  WHIP (OBS 30+, GStreamer): http://{host}:{http_port}/whip/live/mystream");
     println!("  Watch in a browser: http://{host}:{http_port}/play/live/mystream");
     println!(
         "  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv   e.g. ffplay <that URL>"
@@ -56,7 +63,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
-    let routes = crate::http::router(ctx.clone()).merge(crate::webrtc::whep::router(ctx, webrtc));
+    let routes = crate::http::router(ctx.clone()).merge(crate::webrtc::signal::router(ctx, webrtc));
     axum::serve(http, routes)
         .with_graceful_shutdown(crate::shutdown::signal())
         .await

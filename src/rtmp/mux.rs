@@ -107,6 +107,10 @@ impl Muxer for RtmpMuxer {
         let b = entry.memo(RTMP_SLOT, |_| encode(entry, info, true));
         (!b.is_empty()).then(|| b.clone())
     }
+
+    fn carries(&self, codec: Codec) -> bool {
+        codec != Codec::Opus
+    }
 }
 
 impl Muxer for FlvMuxer {
@@ -117,5 +121,9 @@ impl Muxer for FlvMuxer {
     fn entry(&self, entry: &Entry, info: &TrackInfo) -> Option<Bytes> {
         let b = entry.memo(FLV_SLOT, |_| encode(entry, info, false));
         (!b.is_empty()).then(|| b.clone())
+    }
+
+    fn carries(&self, codec: Codec) -> bool {
+        codec != Codec::Opus
     }
 }

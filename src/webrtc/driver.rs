@@ -9,6 +9,10 @@
 //! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
 //!   from the hub every [`MEDIA_TICK`] and the Annex B form of each H.264 frame is built once
 //!   per broadcast.
+//! - A WHIP publisher's frames go through [`super::ingest`] into the hub as they arrive. It is
+//!   asked for a keyframe (PLI) when it connects, after a loss, when none came for
+//!   [`PUBLISHER_KEYFRAME_INTERVAL`], and when one of its WebRTC viewers asks; never more often
+//!   than every [`KEYFRAME_REQUEST_INTERVAL`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
-use str0m::media::{Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -26,8 +30,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::WebrtcError;
+use super::ingest::{self, Arrival, Ingest};
 use crate::codec::h264;
-use crate::media::{BroadcastConsumer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo};
+use crate::media::{
+    BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo,
+};
 use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
 
@@ -37,6 +44,11 @@ pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often viewers' hub consumers are read.
 pub const MEDIA_TICK: Duration = Duration::from_millis(5);
+/// A WHIP publisher that sent no keyframe for this long is asked for one, so that groups (what
+/// late joiners start from and the hub keeps) stay short.
+pub const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
+/// The shortest interval between two keyframe requests to one publisher.
+pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 
 enum Command {
     Whep {
@@ -44,8 +56,14 @@ enum Command {
         offer: SdpOffer,
         reply: oneshot::Sender<Result<(u64, String), WebrtcError>>,
     },
+    Whip {
+        producer: BroadcastProducer,
+        offer: SdpOffer,
+        reply: oneshot::Sender<Result<(u64, String), WebrtcError>>,
+    },
     Close {
         id: u64,
+        publisher: bool,
         reply: oneshot::Sender<bool>,
     },
 }
@@ -96,35 +114,69 @@ impl Webrtc {
         consumer: BroadcastConsumer,
         offer: &str,
     ) -> Result<(u64, String), WebrtcError> {
-        let offer = SdpOffer::from_sdp_string(offer).map_err(|e| {
-            // The parser's message names memory offsets; keep what a client can use.
-            let text = e.to_string();
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| !l.contains("PointerOffset") && !l.trim().is_empty())
-                .collect();
-            WebrtcError::BadOffer(lines.join("; "))
-        })?;
+        let offer = parse_offer(offer)?;
+        self.call(|reply| Command::Whep {
+            consumer,
+            offer,
+            reply,
+        })
+        .await
+    }
+
+    /// Answers a WHIP offer that publishes into `producer`: (session id, SDP answer).
+    pub async fn whip(
+        &self,
+        producer: BroadcastProducer,
+        offer: &str,
+    ) -> Result<(u64, String), WebrtcError> {
+        let offer = parse_offer(offer)?;
+        self.call(|reply| Command::Whip {
+            producer,
+            offer,
+            reply,
+        })
+        .await
+    }
+
+    async fn call(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<(u64, String), WebrtcError>>) -> Command,
+    ) -> Result<(u64, String), WebrtcError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::Whep {
-                consumer,
-                offer,
-                reply,
-            })
+            .send(command(reply))
             .await
             .map_err(|_| WebrtcError::Stopped)?;
         rx.await.map_err(|_| WebrtcError::Stopped)?
     }
 
-    /// Ends session `id`; false when there is none.
-    pub async fn close(&self, id: u64) -> bool {
+    /// Ends session `id` (a publisher's when `publisher`, else a viewer's); false when there
+    /// is none.
+    pub async fn close(&self, id: u64, publisher: bool) -> bool {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Close { id, reply }).await.is_err() {
+        let close = Command::Close {
+            id,
+            publisher,
+            reply,
+        };
+        if self.tx.send(close).await.is_err() {
             return false;
         }
         rx.await.unwrap_or(false)
     }
+}
+
+/// Parses an SDP offer; the error keeps what a client can use of the parser's message.
+fn parse_offer(offer: &str) -> Result<SdpOffer, WebrtcError> {
+    SdpOffer::from_sdp_string(offer).map_err(|e| {
+        // The parser's message names memory offsets; keep what a client can use.
+        let text = e.to_string();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.contains("PointerOffset") && !l.trim().is_empty())
+            .collect();
+        WebrtcError::BadOffer(lines.join("; "))
+    })
 }
 
 /// This host's address on its default route, found without sending anything (a UDP connect
@@ -141,6 +193,20 @@ fn primary_ip() -> Option<IpAddr> {
 struct Session {
     id: u64,
     rtc: Rtc,
+    broadcast: Arc<str>,
+    connected: bool,
+    created: Instant,
+    deadline: Instant,
+    role: Role,
+}
+
+enum Role {
+    Viewer(Box<Viewer>),
+    Publisher(Box<Publisher>),
+}
+
+/// A WHEP viewer's state.
+struct Viewer {
     consumer: BroadcastConsumer,
     entries: Vec<Arc<Entry>>,
     tracks: Vec<Option<TrackInfo>>,
@@ -155,12 +221,94 @@ struct Session {
     video_rendition: Option<Arc<Rendition>>,
     /// A keyframe of the chosen video track has been sent.
     video_started: bool,
-    connected: bool,
-    created: Instant,
-    deadline: Instant,
+    /// The viewer asked for a keyframe (PLI/FIR) since the last tick.
+    wants_keyframe: bool,
+}
+
+/// A WHIP publisher's state.
+struct Publisher {
+    producer: BroadcastProducer,
+    ingest: Ingest,
+    out: Vec<ingest::Output>,
+    /// The ingest clock's origin.
+    start: Instant,
+    video: Option<Mid>,
+    audio: Option<Mid>,
+    last_keyframe: Option<Instant>,
+    last_request: Option<Instant>,
+}
+
+impl Publisher {
+    /// Asks the publisher for a keyframe unless one was asked for very recently; true when
+    /// asked.
+    fn request_keyframe(&mut self, rtc: &mut Rtc, now: Instant) -> bool {
+        if self
+            .last_request
+            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        {
+            return false;
+        }
+        let Some(mut writer) = self.video.and_then(|mid| rtc.writer(mid)) else {
+            return false;
+        };
+        self.last_request = Some(now);
+        writer
+            .request_keyframe(None, KeyframeRequestKind::Pli)
+            .is_ok()
+    }
+
+    /// Feeds one depacketized frame to the ingest and its results to the hub.
+    fn media(&mut self, rtc: &mut Rtc, d: MediaData, ctx: &NodeContext) {
+        let arrival = Arrival {
+            rtp: d.time.numer() as u32,
+            at_us: d
+                .network_time
+                .saturating_duration_since(self.start)
+                .as_micros() as i64,
+            sender_report: d.last_sender_info.map(|sr| {
+                let wall = sr
+                    .ntp_time
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |t| t.as_micros() as i64);
+                (sr.rtp_time.numer() as u32, wall)
+            }),
+            contiguous: d.contiguous,
+        };
+        let mut out = std::mem::take(&mut self.out);
+        if Some(d.mid) == self.video && d.params.spec().codec == RtcCodec::H264 {
+            self.ingest.video(arrival, &d.data, &mut out);
+        } else if Some(d.mid) == self.audio && d.params.spec().codec == RtcCodec::Opus {
+            self.ingest
+                .audio(arrival, bytes::Bytes::from_owner(d.data), &mut out);
+        }
+        for o in out.drain(..) {
+            match o {
+                ingest::Output::Track(id, info) => self.producer.set_track(id, info),
+                ingest::Output::Frame(id, frame) => {
+                    if frame.keyframe && id == ingest::VIDEO {
+                        self.last_keyframe = Some(Instant::now());
+                    }
+                    self.producer.push(id, frame);
+                }
+                ingest::Output::KeyframeNeeded => {
+                    ctx.stats.webrtc_ingest_gaps.fetch_add(1, Relaxed);
+                    if self.request_keyframe(rtc, Instant::now()) {
+                        ctx.stats
+                            .webrtc_keyframe_requests_sent
+                            .fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }
+        self.out = out;
+    }
 }
 
 impl Session {
+    fn publisher(&self) -> bool {
+        matches!(self.role, Role::Publisher(_))
+    }
+
     /// Sends what the Rtc has queued and handles its events; returns its next deadline.
     fn drain(&mut self, socket: &UdpSocket, ctx: &NodeContext) -> Instant {
         loop {
@@ -184,33 +332,78 @@ impl Session {
     }
 
     fn handle_event(&mut self, e: Event, ctx: &NodeContext) {
-        match e {
-            Event::Connected => {
+        match (e, &mut self.role) {
+            (Event::Connected, role) => {
                 self.connected = true;
                 ctx.stats.webrtc_connected.fetch_add(1, Relaxed);
-                info!(session = self.id, broadcast = %self.consumer.broadcast().name(), after_ms = self.created.elapsed().as_millis() as u64, "WHEP viewer connected");
+                let after_ms = self.created.elapsed().as_millis() as u64;
+                match role {
+                    Role::Viewer(_) => {
+                        info!(session = self.id, broadcast = %self.broadcast, after_ms, "WHEP viewer connected")
+                    }
+                    Role::Publisher(p) => {
+                        info!(session = self.id, broadcast = %self.broadcast, after_ms, "WHIP publisher connected");
+                        if p.request_keyframe(&mut self.rtc, Instant::now()) {
+                            ctx.stats
+                                .webrtc_keyframe_requests_sent
+                                .fetch_add(1, Relaxed);
+                        }
+                    }
+                }
             }
-            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+            (Event::IceConnectionStateChange(IceConnectionState::Disconnected), _) => {
                 self.rtc.disconnect()
             }
-            Event::MediaAdded(m) if m.kind == MediaKind::Video && self.video.is_none() => {
-                self.video = Some(m.mid)
-            }
-            Event::MediaAdded(m) if m.kind == MediaKind::Audio && self.audio.is_none() => {
-                self.audio = Some(m.mid)
-            }
-            Event::KeyframeRequest(_) => {
+            (Event::MediaAdded(m), Role::Viewer(v)) => match m.kind {
+                MediaKind::Video if v.video.is_none() => v.video = Some(m.mid),
+                MediaKind::Audio if v.audio.is_none() => v.audio = Some(m.mid),
+                _ => {}
+            },
+            (Event::MediaAdded(m), Role::Publisher(p)) => match m.kind {
+                MediaKind::Video if p.video.is_none() => p.video = Some(m.mid),
+                MediaKind::Audio if p.audio.is_none() => p.audio = Some(m.mid),
+                _ => {}
+            },
+            (Event::KeyframeRequest(_), Role::Viewer(v)) => {
                 ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
+                v.wants_keyframe = true;
             }
+            (Event::MediaData(d), Role::Publisher(p)) => p.media(&mut self.rtc, d, ctx),
             _ => {}
         }
     }
 
+    /// Writes the frames the hub has for this viewer; asks a publisher for a keyframe when it
+    /// sent none for a while.
+    fn pump(&mut self, ctx: &NodeContext) {
+        if !self.connected {
+            return;
+        }
+        match &mut self.role {
+            Role::Viewer(v) => v.pump(&mut self.rtc, self.id),
+            Role::Publisher(p) => {
+                let now = Instant::now();
+                if p.last_keyframe
+                    .is_none_or(|t| now.duration_since(t) >= PUBLISHER_KEYFRAME_INTERVAL)
+                    && p.last_request
+                        .is_none_or(|t| now.duration_since(t) >= PUBLISHER_KEYFRAME_INTERVAL)
+                    && p.request_keyframe(&mut self.rtc, now)
+                {
+                    ctx.stats
+                        .webrtc_keyframe_requests_sent
+                        .fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+impl Viewer {
     /// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry
     /// for the stream's profile.
-    fn choose_pt(&mut self, profile_idc: u8) -> Option<Pt> {
+    fn choose_pt(&mut self, rtc: &mut Rtc, profile_idc: u8) -> Option<Pt> {
         if self.video_pt.is_none() {
-            let writer = self.rtc.writer(self.video?)?;
+            let writer = rtc.writer(self.video?)?;
             let h264: Vec<_> = writer
                 .payload_params()
                 .filter(|p| {
@@ -234,9 +427,9 @@ impl Session {
     }
 
     /// The Opus payload type of the audio m-line.
-    fn opus_pt(&mut self) -> Option<Pt> {
+    fn opus_pt(&mut self, rtc: &mut Rtc) -> Option<Pt> {
         if self.audio_pt.is_none() {
-            let writer = self.rtc.writer(self.audio?)?;
+            let writer = rtc.writer(self.audio?)?;
             self.audio_pt = writer
                 .payload_params()
                 .find(|p| p.spec().codec == RtcCodec::Opus)
@@ -245,18 +438,9 @@ impl Session {
         self.audio_pt
     }
 
-    fn write(&mut self, mid: Option<Mid>, pt: Pt, rtp_time: MediaTime, data: Arc<[u8]>) {
-        let Some(writer) = mid.and_then(|mid| self.rtc.writer(mid)) else {
-            return;
-        };
-        if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data) {
-            debug!(session = self.id, error = %err, "WebRTC write failed");
-        }
-    }
-
     /// Writes the frames the hub has for this viewer.
-    fn pump(&mut self) {
-        if !self.connected || self.video.is_none() {
+    fn pump(&mut self, rtc: &mut Rtc, id: u64) {
+        if self.video.is_none() {
             return;
         }
         if self.tracks.is_empty() {
@@ -266,7 +450,7 @@ impl Session {
             }
         }
         if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
-            self.rtc.disconnect();
+            rtc.disconnect();
             return;
         }
         let mut entries = std::mem::take(&mut self.entries);
@@ -288,7 +472,7 @@ impl Session {
                                 .as_ref()
                                 .and_then(|c| c.get(1).copied())
                                 .unwrap_or(0x42);
-                            let Some(pt) = self.choose_pt(profile) else {
+                            let Some(pt) = self.choose_pt(rtc, profile) else {
                                 continue;
                             };
                             let data: &Arc<[u8]> = e.memo(ANNEXB_SLOT, |_| {
@@ -301,17 +485,19 @@ impl Session {
                             });
                             let rtp_time =
                                 MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
-                            self.write(self.video, pt, rtp_time, data.clone());
+                            write(rtc, id, self.video, pt, rtp_time, data.clone());
                         }
                         Codec::Opus => {
-                            let Some(pt) = self.opus_pt() else { continue };
+                            let Some(pt) = self.opus_pt(rtc) else {
+                                continue;
+                            };
                             let data: &Arc<[u8]> =
                                 e.memo(ANNEXB_SLOT, |_| Arc::from(&frame.payload[..]));
                             let rtp_time = MediaTime::new(
                                 (frame.pts.max(0) as u64) * 48 / 1000,
                                 Frequency::FORTY_EIGHT_KHZ,
                             );
-                            self.write(self.audio, pt, rtp_time, data.clone());
+                            write(rtc, id, self.audio, pt, rtp_time, data.clone());
                         }
                         _ => {}
                     }
@@ -319,6 +505,15 @@ impl Session {
             }
         }
         self.entries = entries;
+    }
+}
+
+fn write(rtc: &mut Rtc, id: u64, mid: Option<Mid>, pt: Pt, rtp_time: MediaTime, data: Arc<[u8]>) {
+    let Some(writer) = mid.and_then(|mid| rtc.writer(mid)) else {
+        return;
+    };
+    if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data) {
+        debug!(session = id, error = %err, "WebRTC write failed");
     }
 }
 
@@ -339,6 +534,9 @@ async fn run(
 ) {
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
+    // Broadcast name → its WHIP publisher's session.
+    let mut publishers: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut keyframe_wanted: Vec<Arc<str>> = Vec::new();
     let mut next_id = 1u64;
     let mut buf = vec![0u8; 2048];
     let mut tick = tokio::time::interval(MEDIA_TICK);
@@ -381,11 +579,25 @@ async fn run(
                 Some(Command::Whep { consumer, offer, reply }) => {
                     let id = next_id;
                     next_id += 1;
-                    let r = accept(id, consumer, offer, &candidates).map(|(mut s, answer)| {
+                    let broadcast: Arc<str> = consumer.broadcast().name().into();
+                    let r = accept(id, offer, &candidates, false).map(|(rtc, answer)| {
                         // Start the broadcast's audio rendition now, not at connect: it is
                         // ready by the time ICE and DTLS are.
-                        s._opus = opus_for(&ctx.transcoders, &ctx.hub, s.consumer.broadcast());
-                        s.video_rendition = video_for(&ctx.transcoders, &ctx.hub, s.consumer.broadcast());
+                        let bc = consumer.broadcast().clone();
+                        let viewer = Viewer {
+                            _opus: opus_for(&ctx.transcoders, &ctx.hub, &bc),
+                            video_rendition: video_for(&ctx.transcoders, &ctx.hub, &bc),
+                            consumer,
+                            entries: Vec::with_capacity(64),
+                            tracks: Vec::new(),
+                            video: None,
+                            video_pt: None,
+                            audio: None,
+                            audio_pt: None,
+                            video_started: false,
+                            wants_keyframe: false,
+                        };
+                        let mut s = Session::new(id, rtc, broadcast, Role::Viewer(Box::new(viewer)));
                         s.deadline = s.drain(&socket, &ctx);
                         sessions.insert(id, s);
                         ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
@@ -393,8 +605,41 @@ async fn run(
                     });
                     let _ = reply.send(r);
                 }
-                Some(Command::Close { id, reply }) => {
-                    let found = sessions.get_mut(&id).map(|s| s.rtc.disconnect()).is_some();
+                Some(Command::Whip { mut producer, offer, reply }) => {
+                    let id = next_id;
+                    next_id += 1;
+                    let broadcast: Arc<str> = producer.broadcast().name().into();
+                    let r = accept(id, offer, &candidates, true).map(|(rtc, answer)| {
+                        if answer.contains("opus") {
+                            // Declared now so that players joining before the first packet
+                            // see the track (and start its AAC rendition).
+                            producer.set_track(ingest::AUDIO, ingest::opus_track());
+                        }
+                        let publisher = Publisher {
+                            producer,
+                            ingest: Ingest::new(),
+                            out: Vec::with_capacity(4),
+                            start: Instant::now(),
+                            video: None,
+                            audio: None,
+                            last_keyframe: None,
+                            last_request: None,
+                        };
+                        let mut s = Session::new(id, rtc, broadcast.clone(), Role::Publisher(Box::new(publisher)));
+                        s.deadline = s.drain(&socket, &ctx);
+                        sessions.insert(id, s);
+                        publishers.insert(broadcast, id);
+                        ctx.stats.webrtc_publishers.fetch_add(1, Relaxed);
+                        (id, answer)
+                    });
+                    let _ = reply.send(r);
+                }
+                Some(Command::Close { id, publisher, reply }) => {
+                    let found = sessions
+                        .get_mut(&id)
+                        .filter(|s| s.publisher() == publisher)
+                        .map(|s| s.rtc.disconnect())
+                        .is_some();
                     let _ = reply.send(found);
                 }
             },
@@ -407,8 +652,24 @@ async fn run(
             }
             _ = tick.tick() => {
                 for s in sessions.values_mut() {
-                    s.pump();
+                    s.pump(&ctx);
+                    if let Role::Viewer(v) = &mut s.role
+                        && std::mem::take(&mut v.wants_keyframe)
+                    {
+                        keyframe_wanted.push(s.broadcast.clone());
+                    }
                     s.deadline = s.drain(&socket, &ctx);
+                }
+                // Viewers' keyframe requests go to their broadcast's WHIP publisher.
+                let now = Instant::now();
+                for name in keyframe_wanted.drain(..) {
+                    if let Some(s) = publishers.get(&name).and_then(|id| sessions.get_mut(id))
+                        && let Role::Publisher(p) = &mut s.role
+                        && p.request_keyframe(&mut s.rtc, now)
+                    {
+                        ctx.stats.webrtc_keyframe_requests_sent.fetch_add(1, Relaxed);
+                        s.deadline = s.drain(&socket, &ctx);
+                    }
                 }
             }
         }
@@ -419,40 +680,66 @@ async fn run(
             let keep = s.rtc.is_alive()
                 && (s.connected || now.duration_since(s.created) < CONNECT_TIMEOUT);
             if !keep {
+                let what = if s.publisher() {
+                    "WHIP publisher"
+                } else {
+                    "WHEP viewer"
+                };
                 if !s.connected {
                     warn!(
                         session = id,
-                        "WebRTC session did not connect within {CONNECT_TIMEOUT:?}; reaped"
+                        broadcast = %s.broadcast,
+                        "{what} did not connect within {CONNECT_TIMEOUT:?}; reaped"
                     );
                 } else {
-                    info!(session = id, "WHEP viewer left");
+                    info!(session = id, broadcast = %s.broadcast, "{what} left");
                 }
             }
             keep
         });
         if sessions.len() != before {
+            let publishing = sessions.values().filter(|s| s.publisher()).count();
             ctx.stats
                 .webrtc_viewers
-                .store(sessions.len() as u64, Relaxed);
+                .store((sessions.len() - publishing) as u64, Relaxed);
+            ctx.stats
+                .webrtc_publishers
+                .store(publishing as u64, Relaxed);
             by_source.retain(|_, id| sessions.contains_key(id));
+            publishers.retain(|_, id| sessions.contains_key(id));
         }
     }
 }
 
-/// Builds a session from an offer: (session, answer SDP).
+impl Session {
+    fn new(id: u64, rtc: Rtc, broadcast: Arc<str>, role: Role) -> Self {
+        let now = Instant::now();
+        Self {
+            id,
+            rtc,
+            broadcast,
+            connected: false,
+            created: now,
+            deadline: now,
+            role,
+        }
+    }
+}
+
+/// Builds a peer from an offer: (peer, answer SDP). A publisher's offer must send H.264; a
+/// viewer's must receive H.264 and Opus.
 fn accept(
     id: u64,
-    consumer: BroadcastConsumer,
     offer: SdpOffer,
     candidates: &[SocketAddr],
-) -> Result<(Session, String), WebrtcError> {
-    let now = Instant::now();
+    publisher: bool,
+) -> Result<(Rtc, String), WebrtcError> {
     let mut rtc = Rtc::builder()
         .set_ice_lite(true)
         .clear_codecs()
         .enable_h264(true)
         .enable_opus(true, false)
-        .build(now);
+        .build(Instant::now());
     for c in candidates {
         if let Ok(c) = Candidate::host(*c, "udp") {
             rtc.add_local_candidate(c);
@@ -466,25 +753,9 @@ fn accept(
     if !sdp.contains("H264") {
         return Err(WebrtcError::NoCodec("H.264 video"));
     }
-    if !sdp.contains("opus") {
+    if !publisher && !sdp.contains("opus") {
         return Err(WebrtcError::NoCodec("Opus audio"));
     }
-    let session = Session {
-        id,
-        rtc,
-        consumer,
-        entries: Vec::with_capacity(64),
-        tracks: Vec::new(),
-        video: None,
-        video_pt: None,
-        audio: None,
-        audio_pt: None,
-        _opus: None,
-        video_rendition: None,
-        video_started: false,
-        connected: false,
-        created: now,
-        deadline: now,
-    };
-    Ok((session, sdp))
+    debug!(session = id, publisher, "offer accepted");
+    Ok((rtc, sdp))
 }

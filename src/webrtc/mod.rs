@@ -1,17 +1,18 @@
-//! WebRTC playback (WHEP) with str0m: every peer of the node on one UDP socket, ICE-lite,
-//! DTLS-SRTP.
+//! WebRTC with str0m: WHEP playback and WHIP ingest, every peer of the node on one UDP socket,
+//! ICE-lite, DTLS-SRTP.
 //!
-//! [`driver`] owns the socket and every peer's sans-IO `Rtc`; [`whep`] is the HTTP side
-//! (offer → answer, resource deletion, CORS). Media comes from the hub: H.264 is converted from
-//! length-prefixed NAL units to Annex B once per frame (memoized in the hub entry, shared by all
-//! viewers) and packetized per viewer by str0m.
+//! [`driver`] owns the socket and every peer's sans-IO `Rtc`; [`signal`] is the HTTP side
+//! (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP publisher's frames into
+//! hub frames. Media for viewers comes from the hub: H.264 is converted from length-prefixed NAL
+//! units to Annex B once per frame (memoized in the hub entry, shared by all viewers) and
+//! packetized per viewer by str0m.
 //!
-//! Not built yet (see the WebRTC issue): WHIP ingest, AAC → Opus for RTMP sources (their viewers
-//! get video only), the B-frame re-encode (a stream with B-frames is sent as it is), NACK from a
-//! shared history, the player and publisher pages.
+//! Not built yet (see the WebRTC issue): NACK answered from one shared packet history (str0m
+//! keeps a history per viewer), batched egress (GSO/sendmmsg).
 
 pub mod driver;
-pub mod whep;
+pub mod ingest;
+pub mod signal;
 
 /// Why a WebRTC session could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -19,8 +20,8 @@ pub enum WebrtcError {
     /// The offer is not SDP str0m can parse.
     #[error("malformed SDP offer: {0}")]
     BadOffer(String),
-    /// The offer has nothing castnode can send (no H.264 video).
-    #[error("the offer accepts no codec castnode can send: {0}")]
+    /// The offer has no codec castnode can use (H.264 video; Opus audio for viewers).
+    #[error("the offer has no codec castnode can use: {0}")]
     NoCodec(&'static str),
     /// str0m refused the offer.
     #[error("offer not accepted: {0}")]

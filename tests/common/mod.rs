@@ -4,10 +4,10 @@
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, mpsc};
 use std::time::{Duration, Instant};
 
 /// A child process killed on drop.
@@ -467,4 +467,133 @@ pub fn publish_paced(
         c.flush();
     });
     (t0, handle)
+}
+
+// --- headless Chromium (see ../shared/TESTING.md) ---
+
+/// Whether Debian's `chromium` is installed (tests that need it skip, saying so, where not).
+pub fn has_chromium() -> bool {
+    if Command::new("chromium").arg("--version").output().is_ok() {
+        return true;
+    }
+    eprintln!("SKIPPED: chromium is not installed (./setup.sh test installs it)");
+    false
+}
+
+/// A page that opens `viewers` WHEP viewers of `whep` and POSTs their figures (JSON array) to
+/// `/report` of the page's origin after measuring 10 s.
+pub fn whep_viewers_page(whep: &str, viewers: usize) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+const WHEP = "{whep}";
+async function viewer(i) {{
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", {{ direction: "recvonly" }});
+  pc.addTransceiver("audio", {{ direction: "recvonly" }});
+  const video = document.createElement("video");
+  video.muted = true; video.autoplay = true; video.playsInline = true;
+  document.body.appendChild(video);
+  const stream = new MediaStream();
+  video.srcObject = stream;
+  pc.ontrack = (e) => stream.addTrack(e.track);
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((r) => {{
+    if (pc.iceGatheringState === "complete") return r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r();
+    setTimeout(r, 2000);
+  }});
+  const t0 = performance.now();
+  const res = await fetch(WHEP, {{ method: "POST", headers: {{ "Content-Type": "application/sdp" }}, body: pc.localDescription.sdp }});
+  if (res.status !== 201) throw new Error("WHEP answered " + res.status + ": " + await res.text());
+  const location = res.headers.get("Location");
+  await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
+  const ttff = await new Promise((r) => video.requestVideoFrameCallback(() => r(performance.now() - t0)));
+  const stats = async (kind) => {{
+    let v = null;
+    (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === kind) v = s; }});
+    return v || {{}};
+  }};
+  // Measure the 10 s after the start-up second (the first group arrives as a burst).
+  await new Promise((r) => setTimeout(r, 1000));
+  const a = await stats("video");
+  await new Promise((r) => setTimeout(r, 10000));
+  const b = await stats("video");
+  const audio = await stats("audio");
+  return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
+           freezeCount: b.freezeCount - (a.freezeCount || 0), freezesAtStart: a.freezeCount || 0, packetsLost: b.packetsLost,
+           totalFreezesMs: Math.round((b.totalFreezesDuration - (a.totalFreezesDuration || 0)) * 1000), keyFrames: b.keyFramesDecoded, pli: b.pliCount, nack: b.nackCount, width: b.frameWidth, height: b.frameHeight,
+           audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
+           state: pc.connectionState }};
+}}
+Promise.all([...Array({viewers}).keys()].map(viewer))
+  .then((r) => fetch("/report", {{ method: "POST", body: JSON.stringify(r) }}))
+  .catch((e) => fetch("/report", {{ method: "POST", body: JSON.stringify({{ error: String(e) }}) }}));
+</script></body></html>"#
+    )
+}
+
+/// Serves `html` at `/` and returns the body POSTed to `/report`.
+pub fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let (ctype, out) = if line.starts_with("POST /report") {
+                let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                ("text/plain", String::new())
+            } else {
+                ("text/html", html.clone())
+            };
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                out.len()
+            );
+        }
+    });
+    (port, rx)
+}
+
+/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see TESTING.md).
+pub fn chromium(url: &str, profile: &std::path::Path) -> Proc {
+    Proc(
+        Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--autoplay-policy=no-user-gesture-required",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                "--allow-loopback-in-peer-connection",
+                "--disable-features=WebRtcHideLocalIpsWithMdns",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg(url)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromium"),
+    )
 }

@@ -1,0 +1,235 @@
+//! WHIP and WHEP over HTTP (RFC 9725, draft-ietf-wish-whep): `POST /whip/{app}/{key}` (publish)
+//! and `POST /whep/{app}/{key}` (play) with an SDP offer → `201 Created`, the answer and a
+//! `Location`; `DELETE` on that location ends the session; `PATCH` (trickle ICE) is accepted and
+//! ignored, since an ICE-lite server learns the peer's address from its checks; `OPTIONS`
+//! answers CORS preflights.
+//!
+//! Guarantees: every refusal says why in a plain-text body: 415 (not `application/sdp`), 413 (a
+//! body over 64 KiB), 400 (malformed SDP, or no codec castnode can use), 404 (WHEP: not live),
+//! 409 (WHIP: the broadcast already has a publisher), 503 (`--max-viewers`).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use tracing::{debug, info};
+
+use super::WebrtcError;
+use super::driver::Webrtc;
+use crate::node::NodeContext;
+use crate::rtmp::conn::valid_key;
+
+/// Largest offer accepted.
+pub const MAX_OFFER: usize = 64 << 10;
+
+#[derive(Clone)]
+struct SignalState {
+    ctx: Arc<NodeContext>,
+    webrtc: Arc<Webrtc>,
+}
+
+/// The WHIP and WHEP routes.
+pub fn router(ctx: Arc<NodeContext>, webrtc: Arc<Webrtc>) -> Router {
+    Router::new()
+        .route("/whep/{app}/{key}", post(whep).options(preflight))
+        .route(
+            "/whep/{app}/{key}/{id}",
+            delete(end_whep).patch(trickle).options(preflight),
+        )
+        .route("/whip/{app}/{key}", post(whip).options(preflight))
+        .route(
+            "/whip/{app}/{key}/{id}",
+            delete(end_whip).patch(trickle).options(preflight),
+        )
+        .layer(DefaultBodyLimit::max(MAX_OFFER))
+        .with_state(SignalState { ctx, webrtc })
+}
+
+fn cors(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location"),
+    );
+    r
+}
+
+fn refuse(status: StatusCode, reason: String) -> Response {
+    cors(
+        (
+            status,
+            [(header::CONTENT_TYPE, "text/plain")],
+            reason + "\n",
+        )
+            .into_response(),
+    )
+}
+
+async fn preflight() -> Response {
+    let mut r = cors(StatusCode::NO_CONTENT.into_response());
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, PATCH, DELETE, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type, Authorization, If-Match"),
+    );
+    r
+}
+
+/// The offer in a request, or the refusal to answer with.
+fn sdp_body<'a>(headers: &HeaderMap, body: &'a Bytes) -> Result<&'a str, (StatusCode, String)> {
+    let ctype = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !ctype
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/sdp"))
+    {
+        return Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("expected Content-Type application/sdp, got {ctype:?}"),
+        ));
+    }
+    std::str::from_utf8(body).map_err(|_| {
+        (
+            StatusCode::BAD_REQUEST,
+            "malformed SDP offer: not UTF-8".into(),
+        )
+    })
+}
+
+/// The response to a session set up (or not) for `name`.
+fn answered(
+    what: &str,
+    name: &str,
+    location: impl FnOnce(u64) -> String,
+    r: Result<(u64, String), WebrtcError>,
+) -> Response {
+    match r {
+        Ok((id, answer)) => {
+            debug!(broadcast = %name, session = id, "{what} session created");
+            cors(
+                (
+                    StatusCode::CREATED,
+                    [
+                        (header::CONTENT_TYPE, "application/sdp".to_owned()),
+                        (header::LOCATION, location(id)),
+                    ],
+                    answer,
+                )
+                    .into_response(),
+            )
+        }
+        Err(e) => {
+            info!(broadcast = %name, error = %e, "{what} offer refused");
+            let status = match e {
+                WebrtcError::BadOffer(_) | WebrtcError::NoCodec(_) | WebrtcError::Rejected(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                WebrtcError::Full | WebrtcError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+            };
+            refuse(status, e.to_string())
+        }
+    }
+}
+
+async fn whep(
+    State(st): State<SignalState>,
+    Path((app, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let name = format!("{app}/{key}");
+    let sdp = match sdp_body(&headers, &body) {
+        Ok(sdp) => sdp,
+        Err((status, reason)) => return refuse(status, reason),
+    };
+    if !valid_key(&name) {
+        return refuse(StatusCode::NOT_FOUND, format!("no broadcast {name}"));
+    }
+    if st.ctx.stats.webrtc_viewers.load(Relaxed) >= st.ctx.cfg.max_viewers as u64 {
+        info!(broadcast = %name, "WHEP viewer refused: viewer limit reached");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "viewer limit reached".into(),
+        );
+    }
+    let Some(consumer) = st.ctx.hub.subscribe(&name) else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("broadcast {name} is not live"),
+        );
+    };
+    let r = st.webrtc.whep(consumer, sdp).await;
+    answered("WHEP", &name, |id| format!("/whep/{app}/{key}/{id}"), r)
+}
+
+async fn whip(
+    State(st): State<SignalState>,
+    Path((app, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let name = format!("{app}/{key}");
+    let sdp = match sdp_body(&headers, &body) {
+        Ok(sdp) => sdp,
+        Err((status, reason)) => return refuse(status, reason),
+    };
+    if !valid_key(&name) {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{name:?} is not a valid broadcast name (printable ASCII; no empty, . or .. parts)"
+            ),
+        );
+    }
+    let producer = match st.ctx.hub.publish(&name) {
+        Ok(p) => p,
+        Err(e) => {
+            info!(broadcast = %name, error = %e, "WHIP publisher refused");
+            return refuse(StatusCode::CONFLICT, e.to_string());
+        }
+    };
+    let r = st.webrtc.whip(producer, sdp).await;
+    answered("WHIP", &name, |id| format!("/whip/{app}/{key}/{id}"), r)
+}
+
+async fn end_whep(
+    State(st): State<SignalState>,
+    Path((_app, _key, id)): Path<(String, String, u64)>,
+) -> Response {
+    end(&st, id, false).await
+}
+
+async fn end_whip(
+    State(st): State<SignalState>,
+    Path((_app, _key, id)): Path<(String, String, u64)>,
+) -> Response {
+    end(&st, id, true).await
+}
+
+async fn end(st: &SignalState, id: u64, publisher: bool) -> Response {
+    if st.webrtc.close(id, publisher).await {
+        cors(StatusCode::OK.into_response())
+    } else {
+        refuse(StatusCode::NOT_FOUND, format!("no session {id}"))
+    }
+}
+
+async fn trickle() -> Response {
+    cors(StatusCode::NO_CONTENT.into_response())
+}
