@@ -6,6 +6,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use crate::webrtc::stats::BroadcastRtcStats;
+
 /// Counters of one node.
 #[derive(Debug, Default)]
 pub struct NodeStats {
@@ -218,6 +220,67 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         "counter",
         "Frames a broadcast's slow players skipped.",
         &per(&|b| b.stats.frames_skipped.load(Relaxed) as f64),
+    );
+    let rtc = ctx
+        .webrtc
+        .snapshot(|name| broadcasts.iter().any(|b| b.name() == name));
+    let label = |name: &str| format!("broadcast=\"{}\"", escape(name));
+    type RtcFigure = fn(&BroadcastRtcStats) -> &AtomicU64;
+    let figures: [(&str, &str, &str, RtcFigure); 5] = [
+        (
+            "castnode_broadcast_webrtc_viewers",
+            "gauge",
+            "WHEP sessions of a broadcast (connected or connecting).",
+            |r| &r.viewers,
+        ),
+        (
+            "castnode_broadcast_webrtc_bytes_sent_total",
+            "counter",
+            "RTP bytes sent to a broadcast's WebRTC viewers, retransmissions included.",
+            |r| &r.bytes_sent,
+        ),
+        (
+            "castnode_broadcast_webrtc_nacks_total",
+            "counter",
+            "NACKs received from a broadcast's WebRTC viewers.",
+            |r| &r.nacks,
+        ),
+        (
+            "castnode_broadcast_webrtc_plis_total",
+            "counter",
+            "PLIs received from a broadcast's WebRTC viewers.",
+            |r| &r.plis,
+        ),
+        (
+            "castnode_broadcast_webrtc_firs_total",
+            "counter",
+            "FIRs received from a broadcast's WebRTC viewers.",
+            |r| &r.firs,
+        ),
+    ];
+    for (name, kind, help, figure) in figures {
+        let samples: Vec<_> = rtc
+            .iter()
+            .map(|(n, r)| (format!("{{{}}}", label(n)), figure(r).load(Relaxed) as f64))
+            .collect();
+        metric(name, kind, help, &samples);
+    }
+    let mut samples = Vec::new();
+    for (n, r) in &rtc {
+        let (buckets, count, sum) = r.ttff.snapshot();
+        let l = label(n);
+        for (le, c) in buckets {
+            samples.push((format!("_bucket{{{l},le=\"{le}\"}}"), c as f64));
+        }
+        samples.push((format!("_bucket{{{l},le=\"+Inf\"}}"), count as f64));
+        samples.push((format!("_sum{{{l}}}"), sum));
+        samples.push((format!("_count{{{l}}}"), count as f64));
+    }
+    metric(
+        "castnode_broadcast_webrtc_time_to_first_frame_seconds",
+        "histogram",
+        "From a WHEP offer to the first video frame handed to the viewer's connection.",
+        &samples,
     );
     s
 }

@@ -18,6 +18,8 @@ pub struct NodeContext {
     pub cfg: NodeConfig,
     /// On-demand transcoders.
     pub transcoders: crate::transcode::Transcoders,
+    /// Per-broadcast WebRTC figures.
+    pub webrtc: crate::webrtc::stats::WebrtcStats,
 }
 
 impl NodeContext {
@@ -32,6 +34,7 @@ impl NodeContext {
             stats: NodeStats::default(),
             cfg,
             transcoders: Default::default(),
+            webrtc: Default::default(),
         })
     }
 

@@ -1,6 +1,6 @@
 //! RTMP (ffmpeg: the OBS-like clip with B-frames, and a clip without) → WHEP in headless
 //! Chromium: several viewers in one page each decode video at the source's frame rate with no
-//! freezes and receive audio (AAC transcoded to Opus once for all of them), through castnode's
+//! freezes, see the clip's frame counter only go up (order kept) and receive audio (AAC transcoded to Opus once for all of them), through castnode's
 //! one UDP port; B-frames are removed by one re-encode shared by all viewers, a clip without them
 //! is passed through. The tests report time to first frame. Skips (with a message) where Chromium is not
 //! installed; `./setup.sh test` installs it.
@@ -44,6 +44,14 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
             (viewer["width"].as_u64(), viewer["height"].as_u64()),
             (Some(640), Some(360))
         );
+        // The clip's frame counter, read from every presented frame, never goes back.
+        let counted = viewer["counterFrames"].as_u64().unwrap_or(0);
+        assert!(counted >= 250, "only {counted} frames presented: {viewer}");
+        assert_eq!(
+            viewer["counterBackward"].as_u64(),
+            Some(0),
+            "frames out of order: {viewer}"
+        );
         // AAC from RTMP reaches WebRTC as Opus (transcoded once per broadcast): 10 s at 48 kHz.
         let samples = viewer["audioSamples"].as_u64().unwrap_or(0);
         assert!(
@@ -57,6 +65,21 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
         );
     }
     assert!(server.metric("castnode_webrtc_connected_total") >= VIEWERS as f64);
+    // Per-broadcast WebRTC figures.
+    let b = "{broadcast=\"live/w\"}";
+    let ttffs = server.metric(&format!(
+        "castnode_broadcast_webrtc_time_to_first_frame_seconds_count{b}"
+    ));
+    assert!(ttffs >= VIEWERS as f64, "{ttffs} first frames counted");
+    let sent = server.metric(&format!("castnode_broadcast_webrtc_bytes_sent_total{b}"));
+    // Each viewer got at least 10 s of ≥ 100 kbit/s (the re-encode of the mostly static
+    // clip needs little more).
+    assert!(sent > VIEWERS as f64 * 125_000.0, "{sent} bytes sent");
+    println!(
+        "{clip}: WebRTC bytes sent {sent}, NACKs {}, PLIs {}",
+        server.metric(&format!("castnode_broadcast_webrtc_nacks_total{b}")),
+        server.metric(&format!("castnode_broadcast_webrtc_plis_total{b}"))
+    );
     assert_eq!(
         server.metric("castnode_transcoders{kind=\"aac_to_opus\"}"),
         1.0,

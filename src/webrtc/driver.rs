@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::WebrtcError;
 use super::ingest::{self, Arrival, Ingest};
+use super::stats::{BroadcastRtcStats, EgressTotals};
 use crate::codec::h264;
 use crate::media::{
     BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo,
@@ -223,6 +224,10 @@ struct Viewer {
     video_started: bool,
     /// The viewer asked for a keyframe (PLI/FIR) since the last tick.
     wants_keyframe: bool,
+    /// Its broadcast's WebRTC figures.
+    stats: Arc<BroadcastRtcStats>,
+    /// str0m's last egress totals of the video and the audio m-line.
+    egress: [EgressTotals; 2],
 }
 
 /// A WHIP publisher's state.
@@ -364,6 +369,16 @@ impl Session {
                 MediaKind::Audio if p.audio.is_none() => p.audio = Some(m.mid),
                 _ => {}
             },
+            (Event::MediaEgressStats(e), Role::Viewer(v)) => {
+                let i = usize::from(Some(e.mid) != v.video);
+                let totals = EgressTotals {
+                    bytes: e.bytes,
+                    nacks: e.nacks,
+                    plis: e.plis,
+                    firs: e.firs,
+                };
+                v.egress[i].advance(totals, &v.stats);
+            }
             (Event::KeyframeRequest(_), Role::Viewer(v)) => {
                 ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
                 v.wants_keyframe = true;
@@ -380,7 +395,7 @@ impl Session {
             return;
         }
         match &mut self.role {
-            Role::Viewer(v) => v.pump(&mut self.rtc, self.id),
+            Role::Viewer(v) => v.pump(&mut self.rtc, self.id, self.created),
             Role::Publisher(p) => {
                 let now = Instant::now();
                 if p.last_keyframe
@@ -439,7 +454,7 @@ impl Viewer {
     }
 
     /// Writes the frames the hub has for this viewer.
-    fn pump(&mut self, rtc: &mut Rtc, id: u64) {
+    fn pump(&mut self, rtc: &mut Rtc, id: u64, created: Instant) {
         if self.video.is_none() {
             return;
         }
@@ -463,10 +478,13 @@ impl Viewer {
                     };
                     match info.codec {
                         Codec::H264 if (track.0 >= 2) == self.video_rendition.is_some() => {
-                            if !self.video_started && !frame.keyframe {
-                                continue;
+                            if !self.video_started {
+                                if !frame.keyframe {
+                                    continue;
+                                }
+                                self.video_started = true;
+                                self.stats.ttff.observe(created.elapsed());
                             }
-                            self.video_started = true;
                             let config = info.config.clone();
                             let profile = config
                                 .as_ref()
@@ -596,7 +614,10 @@ async fn run(
                             audio_pt: None,
                             video_started: false,
                             wants_keyframe: false,
+                            stats: ctx.webrtc.broadcast(&broadcast),
+                            egress: Default::default(),
                         };
+                        viewer.stats.viewers.fetch_add(1, Relaxed);
                         let mut s = Session::new(id, rtc, broadcast, Role::Viewer(Box::new(viewer)));
                         s.deadline = s.drain(&socket, &ctx);
                         sessions.insert(id, s);
@@ -680,6 +701,9 @@ async fn run(
             let keep = s.rtc.is_alive()
                 && (s.connected || now.duration_since(s.created) < CONNECT_TIMEOUT);
             if !keep {
+                if let Role::Viewer(v) = &s.role {
+                    v.stats.viewers.fetch_sub(1, Relaxed);
+                }
                 let what = if s.publisher() {
                     "WHIP publisher"
                 } else {
@@ -734,12 +758,16 @@ fn accept(
     candidates: &[SocketAddr],
     publisher: bool,
 ) -> Result<(Rtc, String), WebrtcError> {
-    let mut rtc = Rtc::builder()
+    let mut builder = Rtc::builder()
         .set_ice_lite(true)
         .clear_codecs()
         .enable_h264(true)
-        .enable_opus(true, false)
-        .build(Instant::now());
+        .enable_opus(true, false);
+    if !publisher {
+        // Egress figures (bytes, NACKs, PLIs) for the broadcast's metrics.
+        builder = builder.set_stats_interval(Some(Duration::from_secs(1)));
+    }
+    let mut rtc = builder.build(Instant::now());
     for c in candidates {
         if let Ok(c) = Candidate::host(*c, "udp") {
             rtc.add_local_candidate(c);

@@ -13,6 +13,7 @@
 pub mod driver;
 pub mod ingest;
 pub mod signal;
+pub mod stats;
 
 /// Why a WebRTC session could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -508,6 +508,25 @@ async function viewer(i) {{
   const location = res.headers.get("Location");
   await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
   const ttff = await new Promise((r) => video.requestVideoFrameCallback(() => r(performance.now() - t0)));
+  // The fixtures' frame counter: 16 cells of 20x16 pixels at the top left, cell i white when
+  // bit i of the frame number is set. Counted on every presented frame; a clip loops every 300.
+  const canvas = document.createElement("canvas");
+  canvas.width = 320; canvas.height = 16;
+  const g = canvas.getContext("2d", {{ willReadFrequently: true }});
+  const counter = {{ frames: 0, backward: 0, last: -1, done: false, jumps: [] }};
+  const onFrame = () => {{
+    g.drawImage(video, 0, 0, 320, 16, 0, 0, 320, 16);
+    const px = g.getImageData(0, 8, 320, 1).data;
+    let n = 0;
+    for (let c = 0; c < 16; c++) if (px[(c * 20 + 10) * 4] > 128) n |= 1 << c;
+    if (counter.last >= 0 && n < counter.last && !(counter.last >= 250 && n < 50)) {{
+      counter.backward++;
+      if (counter.jumps.length < 5) counter.jumps.push([counter.last, n]);
+    }}
+    counter.last = n; counter.frames++;
+    if (!counter.done) video.requestVideoFrameCallback(onFrame);
+  }};
+  video.requestVideoFrameCallback(onFrame);
   const stats = async (kind) => {{
     let v = null;
     (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === kind) v = s; }});
@@ -519,10 +538,12 @@ async function viewer(i) {{
   await new Promise((r) => setTimeout(r, 10000));
   const b = await stats("video");
   const audio = await stats("audio");
+  counter.done = true;
   return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
            freezeCount: b.freezeCount - (a.freezeCount || 0), freezesAtStart: a.freezeCount || 0, packetsLost: b.packetsLost,
            totalFreezesMs: Math.round((b.totalFreezesDuration - (a.totalFreezesDuration || 0)) * 1000), keyFrames: b.keyFramesDecoded, pli: b.pliCount, nack: b.nackCount, width: b.frameWidth, height: b.frameHeight,
            audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
+           counterFrames: counter.frames, counterBackward: counter.backward, counterJumps: counter.jumps,
            state: pc.connectionState }};
 }}
 Promise.all([...Array({viewers}).keys()].map(viewer))

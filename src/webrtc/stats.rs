@@ -1,0 +1,164 @@
+//! Per-broadcast WebRTC figures for `/metrics`: viewers, time to first frame (a histogram),
+//! bytes sent, NACKs, PLIs and FIRs received.
+//!
+//! Guarantees: sessions hold their broadcast's counters (an `Arc`), so nothing on the media path
+//! looks anything up; counters are atomics, read without locks; a broadcast's figures are
+//! dropped once it has no viewers and is no longer live.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (milliseconds) of the time-to-first-frame histogram's buckets.
+pub const TTFF_BUCKETS_MS: [u64; 10] = [50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000];
+
+/// A Prometheus-style cumulative histogram of durations.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound of [`TTFF_BUCKETS_MS`] (not cumulative here).
+    buckets: [AtomicU64; TTFF_BUCKETS_MS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let ms = d.as_millis() as u64;
+        if let Some(i) = TTFF_BUCKETS_MS.iter().position(|&b| ms <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// (upper bound in seconds, cumulative count) per bucket, then the total count and the sum in
+    /// seconds.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut acc = 0;
+        let buckets = TTFF_BUCKETS_MS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, n)| {
+                acc += n.load(Relaxed);
+                (b as f64 / 1000.0, acc)
+            })
+            .collect();
+        (
+            buckets,
+            self.count.load(Relaxed),
+            self.sum_us.load(Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+/// One broadcast's WebRTC figures.
+#[derive(Debug, Default)]
+pub struct BroadcastRtcStats {
+    /// WHEP sessions now (connected or connecting).
+    pub viewers: AtomicU64,
+    /// From the offer to the first video frame handed to the viewer's connection.
+    pub ttff: Histogram,
+    /// RTP bytes sent to viewers, retransmissions included.
+    pub bytes_sent: AtomicU64,
+    /// NACKs received from viewers.
+    pub nacks: AtomicU64,
+    /// PLIs received from viewers.
+    pub plis: AtomicU64,
+    /// FIRs received from viewers.
+    pub firs: AtomicU64,
+}
+
+/// The node's per-broadcast WebRTC figures.
+#[derive(Debug, Default)]
+pub struct WebrtcStats {
+    broadcasts: Mutex<HashMap<Arc<str>, Arc<BroadcastRtcStats>>>,
+}
+
+impl WebrtcStats {
+    /// The figures of `broadcast` (created on first use).
+    pub fn broadcast(&self, broadcast: &Arc<str>) -> Arc<BroadcastRtcStats> {
+        let mut map = self.broadcasts.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(broadcast.clone()).or_default().clone()
+    }
+
+    /// Every broadcast's figures, by name; forgets those with no viewers for which `live`
+    /// says no.
+    pub fn snapshot(&self, live: impl Fn(&str) -> bool) -> Vec<(Arc<str>, Arc<BroadcastRtcStats>)> {
+        let mut map = self.broadcasts.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|name, s| s.viewers.load(Relaxed) > 0 || live(name));
+        let mut all: Vec<_> = map.iter().map(|(n, s)| (n.clone(), s.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+}
+
+/// The egress counters of one viewer as str0m last reported them (its figures are totals).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EgressTotals {
+    /// Bytes.
+    pub bytes: u64,
+    /// NACKs.
+    pub nacks: u64,
+    /// PLIs.
+    pub plis: u64,
+    /// FIRs.
+    pub firs: u64,
+}
+
+impl EgressTotals {
+    /// Adds what grew since `self` to `to`, then remembers `now`.
+    pub fn advance(&mut self, now: EgressTotals, to: &BroadcastRtcStats) {
+        to.bytes_sent
+            .fetch_add(now.bytes.saturating_sub(self.bytes), Relaxed);
+        to.nacks
+            .fetch_add(now.nacks.saturating_sub(self.nacks), Relaxed);
+        to.plis
+            .fetch_add(now.plis.saturating_sub(self.plis), Relaxed);
+        to.firs
+            .fetch_add(now.firs.saturating_sub(self.firs), Relaxed);
+        *self = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        for ms in [10, 120, 120, 400, 60_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let (buckets, count, sum) = h.snapshot();
+        assert_eq!(count, 5);
+        assert!((sum - 60.65).abs() < 1e-9);
+        assert_eq!(buckets[0], (0.05, 1));
+        assert_eq!(buckets[2], (0.2, 3));
+        assert_eq!(buckets[4], (0.5, 4));
+        // Over the last bound: only in +Inf (the count).
+        assert_eq!(buckets.last().unwrap().1, 4);
+    }
+
+    #[test]
+    fn egress_deltas_and_forgetting() {
+        let stats = WebrtcStats::default();
+        let name: Arc<str> = "live/a".into();
+        let b = stats.broadcast(&name);
+        let mut last = EgressTotals::default();
+        let t = |bytes, nacks| EgressTotals {
+            bytes,
+            nacks,
+            plis: 0,
+            firs: 0,
+        };
+        last.advance(t(1000, 1), &b);
+        last.advance(t(1500, 1), &b);
+        assert_eq!(b.bytes_sent.load(Relaxed), 1500);
+        assert_eq!(b.nacks.load(Relaxed), 1);
+        assert_eq!(stats.snapshot(|_| true).len(), 1);
+        assert_eq!(stats.snapshot(|_| false).len(), 0, "no viewers, not live");
+    }
+}
