@@ -3,23 +3,22 @@
 //! # Data flow (what is built today)
 //!
 //! ```text
-//!  OBS / ffmpeg ──RTMP──> rtmp::driver ──> rtmp::conn (sans-IO session)
-//!                                              │ audio/video messages
-//!                                              ▼
-//!                                         rtmp::flv (FLV tag body → media::Item)
+//!  OBS / ffmpeg ──RTMP──> rtmp::driver ──> rtmp::conn (sans-IO) ──> rtmp::flv (tag → Item)
+//!  browser ─────WHIP────> webrtc::driver (str0m) ──> webrtc::ingest (access unit → Item)
 //!                                              │ BroadcastProducer::push
 //!                                              ▼
 //!                         media::hub  (per broadcast: log of groups, shared Arc<Entry>)
-//!                                              │ BroadcastConsumer::read (per player cursor)
-//!                                              ▼
-//!                         media::feed (batches entries; Muxer encodes each entry once,
-//!                                      memoized in the entry, shared by every player)
-//!                           │ rtmp::mux::RtmpMuxer          │ rtmp::mux::FlvMuxer
-//!                           ▼                               ▼
-//!                   player::play (one vectored write per batch, batch interval from the
-//!                                 node's write budget) ── via rtmp::driver / http::flv
-//!                           │                               │
-//!                     RTMP players                   HTTP-FLV players
+//!                            ▲   │ BroadcastConsumer::read (per player cursor)
+//!   transcode (renditions:   │   ├───────────────────────────────────────────┐
+//!   AAC⇄Opus, no-B-frames) ──┘   ▼                                           ▼
+//!                         media::feed (batches; Muxer encodes each   webrtc::driver: Annex B
+//!                                      entry once, memoized in the   once per frame (memo),
+//!                                      entry, shared by every player) str0m packetizes per viewer
+//!                           │ rtmp::mux::RtmpMuxer  │ FlvMuxer               │
+//!                           ▼                       ▼                        ▼
+//!                   player::play (one vectored write per batch)       WHEP viewers (UDP)
+//!                           │                       │
+//!                     RTMP players           HTTP-FLV players
 //! ```
 //!
 //! # Module map
@@ -33,9 +32,11 @@
 //! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
 //! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
-//! - [`webrtc`]: WHEP playback over str0m, every peer on one UDP socket.
+//! - [`webrtc`]: WHEP playback and WHIP ingest over str0m, every peer on one UDP socket; a WHIP
+//!   publisher's frames enter the hub through the sans-IO [`webrtc::ingest`].
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
-//!   (AAC → Opus for WebRTC viewers), written back into the hub as extra tracks.
+//!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
+//!   H.264), written back into the hub as extra tracks.
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
