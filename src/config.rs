@@ -121,6 +121,37 @@ pub struct NodeArgs {
     /// Host name printed in the URLs given to broadcasters and players [default: localhost].
     #[arg(long, env = "CASTNODE_PUBLIC_HOST")]
     pub public_host: Option<String>,
+    /// This node's name in the cluster [default: <role>-<host name>-<pid>].
+    #[arg(long, env = "CASTNODE_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Cluster link: the UDP address this node serves other nodes on over QUIC [default for
+    /// origin and relay: 0.0.0.0:4443; others serve none unless given].
+    #[arg(long, env = "CASTNODE_CLUSTER")]
+    pub cluster: Option<SocketAddr>,
+    /// Cluster link: upstream nodes to fetch broadcasts from, tried in order (HOST:PORT;
+    /// repeatable; comma-separated).
+    #[arg(long, env = "CASTNODE_UPSTREAM", value_delimiter = ',')]
+    #[serde(default)]
+    pub upstream: Vec<String>,
+    /// Cluster link: the shared secret every node must prove.
+    #[arg(long, env = "CASTNODE_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// Cluster link: a file holding the shared secret (first line).
+    #[arg(long, env = "CASTNODE_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// Cluster link: PEM certificate chain to present (with --cluster-key) instead of a
+    /// self-signed one.
+    #[arg(long, env = "CASTNODE_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// Cluster link: PEM private key of --cluster-cert.
+    #[arg(long, env = "CASTNODE_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+    /// Cluster link: PEM CA certificates upstream nodes are verified against.
+    #[arg(long, env = "CASTNODE_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// Seconds an upstream subscription outlives its last local viewer [default: 10].
+    #[arg(long, env = "CASTNODE_LINGER")]
+    pub linger: Option<f64>,
 }
 
 /// A configuration value that cannot be used.
@@ -173,6 +204,29 @@ pub struct NodeConfig {
     pub webrtc_public_ip: Vec<IpAddr>,
     /// Most WebRTC viewers.
     pub max_viewers: usize,
+    /// The cluster link's settings.
+    pub cluster: ClusterConfig,
+}
+
+/// The cluster link's validated settings.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// This node's name.
+    pub node_id: String,
+    /// Where this node serves other nodes (QUIC), if it does.
+    pub listen: Option<SocketAddr>,
+    /// Upstream nodes, in the order they are tried.
+    pub upstream: Vec<String>,
+    /// The shared secret (empty: no cluster link may be used).
+    pub token: String,
+    /// Certificate to present instead of a self-signed one.
+    pub cert: Option<PathBuf>,
+    /// Its key.
+    pub key: Option<PathBuf>,
+    /// CA to verify upstream nodes against.
+    pub ca: Option<PathBuf>,
+    /// How long an upstream subscription outlives its last local viewer.
+    pub linger: Duration,
 }
 
 fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration, ConfigError> {
@@ -184,8 +238,14 @@ fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration
 }
 
 impl NodeArgs {
-    /// Fills what flags and environment left unset from the TOML file, then validates.
+    /// [`NodeArgs::resolve_for`] a node that is not part of a cluster.
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+        self.resolve_for("standalone")
+    }
+
+    /// Fills what flags and environment left unset from the TOML file, then validates, with the
+    /// defaults of `role`.
+    pub fn resolve_for(&self, role: &str) -> Result<NodeConfig, ConfigError> {
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -208,6 +268,7 @@ impl NodeArgs {
             None => NodeArgs::default(),
         };
         let a = self.clone();
+        let cluster = cluster_config(role, &a, &file)?;
         let max_message_bytes = a
             .max_message_bytes
             .or(file.max_message_bytes)
@@ -245,6 +306,7 @@ impl NodeArgs {
             ));
         }
         Ok(NodeConfig {
+            cluster,
             rtmp: a
                 .rtmp
                 .or(file.rtmp)
@@ -290,6 +352,89 @@ impl NodeArgs {
             max_viewers: a.max_viewers.or(file.max_viewers).unwrap_or(2000),
         })
     }
+}
+
+/// The cluster link's settings of a `role` node.
+fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterConfig, ConfigError> {
+    let node_id = match a.node_id.clone().or(file.node_id.clone()) {
+        Some(id) => id,
+        None => {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "host".into());
+            format!("{role}-{host}-{}", std::process::id())
+        }
+    };
+    if node_id.is_empty() || node_id.len() > 128 || node_id.chars().any(|c| c.is_whitespace()) {
+        return Err(bad("node-id", format!("{node_id:?}: 1 to 128 characters, no spaces")));
+    }
+    let serves = matches!(role, "origin" | "relay");
+    let listen = a.cluster.or(file.cluster).or_else(|| {
+        serves.then(|| "0.0.0.0:4443".parse().expect("literal address"))
+    });
+    let upstream = if a.upstream.is_empty() {
+        file.upstream.clone()
+    } else {
+        a.upstream.clone()
+    };
+    for u in &upstream {
+        let ok = u
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(bad("upstream", format!("{u:?} is not HOST:PORT")));
+        }
+    }
+    if matches!(role, "relay" | "edge") && upstream.is_empty() {
+        return Err(bad(
+            "upstream",
+            format!("a {role} needs at least one --upstream HOST:PORT"),
+        ));
+    }
+    let token = match (
+        a.cluster_token.clone().or(file.cluster_token.clone()),
+        a.cluster_token_file.clone().or(file.cluster_token_file.clone()),
+    ) {
+        (Some(t), None) => t,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .map_err(|e| bad("cluster-token-file", format!("{}: {e}", path.display())))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "cluster-token",
+                "give --cluster-token or --cluster-token-file, not both",
+            ));
+        }
+        (None, None) => String::new(),
+    };
+    let linked = listen.is_some() || !upstream.is_empty();
+    if linked && token.len() < 16 {
+        return Err(bad(
+            "cluster-token",
+            "a node on the cluster link needs a shared token of at least 16 characters",
+        ));
+    }
+    let cert = a.cluster_cert.clone().or(file.cluster_cert.clone());
+    let key = a.cluster_key.clone().or(file.cluster_key.clone());
+    if cert.is_some() != key.is_some() {
+        return Err(bad("cluster-cert", "--cluster-cert and --cluster-key go together"));
+    }
+    Ok(ClusterConfig {
+        node_id,
+        listen,
+        upstream,
+        token,
+        cert,
+        key,
+        ca: a.cluster_ca.clone().or(file.cluster_ca.clone()),
+        linger: seconds("linger", a.linger.or(file.linger), 10.0, 3600.0)?,
+    })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ fn main() -> ExitCode {
         }
     };
     let (role, args) = cli.role.parts();
-    let cfg = match args.resolve() {
+    let cfg = match args.resolve_for(role) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("castnode: {e}");

@@ -75,22 +75,26 @@ pub struct Entry {
     pub dts: i64,
     /// The item.
     pub item: Item,
+    /// When the item entered the cluster: wall clock, microseconds since the UNIX epoch (stamped
+    /// by the first node's hub, carried unchanged over the cluster link).
+    pub ingest_us: i64,
     memo: [OnceLock<Box<dyn Any + Send + Sync>>; MEMO_SLOTS],
 }
 
 impl Entry {
-    fn new(seq: u64, dts: i64, item: Item) -> Self {
+    fn new(seq: u64, dts: i64, item: Item, ingest_us: i64) -> Self {
         Self {
             seq,
             dts,
             item,
+            ingest_us,
             memo: Default::default(),
         }
     }
 
     /// An entry outside any log (a config sent to one player); its memo serves only itself.
     pub fn detached(dts: i64, item: Item) -> Self {
-        Self::new(u64::MAX, dts, item)
+        Self::new(u64::MAX, dts, item, 0)
     }
 
     /// The serialization of this entry in `slot`, computed by `encode` on first use and shared
@@ -199,6 +203,15 @@ struct State {
     rebase_from: Option<Instant>,
     /// Set on resume: video waits for a keyframe.
     needs_keyframe: bool,
+    /// The ingest time of the item being appended, when it came from another node.
+    ingest_us: Option<i64>,
+}
+
+/// Wall clock, microseconds since the UNIX epoch.
+pub fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 impl State {
@@ -219,7 +232,8 @@ impl State {
         if group_start {
             self.group_starts.push_back(seq);
         }
-        let entry = Arc::new(Entry::new(seq, self.last_dts, item));
+        let ingest = self.ingest_us.take().unwrap_or_else(wall_clock_us);
+        let entry = Arc::new(Entry::new(seq, self.last_dts, item, ingest));
         self.log_bytes += entry.payload_len();
         self.log.push_back(entry);
         while self.group_starts.len() > retain_groups.max(1) {
@@ -319,6 +333,7 @@ impl Broadcast {
                 last_dts: 0,
                 rebase_from: None,
                 needs_keyframe: false,
+                ingest_us: None,
             }),
             notify: watch::channel(()).0,
             stats: BroadcastStats::default(),
@@ -631,7 +646,13 @@ impl BroadcastProducer {
     }
 
     /// Appends a frame of `track` (declare the track first). Never waits for consumers.
-    pub fn push(&mut self, track: TrackId, mut frame: Frame) {
+    pub fn push(&mut self, track: TrackId, frame: Frame) {
+        self.push_at(track, frame, None);
+    }
+
+    /// [`BroadcastProducer::push`] of a frame that entered the cluster elsewhere, at `ingest_us`
+    /// (wall clock, µs since the UNIX epoch); `None` stamps now.
+    pub fn push_at(&mut self, track: TrackId, mut frame: Frame, ingest_us: Option<i64>) {
         let cfg = &self.hub.inner.cfg;
         let len = frame.payload.len() as u64;
         let mut st = self.bc.lock();
@@ -661,6 +682,7 @@ impl BroadcastProducer {
         }
         frame.dts += st.ts_offset;
         frame.pts += st.ts_offset;
+        st.ingest_us = ingest_us;
         st.push_frame(track, frame, video, cfg);
         drop(st);
         self.bc.stats.bytes_in.fetch_add(len, Relaxed);
