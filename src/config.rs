@@ -368,12 +368,16 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         }
     };
     if node_id.is_empty() || node_id.len() > 128 || node_id.chars().any(|c| c.is_whitespace()) {
-        return Err(bad("node-id", format!("{node_id:?}: 1 to 128 characters, no spaces")));
+        return Err(bad(
+            "node-id",
+            format!("{node_id:?}: 1 to 128 characters, no spaces"),
+        ));
     }
     let serves = matches!(role, "origin" | "relay");
-    let listen = a.cluster.or(file.cluster).or_else(|| {
-        serves.then(|| "0.0.0.0:4443".parse().expect("literal address"))
-    });
+    let listen = a
+        .cluster
+        .or(file.cluster)
+        .or_else(|| serves.then(|| "0.0.0.0:4443".parse().expect("literal address")));
     let upstream = if a.upstream.is_empty() {
         file.upstream.clone()
     } else {
@@ -395,7 +399,9 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
     }
     let token = match (
         a.cluster_token.clone().or(file.cluster_token.clone()),
-        a.cluster_token_file.clone().or(file.cluster_token_file.clone()),
+        a.cluster_token_file
+            .clone()
+            .or(file.cluster_token_file.clone()),
     ) {
         (Some(t), None) => t,
         (None, Some(path)) => std::fs::read_to_string(&path)
@@ -423,7 +429,10 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
     let cert = a.cluster_cert.clone().or(file.cluster_cert.clone());
     let key = a.cluster_key.clone().or(file.cluster_key.clone());
     if cert.is_some() != key.is_some() {
-        return Err(bad("cluster-cert", "--cluster-cert and --cluster-key go together"));
+        return Err(bad(
+            "cluster-cert",
+            "--cluster-cert and --cluster-key go together",
+        ));
     }
     Ok(ClusterConfig {
         node_id,

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::webrtc::stats::BroadcastRtcStats;
+use std::time::Duration;
 
 /// Counters of one node.
 #[derive(Debug, Default)]
@@ -283,4 +284,99 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         &samples,
     );
     s
+}
+
+/// Upper bounds (milliseconds) of the time-to-first-frame histogram's buckets.
+pub const TTFF_BUCKETS_MS: [u64; 10] = [50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000];
+
+/// A Prometheus-style cumulative histogram of durations.
+#[derive(Debug)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, microseconds.
+    bounds: &'static [u64],
+    /// Observations at or below each bound (not cumulative here).
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+/// Time-to-first-frame buckets, microseconds.
+const TTFF_BOUNDS_US: [u64; TTFF_BUCKETS_MS.len()] = {
+    let mut b = [0; TTFF_BUCKETS_MS.len()];
+    let mut i = 0;
+    while i < b.len() {
+        b[i] = TTFF_BUCKETS_MS[i] * 1000;
+        i += 1;
+    }
+    b
+};
+
+impl Default for Histogram {
+    /// A histogram with the time-to-first-frame buckets.
+    fn default() -> Self {
+        Self::new(&TTFF_BOUNDS_US)
+    }
+}
+
+impl Histogram {
+    /// A histogram with buckets up to each of `bounds_us` (microseconds, ascending).
+    pub fn new(bounds_us: &'static [u64]) -> Self {
+        Self {
+            bounds: bounds_us,
+            buckets: bounds_us.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        if let Some(i) = self.bounds.iter().position(|&b| us <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// (upper bound in seconds, cumulative count) per bucket, then the total count and the sum in
+    /// seconds.
+    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let mut acc = 0;
+        let buckets = self
+            .bounds
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, n)| {
+                acc += n.load(Relaxed);
+                (b as f64 / 1e6, acc)
+            })
+            .collect();
+        (
+            buckets,
+            self.count.load(Relaxed),
+            self.sum_us.load(Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let h = Histogram::default();
+        for ms in [10, 120, 120, 400, 60_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let (buckets, count, sum) = h.snapshot();
+        assert_eq!(count, 5);
+        assert!((sum - 60.65).abs() < 1e-9);
+        assert_eq!(buckets[0], (0.05, 1));
+        assert_eq!(buckets[2], (0.2, 3));
+        assert_eq!(buckets[4], (0.5, 4));
+        // Over the last bound: only in +Inf (the count).
+        assert_eq!(buckets.last().unwrap().1, 4);
+    }
 }

@@ -8,50 +8,8 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-/// Upper bounds (milliseconds) of the time-to-first-frame histogram's buckets.
-pub const TTFF_BUCKETS_MS: [u64; 10] = [50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000];
-
-/// A Prometheus-style cumulative histogram of durations.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations at or below each bound of [`TTFF_BUCKETS_MS`] (not cumulative here).
-    buckets: [AtomicU64; TTFF_BUCKETS_MS.len()],
-    count: AtomicU64,
-    sum_us: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let ms = d.as_millis() as u64;
-        if let Some(i) = TTFF_BUCKETS_MS.iter().position(|&b| ms <= b) {
-            self.buckets[i].fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_us.fetch_add(d.as_micros() as u64, Relaxed);
-    }
-
-    /// (upper bound in seconds, cumulative count) per bucket, then the total count and the sum in
-    /// seconds.
-    pub fn snapshot(&self) -> (Vec<(f64, u64)>, u64, f64) {
-        let mut acc = 0;
-        let buckets = TTFF_BUCKETS_MS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(&b, n)| {
-                acc += n.load(Relaxed);
-                (b as f64 / 1000.0, acc)
-            })
-            .collect();
-        (
-            buckets,
-            self.count.load(Relaxed),
-            self.sum_us.load(Relaxed) as f64 / 1e6,
-        )
-    }
-}
+pub use crate::metrics::Histogram;
 
 /// One broadcast's WebRTC figures.
 #[derive(Debug, Default)]
@@ -125,22 +83,6 @@ impl EgressTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_is_cumulative() {
-        let h = Histogram::default();
-        for ms in [10, 120, 120, 400, 60_000] {
-            h.observe(Duration::from_millis(ms));
-        }
-        let (buckets, count, sum) = h.snapshot();
-        assert_eq!(count, 5);
-        assert!((sum - 60.65).abs() < 1e-9);
-        assert_eq!(buckets[0], (0.05, 1));
-        assert_eq!(buckets[2], (0.2, 3));
-        assert_eq!(buckets[4], (0.5, 4));
-        // Over the last bound: only in +Inf (the count).
-        assert_eq!(buckets.last().unwrap().1, 4);
-    }
 
     #[test]
     fn egress_deltas_and_forgetting() {

@@ -1,0 +1,999 @@
+//! The cluster link's quinn driver: serving broadcasts to other nodes, and fetching them from
+//! upstream on demand.
+//!
+//! Guarantees:
+//! - A connection is used only after both ends proved the cluster token over its TLS exporter
+//!   (HELLO / HELLO_OK); a peer that fails is told why (ERROR) and closed, nothing else noticed.
+//! - Serving: every SUBSCRIBE becomes one hub consumer; each group of the broadcast (from one
+//!   keyframe of its source video to the next) goes on its own unidirectional stream, payloads
+//!   written without copies, newer groups at higher priority. When a group starts, the group two
+//!   back is reset if the peer has not received all of it yet, so a slow link drops old video
+//!   rather than growing its delay. A consumer the hub makes skip resets its current group.
+//! - Fetching: the first local subscriber of a broadcast the hub lacks makes one upstream
+//!   subscription (however many ask at once); its frames are written into the local hub with
+//!   their origin ingest times. It is dropped [`ClusterConfig::linger`] after the last local
+//!   subscriber leaves. When its upstream fails, it re-subscribes through the next one; frames
+//!   the hub already has are skipped, so local players see no repeat and keep their sessions.
+//! - Only a broadcast's own tracks (0 and 1) travel; each node makes its own on-demand
+//!   renditions (Opus, B-frame-free video) from them.
+//! - Errors in one connection, subscription or stream close only that; they never panic.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::tls::{self, TlsFiles};
+use super::wire::{
+    self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, GroupHeader,
+    GroupSeq, ResetCode, Side, SubscriptionId,
+};
+use crate::config::ClusterConfig;
+use crate::media::hub::wall_clock_us;
+use crate::media::{BroadcastConsumer, BroadcastProducer, Item, ReadOutcome, TrackKind};
+use crate::metrics::Histogram;
+use crate::node::NodeContext;
+
+/// How long a peer has to finish HELLO.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SUBSCRIBE may wait for its answer.
+pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A group that made no progress for this long while a newer one is waiting is dropped by the
+/// receiver.
+pub const GROUP_STALL: Duration = Duration::from_millis(500);
+/// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
+pub const LATENCY_BOUNDS_US: [u64; 12] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+];
+
+/// Chooses the upstream nodes a broadcast is fetched from, in the order they are tried. Static
+/// (`--upstream`) today; the stream manager will answer it.
+pub trait UpstreamChoice: Send + Sync {
+    /// Candidate `HOST:PORT`s for `broadcast`.
+    fn candidates(&self, broadcast: &str) -> Vec<String>;
+}
+
+/// The `--upstream` list.
+pub struct StaticUpstreams(pub Vec<String>);
+
+impl UpstreamChoice for StaticUpstreams {
+    fn candidates(&self, _broadcast: &str) -> Vec<String> {
+        self.0.clone()
+    }
+}
+
+/// The cluster link's counters.
+#[derive(Debug)]
+pub struct ClusterStats {
+    /// Connections from other nodes now.
+    pub peers_in: AtomicU64,
+    /// Connections refused (bad token, bad HELLO).
+    pub refused: AtomicU64,
+    /// Subscriptions other nodes hold on this one now.
+    pub subscriptions_down: AtomicU64,
+    /// Subscriptions this node holds upstream now.
+    pub subscriptions_up: AtomicU64,
+    /// Upstream failovers (a subscription moved to another upstream).
+    pub failovers: AtomicU64,
+    /// Bytes sent on group streams.
+    pub bytes_out: AtomicU64,
+    /// Bytes received on group streams.
+    pub bytes_in: AtomicU64,
+    /// Groups started for downstream nodes.
+    pub groups_out: AtomicU64,
+    /// Groups reset (sender) or dropped (receiver) because they fell behind.
+    pub groups_reset: AtomicU64,
+    /// Frames received; their age since origin ingest goes into `latency`.
+    pub latency: Histogram,
+}
+
+impl Default for ClusterStats {
+    fn default() -> Self {
+        Self {
+            peers_in: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            subscriptions_down: AtomicU64::new(0),
+            subscriptions_up: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            groups_out: AtomicU64::new(0),
+            groups_reset: AtomicU64::new(0),
+            latency: Histogram::new(&LATENCY_BOUNDS_US),
+        }
+    }
+}
+
+/// Why the link could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TLS set-up failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket could not be bound.
+    #[error("binding the cluster link: {0}")]
+    Bind(#[from] std::io::Error),
+}
+
+/// What a fetch came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FetchState {
+    Waiting,
+    Ready,
+    Gone,
+}
+
+/// What a subscription's receiver hears about.
+enum FlowEvent {
+    Control(ControlMessage),
+    Group(u64, IncomingGroup),
+}
+
+/// A group stream whose header has been read.
+struct IncomingGroup {
+    stream: RecvStream,
+    decoder: GroupDecoder,
+    buf: BytesMut,
+}
+
+/// One connection to another node, after HELLO.
+struct Peer {
+    conn: Connection,
+    addr: String,
+    ctl: mpsc::UnboundedSender<ControlMessage>,
+    /// Flows this end receives (its subscriptions), by id.
+    flows: Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>,
+}
+
+impl Peer {
+    fn route(&self, id: u64, ev: FlowEvent) -> bool {
+        let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
+        flows.get(&id).is_some_and(|tx| tx.send(ev).is_ok())
+    }
+
+    fn alive(&self) -> bool {
+        self.conn.close_reason().is_none()
+    }
+}
+
+/// The node's end of the cluster link.
+pub struct Link {
+    ctx: Arc<NodeContext>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    token: Vec<u8>,
+    node_id: String,
+    role: String,
+    upstreams: Box<dyn UpstreamChoice>,
+    /// The upstream connection in use.
+    peer: tokio::sync::Mutex<Option<Arc<Peer>>>,
+    /// Index into the candidates of the upstream to try first.
+    next_upstream: AtomicUsize,
+    fetches: Mutex<HashMap<String, watch::Receiver<FetchState>>>,
+    next_id: AtomicU64,
+    linger: Duration,
+    /// Counters for `/metrics`.
+    pub stats: ClusterStats,
+}
+
+/// Reads the next control message from `recv`; `Ok(None)` at a clean end.
+async fn read_control(
+    recv: &mut RecvStream,
+    decoder: &mut ControlDecoder,
+    buf: &mut BytesMut,
+) -> Result<Option<ControlMessage>, String> {
+    loop {
+        if let Some(m) = decoder.decode(buf).map_err(|e| e.to_string())? {
+            return Ok(Some(m));
+        }
+        match recv.read_chunk(64 << 10, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                decoder.finish(buf).map_err(|e| e.to_string())?;
+                return Ok(None);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Writes control messages queued on the returned sender to `send`, in order.
+fn control_writer(mut send: SendStream) -> mpsc::UnboundedSender<ControlMessage> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<ControlMessage>();
+    tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(1024);
+        while let Some(m) = rx.recv().await {
+            buf.clear();
+            if let Err(e) = wire::encode_control(&m, &mut buf) {
+                warn!(error = %e, message = m.name(), "cluster control message not encodable");
+                continue;
+            }
+            if send.write_all(&buf).await.is_err() {
+                return;
+            }
+        }
+        let _ = send.finish();
+    });
+    tx
+}
+
+fn varint(v: u64) -> VarInt {
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
+}
+
+impl Link {
+    /// Starts the link of a `role` node: serving on `cfg.listen` when set, fetching from
+    /// `upstreams`.
+    pub fn start(
+        ctx: Arc<NodeContext>,
+        cfg: &ClusterConfig,
+        role: &str,
+        upstreams: Box<dyn UpstreamChoice>,
+    ) -> Result<Arc<Self>, LinkError> {
+        let files = TlsFiles {
+            cert: cfg.cert.as_deref(),
+            key: cfg.key.as_deref(),
+            ca: cfg.ca.as_deref(),
+        };
+        let client = tls::client_config(&files)?;
+        let endpoint = match cfg.listen {
+            Some(addr) => quinn::Endpoint::server(tls::server_config(&cfg.node_id, &files)?, addr)?,
+            None => quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?,
+        };
+        let link = Arc::new(Self {
+            ctx,
+            endpoint,
+            client,
+            token: cfg.token.as_bytes().to_vec(),
+            node_id: cfg.node_id.clone(),
+            role: role.to_owned(),
+            upstreams,
+            peer: tokio::sync::Mutex::new(None),
+            next_upstream: AtomicUsize::new(0),
+            fetches: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            linger: cfg.linger,
+            stats: ClusterStats::default(),
+        });
+        if cfg.listen.is_some() {
+            tokio::spawn(link.clone().accept_loop());
+        }
+        Ok(link)
+    }
+
+    /// The UDP address the link is bound to.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// A consumer of `name`: from the local hub, or fetched from upstream (waiting until the
+    /// upstream answered). `None` when nobody has it.
+    pub async fn subscribe(self: &Arc<Self>, name: &str) -> Option<BroadcastConsumer> {
+        if let Some(c) = self.ctx.hub.subscribe(name) {
+            return Some(c);
+        }
+        if self.upstreams.candidates(name).is_empty() {
+            return None;
+        }
+        let mut rx = {
+            let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
+            match fetches.get(name) {
+                Some(rx) if *rx.borrow() != FetchState::Gone => rx.clone(),
+                _ => {
+                    let (tx, rx) = watch::channel(FetchState::Waiting);
+                    fetches.insert(name.to_owned(), rx.clone());
+                    tokio::spawn(self.clone().fetch(name.to_owned(), tx));
+                    rx
+                }
+            }
+        };
+        let ready = tokio::time::timeout(
+            SUBSCRIBE_TIMEOUT * 2,
+            rx.wait_for(|s| *s != FetchState::Waiting),
+        )
+        .await;
+        match ready {
+            Ok(Ok(s)) if *s == FetchState::Ready => self.ctx.hub.subscribe(name),
+            _ => None,
+        }
+    }
+
+    // ---- serving ---------------------------------------------------------------------------
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let link = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        link.stats.peers_in.fetch_add(1, Relaxed);
+                        link.clone().serve(conn).await;
+                        link.stats.peers_in.fetch_sub(1, Relaxed);
+                    }
+                    Err(e) => debug!(%remote, error = %e, "cluster connection failed"),
+                }
+            });
+        }
+    }
+
+    /// Refuses a peer: ERROR, then close.
+    async fn refuse(&self, conn: &Connection, send: &mut SendStream, code: ErrorCode, why: &str) {
+        self.stats.refused.fetch_add(1, Relaxed);
+        warn!(remote = %conn.remote_address(), reason = why, "cluster peer refused");
+        let mut buf = BytesMut::new();
+        let msg = ControlMessage::Error {
+            code,
+            reason: why.to_owned(),
+        };
+        if wire::encode_control(&msg, &mut buf).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&buf)).await;
+        }
+        let _ = send.finish();
+        // Give the ERROR a moment to leave before the close discards it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        conn.close(varint(code.code()), why.as_bytes());
+    }
+
+    async fn serve(self: Arc<Self>, conn: Connection) {
+        let remote = conn.remote_address();
+        let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
+        else {
+            self.stats.refused.fetch_add(1, Relaxed);
+            conn.close(varint(ErrorCode::ProtocolViolation.code()), b"no control stream");
+            return;
+        };
+        let mut decoder = ControlDecoder::new();
+        let mut buf = BytesMut::new();
+        let hello = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_control(&mut recv, &mut decoder, &mut buf),
+        )
+        .await;
+        let exporter = tls::exporter(&conn).unwrap_or_default();
+        let peer_id = match hello {
+            Ok(Ok(Some(ControlMessage::Hello {
+                version,
+                token_proof,
+                node_id,
+                role,
+            }))) => {
+                if version != wire::VERSION {
+                    let why = format!("wire version {version} is not {}", wire::VERSION);
+                    self.refuse(&conn, &mut send, ErrorCode::UnsupportedVersion, &why)
+                        .await;
+                    return;
+                }
+                if !wire::verify_token_proof(&self.token, Side::Client, &exporter, &token_proof)
+                {
+                    self.refuse(&conn, &mut send, ErrorCode::Unauthorized, "wrong cluster token")
+                        .await;
+                    return;
+                }
+                info!(%remote, peer = %node_id, %role, "cluster peer connected");
+                node_id
+            }
+            Ok(Ok(Some(other))) => {
+                let why = format!("expected HELLO, got {}", other.name());
+                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, &why)
+                    .await;
+                return;
+            }
+            Ok(Err(e)) => {
+                let why = format!("malformed HELLO: {e}");
+                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, &why)
+                    .await;
+                return;
+            }
+            _ => {
+                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, "no HELLO")
+                    .await;
+                return;
+            }
+        };
+        let ctl = control_writer(send);
+        let _ = ctl.send(ControlMessage::HelloOk {
+            node_id: self.node_id.clone(),
+            token_proof: wire::token_proof(&self.token, Side::Server, &exporter),
+        });
+        let mut flows: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        loop {
+            let msg = match read_control(&mut recv, &mut decoder, &mut buf).await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(%remote, peer = %peer_id, error = %e, "malformed cluster control message; closing the connection");
+                    let _ = ctl.send(ControlMessage::Error {
+                        code: ErrorCode::ProtocolViolation,
+                        reason: e.clone(),
+                    });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.close(varint(ErrorCode::ProtocolViolation.code()), e.as_bytes());
+                    break;
+                }
+            };
+            flows.retain(|_, h| !h.is_finished());
+            match msg {
+                ControlMessage::Subscribe { id, broadcast } => {
+                    let Some(consumer) = self.subscribe(&broadcast).await else {
+                        debug!(peer = %peer_id, %broadcast, "SUBSCRIBE: not found");
+                        let _ = ctl.send(ControlMessage::SubscribeError {
+                            id,
+                            code: ErrorCode::NotFound,
+                            reason: format!("broadcast {broadcast} is not live here"),
+                        });
+                        continue;
+                    };
+                    info!(peer = %peer_id, %broadcast, id = id.0, "cluster subscription from downstream");
+                    let task = tokio::spawn(self.clone().send_flow(
+                        conn.clone(),
+                        id,
+                        consumer,
+                        ctl.clone(),
+                    ));
+                    if let Some(old) = flows.insert(id.0, task.abort_handle()) {
+                        old.abort();
+                    }
+                }
+                ControlMessage::Unsubscribe { id } => {
+                    if let Some(h) = flows.remove(&id.0) {
+                        h.abort();
+                    }
+                }
+                ControlMessage::GoAway | ControlMessage::Announce { .. } => {}
+                ControlMessage::Unannounce { .. } => {}
+                other => {
+                    let why = format!("{} is not a request this node takes", other.name());
+                    let _ = ctl.send(ControlMessage::Error {
+                        code: ErrorCode::ProtocolViolation,
+                        reason: why.clone(),
+                    });
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    conn.close(varint(ErrorCode::ProtocolViolation.code()), why.as_bytes());
+                    break;
+                }
+            }
+        }
+        for (_, h) in flows {
+            h.abort();
+        }
+        info!(%remote, peer = %peer_id, "cluster peer left");
+    }
+
+    /// Sends a subscription's groups until the broadcast ends, the peer unsubscribes or goes.
+    async fn send_flow(
+        self: Arc<Self>,
+        conn: Connection,
+        id: SubscriptionId,
+        mut consumer: BroadcastConsumer,
+        ctl: mpsc::UnboundedSender<ControlMessage>,
+    ) {
+        self.stats.subscriptions_down.fetch_add(1, Relaxed);
+        let _guard = Gauge(&self.stats.subscriptions_down);
+        let (tracks, metadata) = consumer.snapshot();
+        let tracks: Vec<_> = tracks.into_iter().filter(|(t, _)| t.0 < 2).collect();
+        let has_video = tracks
+            .iter()
+            .any(|(_, t)| t.codec.kind() == TrackKind::Video);
+        let _ = ctl.send(ControlMessage::SubscribeOk {
+            id,
+            tracks: tracks.clone(),
+            metadata,
+        });
+        let mut entries = Vec::with_capacity(64);
+        let mut seq = 0u64;
+        let mut current: Option<SendStream> = None;
+        let mut previous: Option<SendStream> = None;
+        let mut group_start_dts = i64::MIN;
+        let mut header = BytesMut::with_capacity(64);
+        loop {
+            match consumer.read(&mut entries, 256) {
+                ReadOutcome::Ended => {
+                    if let Some(mut s) = current.take() {
+                        let _ = s.finish();
+                    }
+                    let _ = ctl.send(ControlMessage::Ended { id });
+                    return;
+                }
+                ReadOutcome::Read(0) => {
+                    consumer.changed().await;
+                    continue;
+                }
+                ReadOutcome::Skipped { .. } => {
+                    // The consumer jumped to the newest group: the current one is incomplete.
+                    if let Some(mut s) = current.take() {
+                        let _ = s.reset(varint(ResetCode::GroupDropped.code()));
+                        self.stats.groups_reset.fetch_add(1, Relaxed);
+                    }
+                }
+                ReadOutcome::Read(_) => {}
+            }
+            for e in entries.drain(..) {
+                header.clear();
+                let (track, payload) = match &e.item {
+                    Item::Config { track, info } if track.0 < 2 => {
+                        if wire::encode_config_item(*track, info, &mut header).is_err() {
+                            continue;
+                        }
+                        (*track, None)
+                    }
+                    Item::Frame { track, frame } if track.0 < 2 => {
+                        let video = consumer
+                            .broadcast()
+                            .track(*track)
+                            .is_some_and(|t| t.codec.kind() == TrackKind::Video);
+                        let starts = if has_video {
+                            video && frame.keyframe
+                        } else {
+                            frame.dts - group_start_dts >= 1_000_000
+                        };
+                        if starts || current.is_none() {
+                            if !starts {
+                                // Mid-group (a config came first, or after a skip): wait for
+                                // the next group start.
+                                continue;
+                            }
+                            group_start_dts = frame.dts;
+                            // The group two back is dropped if still unsent; the previous
+                            // one may finish behind the new one.
+                            if let Some(mut old) = previous.take() {
+                                if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
+                                    debug!(id = id.0, "group reset: fell behind");
+                                }
+                            }
+                            if let Some(mut s) = current.take() {
+                                let _ = s.finish();
+                                previous = Some(s);
+                            }
+                            match self.open_group(&conn, id, seq).await {
+                                Some(s) => current = Some(s),
+                                None => return,
+                            }
+                            seq += 1;
+                        }
+                        let ingest = e.ingest_us.max(0) as u64;
+                        if wire::encode_frame_header(*track, frame, ingest, &mut header).is_err() {
+                            continue;
+                        }
+                        (*track, Some(frame.payload.clone()))
+                    }
+                    _ => continue,
+                };
+                let _ = track;
+                let Some(stream) = current.as_mut() else {
+                    continue;
+                };
+                let mut len = header.len() as u64;
+                let mut ok = stream.write_all(&header).await.is_ok();
+                if let Some(p) = payload {
+                    len += p.len() as u64;
+                    ok = ok && stream.write_chunk(p).await.is_ok();
+                }
+                if !ok {
+                    // Reset by the peer (it dropped this group) or the connection is gone.
+                    if conn.close_reason().is_some() {
+                        return;
+                    }
+                    current = None;
+                    continue;
+                }
+                self.stats.bytes_out.fetch_add(len, Relaxed);
+            }
+        }
+    }
+
+    async fn open_group(&self, conn: &Connection, id: SubscriptionId, seq: u64) -> Option<SendStream> {
+        let mut s = conn.open_uni().await.ok()?;
+        // Newer groups first.
+        let _ = s.set_priority(seq.min(i32::MAX as u64) as i32);
+        let mut buf = BytesMut::with_capacity(24);
+        wire::encode_group_header(
+            &GroupHeader {
+                subscription: id,
+                sequence: GroupSeq(seq),
+            },
+            &mut buf,
+        )
+        .ok()?;
+        s.write_all(&buf).await.ok()?;
+        self.stats.groups_out.fetch_add(1, Relaxed);
+        Some(s)
+    }
+
+    // ---- fetching --------------------------------------------------------------------------
+
+    /// The upstream connection, connecting (in candidate order, starting after the last one
+    /// that failed) when there is none.
+    async fn upstream(&self, broadcast: &str) -> Option<Arc<Peer>> {
+        let mut peer = self.peer.lock().await;
+        if let Some(p) = peer.as_ref().filter(|p| p.alive()) {
+            return Some(p.clone());
+        }
+        let candidates = self.upstreams.candidates(broadcast);
+        let n = candidates.len();
+        let start = self.next_upstream.load(Relaxed);
+        for k in 0..n {
+            let i = (start + k) % n;
+            let addr = &candidates[i];
+            match self.connect(addr).await {
+                Ok(p) => {
+                    self.next_upstream.store(i, Relaxed);
+                    *peer = Some(p.clone());
+                    return Some(p);
+                }
+                Err(e) => warn!(upstream = %addr, error = %e, "cannot reach upstream"),
+            }
+        }
+        None
+    }
+
+    /// Marks `failed` as unusable: the next [`Link::upstream`] starts after it.
+    async fn upstream_failed(&self, failed: &Arc<Peer>) {
+        let mut peer = self.peer.lock().await;
+        if peer.as_ref().is_some_and(|p| Arc::ptr_eq(p, failed)) {
+            *peer = None;
+            self.next_upstream.fetch_add(1, Relaxed);
+        }
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Arc<Peer>, String> {
+        let sa = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or("no address")?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), sa, "castnode")
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(HELLO_TIMEOUT, connecting)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let exporter = tls::exporter(&conn).ok_or("no TLS exporter")?;
+        let mut buf = BytesMut::new();
+        wire::encode_control(
+            &ControlMessage::Hello {
+                version: wire::VERSION,
+                token_proof: wire::token_proof(&self.token, Side::Client, &exporter),
+                node_id: self.node_id.clone(),
+                role: self.role.clone(),
+            },
+            &mut buf,
+        )
+        .map_err(|e| e.to_string())?;
+        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        let mut decoder = ControlDecoder::new();
+        let mut buf = BytesMut::new();
+        let answer = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &mut decoder, &mut buf))
+            .await
+            .map_err(|_| "no HELLO_OK".to_string())??;
+        match answer {
+            Some(ControlMessage::HelloOk {
+                node_id,
+                token_proof,
+            }) if wire::verify_token_proof(&self.token, Side::Server, &exporter, &token_proof) => {
+                info!(upstream = %addr, peer = %node_id, "connected upstream");
+            }
+            Some(ControlMessage::HelloOk { .. }) => {
+                conn.close(varint(ErrorCode::Unauthorized.code()), b"wrong token proof");
+                return Err("the upstream does not hold the cluster token".into());
+            }
+            Some(ControlMessage::Error { code, reason }) => {
+                return Err(format!("refused ({code:?}): {reason}"));
+            }
+            other => return Err(format!("unexpected answer to HELLO: {other:?}")),
+        }
+        let peer = Arc::new(Peer {
+            conn: conn.clone(),
+            addr: addr.to_owned(),
+            ctl: control_writer(send),
+            flows: Mutex::new(HashMap::new()),
+        });
+        // Control messages from upstream, routed to their flows.
+        let p = peer.clone();
+        tokio::spawn(async move {
+            loop {
+                match read_control(&mut recv, &mut decoder, &mut buf).await {
+                    Ok(Some(m)) => {
+                        let id = match &m {
+                            ControlMessage::SubscribeOk { id, .. }
+                            | ControlMessage::SubscribeError { id, .. }
+                            | ControlMessage::Ended { id } => Some(id.0),
+                            ControlMessage::Error { code, reason } => {
+                                warn!(upstream = %p.addr, ?code, %reason, "upstream reported an error");
+                                None
+                            }
+                            _ => None,
+                        };
+                        if let Some(id) = id {
+                            p.route(id, FlowEvent::Control(m));
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        p.conn.close(varint(ErrorCode::ProtocolViolation.code()), b"control stream");
+                        break;
+                    }
+                }
+            }
+            // Wake every flow: they fail over.
+            p.flows.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        });
+        // Group streams from upstream, routed by their header.
+        let p = peer.clone();
+        tokio::spawn(async move {
+            while let Ok(stream) = p.conn.accept_uni().await {
+                let p = p.clone();
+                tokio::spawn(async move {
+                    let mut g = IncomingGroup {
+                        stream,
+                        decoder: GroupDecoder::new(),
+                        buf: BytesMut::new(),
+                    };
+                    let header = loop {
+                        match g.decoder.decode(&mut g.buf) {
+                            Ok(Some(GroupEvent::Header(h))) => break h,
+                            Ok(Some(_)) | Err(_) => return,
+                            Ok(None) => {}
+                        }
+                        match tokio::time::timeout(HELLO_TIMEOUT, g.stream.read_chunk(64 << 10, true)).await {
+                            Ok(Ok(Some(c))) => g.buf.extend_from_slice(&c.bytes),
+                            _ => return,
+                        }
+                    };
+                    let (id, seq) = (header.subscription.0, header.sequence.0);
+                    if !p.route(id, FlowEvent::Group(seq, g)) {
+                        debug!(id, "group stream of no subscription");
+                    }
+                });
+            }
+        });
+        Ok(peer)
+    }
+
+    /// Fetches `name` from upstream into the local hub until it ends or lingers unwatched.
+    async fn fetch(self: Arc<Self>, name: String, state: watch::Sender<FetchState>) {
+        self.stats.subscriptions_up.fetch_add(1, Relaxed);
+        let _guard = Gauge(&self.stats.subscriptions_up);
+        let mut sink = Sink {
+            producer: None,
+            last_dts: [i64::MIN; 2],
+        };
+        let mut tries = 0;
+        loop {
+            let Some(peer) = self.upstream(&name).await else {
+                tries += 1;
+                if sink.producer.is_none() || tries > 10 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let id = self.next_id.fetch_add(1, Relaxed);
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            peer.flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, tx);
+            let _ = peer.ctl.send(ControlMessage::Subscribe {
+                id: SubscriptionId(id),
+                broadcast: name.clone(),
+            });
+            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
+            match answer {
+                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeOk {
+                    tracks, metadata, ..
+                }))) => {
+                    if sink.producer.is_none() {
+                        match self.ctx.hub.publish(&name) {
+                            Ok(p) => sink.producer = Some(p),
+                            Err(e) => {
+                                warn!(broadcast = %name, error = %e, "cannot fetch: published here");
+                                break;
+                            }
+                        }
+                    } else {
+                        self.stats.failovers.fetch_add(1, Relaxed);
+                        info!(broadcast = %name, upstream = %peer.addr, "fetch moved to another upstream");
+                    }
+                    if let Some(p) = sink.producer.as_mut() {
+                        for (t, info) in tracks {
+                            p.set_track(t, info);
+                        }
+                        p.set_metadata(metadata);
+                    }
+                    let _ = state.send(FetchState::Ready);
+                    tries = 0;
+                }
+                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeError { code, reason, .. }))) => {
+                    debug!(broadcast = %name, ?code, %reason, "upstream has no such broadcast");
+                    peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    break;
+                }
+                _ => {
+                    // No answer: this upstream is gone; try the next.
+                    peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    self.upstream_failed(&peer).await;
+                    continue;
+                }
+            }
+            let end = self.receive(&name, &mut rx, &mut sink).await;
+            peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            match end {
+                FlowEnd::Ended => break,
+                FlowEnd::Unwatched => {
+                    let _ = peer.ctl.send(ControlMessage::Unsubscribe {
+                        id: SubscriptionId(id),
+                    });
+                    info!(broadcast = %name, "no local viewers: upstream subscription dropped");
+                    break;
+                }
+                FlowEnd::Lost => {
+                    warn!(broadcast = %name, upstream = %peer.addr, "upstream lost; re-subscribing");
+                    self.upstream_failed(&peer).await;
+                }
+            }
+        }
+        let _ = state.send(FetchState::Gone);
+        self.fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&name);
+    }
+
+    /// Reads a subscription's groups in order into `sink` until it ends.
+    async fn receive(
+        &self,
+        name: &str,
+        rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
+        sink: &mut Sink,
+    ) -> FlowEnd {
+        let mut waiting: BTreeMap<u64, IncomingGroup> = BTreeMap::new();
+        let mut current: Option<(u64, IncomingGroup)> = None;
+        let mut done_below = 0u64;
+        let mut progress = Instant::now();
+        let mut unwatched_since: Option<Instant> = None;
+        let mut check = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            if current.is_none()
+                && let Some((seq, g)) = waiting.pop_first()
+            {
+                current = Some((seq, g));
+                progress = Instant::now();
+            }
+            let stalled = current.is_some() && !waiting.is_empty();
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Some(FlowEvent::Group(seq, mut g)) => {
+                        if seq < done_below || current.as_ref().is_some_and(|(c, _)| seq <= *c) {
+                            let _ = g.stream.stop(varint(ResetCode::GroupDropped.code()));
+                        } else {
+                            waiting.insert(seq, g);
+                        }
+                    }
+                    Some(FlowEvent::Control(ControlMessage::Ended { .. })) => return FlowEnd::Ended,
+                    Some(FlowEvent::Control(_)) => {}
+                    None => return FlowEnd::Lost,
+                },
+                r = read_group(&mut current) => {
+                    progress = Instant::now();
+                    match r {
+                        GroupRead::Data(chunk) => {
+                            self.stats.bytes_in.fetch_add(chunk.len() as u64, Relaxed);
+                            if let Some((seq, g)) = current.as_mut() {
+                                g.buf.extend_from_slice(&chunk);
+                                if let Err(e) = sink.drain(g, &self.stats) {
+                                    warn!(broadcast = %name, group = *seq, error = %e, "malformed group stream; dropped");
+                                    let _ = g.stream.stop(varint(ResetCode::Cancelled.code()));
+                                    done_below = *seq + 1;
+                                    current = None;
+                                }
+                            }
+                        }
+                        GroupRead::End | GroupRead::Reset => {
+                            if let Some((seq, _)) = current.take() {
+                                done_below = seq + 1;
+                                if matches!(r, GroupRead::Reset) {
+                                    self.stats.groups_reset.fetch_add(1, Relaxed);
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until((progress + GROUP_STALL).into()), if stalled => {
+                    // A newer group is waiting and this one is stuck: drop it.
+                    if let Some((seq, mut g)) = current.take() {
+                        let _ = g.stream.stop(varint(ResetCode::GroupDropped.code()));
+                        self.stats.groups_reset.fetch_add(1, Relaxed);
+                        done_below = seq + 1;
+                    }
+                }
+                _ = check.tick() => {
+                    let watched = sink
+                        .producer
+                        .as_ref()
+                        .is_some_and(|p| p.broadcast().stats.players.load(Relaxed) > 0);
+                    if watched {
+                        unwatched_since = None;
+                    } else if unwatched_since.get_or_insert_with(Instant::now).elapsed() >= self.linger {
+                        return FlowEnd::Unwatched;
+                    }
+                }
+            }
+        }
+    }
+}
+
+enum FlowEnd {
+    Ended,
+    Unwatched,
+    Lost,
+}
+
+enum GroupRead {
+    Data(bytes::Bytes),
+    End,
+    Reset,
+}
+
+/// The next chunk of the current group; never resolves when there is none.
+async fn read_group(current: &mut Option<(u64, IncomingGroup)>) -> GroupRead {
+    let Some((_, g)) = current.as_mut() else {
+        return std::future::pending().await;
+    };
+    match g.stream.read_chunk(256 << 10, true).await {
+        Ok(Some(c)) => GroupRead::Data(c.bytes),
+        Ok(None) => GroupRead::End,
+        Err(_) => GroupRead::Reset,
+    }
+}
+
+/// Where a fetched broadcast goes: the local hub.
+struct Sink {
+    producer: Option<BroadcastProducer>,
+    /// The newest dts written per track: after a failover, frames the hub already has are
+    /// skipped.
+    last_dts: [i64; 2],
+}
+
+impl Sink {
+    fn drain(&mut self, g: &mut IncomingGroup, stats: &ClusterStats) -> Result<(), wire::WireError> {
+        let Some(p) = self.producer.as_mut() else {
+            return Ok(());
+        };
+        while let Some(ev) = g.decoder.decode(&mut g.buf)? {
+            match ev {
+                GroupEvent::Header(_) => {}
+                GroupEvent::Config { track, info } => p.set_track(track, info),
+                GroupEvent::Frame(f) => {
+                    let i = usize::from(f.track.0).min(1);
+                    if f.frame.dts <= self.last_dts[i] {
+                        continue;
+                    }
+                    self.last_dts[i] = f.frame.dts;
+                    let ingest = f.ingest_us as i64;
+                    let age = wall_clock_us().saturating_sub(ingest).max(0);
+                    stats.latency.observe(Duration::from_micros(age as u64));
+                    p.push_at(f.track, f.frame, Some(ingest));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct Gauge<'a>(&'a AtomicU64);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
