@@ -36,6 +36,7 @@
 //! - [`webrtc`]: WHEP playback over str0m, every peer on one UDP socket.
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers), written back into the hub as extra tracks.
+//! - [`cluster`]: the node-to-node link over QUIC; so far its wire codec ([`cluster::wire`]).
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
@@ -44,6 +45,7 @@
 //! methods and hand back bytes to send, events and deadlines through `poll_*` methods. They
 //! never touch sockets or clocks. Each has one thin tokio driver.
 
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod ffmpeg;
