@@ -37,6 +37,8 @@
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.
+//! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec and the
+//!   quinn driver [`cluster::link`] (serve subscriptions, fetch on demand, fail over).
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
@@ -45,6 +47,7 @@
 //! methods and hand back bytes to send, events and deadlines through `poll_*` methods. They
 //! never touch sockets or clocks. Each has one thin tokio driver.
 
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod ffmpeg;

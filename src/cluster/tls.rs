@@ -17,10 +17,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use super::wire::ALPN;
-
-/// The TLS exporter label both ends use for the token proof.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-castnode-cluster-token";
+use super::wire::{ALPN, EXPORTER_LABEL, EXPORTER_LEN};
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +152,8 @@ fn transport() -> quinn::TransportConfig {
 }
 
 /// 32 bytes of this connection's TLS exporter: what the token proofs are computed over.
-pub fn exporter(conn: &quinn::Connection) -> Option<[u8; 32]> {
-    let mut out = [0u8; 32];
+pub fn exporter(conn: &quinn::Connection) -> Option<[u8; EXPORTER_LEN]> {
+    let mut out = [0u8; EXPORTER_LEN];
     conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
         .ok()?;
     Some(out)

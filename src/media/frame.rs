@@ -91,6 +91,37 @@ pub struct TrackInfo {
     pub audio: Option<AudioInfo>,
 }
 
+impl TrackInfo {
+    /// A track's description from its codec and config alone, the video/audio facts parsed from
+    /// the config. Use it wherever a track is declared from received bytes, so every protocol
+    /// derives the same facts. Opus is always 48 kHz; its channel count comes from an `OpusHead`
+    /// config (RFC 7845 §5.1) when there is one, and is 2 otherwise (how WebRTC signals Opus).
+    pub fn from_config(codec: Codec, config: Option<Bytes>) -> TrackInfo {
+        let cfg = config.as_deref();
+        let (video, audio) = match codec {
+            Codec::H264 => (cfg.and_then(crate::codec::h264::parse_avcc), None),
+            Codec::H265 | Codec::Av1 => (None, None),
+            Codec::Aac => (None, cfg.and_then(crate::codec::aac::parse_asc)),
+            Codec::Opus => {
+                let channels = cfg
+                    .filter(|c| c.len() >= 19 && c.starts_with(b"OpusHead"))
+                    .map_or(2, |c| c[9]);
+                let info = AudioInfo {
+                    sample_rate: 48_000,
+                    channels,
+                };
+                (None, Some(info))
+            }
+        };
+        TrackInfo {
+            codec,
+            config,
+            video,
+            audio,
+        }
+    }
+}
+
 /// One access unit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame {

@@ -8,7 +8,6 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::codec::{aac, h264};
 use crate::media::{Codec, Frame, MetaValue, Metadata, TrackInfo};
 
 use super::amf0::Amf0;
@@ -63,16 +62,7 @@ fn cts24(b: &[u8]) -> i64 {
 }
 
 fn video_config(codec: Codec, config: Bytes) -> Tag {
-    let video = match codec {
-        Codec::H264 => h264::parse_avcc(&config),
-        _ => None,
-    };
-    Tag::Config(TrackInfo {
-        codec,
-        config: Some(config),
-        video,
-        audio: None,
-    })
+    Tag::Config(TrackInfo::from_config(codec, Some(config)))
 }
 
 fn frame(codec: Codec, ts_ms: u32, cts: i64, keyframe: bool, payload: Bytes) -> Tag {
@@ -153,16 +143,7 @@ pub fn parse_audio(ts_ms: u32, body: &Bytes) -> Result<Tag, FlvError> {
         return Err(FlvError::Truncated("audio"));
     }
     Ok(match body[1] {
-        0 => {
-            let config = body.slice(2..);
-            let audio = aac::parse_asc(&config);
-            Tag::Config(TrackInfo {
-                codec: Codec::Aac,
-                config: Some(config),
-                video: None,
-                audio,
-            })
-        }
+        0 => Tag::Config(TrackInfo::from_config(Codec::Aac, Some(body.slice(2..)))),
         _ => frame(Codec::Aac, ts_ms, 0, true, body.slice(2..)),
     })
 }
