@@ -35,8 +35,10 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    if role != "standalone" {
-        eprintln!("castnode: the {role} role is not built yet; `castnode standalone` is");
+    if !matches!(role, "standalone" | "origin" | "relay" | "edge") {
+        eprintln!(
+            "castnode: the {role} role is not built yet; standalone, origin, relay and edge are"
+        );
         return ExitCode::from(2);
     }
     let rt = match tokio::runtime::Runtime::new() {
@@ -46,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(castnode::role::standalone::run(cfg)) {
+    match rt.block_on(castnode::role::standalone::run_role(cfg, role)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("castnode: {e:#}");

@@ -42,6 +42,89 @@ pub struct NodeStats {
     pub webrtc_keyframe_requests_sent: AtomicU64,
 }
 
+/// The cluster link's figures (zeros on a node without one).
+fn render_cluster(
+    ctx: &crate::node::NodeContext,
+    metric: &mut impl FnMut(&str, &str, &str, &[(String, f64)]),
+) {
+    let none = crate::cluster::link::ClusterStats::default();
+    let c = ctx.link.get().map_or(&none, |l| &l.stats);
+    let g = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed) as f64)];
+    let figures: [(&str, &str, &str, &AtomicU64); 9] = [
+        (
+            "castnode_cluster_peers",
+            "gauge",
+            "Nodes connected to this one over the cluster link.",
+            &c.peers_in,
+        ),
+        (
+            "castnode_cluster_refused_total",
+            "counter",
+            "Cluster connections refused (wrong token, bad HELLO).",
+            &c.refused,
+        ),
+        (
+            "castnode_cluster_subscriptions_down",
+            "gauge",
+            "Subscriptions other nodes hold on this one.",
+            &c.subscriptions_down,
+        ),
+        (
+            "castnode_cluster_subscriptions_up",
+            "gauge",
+            "Broadcasts this node fetches from upstream.",
+            &c.subscriptions_up,
+        ),
+        (
+            "castnode_cluster_failovers_total",
+            "counter",
+            "Upstream subscriptions moved to another upstream.",
+            &c.failovers,
+        ),
+        (
+            "castnode_cluster_bytes_out_total",
+            "counter",
+            "Bytes sent on group streams.",
+            &c.bytes_out,
+        ),
+        (
+            "castnode_cluster_bytes_in_total",
+            "counter",
+            "Bytes received on group streams.",
+            &c.bytes_in,
+        ),
+        (
+            "castnode_cluster_groups_out_total",
+            "counter",
+            "Groups sent to other nodes.",
+            &c.groups_out,
+        ),
+        (
+            "castnode_cluster_groups_reset_total",
+            "counter",
+            "Groups reset or dropped because they fell behind.",
+            &c.groups_reset,
+        ),
+    ];
+    for (name, kind, help, v) in figures {
+        metric(name, kind, help, &g(v));
+    }
+    let (buckets, count, sum) = c.latency.snapshot();
+    let mut samples: Vec<(String, f64)> = buckets
+        .into_iter()
+        .map(|(le, n)| (format!("_bucket{{le=\"{le}\"}}"), n as f64))
+        .collect();
+    samples.push(("_bucket{le=\"+Inf\"}".into(), count as f64));
+    samples.push(("_sum".into(), sum));
+    samples.push(("_count".into(), count as f64));
+    metric(
+        "castnode_cluster_latency_seconds",
+        "histogram",
+        "Age of received frames since their origin ingest (wall clock), per hop's arrival.",
+        &samples,
+    );
+}
+
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
@@ -283,6 +366,7 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         "From a WHEP offer to the first video frame handed to the viewer's connection.",
         &samples,
     );
+    render_cluster(ctx, &mut metric);
     s
 }
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::config::NodeConfig;
-use crate::media::{Hub, HubConfig};
+use crate::media::{BroadcastConsumer, Hub, HubConfig};
 use crate::metrics::NodeStats;
 
 /// Shared state of one media node.
@@ -20,6 +20,8 @@ pub struct NodeContext {
     pub transcoders: crate::transcode::Transcoders,
     /// Per-broadcast WebRTC figures.
     pub webrtc: crate::webrtc::stats::WebrtcStats,
+    /// The cluster link, on nodes that have one.
+    pub link: std::sync::OnceLock<Arc<crate::cluster::link::Link>>,
 }
 
 impl NodeContext {
@@ -35,7 +37,17 @@ impl NodeContext {
             cfg,
             transcoders: Default::default(),
             webrtc: Default::default(),
+            link: Default::default(),
         })
+    }
+
+    /// A consumer of `name` for a local player: from the hub, or fetched over the cluster link
+    /// (waiting for the upstream's answer). `None` when it is live nowhere this node can see.
+    pub async fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
+        match self.link.get() {
+            Some(link) => link.subscribe(name).await,
+            None => self.hub.subscribe(name),
+        }
     }
 
     /// Registers a player of `counter` if the node has room; the guard unregisters it.

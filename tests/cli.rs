@@ -20,11 +20,36 @@ fn castnode(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 #[test]
 fn roles_not_built_yet_exit_2() {
-    for role in ["origin", "relay", "edge", "transcoder", "mixer", "manager"] {
+    for role in ["transcoder", "mixer", "manager"] {
         let (code, _, err) = castnode(&[role], &[]);
         assert_eq!(code, 2, "{role}: {err}");
         assert!(err.contains("not built yet"), "{role}: {err}");
     }
+}
+
+#[test]
+fn cluster_roles_need_upstreams_and_a_token() {
+    let (code, _, err) = castnode(&["relay", "--cluster-token", "0123456789abcdef"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("upstream"), "{err}");
+    let (code, _, err) = castnode(&["origin"], &[]);
+    assert_eq!(code, 64);
+    assert!(err.contains("cluster-token"), "{err}");
+    let (code, _, err) = castnode(
+        &[
+            "edge",
+            "--upstream",
+            "nohost",
+            "--cluster-token",
+            "0123456789abcdef",
+        ],
+        &[],
+    );
+    assert_eq!(code, 64);
+    assert!(
+        err.contains("upstream") && err.contains("HOST:PORT"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -343,10 +343,14 @@ impl Link {
 
     async fn serve(self: Arc<Self>, conn: Connection) {
         let remote = conn.remote_address();
-        let Ok(Ok((mut send, mut recv))) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
         else {
             self.stats.refused.fetch_add(1, Relaxed);
-            conn.close(varint(ErrorCode::ProtocolViolation.code()), b"no control stream");
+            conn.close(
+                varint(ErrorCode::ProtocolViolation.code()),
+                b"no control stream",
+            );
             return;
         };
         let mut decoder = ControlDecoder::new();
@@ -370,10 +374,14 @@ impl Link {
                         .await;
                     return;
                 }
-                if !wire::verify_token_proof(&self.token, Side::Client, &exporter, &token_proof)
-                {
-                    self.refuse(&conn, &mut send, ErrorCode::Unauthorized, "wrong cluster token")
-                        .await;
+                if !wire::verify_token_proof(&self.token, Side::Client, &exporter, &token_proof) {
+                    self.refuse(
+                        &conn,
+                        &mut send,
+                        ErrorCode::Unauthorized,
+                        "wrong cluster token",
+                    )
+                    .await;
                     return;
                 }
                 info!(%remote, peer = %node_id, %role, "cluster peer connected");
@@ -421,22 +429,23 @@ impl Link {
             flows.retain(|_, h| !h.is_finished());
             match msg {
                 ControlMessage::Subscribe { id, broadcast } => {
-                    let Some(consumer) = self.subscribe(&broadcast).await else {
-                        debug!(peer = %peer_id, %broadcast, "SUBSCRIBE: not found");
-                        let _ = ctl.send(ControlMessage::SubscribeError {
-                            id,
-                            code: ErrorCode::NotFound,
-                            reason: format!("broadcast {broadcast} is not live here"),
-                        });
-                        continue;
-                    };
-                    info!(peer = %peer_id, %broadcast, id = id.0, "cluster subscription from downstream");
-                    let task = tokio::spawn(self.clone().send_flow(
-                        conn.clone(),
-                        id,
-                        consumer,
-                        ctl.clone(),
-                    ));
+                    // Fetching from upstream (a relay) may take a moment: other requests of
+                    // this peer go on meanwhile.
+                    let (link, conn, ctl2, peer) =
+                        (self.clone(), conn.clone(), ctl.clone(), peer_id.clone());
+                    let task = tokio::spawn(async move {
+                        let Some(consumer) = link.subscribe(&broadcast).await else {
+                            debug!(%peer, %broadcast, "SUBSCRIBE: not found");
+                            let _ = ctl2.send(ControlMessage::SubscribeError {
+                                id,
+                                code: ErrorCode::NotFound,
+                                reason: format!("broadcast {broadcast} is not live here"),
+                            });
+                            return;
+                        };
+                        info!(%peer, %broadcast, id = id.0, "cluster subscription from downstream");
+                        link.send_flow(conn, id, consumer, ctl2).await;
+                    });
                     if let Some(old) = flows.insert(id.0, task.abort_handle()) {
                         old.abort();
                     }
@@ -542,10 +551,10 @@ impl Link {
                             group_start_dts = frame.dts;
                             // The group two back is dropped if still unsent; the previous
                             // one may finish behind the new one.
-                            if let Some(mut old) = previous.take() {
-                                if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
-                                    debug!(id = id.0, "group reset: fell behind");
-                                }
+                            if let Some(mut old) = previous.take()
+                                && old.reset(varint(ResetCode::GroupDropped.code())).is_ok()
+                            {
+                                debug!(id = id.0, "older group reset (unfinished)");
                             }
                             if let Some(mut s) = current.take() {
                                 let _ = s.finish();
@@ -588,7 +597,12 @@ impl Link {
         }
     }
 
-    async fn open_group(&self, conn: &Connection, id: SubscriptionId, seq: u64) -> Option<SendStream> {
+    async fn open_group(
+        &self,
+        conn: &Connection,
+        id: SubscriptionId,
+        seq: u64,
+    ) -> Option<SendStream> {
         let mut s = conn.open_uni().await.ok()?;
         // Newer groups first.
         let _ = s.set_priority(seq.min(i32::MAX as u64) as i32);
@@ -672,9 +686,12 @@ impl Link {
         send.write_all(&buf).await.map_err(|e| e.to_string())?;
         let mut decoder = ControlDecoder::new();
         let mut buf = BytesMut::new();
-        let answer = tokio::time::timeout(HELLO_TIMEOUT, read_control(&mut recv, &mut decoder, &mut buf))
-            .await
-            .map_err(|_| "no HELLO_OK".to_string())??;
+        let answer = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_control(&mut recv, &mut decoder, &mut buf),
+        )
+        .await
+        .map_err(|_| "no HELLO_OK".to_string())??;
         match answer {
             Some(ControlMessage::HelloOk {
                 node_id,
@@ -718,7 +735,10 @@ impl Link {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        p.conn.close(varint(ErrorCode::ProtocolViolation.code()), b"control stream");
+                        p.conn.close(
+                            varint(ErrorCode::ProtocolViolation.code()),
+                            b"control stream",
+                        );
                         break;
                     }
                 }
@@ -743,7 +763,12 @@ impl Link {
                             Ok(Some(_)) | Err(_) => return,
                             Ok(None) => {}
                         }
-                        match tokio::time::timeout(HELLO_TIMEOUT, g.stream.read_chunk(64 << 10, true)).await {
+                        match tokio::time::timeout(
+                            HELLO_TIMEOUT,
+                            g.stream.read_chunk(64 << 10, true),
+                        )
+                        .await
+                        {
                             Ok(Ok(Some(c))) => g.buf.extend_from_slice(&c.bytes),
                             _ => return,
                         }
@@ -786,10 +811,22 @@ impl Link {
                 id: SubscriptionId(id),
                 broadcast: name.clone(),
             });
-            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
+            // Group streams may overtake the answer on the control stream: keep them.
+            let mut early = Vec::new();
+            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
+                loop {
+                    match rx.recv().await {
+                        Some(FlowEvent::Group(seq, g)) => early.push((seq, g)),
+                        other => return other,
+                    }
+                }
+            })
+            .await;
             match answer {
                 Ok(Some(FlowEvent::Control(ControlMessage::SubscribeOk {
-                    tracks, metadata, ..
+                    tracks,
+                    metadata,
+                    ..
                 }))) => {
                     if sink.producer.is_none() {
                         match self.ctx.hub.publish(&name) {
@@ -812,20 +849,33 @@ impl Link {
                     let _ = state.send(FetchState::Ready);
                     tries = 0;
                 }
-                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeError { code, reason, .. }))) => {
+                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeError {
+                    code,
+                    reason,
+                    ..
+                }))) => {
                     debug!(broadcast = %name, ?code, %reason, "upstream has no such broadcast");
-                    peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    peer.flows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
                     break;
                 }
                 _ => {
                     // No answer: this upstream is gone; try the next.
-                    peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    peer.flows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
                     self.upstream_failed(&peer).await;
                     continue;
                 }
             }
-            let end = self.receive(&name, &mut rx, &mut sink).await;
-            peer.flows.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            let end = self.receive(&name, &mut rx, &mut sink, early).await;
+            peer.flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             match end {
                 FlowEnd::Ended => break,
                 FlowEnd::Unwatched => {
@@ -854,12 +904,16 @@ impl Link {
         name: &str,
         rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
         sink: &mut Sink,
+        early: Vec<(u64, IncomingGroup)>,
     ) -> FlowEnd {
-        let mut waiting: BTreeMap<u64, IncomingGroup> = BTreeMap::new();
+        let mut waiting: BTreeMap<u64, IncomingGroup> = early.into_iter().collect();
         let mut current: Option<(u64, IncomingGroup)> = None;
         let mut done_below = 0u64;
         let mut progress = Instant::now();
         let mut unwatched_since: Option<Instant> = None;
+        // The first group comes as a burst from its start (up to a GOP old): its frames' ages
+        // say nothing about the link's latency.
+        let mut first_group: Option<u64> = None;
         let mut check = tokio::time::interval(Duration::from_millis(250));
         loop {
             if current.is_none()
@@ -889,7 +943,8 @@ impl Link {
                             self.stats.bytes_in.fetch_add(chunk.len() as u64, Relaxed);
                             if let Some((seq, g)) = current.as_mut() {
                                 g.buf.extend_from_slice(&chunk);
-                                if let Err(e) = sink.drain(g, &self.stats) {
+                                let backlog = *first_group.get_or_insert(*seq) == *seq;
+                                if let Err(e) = sink.drain(g, &self.stats, backlog) {
                                     warn!(broadcast = %name, group = *seq, error = %e, "malformed group stream; dropped");
                                     let _ = g.stream.stop(varint(ResetCode::Cancelled.code()));
                                     done_below = *seq + 1;
@@ -964,7 +1019,12 @@ struct Sink {
 }
 
 impl Sink {
-    fn drain(&mut self, g: &mut IncomingGroup, stats: &ClusterStats) -> Result<(), wire::WireError> {
+    fn drain(
+        &mut self,
+        g: &mut IncomingGroup,
+        stats: &ClusterStats,
+        backlog: bool,
+    ) -> Result<(), wire::WireError> {
         let Some(p) = self.producer.as_mut() else {
             return Ok(());
         };
@@ -979,8 +1039,10 @@ impl Sink {
                     }
                     self.last_dts[i] = f.frame.dts;
                     let ingest = f.ingest_us as i64;
-                    let age = wall_clock_us().saturating_sub(ingest).max(0);
-                    stats.latency.observe(Duration::from_micros(age as u64));
+                    if !backlog {
+                        let age = wall_clock_us().saturating_sub(ingest).max(0);
+                        stats.latency.observe(Duration::from_micros(age as u64));
+                    }
                     p.push_at(f.track, f.frame, Some(ingest));
                 }
             }

@@ -133,14 +133,14 @@ pub fn client_config(files: &TlsFiles) -> Result<quinn::ClientConfig, TlsError> 
 }
 
 /// Transport settings: many concurrent group streams, keep-alives so an idle link stays up and a
-/// dead one is noticed within a second or two.
+/// dead one (a killed peer sends nothing) is noticed within 750 ms.
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_uni_streams(1024u32.into());
     t.max_concurrent_bidi_streams(16u32.into());
-    t.keep_alive_interval(Some(std::time::Duration::from_millis(250)));
+    t.keep_alive_interval(Some(std::time::Duration::from_millis(150)));
     t.max_idle_timeout(Some(
-        std::time::Duration::from_millis(1500)
+        std::time::Duration::from_millis(750)
             .try_into()
             .expect("1.5 s is a valid idle timeout"),
     ));

@@ -167,7 +167,7 @@ async fn serve(mut sock: TcpStream, peer: SocketAddr, path: &str, ctx: &Arc<Node
         .await;
         return;
     };
-    let Some(consumer) = ctx.hub.subscribe(name) else {
+    let Some(consumer) = ctx.subscribe(name).await else {
         respond(&mut sock, "404 Not Found", "broadcast not live\n").await;
         return;
     };

@@ -1,5 +1,7 @@
-//! `castnode standalone`: RTMP ingest, RTMP and HTTP-FLV playback, API and metrics in one
-//! process.
+//! The media-node roles: `castnode standalone` (RTMP and WHIP ingest; RTMP, HTTP-FLV and WHEP
+//! playback; API and metrics, in one process), `origin` (the same, serving other nodes over the
+//! cluster link), `relay` (cluster link in and out, plus health and metrics) and `edge`
+//! (playback of broadcasts fetched from upstream on demand). Each only wires modules together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,26 +9,103 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
+use crate::cluster::link::{Link, StaticUpstreams};
 use crate::config::NodeConfig;
 use crate::node::NodeContext;
 use crate::webrtc::driver::Webrtc;
 
-/// Binds the listeners, prints where to publish and play, and serves until SIGINT/SIGTERM.
+/// `castnode standalone`: see [`run_role`].
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let rtmp = TcpListener::bind(cfg.rtmp)
-        .await
-        .with_context(|| format!("binding RTMP to {}", cfg.rtmp))?;
+    run_role(cfg, "standalone").await
+}
+
+/// Binds the listeners `role` needs, prints where to publish and play, and serves until
+/// SIGINT/SIGTERM.
+pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
+    let relay = role == "relay";
+    let rtmp = match relay {
+        true => None,
+        false => Some(
+            TcpListener::bind(cfg.rtmp)
+                .await
+                .with_context(|| format!("binding RTMP to {}", cfg.rtmp))?,
+        ),
+    };
     let http = TcpListener::bind(cfg.http)
         .await
         .with_context(|| format!("binding HTTP to {}", cfg.http))?;
-    let (rtmp_port, http_port) = (rtmp.local_addr()?.port(), http.local_addr()?.port());
+    let rtmp_port = match &rtmp {
+        Some(l) => l.local_addr()?.port(),
+        None => 0,
+    };
+    let http_port = http.local_addr()?.port();
     let host = cfg.public_host.clone();
     let (udp, public_ips) = (cfg.webrtc_udp, cfg.webrtc_public_ip.clone());
+    let cluster = cfg.cluster.clone();
     let ctx = NodeContext::new(cfg);
-    let webrtc = Webrtc::start(udp, &public_ips, ctx.clone())
-        .await
-        .with_context(|| format!("binding WebRTC UDP to {udp}"))?;
-    println!("castnode standalone is running.");
+    let linked = cluster.listen.is_some() || !cluster.upstream.is_empty();
+    let link = if linked {
+        let upstreams = Box::new(StaticUpstreams(cluster.upstream.clone()));
+        let link = Link::start(ctx.clone(), &cluster, role, upstreams)
+            .context("starting the cluster link")?;
+        let _ = ctx.link.set(link.clone());
+        Some(link)
+    } else {
+        None
+    };
+    let cluster_addr = link
+        .as_ref()
+        .and_then(|l| cluster.listen.and(l.local_addr()))
+        .map_or_else(|| "none".to_owned(), |a| a.to_string());
+    let webrtc = match relay {
+        true => None,
+        false => Some(
+            Webrtc::start(udp, &public_ips, ctx.clone())
+                .await
+                .with_context(|| format!("binding WebRTC UDP to {udp}"))?,
+        ),
+    };
+    let webrtc_udp = webrtc
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |w| w.local_addr().to_string());
+    let rtmp_addr = match &rtmp {
+        Some(l) => l.local_addr()?.to_string(),
+        None => "none".to_owned(),
+    };
+    let http_addr = http.local_addr()?;
+    tracing::info!(rtmp = %rtmp_addr, http = %http_addr, webrtc_udp = %webrtc_udp, cluster = %cluster_addr, node_id = %cluster.node_id, "{role} node started");
+    if role == "relay" || role == "edge" {
+        println!("castnode {role} {} is running.", cluster.node_id);
+        println!("  Upstream: {}", cluster.upstream.join(", "));
+        println!("  Cluster link (QUIC): {cluster_addr}");
+        if role == "edge" {
+            println!("  Watch in a browser: http://{host}:{http_port}/play/live/mystream");
+            println!("  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv");
+            println!("  Watch (RTMP):     rtmp://{host}:{rtmp_port}/live/mystream");
+        }
+        println!("  Metrics:    http://{host}:{http_port}/metrics");
+    } else {
+        print_banner(
+            role,
+            &host,
+            rtmp_port,
+            http_port,
+            &webrtc_udp,
+            &cluster_addr,
+        );
+    }
+    serve(ctx, rtmp, http, webrtc).await
+}
+
+fn print_banner(
+    role: &str,
+    host: &str,
+    rtmp_port: u16,
+    http_port: u16,
+    webrtc_udp: &str,
+    cluster_addr: &str,
+) {
+    println!("castnode {role} is running.");
     println!("  OBS: Settings > Stream > Service: Custom");
     println!("       Server:     rtmp://{host}:{rtmp_port}/live");
     println!("       Stream key: mystream   (any key; the broadcast is live/<key>)");
@@ -46,14 +125,24 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     );
     println!("  Watch (RTMP):     rtmp://{host}:{rtmp_port}/live/mystream");
     println!(
-        "  Watch (WebRTC, WHEP): http://{host}:{http_port}/whep/live/mystream   (UDP {})",
-        webrtc.local_addr()
+        "  Watch (WebRTC, WHEP): http://{host}:{http_port}/whep/live/mystream   (UDP {webrtc_udp})"
     );
     println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
     println!("  Metrics:    http://{host}:{http_port}/metrics");
-    tracing::info!(rtmp = %ctx.cfg.rtmp, http = %ctx.cfg.http, webrtc_udp = %webrtc.local_addr(), "standalone node started");
+    if role == "origin" {
+        println!("  Cluster link (QUIC): {cluster_addr}");
+    }
+}
 
-    tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
+async fn serve(
+    ctx: Arc<NodeContext>,
+    rtmp: Option<TcpListener>,
+    http: TcpListener,
+    webrtc: Option<Arc<Webrtc>>,
+) -> anyhow::Result<()> {
+    if let Some(rtmp) = rtmp {
+        tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
+    }
     let reaper = Arc::clone(&ctx);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -63,7 +152,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
-    let routes = crate::http::router(ctx.clone()).merge(crate::webrtc::signal::router(ctx, webrtc));
+    let mut routes = crate::http::router(ctx.clone());
+    if let Some(webrtc) = webrtc {
+        routes = routes.merge(crate::webrtc::signal::router(ctx, webrtc));
+    }
     axum::serve(http, routes)
         .with_graceful_shutdown(crate::shutdown::signal())
         .await

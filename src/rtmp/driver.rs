@@ -151,7 +151,7 @@ async fn session(
                         conn.reject_play(stream_id, "Server full.");
                         continue;
                     };
-                    let Some(consumer) = ctx.hub.subscribe(&name) else {
+                    let Some(consumer) = ctx.subscribe(&name).await else {
                         debug!(%peer, broadcast = %name, "play refused: not live");
                         conn.reject_play(stream_id, "No such stream.");
                         continue;

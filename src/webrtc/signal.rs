@@ -168,7 +168,7 @@ async fn whep(
             "viewer limit reached".into(),
         );
     }
-    let Some(consumer) = st.ctx.hub.subscribe(&name) else {
+    let Some(consumer) = st.ctx.subscribe(&name).await else {
         return refuse(
             StatusCode::NOT_FOUND,
             format!("broadcast {name} is not live"),

@@ -37,6 +37,10 @@ impl Proc {
 /// A running `castnode standalone`.
 pub struct Server {
     proc: Proc,
+    /// The cluster link's UDP port (0 when the node serves none).
+    pub cluster_port: u16,
+    /// The WebRTC UDP port (0 when none).
+    pub udp_port: u16,
     pub rtmp_port: u16,
     pub http_port: u16,
     log: Arc<Mutex<String>>,
@@ -52,20 +56,22 @@ fn port_after(line: &str, scheme: &str) -> Option<u16> {
 }
 
 impl Server {
-    /// Starts a node with extra flags; waits until it has printed its URLs.
+    /// Starts `castnode standalone` with extra flags; waits until it has started.
     pub fn start(extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_castnode"))
-            .args([
-                "standalone",
-                "--rtmp",
-                "127.0.0.1:0",
-                "--http",
-                "127.0.0.1:0",
-                "--webrtc-udp",
-                "127.0.0.1:0",
-                "--public-host",
-                "127.0.0.1",
-            ])
+        Server::start_role("standalone", extra)
+    }
+
+    /// Starts `castnode ROLE` on 127.0.0.1 ports the kernel picks (plus `extra` flags); waits
+    /// for its "node started" log line and reads the bound ports from it.
+    pub fn start_role(role: &str, extra: &[&str]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_castnode"));
+        cmd.arg(role)
+            .args(["--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
+            .args(["--webrtc-udp", "127.0.0.1:0", "--public-host", "127.0.0.1"]);
+        if matches!(role, "origin" | "relay") && !extra.contains(&"--cluster") {
+            cmd.args(["--cluster", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(extra)
             .env("RUST_LOG", "info,castnode=debug")
             .stdout(Stdio::piped())
@@ -75,29 +81,43 @@ impl Server {
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
+        let (started_tx, started) = mpsc::channel::<String>();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("node started") {
+                    let _ = started_tx.send(line.clone());
+                }
                 let mut l = sink.lock().unwrap();
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        let stdout = child.stdout.take().unwrap();
-        let (mut rtmp_port, mut http_port) = (None, None);
-        let mut lines = BufReader::new(stdout).lines();
-        while rtmp_port.is_none() || http_port.is_none() {
-            let line = lines.next().expect("castnode printed its URLs").unwrap();
-            rtmp_port = rtmp_port.or_else(|| port_after(&line, "Server:     rtmp://"));
-            http_port = http_port.or_else(|| port_after(&line, "Metrics:    http://"));
-        }
         // Keep draining stdout so the process never blocks on it.
-        std::thread::spawn(move || for _ in lines {});
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        let line = started
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("castnode {role} did not start:\n{}", log.lock().unwrap()));
+        let field = |name: &str| port_after(&line, &format!("{name}=")).unwrap_or(0);
         Server {
             proc: Proc(child),
-            rtmp_port: rtmp_port.unwrap(),
-            http_port: http_port.unwrap(),
+            rtmp_port: field("rtmp"),
+            http_port: field("http"),
+            cluster_port: field("cluster"),
+            udp_port: field("webrtc_udp"),
             log,
         }
+    }
+
+    /// The PID of the node (for `kill -9` tests).
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    /// Kills the node at once (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.proc.0.kill();
+        let _ = self.proc.0.wait();
     }
 
     pub fn rtmp_url(&self, key: &str) -> String {
