@@ -179,7 +179,7 @@ fn edge_survives_losing_its_relay() {
     let mut relay_a = downstream("relay", &[&origin]);
     let relay_b = downstream("relay", &[&origin]);
     let edge = downstream("edge", &[&relay_a, &relay_b]);
-    let _publisher = ffmpeg_publish(&origin.rtmp_url("f"), &fixture("obs-like.flv"), 0);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("f"), &fixture("obs-like.flv"), 2);
     origin.wait_live("live/f", Duration::from_secs(10));
     let mut reader = read_flv(&edge, "f", 8.0, "failover");
     std::thread::sleep(Duration::from_secs(3));
@@ -242,4 +242,239 @@ fn wrong_token_and_unknown_broadcasts() {
     println!("unknown broadcast answered in {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(!origin.log().contains("panicked"));
+}
+
+/// A UDP impairment proxy (this kernel has no netem): forwards between one client and
+/// `upstream`, delaying every datagram by `delay` and dropping `loss` of them (seeded).
+struct Impairment {
+    port: u16,
+    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+fn impairment(upstream: u16, delay: Duration, loss: f64, seed: u64) -> Impairment {
+    use std::net::{SocketAddr, UdpSocket};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    use std::sync::{Arc, Mutex, mpsc};
+    let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+    back.connect(("127.0.0.1", upstream)).unwrap();
+    let port = front.local_addr().unwrap().port();
+    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let forwarded = Arc::new(AtomicU64::new(0));
+    let rng = Arc::new(Mutex::new(seed | 1));
+    let lose = move || {
+        // xorshift64: the same losses for the same seed.
+        let mut x = rng.lock().unwrap();
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        (*x % 1_000_000) as f64 / 1e6 < loss
+    };
+    // One delay line per direction: (due, datagram), sent in order.
+    let line = |send: Box<dyn Fn(&[u8]) + Send>| {
+        let (tx, rx) = mpsc::channel::<(std::time::Instant, Vec<u8>)>();
+        std::thread::spawn(move || {
+            for (due, data) in rx {
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                send(&data);
+            }
+        });
+        tx
+    };
+    let (f2, b2, c2) = (
+        front.try_clone().unwrap(),
+        back.try_clone().unwrap(),
+        client.clone(),
+    );
+    let to_upstream = line(Box::new(move |d| {
+        let _ = b2.send(d);
+    }));
+    let to_client = line(Box::new(move |d| {
+        if let Some(c) = *c2.lock().unwrap() {
+            let _ = f2.send_to(d, c);
+        }
+    }));
+    for (sock, tx, from_client) in [(front, to_upstream, true), (back, to_client, false)] {
+        let (client, lose, dropped, forwarded) = (
+            client.clone(),
+            lose.clone(),
+            dropped.clone(),
+            forwarded.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                if from_client {
+                    *client.lock().unwrap() = Some(from);
+                }
+                if lose() {
+                    dropped.fetch_add(1, Relaxed);
+                    continue;
+                }
+                forwarded.fetch_add(1, Relaxed);
+                if tx
+                    .send((std::time::Instant::now() + delay, buf[..n].to_vec()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+    Impairment {
+        port,
+        dropped,
+        forwarded,
+    }
+}
+
+/// The edge reaches its relay through 40 ms of delay and 2 % loss: playback goes on, and the
+/// edge stays less than a group behind the origin.
+#[test]
+fn lossy_link_keeps_playing() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let origin = origin();
+    let relay = downstream("relay", &[&origin]);
+    let proxy = impairment(relay.cluster_port, Duration::from_millis(40), 0.02, 7);
+    let edge = Server::start_role(
+        "edge",
+        &[
+            "--upstream",
+            &format!("127.0.0.1:{}", proxy.port),
+            "--cluster-token",
+            TOKEN,
+        ],
+    );
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("l"), &fixture("obs-like.flv"), 2);
+    origin.wait_live("live/l", Duration::from_secs(10));
+    let mut reader = read_flv(&edge, "l", 8.0, "lossy");
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(40))
+            .is_some_and(|s| s.success()),
+        "reader failed:\n{}",
+        edge.log()
+    );
+    let video: Vec<i64> = packets("lossy")
+        .iter()
+        .filter(|p| p.stream == 0)
+        .map(|p| p.dts)
+        .collect();
+    let gap = video
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(i64::MAX);
+    let p95 = histogram_quantile(&edge, "castnode_cluster_latency_seconds", 0.95);
+    let p50 = histogram_quantile(&edge, "castnode_cluster_latency_seconds", 0.5);
+    println!(
+        "lossy link: {} datagrams dropped of {}; {} video packets in 8 s, largest gap {gap} ms; \
+         edge behind origin ingest: p50 ≤ {p50} ms, p95 ≤ {p95} ms",
+        proxy.dropped.load(Relaxed),
+        proxy.dropped.load(Relaxed) + proxy.forwarded.load(Relaxed),
+        video.len()
+    );
+    assert!(proxy.dropped.load(Relaxed) > 0, "the proxy dropped nothing");
+    assert!(video.len() >= 200, "{} video packets", video.len());
+    // Under one group (2 s) behind, with margin.
+    assert!(p95 <= 1000.0, "edge p95 lag {p95} ms");
+}
+
+/// A peer that sends garbage on the control stream, or a HELLO with another version, is closed;
+/// a real edge next to it plays on.
+#[test]
+fn malformed_control_closes_only_that_connection() {
+    use castnode::cluster::{tls, wire};
+    let origin = origin();
+    let edge = downstream("edge", &[&origin]);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("g"), &fixture("baseline.flv"), 0);
+    origin.wait_live("live/g", Duration::from_secs(10));
+    let mut reader = read_flv(&edge, "g", 5.0, "garbage-neighbour");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let port = origin.cluster_port;
+    let closes = rt.block_on(async move {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(&Default::default()).unwrap());
+        let mut codes = Vec::new();
+        let mut hello_v9 = bytes::BytesMut::new();
+        wire::encode_control(
+            &wire::ControlMessage::Hello {
+                version: 9,
+                token_proof: [0; 32],
+                node_id: "x".into(),
+                role: "edge".into(),
+            },
+            &mut hello_v9,
+        )
+        .unwrap();
+        for payload in [vec![0xffu8; 100], hello_v9.to_vec(), vec![0x01, 0x80]] {
+            let conn = endpoint
+                .connect(format!("127.0.0.1:{port}").parse().unwrap(), "castnode")
+                .unwrap()
+                .await
+                .unwrap();
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(&payload).await.unwrap();
+            let _ = send.finish();
+            let reason = tokio::time::timeout(Duration::from_secs(8), conn.closed()).await;
+            codes.push(format!("{reason:?}"));
+        }
+        codes
+    });
+    println!("closes: {closes:?}");
+    for c in &closes {
+        assert!(c.contains("ApplicationClosed"), "{c}");
+    }
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(20))
+            .is_some_and(|s| s.success())
+    );
+    let video = packets("garbage-neighbour")
+        .iter()
+        .filter(|p| p.stream == 0)
+        .count();
+    assert!(video >= 100, "the neighbour got {video} video packets");
+    assert!(origin.metric("castnode_cluster_refused_total") >= 3.0);
+    assert!(!origin.log().contains("panicked"));
+}
+
+/// A WHEP viewer on an edge (headless Chromium) decodes the broadcast pulled through a relay.
+#[test]
+fn whep_on_an_edge_in_chromium() {
+    if !has_chromium() {
+        return;
+    }
+    let origin = origin();
+    let relay = downstream("relay", &[&origin]);
+    let edge = downstream("edge", &[&relay]);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("w"), &fixture("baseline.flv"), 3);
+    origin.wait_live("live/w", Duration::from_secs(10));
+    let whep = format!("http://127.0.0.1:{}/whep/live/w", edge.http_port);
+    let (port, reports) = serve_page(whep_viewers_page(&whep, 1));
+    let profile = temp_dir("chromium-profile-edge");
+    let _browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
+    let report = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the page reported within 60 s");
+    println!("WHEP on the edge: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let viewer = &v
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}\n{}", edge.log()))[0];
+    let fps = viewer["fps"].as_f64().unwrap_or(0.0);
+    assert!(fps >= 25.0, "{viewer}");
+    assert_eq!(viewer["counterBackward"].as_u64(), Some(0), "{viewer}");
+    assert!(
+        viewer["audioSamples"].as_u64().unwrap_or(0) > 400_000,
+        "{viewer}"
+    );
 }
