@@ -273,7 +273,8 @@ fn impairment(upstream: u16, delay: Duration, loss: f64, seed: u64) -> Impairmen
         (*x % 1_000_000) as f64 / 1e6 < loss
     };
     // One delay line per direction: (due, datagram), sent in order.
-    let line = |send: Box<dyn Fn(&[u8]) + Send>| {
+    type Send = Box<dyn Fn(&[u8]) + std::marker::Send>;
+    let line = |send: Send| {
         let (tx, rx) = mpsc::channel::<(std::time::Instant, Vec<u8>)>();
         std::thread::spawn(move || {
             for (due, data) in rx {
