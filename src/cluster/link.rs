@@ -560,7 +560,8 @@ impl Link {
                                 let _ = s.finish();
                                 previous = Some(s);
                             }
-                            match self.open_group(&conn, id, seq).await {
+                            let bc = consumer.broadcast().clone();
+                            match self.open_group(&conn, id, seq, &bc).await {
                                 Some(s) => current = Some(s),
                                 None => return,
                             }
@@ -597,11 +598,14 @@ impl Link {
         }
     }
 
+    /// Opens group `seq`: its header, then the current config of each source track (a config
+    /// change inside a dropped group is not lost).
     async fn open_group(
         &self,
         conn: &Connection,
         id: SubscriptionId,
         seq: u64,
+        bc: &crate::media::hub::Broadcast,
     ) -> Option<SendStream> {
         let mut s = conn.open_uni().await.ok()?;
         // Newer groups first.
@@ -615,6 +619,12 @@ impl Link {
             &mut buf,
         )
         .ok()?;
+        for t in 0..2 {
+            let track = crate::media::TrackId(t);
+            if let Some(info) = bc.track(track) {
+                let _ = wire::encode_config_item(track, &info, &mut buf);
+            }
+        }
         s.write_all(&buf).await.ok()?;
         self.stats.groups_out.fetch_add(1, Relaxed);
         Some(s)
