@@ -315,18 +315,17 @@ impl Session {
     }
 
     /// Sends what the Rtc has queued and handles its events; returns its next deadline.
-    fn drain(&mut self, socket: &UdpSocket, ctx: &NodeContext) -> Instant {
+    fn drain(&mut self, egress: &mut Egress, ctx: &NodeContext) -> Instant {
         loop {
             if !self.rtc.is_alive() {
                 return Instant::now();
             }
             match self.rtc.poll_output() {
-                Ok(Output::Transmit(t)) => {
-                    // Never wait on the socket: a full send buffer drops the datagram, which
-                    // the peer recovers from like any loss.
-                    let _ = socket.try_send_to(&t.contents, t.destination);
+                Ok(Output::Transmit(t)) => egress.push(t.destination, &t.contents),
+                Ok(Output::Timeout(t)) => {
+                    egress.flush();
+                    return t;
                 }
-                Ok(Output::Timeout(t)) => return t,
                 Ok(Output::Event(e)) => self.handle_event(e, ctx),
                 Err(e) => {
                     debug!(session = self.id, error = %e, "WebRTC session failed");
@@ -543,6 +542,90 @@ fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
     tracks[i] = Some(info);
 }
 
+/// Batches a session's datagrams: consecutive ones to the same peer with the same size (the
+/// packets of one video frame) go out in one GSO send (one system call, the kernel cuts them);
+/// a full socket buffer drops datagrams, which peers recover from like any loss — the driver
+/// never waits on the socket.
+struct Egress {
+    socket: UdpSocket,
+    state: Option<quinn_udp::UdpSocketState>,
+    max_segments: usize,
+    buf: Vec<u8>,
+    dest: Option<SocketAddr>,
+    segment: usize,
+    count: usize,
+    /// The last datagram appended was shorter than `segment`: nothing may follow it.
+    closed: bool,
+}
+
+/// Kernel buffers of the WebRTC socket: a burst of viewers' packets (a keyframe for each) must
+/// not overflow them.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+impl Egress {
+    fn new(socket: UdpSocket) -> Self {
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).ok();
+        if let Some(st) = &state {
+            let _ = st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+            let _ = st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
+        }
+        let max_segments = state.as_ref().map_or(1, |s| s.max_gso_segments()).max(1);
+        debug!(max_segments, "WebRTC egress");
+        Self {
+            socket,
+            state,
+            max_segments,
+            buf: Vec::with_capacity(64 << 10),
+            dest: None,
+            segment: 0,
+            count: 0,
+            closed: false,
+        }
+    }
+
+    fn push(&mut self, dest: SocketAddr, data: &[u8]) {
+        let fits = self.dest == Some(dest)
+            && !self.closed
+            && data.len() <= self.segment
+            && self.count < self.max_segments
+            && self.buf.len() + data.len() <= 65_000;
+        if !fits {
+            self.flush();
+            self.dest = Some(dest);
+            self.segment = data.len();
+        }
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+        self.closed = data.len() < self.segment;
+    }
+
+    fn flush(&mut self) {
+        let Some(dest) = self.dest.take() else {
+            return;
+        };
+        let sent = match &self.state {
+            Some(state) => {
+                let t = quinn_udp::Transmit {
+                    destination: dest,
+                    ecn: None,
+                    contents: &self.buf,
+                    segment_size: (self.count > 1).then_some(self.segment),
+                    src_ip: None,
+                };
+                state.try_send((&self.socket).into(), &t).is_ok()
+            }
+            None => self
+                .buf
+                .chunks(self.segment.max(1))
+                .all(|d| self.socket.try_send_to(d, dest).is_ok()),
+        };
+        let _ = sent;
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+    }
+}
+
 async fn run(
     socket: UdpSocket,
     local: SocketAddr,
@@ -550,6 +633,7 @@ async fn run(
     mut rx: mpsc::Receiver<Command>,
     ctx: Arc<NodeContext>,
 ) {
+    let mut egress = Egress::new(socket);
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
     // Broadcast name → its WHIP publisher's session.
@@ -570,7 +654,7 @@ async fn run(
             .unwrap_or(now + Duration::from_millis(100))
             .max(now);
         tokio::select! {
-            r = socket.recv_from(&mut buf) => {
+            r = egress.socket.recv_from(&mut buf) => {
                 let Ok((n, source)) = r else { continue };
                 let now = Instant::now();
                 let Ok(contents) = buf[..n].try_into() else {
@@ -589,7 +673,7 @@ async fn run(
                     if let Err(e) = s.rtc.handle_input(input) {
                         debug!(session = id, error = %e, "WebRTC input rejected");
                     }
-                    s.deadline = s.drain(&socket, &ctx);
+                    s.deadline = s.drain(&mut egress, &ctx);
                 }
             }
             cmd = rx.recv() => match cmd {
@@ -619,7 +703,7 @@ async fn run(
                         };
                         viewer.stats.viewers.fetch_add(1, Relaxed);
                         let mut s = Session::new(id, rtc, broadcast, Role::Viewer(Box::new(viewer)));
-                        s.deadline = s.drain(&socket, &ctx);
+                        s.deadline = s.drain(&mut egress, &ctx);
                         sessions.insert(id, s);
                         ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
                         (id, answer)
@@ -647,7 +731,7 @@ async fn run(
                             last_request: None,
                         };
                         let mut s = Session::new(id, rtc, broadcast.clone(), Role::Publisher(Box::new(publisher)));
-                        s.deadline = s.drain(&socket, &ctx);
+                        s.deadline = s.drain(&mut egress, &ctx);
                         sessions.insert(id, s);
                         publishers.insert(broadcast, id);
                         ctx.stats.webrtc_publishers.fetch_add(1, Relaxed);
@@ -668,7 +752,7 @@ async fn run(
                 let now = Instant::now();
                 for s in sessions.values_mut().filter(|s| s.deadline <= now) {
                     let _ = s.rtc.handle_input(Input::Timeout(now));
-                    s.deadline = s.drain(&socket, &ctx);
+                    s.deadline = s.drain(&mut egress, &ctx);
                 }
             }
             _ = tick.tick() => {
@@ -679,7 +763,7 @@ async fn run(
                     {
                         keyframe_wanted.push(s.broadcast.clone());
                     }
-                    s.deadline = s.drain(&socket, &ctx);
+                    s.deadline = s.drain(&mut egress, &ctx);
                 }
                 // Viewers' keyframe requests go to their broadcast's WHIP publisher.
                 let now = Instant::now();
@@ -689,7 +773,7 @@ async fn run(
                         && p.request_keyframe(&mut s.rtc, now)
                     {
                         ctx.stats.webrtc_keyframe_requests_sent.fetch_add(1, Relaxed);
-                        s.deadline = s.drain(&socket, &ctx);
+                        s.deadline = s.drain(&mut egress, &ctx);
                     }
                 }
             }
