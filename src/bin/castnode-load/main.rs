@@ -1293,6 +1293,20 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?)
 }
 
+/// CPUs of the machine (the `cpuN` lines of /proc/stat), which is what [`machine_busy_ticks`]
+/// covers; unlike `available_parallelism` it does not shrink under `taskset`.
+fn machine_cpus() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .map(|t| {
+            t.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// The machine's UDP `RcvbufErrors` and `SndbufErrors` (datagrams dropped because a socket's
 /// receive or send buffer was full), from /proc/net/snmp.
 fn udp_buffer_errors() -> Option<(u64, u64)> {
@@ -1782,7 +1796,7 @@ impl Report {
             })),
             "load_tool_cpu_cores": self.tool_cpu_cores.map(r3),
             "machine_cpu_cores": self.machine_cpu_cores.map(r3),
-            "machine_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "machine_cpus": machine_cpus(),
             "errors": self.errors.iter().map(|(e, n)| json!({"error": e, "players": n})).collect::<Vec<_>>(),
             "whep": self.whep.as_ref().map(whep::Summary::to_json),
         })
@@ -1854,7 +1868,7 @@ impl fmt::Display for Report {
         if let Some(c) = self.tool_cpu_cores {
             write!(f, "  load tool          {c:.3} cores")?;
             if let Some(m) = self.machine_cpu_cores {
-                let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+                let cpus = machine_cpus();
                 write!(
                     f,
                     "; the machine was {m:.3} of {cpus} cores busy (all processes, interrupts)"

@@ -830,6 +830,8 @@ pub struct Summary {
     video: VideoCounts,
     audio: AudioCounts,
     viewers_losing_frames: usize,
+    /// Audio packets per second per viewer served throughout the window (mean).
+    audio_pps: f64,
     /// Sessions created, and of those, DELETEs answered 200.
     sessions: usize,
     deleted: usize,
@@ -853,6 +855,7 @@ impl Summary {
             video: VideoCounts::default(),
             audio: AudioCounts::default(),
             viewers_losing_frames: 0,
+            audio_pps: 0.0,
             sessions: 0,
             deleted: 0,
             udp_buffer_errors,
@@ -887,8 +890,10 @@ impl Summary {
             s.viewers_losing_frames += usize::from(v.frames_lost() > 0);
             if r.connected && !r.disconnected {
                 fps.push(f64::from(r.rec.video_frames) / window);
+                s.audio_pps += w.audio_window.packets as f64 / window;
             }
         }
+        s.audio_pps /= fps.len().max(1) as f64;
         fps.sort_by(f64::total_cmp);
         s.fps_min = fps.first().copied().unwrap_or_default();
         s.fps_p50 = percentile(&fps, 50.0).unwrap_or_default();
@@ -914,7 +919,8 @@ impl Summary {
                 "lost": v.frames_lost(), "viewers_losing_frames": self.viewers_losing_frames,
                 "packets": v.packets, "packets_lost": v.lost, "packets_recovered": v.recovered,
             },
-            "audio_window": { "packets": self.audio.packets, "packets_lost": self.audio.lost },
+            "audio_window": { "packets": self.audio.packets, "packets_lost": self.audio.lost,
+                              "packets_per_s_per_viewer": r1(self.audio_pps) },
             "udp_buffer_errors": self.udp_buffer_errors.map(|(r, s)| json!({
                 "receive": r, "send": s,
             })),
@@ -958,8 +964,8 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  audio (window)     {} packets, {} missed",
-            self.audio.packets, self.audio.lost
+            "  audio (window)     {} packets ({:.1}/s per viewer; 20 ms Opus is 50/s), {} missed",
+            self.audio.packets, self.audio_pps, self.audio.lost
         )?;
         if let Some((r, s)) = self.udp_buffer_errors {
             writeln!(
