@@ -24,9 +24,10 @@
 //!
 //! # Timing
 //!
-//! Times are measured from the moment the viewer starts its POST (the same origin as the
-//! Chromium test's time to first frame): the 201 answer, ICE + DTLS connected (str0m's
-//! `Event::Connected`), and the last packet of the first complete video frame.
+//! Times are measured from the moment the viewer builds its offer and POSTs it (the Chromium
+//! test's time to first frame starts at its POST too, but ends when the frame is rendered): the
+//! 201 answer, ICE + DTLS connected (str0m's `Event::Connected`), and the arrival of the last
+//! packet of the first complete video frame.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -526,7 +527,9 @@ impl Viewer {
             p.header.marker,
             &p.payload,
             &mut |f| {
-                ends[n] = Some(f);
+                if let Some(slot) = ends.get_mut(n) {
+                    *slot = Some(f);
+                }
                 n += 1;
             },
         );
@@ -545,7 +548,7 @@ impl Viewer {
         }
     }
 
-    /// Notes the run's phase: snapshots the counters when the window opens and closes.
+    /// Notes the run's phase; snapshots the counters when it first sees the window open.
     fn phase(&mut self) -> u8 {
         let p = self.shared.phase.load(Relaxed);
         if p != super::CONNECTING && self.video_open.is_none() {
