@@ -1758,7 +1758,11 @@ impl Report {
         let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
         let per_player = self.server_per_player();
         json!({
-            "protocol": self.protocol.name().to_lowercase(),
+            "protocol": match self.protocol {
+                Protocol::Rtmp => "rtmp",
+                Protocol::Flv => "flv",
+                Protocol::Whep => "whep",
+            },
             "url": self.url,
             "window_s": r1(self.window_s),
             "warmup_s": self.warmup_s,
