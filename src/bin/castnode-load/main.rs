@@ -1,6 +1,8 @@
 //! `castnode-load`: opens many players of one live stream in one process and reports how many
 //! keep up, how late their frames arrive, and what the server under test spent (CPU, memory) to
-//! serve them. It runs against castnode or any other RTMP / HTTP-FLV server (nginx-rtmp, say).
+//! serve them. It runs against castnode or any other RTMP / HTTP-FLV / WHEP server (nginx-rtmp,
+//! say). WHEP viewers are WebRTC peers without decoders; see [`whep`] for how they work and what
+//! they add to the report (time to first frame, frame completeness).
 //!
 //! # How a run goes
 //!
@@ -10,8 +12,9 @@
 //!    (each loop adds the file's duration plus one frame); sequence headers are sent once and
 //!    end-of-sequence tags are dropped, as from an encoder that never stops. Wire timestamps start
 //!    at `--ts-base-ms` (60 s) rather than 0, so a server that rebases timestamps is recognised.
-//! 2. `--players` players connect at `--connect-rate` per second: RTMP `play`, or an HTTP-FLV
-//!    `GET`. The server's RSS is read just before (`--server-pid`).
+//! 2. `--players` players connect at `--connect-rate` per second: RTMP `play`, an HTTP-FLV
+//!    `GET`, or a WHEP offer (POST, then ICE + DTLS over a UDP socket per viewer). The server's
+//!    RSS is read just before (`--server-pid`).
 //! 3. After `--warmup` seconds the measuring window of `--duration` seconds opens. Only what
 //!    arrives inside it counts: media bytes, video frames, lag samples, server and own CPU.
 //!
@@ -28,7 +31,10 @@
 //!   each player got.
 //! - A player **keeps up** when it stayed connected, its received bitrate is at least 90% of the
 //!   published one, and its p99 lag is at most `--lag-limit-ms` (bitrate only with
-//!   `--no-publish`).
+//!   `--no-publish`); a WHEP viewer must also have lost no video frame in the window. For WHEP the
+//!   bitrate is RTP payload bytes (castnode sends Opus at 96 kbit/s for the fixture's AAC) and
+//!   the lag is measured at each frame's last packet, from its RTP time (RTP time = publisher
+//!   timestamp × 90 on castnode; calibrated otherwise).
 //! - **Server cost** (`--server-pid`, summed with the process's children such as nginx workers):
 //!   CPU (utime + stime) over the window in cores and in microseconds per player per second; RSS
 //!   before the players connect and at the window's end, per player.
@@ -64,6 +70,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+mod whep;
+
 /// Opens N players of one live stream and reports how many keep up.
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -74,6 +82,9 @@ struct Args {
     /// Where HTTP-FLV players read (--protocol flv): http://host:port/app/key.flv.
     #[arg(long)]
     flv_url: Option<String>,
+    /// Where WHEP viewers POST their offers (--protocol whep): http://host:port/whep/app/key.
+    #[arg(long)]
+    whep_url: Option<String>,
     /// How players read.
     #[arg(long, value_enum)]
     protocol: Protocol,
@@ -121,6 +132,18 @@ enum Protocol {
     Rtmp,
     /// HTTP-FLV.
     Flv,
+    /// WHEP (WebRTC: ICE, DTLS-SRTP, RTP; no decoding).
+    Whep,
+}
+
+impl Protocol {
+    fn name(self) -> &'static str {
+        match self {
+            Protocol::Rtmp => "RTMP",
+            Protocol::Flv => "HTTP-FLV",
+            Protocol::Whep => "WHEP",
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -629,6 +652,8 @@ struct PlayerResult {
     /// Why it failed or ended early.
     error: Option<String>,
     rec: Recorder,
+    /// What a WHEP viewer measured besides `rec`.
+    whep: Option<Box<whep::ViewerStats>>,
 }
 
 impl PlayerResult {
@@ -638,6 +663,7 @@ impl PlayerResult {
             disconnected: false,
             error: None,
             rec: Recorder::new(shared.t0, shared.base_ms, shared.lag_capacity),
+            whep: None,
         }
     }
 
@@ -1267,6 +1293,36 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(v.iter().take(8).sum::<u64>() - v.get(3)? - v.get(4)?)
 }
 
+/// CPUs of the machine (the `cpuN` lines of /proc/stat), which is what [`machine_busy_ticks`]
+/// covers; unlike `available_parallelism` it does not shrink under `taskset`.
+fn machine_cpus() -> usize {
+    std::fs::read_to_string("/proc/stat")
+        .map(|t| {
+            t.lines()
+                .filter(|l| {
+                    l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The machine's UDP `RcvbufErrors` and `SndbufErrors` (datagrams dropped because a socket's
+/// receive or send buffer was full), from /proc/net/snmp.
+fn udp_buffer_errors() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let get = |name: &str| {
+        values
+            .get(names.iter().position(|n| *n == name)?)?
+            .parse()
+            .ok()
+    };
+    Some((get("RcvbufErrors")?, get("SndbufErrors")?))
+}
+
 /// The soft limit on open files, from /proc/self/limits.
 fn open_files_limit() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/limits").ok()?;
@@ -1306,13 +1362,26 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             t.addr = resolve(&host, t.addr.port())?;
             Some(Arc::new(t))
         }
-        Protocol::Rtmp => None,
+        Protocol::Rtmp | Protocol::Whep => None,
+    };
+    let whep = match args.protocol {
+        Protocol::Whep => {
+            let url = args
+                .whep_url
+                .as_deref()
+                .context("--protocol whep needs --whep-url")?;
+            let (mut t, host) = whep::WhepTarget::parse(url)?;
+            t.resolve(resolve(&host, t.addr.port())?)?;
+            Some(Arc::new(t))
+        }
+        _ => None,
     };
     if let Some(limit) = open_files_limit()
         && limit < args.players as u64 + 64
     {
         log(format_args!(
-            "warning: the open-files limit is {limit}, too low for {} players (raise `ulimit -n`)",
+            "warning: the open-files limit is {limit}, too low for {} players (raise `ulimit -n`; \
+             a WHEP viewer holds a UDP socket, plus a TCP one while it POSTs)",
             args.players
         ));
     }
@@ -1326,7 +1395,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             .enable_all()
             .build()?
     };
-    rt.block_on(coordinate(args, fixture, rtmp, flv))
+    rt.block_on(coordinate(args, fixture, rtmp, flv, whep))
 }
 
 async fn coordinate(
@@ -1334,7 +1403,19 @@ async fn coordinate(
     fixture: Arc<Fixture>,
     rtmp: Arc<RtmpTarget>,
     flv: Option<Arc<HttpTarget>>,
+    whep: Option<Arc<whep::WhepTarget>>,
 ) -> anyhow::Result<Report> {
+    // One DTLS certificate for every WHEP viewer: a key generation per viewer would cost this
+    // tool CPU and change nothing for the server.
+    let cert = match &whep {
+        Some(_) => Some(
+            str0m::crypto::from_feature_flags()
+                .dtls_provider
+                .generate_certificate()
+                .context("generating the viewers' DTLS certificate")?,
+        ),
+        None => None,
+    };
     let clk_tck = clock_ticks_per_second();
     let pub_stats = Arc::new(PublisherStats::default());
     let t0 = if args.no_publish {
@@ -1383,9 +1464,12 @@ async fn coordinate(
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate))
             .await;
         let (sh, done) = (shared.clone(), done_rx.clone());
-        handles.push(match &flv {
-            Some(t) => tokio::spawn(flv_player(t.clone(), sh, done)),
-            None => tokio::spawn(rtmp_player(rtmp.clone(), sh, done, i as u64)),
+        handles.push(match (&flv, &whep, &cert) {
+            (Some(t), _, _) => tokio::spawn(flv_player(t.clone(), sh, done)),
+            (_, Some(t), Some(cert)) => {
+                tokio::spawn(whep::whep_player(t.clone(), cert.clone(), sh, done))
+            }
+            _ => tokio::spawn(rtmp_player(rtmp.clone(), sh, done, i as u64)),
         });
         if last_log.elapsed() >= Duration::from_secs(2) {
             last_log = Instant::now();
@@ -1415,6 +1499,7 @@ async fn coordinate(
     // The window.
     let self_before = cpu_ticks("/proc/self/stat");
     let machine_before = machine_busy_ticks();
+    let udp_before = udp_buffer_errors();
     let cpu_before = args.server_pid.and_then(sample_server);
     let pub_bytes_before = pub_stats.media_bytes.load(Relaxed);
     pub_stats.late_max_us.store(0, Relaxed);
@@ -1426,6 +1511,7 @@ async fn coordinate(
     let window = window_start.elapsed().as_secs_f64();
     let self_after = cpu_ticks("/proc/self/stat");
     let machine_after = machine_busy_ticks();
+    let udp_after = udp_buffer_errors();
     let server_after = args.server_pid.and_then(sample_server);
     let pub_bytes = pub_stats.media_bytes.load(Relaxed) - pub_bytes_before;
     let pub_late_ms = pub_stats.late_max_us.load(Relaxed) as f64 / 1000.0;
@@ -1464,6 +1550,9 @@ async fn coordinate(
         server,
         tool_cpu_cores: cpu(self_before, self_after),
         machine_cpu_cores: cpu(machine_before, machine_after),
+        udp_buffer_errors: udp_before
+            .zip(udp_after)
+            .map(|(b, a)| (a.0.saturating_sub(b.0), a.1.saturating_sub(b.1))),
     }))
 }
 
@@ -1493,6 +1582,8 @@ struct ReportInput<'a> {
     server: Option<ServerCost>,
     tool_cpu_cores: Option<f64>,
     machine_cpu_cores: Option<f64>,
+    /// Machine-wide UDP receive / send buffer drops in the window.
+    udp_buffer_errors: Option<(u64, u64)>,
 }
 
 /// Min / p50 / mean.
@@ -1548,6 +1639,7 @@ struct Report {
     tool_cpu_cores: Option<f64>,
     machine_cpu_cores: Option<f64>,
     errors: Vec<(String, usize)>,
+    whep: Option<whep::Summary>,
 }
 
 impl Report {
@@ -1586,7 +1678,11 @@ impl Report {
             r.rec.lags_us.sort_unstable();
             let lag_ok = args.no_publish
                 || percentile(&r.rec.lags_us, 99.0).is_some_and(|p99| p99 <= limit_us);
-            if !r.disconnected && bps >= target && lag_ok {
+            let frames_ok = r
+                .whep
+                .as_ref()
+                .is_none_or(|w| w.video_window.frames_lost() == 0);
+            if !r.disconnected && bps >= target && lag_ok && frames_ok {
                 keeping_up += 1;
             }
             all_lags.extend_from_slice(&r.rec.lags_us);
@@ -1609,11 +1705,14 @@ impl Report {
             p50: percentile(&bitrates, 50.0).unwrap_or_default() / 1000.0,
             mean: bitrates.iter().fold(0.0, |a, b| a + b) / n.max(1) as f64 / 1000.0,
         };
+        let whep = (args.protocol == Protocol::Whep)
+            .then(|| whep::Summary::build(&input.results, window, input.udp_buffer_errors));
         Self {
             protocol: args.protocol,
             url: match args.protocol {
                 Protocol::Rtmp => args.rtmp_url.clone(),
                 Protocol::Flv => args.flv_url.clone().unwrap_or_default(),
+                Protocol::Whep => args.whep_url.clone().unwrap_or_default(),
             },
             window_s: window,
             warmup_s: args.warmup,
@@ -1638,6 +1737,7 @@ impl Report {
             tool_cpu_cores: input.tool_cpu_cores,
             machine_cpu_cores: input.machine_cpu_cores,
             errors,
+            whep,
         }
     }
 
@@ -1658,7 +1758,11 @@ impl Report {
         let r3 = |v: f64| (v * 1000.0).round() / 1000.0;
         let per_player = self.server_per_player();
         json!({
-            "protocol": match self.protocol { Protocol::Rtmp => "rtmp", Protocol::Flv => "flv" },
+            "protocol": match self.protocol {
+                Protocol::Rtmp => "rtmp",
+                Protocol::Flv => "flv",
+                Protocol::Whep => "whep",
+            },
             "url": self.url,
             "window_s": r1(self.window_s),
             "warmup_s": self.warmup_s,
@@ -1696,19 +1800,21 @@ impl Report {
             })),
             "load_tool_cpu_cores": self.tool_cpu_cores.map(r3),
             "machine_cpu_cores": self.machine_cpu_cores.map(r3),
-            "machine_cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "machine_cpus": machine_cpus(),
             "errors": self.errors.iter().map(|(e, n)| json!({"error": e, "players": n})).collect::<Vec<_>>(),
+            "whep": self.whep.as_ref().map(whep::Summary::to_json),
         })
     }
 }
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let proto = match self.protocol {
-            Protocol::Rtmp => "RTMP",
-            Protocol::Flv => "HTTP-FLV",
-        };
-        writeln!(f, "castnode-load: {proto} players of {}", self.url)?;
+        writeln!(
+            f,
+            "castnode-load: {} players of {}",
+            self.protocol.name(),
+            self.url
+        )?;
         writeln!(
             f,
             "  window             {:.1} s after {:.1} s of warmup",
@@ -1766,13 +1872,16 @@ impl fmt::Display for Report {
         if let Some(c) = self.tool_cpu_cores {
             write!(f, "  load tool          {c:.3} cores")?;
             if let Some(m) = self.machine_cpu_cores {
-                let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+                let cpus = machine_cpus();
                 write!(
                     f,
                     "; the machine was {m:.3} of {cpus} cores busy (all processes, interrupts)"
                 )?;
             }
             writeln!(f)?;
+        }
+        if let Some(w) = &self.whep {
+            write!(f, "{w}")?;
         }
         for (e, n) in &self.errors {
             writeln!(f, "  error              {n} players: {e}")?;
