@@ -43,6 +43,10 @@ use crate::transcode::{Rendition, opus_for, video_for};
 pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
 /// A session must connect (ICE + DTLS) within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Packets str0m keeps per viewer for video: the packets of a frame waiting to be sent, then
+/// the history NACKs are answered from. Its default (1000) costs about 2 MiB per viewer; 500
+/// holds a 600 KB keyframe and about 1.5 s of history at 2.5 Mbit/s.
+pub const VIDEO_SEND_BUFFER: usize = 500;
 /// How often viewers' hub consumers are read.
 pub const MEDIA_TICK: Duration = Duration::from_millis(5);
 /// A WHIP publisher that sent no keyframe for this long is asked for one, so that groups (what
@@ -849,7 +853,9 @@ fn accept(
         .enable_opus(true, false);
     if !publisher {
         // Egress figures (bytes, NACKs, PLIs) for the broadcast's metrics.
-        builder = builder.set_stats_interval(Some(Duration::from_secs(1)));
+        builder = builder
+            .set_stats_interval(Some(Duration::from_secs(1)))
+            .set_send_buffer_video(VIDEO_SEND_BUFFER);
     }
     let mut rtc = builder.build(Instant::now());
     for c in candidates {
