@@ -50,7 +50,7 @@ fn render_cluster(
     let none = crate::cluster::link::ClusterStats::default();
     let c = ctx.link.get().map_or(&none, |l| &l.stats);
     let g = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed) as f64)];
-    let figures: [(&str, &str, &str, &AtomicU64); 9] = [
+    let figures: [(&str, &str, &str, &AtomicU64); 11] = [
         (
             "castnode_cluster_peers",
             "gauge",
@@ -74,6 +74,18 @@ fn render_cluster(
             "gauge",
             "Broadcasts this node fetches from upstream.",
             &c.subscriptions_up,
+        ),
+        (
+            "castnode_cluster_publications_in",
+            "gauge",
+            "Broadcasts other nodes publish to this one.",
+            &c.publications_in,
+        ),
+        (
+            "castnode_cluster_publications_out",
+            "gauge",
+            "Broadcasts published here that this node pushes upstream.",
+            &c.publications_out,
         ),
         (
             "castnode_cluster_failovers_total",

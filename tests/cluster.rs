@@ -479,3 +479,37 @@ fn whep_on_an_edge_in_chromium() {
         "{viewer}"
     );
 }
+
+/// A broadcast pushed to an edge goes up (PUBLISH) through its relay to the origin, and another
+/// edge plays it, byte-identical.
+#[test]
+fn publish_to_an_edge_plays_everywhere() {
+    let origin = origin();
+    let relay = downstream("relay", &[&origin]);
+    let edge_in = downstream("edge", &[&relay]);
+    let edge_out = downstream("edge", &[&relay]);
+    let src = fixture("obs-like.flv");
+    let source_md5: HashSet<String> = source_packets(&src).into_iter().map(|p| p.md5).collect();
+    let _publisher = ffmpeg_publish(&edge_in.rtmp_url("p"), &src, 2);
+    edge_in.wait_live("live/p", Duration::from_secs(10));
+    let published = wait_until(Duration::from_secs(5), || {
+        origin.metric("castnode_cluster_publications_in") == 1.0
+    });
+    assert!(published, "not published upstream:\n{}", edge_in.log());
+    assert_eq!(edge_in.metric("castnode_cluster_publications_out"), 1.0);
+    assert_eq!(relay.metric("castnode_cluster_publications_out"), 1.0);
+    let mut reader = read_flv(&edge_out, "p", 4.0, "published");
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "reader failed:\n{}",
+        edge_out.log()
+    );
+    let got = packets("published");
+    let video = got.iter().filter(|p| p.stream == 0).count();
+    println!("edge reading a broadcast published to another edge: {video} video packets");
+    assert!(video >= 90, "{video} video packets");
+    let foreign = got.iter().filter(|p| !source_md5.contains(&p.md5)).count();
+    assert_eq!(foreign, 0, "packets differ from the published ones");
+}

@@ -36,7 +36,9 @@ use super::wire::{
 };
 use crate::config::ClusterConfig;
 use crate::media::hub::wall_clock_us;
-use crate::media::{BroadcastConsumer, BroadcastProducer, Item, ReadOutcome, TrackKind};
+use crate::media::{
+    BroadcastConsumer, BroadcastProducer, Item, ReadOutcome, TrackId, TrackInfo, TrackKind,
+};
 use crate::metrics::Histogram;
 use crate::node::NodeContext;
 
@@ -79,6 +81,10 @@ pub struct ClusterStats {
     pub subscriptions_down: AtomicU64,
     /// Subscriptions this node holds upstream now.
     pub subscriptions_up: AtomicU64,
+    /// Broadcasts other nodes publish to this one now.
+    pub publications_in: AtomicU64,
+    /// Local broadcasts this node publishes upstream now.
+    pub publications_out: AtomicU64,
     /// Upstream failovers (a subscription moved to another upstream).
     pub failovers: AtomicU64,
     /// Bytes sent on group streams.
@@ -100,6 +106,8 @@ impl Default for ClusterStats {
             refused: AtomicU64::new(0),
             subscriptions_down: AtomicU64::new(0),
             subscriptions_up: AtomicU64::new(0),
+            publications_in: AtomicU64::new(0),
+            publications_out: AtomicU64::new(0),
             failovers: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -176,6 +184,8 @@ pub struct Link {
     /// Index into the candidates of the upstream to try first.
     next_upstream: AtomicUsize,
     fetches: Mutex<HashMap<String, watch::Receiver<FetchState>>>,
+    /// Local broadcasts being published upstream.
+    publishing: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     next_id: AtomicU64,
     linger: Duration,
     /// Counters for `/metrics`.
@@ -257,6 +267,7 @@ impl Link {
             peer: tokio::sync::Mutex::new(None),
             next_upstream: AtomicUsize::new(0),
             fetches: Mutex::new(HashMap::new()),
+            publishing: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             linger: cfg.linger,
             stats: ClusterStats::default(),
@@ -301,6 +312,102 @@ impl Link {
         match ready {
             Ok(Ok(s)) if *s == FetchState::Ready => self.ctx.hub.subscribe(name),
             _ => None,
+        }
+    }
+
+    /// Publishes this node's own broadcasts upstream (PUBLISH): every live broadcast of the hub
+    /// that was not fetched from upstream and is not published yet. Called periodically by the
+    /// role; does nothing on a node without upstreams. So a broadcast pushed to any node reaches
+    /// the origin, and every edge can fetch it from there.
+    pub fn publish_local(self: &Arc<Self>) {
+        let upstream = self.upstreams.candidates("");
+        if upstream.is_empty() {
+            return;
+        }
+        let fetched: Vec<String> = self
+            .fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
+        publishing.retain(|_, h| !h.is_finished());
+        for bc in self.ctx.hub.broadcasts() {
+            let name = bc.name();
+            if !bc.is_live() || fetched.iter().any(|f| f == name) || publishing.contains_key(name) {
+                continue;
+            }
+            let task = tokio::spawn(self.clone().publish(name.to_owned()));
+            publishing.insert(name.to_owned(), task);
+        }
+    }
+
+    /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
+    async fn publish(self: Arc<Self>, name: String) {
+        let Some(mut consumer) = self.ctx.hub.subscribe(&name) else {
+            return;
+        };
+        self.stats.publications_out.fetch_add(1, Relaxed);
+        let _guard = Gauge(&self.stats.publications_out);
+        loop {
+            let Some(peer) = self.upstream(&name).await else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if !consumer.broadcast().is_live() {
+                    return;
+                }
+                continue;
+            };
+            let id = self.next_id.fetch_add(1, Relaxed);
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            peer.flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, tx);
+            let (tracks, metadata) = source_tracks(&consumer);
+            let _ = peer.ctl.send(ControlMessage::Publish {
+                id: SubscriptionId(id),
+                broadcast: name.clone(),
+                tracks,
+                metadata,
+            });
+            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
+            let remove = |peer: &Peer| {
+                peer.flows
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id)
+            };
+            match answer {
+                Ok(Some(FlowEvent::Control(ControlMessage::PublishOk { .. }))) => {
+                    info!(broadcast = %name, upstream = %peer.addr, "published upstream");
+                }
+                Ok(Some(FlowEvent::Control(ControlMessage::PublishError {
+                    code, reason, ..
+                }))) => {
+                    warn!(broadcast = %name, upstream = %peer.addr, ?code, %reason, "upstream refused the broadcast");
+                    remove(&peer);
+                    return;
+                }
+                _ => {
+                    remove(&peer);
+                    self.upstream_failed(&peer).await;
+                    continue;
+                }
+            }
+            let ended = self
+                .send_groups(&peer.conn, SubscriptionId(id), &mut consumer)
+                .await;
+            remove(&peer);
+            if ended {
+                let _ = peer.ctl.send(ControlMessage::Ended {
+                    id: SubscriptionId(id),
+                });
+                info!(broadcast = %name, "local broadcast ended; upstream told");
+                return;
+            }
+            warn!(broadcast = %name, upstream = %peer.addr, "upstream lost while publishing; publishing again");
+            self.upstream_failed(&peer).await;
         }
     }
 
@@ -410,6 +517,14 @@ impl Link {
             node_id: self.node_id.clone(),
             token_proof: wire::token_proof(&self.token, Side::Server, &exporter),
         });
+        // Flows this end receives: the peer's publications.
+        let peer = Arc::new(Peer {
+            conn: conn.clone(),
+            addr: remote.to_string(),
+            ctl: ctl.clone(),
+            flows: Mutex::new(HashMap::new()),
+        });
+        spawn_group_acceptor(peer.clone());
         let mut flows: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
         loop {
             let msg = match read_control(&mut recv, &mut decoder, &mut buf).await {
@@ -455,6 +570,59 @@ impl Link {
                         h.abort();
                     }
                 }
+                ControlMessage::Publish {
+                    id,
+                    broadcast,
+                    tracks,
+                    metadata,
+                } => {
+                    let mut producer = match self.ctx.hub.publish(&broadcast) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            info!(peer = %peer_id, %broadcast, "PUBLISH refused: {e}");
+                            let _ = ctl.send(ControlMessage::PublishError {
+                                id,
+                                code: ErrorCode::AlreadyLive,
+                                reason: e.to_string(),
+                            });
+                            continue;
+                        }
+                    };
+                    for (t, info) in tracks {
+                        producer.set_track(t, info);
+                    }
+                    producer.set_metadata(metadata);
+                    let (tx, mut rx) = mpsc::unbounded_channel();
+                    peer.flows
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id.0, tx);
+                    let _ = ctl.send(ControlMessage::PublishOk { id });
+                    info!(peer = %peer_id, %broadcast, id = id.0, "broadcast published over the cluster link");
+                    let (link, peer2) = (self.clone(), peer.clone());
+                    let task = tokio::spawn(async move {
+                        link.stats.publications_in.fetch_add(1, Relaxed);
+                        let _guard = Gauge(&link.stats.publications_in);
+                        let mut sink = Sink {
+                            producer: Some(producer),
+                            last_dts: [i64::MIN; 2],
+                        };
+                        link.receive(&broadcast, &mut rx, &mut sink, Vec::new(), None)
+                            .await;
+                        peer2
+                            .flows
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&id.0);
+                        info!(%broadcast, "publication over the cluster link ended");
+                    });
+                    if let Some(old) = flows.insert(id.0, task.abort_handle()) {
+                        old.abort();
+                    }
+                }
+                ControlMessage::Ended { id } => {
+                    peer.route(id.0, FlowEvent::Control(ControlMessage::Ended { id }));
+                }
                 ControlMessage::GoAway | ControlMessage::Announce { .. } => {}
                 ControlMessage::Unannounce { .. } => {}
                 other => {
@@ -485,16 +653,29 @@ impl Link {
     ) {
         self.stats.subscriptions_down.fetch_add(1, Relaxed);
         let _guard = Gauge(&self.stats.subscriptions_down);
-        let (tracks, metadata) = consumer.snapshot();
-        let tracks: Vec<_> = tracks.into_iter().filter(|(t, _)| t.0 < 2).collect();
-        let has_video = tracks
-            .iter()
-            .any(|(_, t)| t.codec.kind() == TrackKind::Video);
+        let (tracks, metadata) = source_tracks(&consumer);
         let _ = ctl.send(ControlMessage::SubscribeOk {
             id,
-            tracks: tracks.clone(),
+            tracks,
             metadata,
         });
+        if self.send_groups(&conn, id, &mut consumer).await {
+            let _ = ctl.send(ControlMessage::Ended { id });
+        }
+    }
+
+    /// Sends `consumer`'s groups on `conn` as flow `id` until the broadcast ends (true) or the
+    /// connection goes (false).
+    async fn send_groups(
+        &self,
+        conn: &Connection,
+        id: SubscriptionId,
+        consumer: &mut BroadcastConsumer,
+    ) -> bool {
+        let has_video = source_tracks(consumer)
+            .0
+            .iter()
+            .any(|(_, t)| t.codec.kind() == TrackKind::Video);
         let mut entries = Vec::with_capacity(64);
         let mut seq = 0u64;
         let mut current: Option<SendStream> = None;
@@ -507,8 +688,7 @@ impl Link {
                     if let Some(mut s) = current.take() {
                         let _ = s.finish();
                     }
-                    let _ = ctl.send(ControlMessage::Ended { id });
-                    return;
+                    return true;
                 }
                 ReadOutcome::Read(0) => {
                     consumer.changed().await;
@@ -561,9 +741,9 @@ impl Link {
                                 previous = Some(s);
                             }
                             let bc = consumer.broadcast().clone();
-                            match self.open_group(&conn, id, seq, &bc).await {
+                            match self.open_group(conn, id, seq, &bc).await {
                                 Some(s) => current = Some(s),
-                                None => return,
+                                None => return false,
                             }
                             seq += 1;
                         }
@@ -588,7 +768,7 @@ impl Link {
                 if !ok {
                     // Reset by the peer (it dropped this group) or the connection is gone.
                     if conn.close_reason().is_some() {
-                        return;
+                        return false;
                     }
                     current = None;
                     continue;
@@ -733,6 +913,8 @@ impl Link {
                         let id = match &m {
                             ControlMessage::SubscribeOk { id, .. }
                             | ControlMessage::SubscribeError { id, .. }
+                            | ControlMessage::PublishOk { id }
+                            | ControlMessage::PublishError { id, .. }
                             | ControlMessage::Ended { id } => Some(id.0),
                             ControlMessage::Error { code, reason } => {
                                 warn!(upstream = %p.addr, ?code, %reason, "upstream reported an error");
@@ -756,40 +938,7 @@ impl Link {
             // Wake every flow: they fail over.
             p.flows.lock().unwrap_or_else(|e| e.into_inner()).clear();
         });
-        // Group streams from upstream, routed by their header.
-        let p = peer.clone();
-        tokio::spawn(async move {
-            while let Ok(stream) = p.conn.accept_uni().await {
-                let p = p.clone();
-                tokio::spawn(async move {
-                    let mut g = IncomingGroup {
-                        stream,
-                        decoder: GroupDecoder::new(),
-                        buf: BytesMut::new(),
-                    };
-                    let header = loop {
-                        match g.decoder.decode(&mut g.buf) {
-                            Ok(Some(GroupEvent::Header(h))) => break h,
-                            Ok(Some(_)) | Err(_) => return,
-                            Ok(None) => {}
-                        }
-                        match tokio::time::timeout(
-                            HELLO_TIMEOUT,
-                            g.stream.read_chunk(64 << 10, true),
-                        )
-                        .await
-                        {
-                            Ok(Ok(Some(c))) => g.buf.extend_from_slice(&c.bytes),
-                            _ => return,
-                        }
-                    };
-                    let (id, seq) = (header.subscription.0, header.sequence.0);
-                    if !p.route(id, FlowEvent::Group(seq, g)) {
-                        debug!(id, "group stream of no subscription");
-                    }
-                });
-            }
-        });
+        spawn_group_acceptor(peer.clone());
         Ok(peer)
     }
 
@@ -881,7 +1030,9 @@ impl Link {
                     continue;
                 }
             }
-            let end = self.receive(&name, &mut rx, &mut sink, early).await;
+            let end = self
+                .receive(&name, &mut rx, &mut sink, early, Some(self.linger))
+                .await;
             peer.flows
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -915,6 +1066,7 @@ impl Link {
         rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
         sink: &mut Sink,
         early: Vec<(u64, IncomingGroup)>,
+        linger: Option<Duration>,
     ) -> FlowEnd {
         let mut waiting: BTreeMap<u64, IncomingGroup> = early.into_iter().collect();
         let mut current: Option<(u64, IncomingGroup)> = None;
@@ -985,9 +1137,9 @@ impl Link {
                         .producer
                         .as_ref()
                         .is_some_and(|p| p.broadcast().stats.players.load(Relaxed) > 0);
-                    if watched {
+                    if watched || linger.is_none() {
                         unwatched_since = None;
-                    } else if unwatched_since.get_or_insert_with(Instant::now).elapsed() >= self.linger {
+                    } else if linger.is_some_and(|l| unwatched_since.get_or_insert_with(Instant::now).elapsed() >= l) {
                         return FlowEnd::Unwatched;
                     }
                 }
@@ -1059,6 +1211,53 @@ impl Sink {
         }
         Ok(())
     }
+}
+
+/// Routes the group streams the peer opens to their flows, by the subscription id in their
+/// header (a stream of no flow is dropped; one whose header does not come within
+/// [`HELLO_TIMEOUT`] too).
+fn spawn_group_acceptor(peer: Arc<Peer>) {
+    let p = peer;
+    tokio::spawn(async move {
+        while let Ok(stream) = p.conn.accept_uni().await {
+            let p = p.clone();
+            tokio::spawn(async move {
+                let mut g = IncomingGroup {
+                    stream,
+                    decoder: GroupDecoder::new(),
+                    buf: BytesMut::new(),
+                };
+                let header = loop {
+                    match g.decoder.decode(&mut g.buf) {
+                        Ok(Some(GroupEvent::Header(h))) => break h,
+                        Ok(Some(_)) | Err(_) => return,
+                        Ok(None) => {}
+                    }
+                    let chunk =
+                        tokio::time::timeout(HELLO_TIMEOUT, g.stream.read_chunk(64 << 10, true));
+                    match chunk.await {
+                        Ok(Ok(Some(c))) => g.buf.extend_from_slice(&c.bytes),
+                        _ => return,
+                    }
+                };
+                let (id, seq) = (header.subscription.0, header.sequence.0);
+                if !p.route(id, FlowEvent::Group(seq, g)) {
+                    debug!(id, "group stream of no flow");
+                }
+            });
+        }
+    });
+}
+
+/// A consumer's source tracks (0 and 1: renditions are made on every node) and metadata.
+fn source_tracks(
+    consumer: &BroadcastConsumer,
+) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
+    let (tracks, metadata) = consumer.snapshot();
+    (
+        tracks.into_iter().filter(|(t, _)| t.0 < 2).collect(),
+        metadata,
+    )
 }
 
 /// Decrements a gauge when dropped.

@@ -346,6 +346,11 @@ impl Broadcast {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Whether a publisher is live (not gone within the grace, not ended).
+    pub fn is_live(&self) -> bool {
+        matches!(self.lock().publisher, Publisher::Live(_))
+    }
+
     /// The broadcast's name (`app/key`).
     pub fn name(&self) -> &str {
         &self.name

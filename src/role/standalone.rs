@@ -149,6 +149,10 @@ async fn serve(
         loop {
             tick.tick().await;
             reaper.hub.reap(std::time::Instant::now());
+            // Broadcasts published here go upstream (nodes with upstreams only).
+            if let Some(link) = reaper.link.get() {
+                link.publish_local();
+            }
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
