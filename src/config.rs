@@ -152,6 +152,19 @@ pub struct NodeArgs {
     /// Seconds an upstream subscription outlives its last local viewer [default: 10].
     #[arg(long, env = "CASTNODE_LINGER")]
     pub linger: Option<f64>,
+    /// The stream manager this node registers with and reports its load to
+    /// (`http://host:port`).
+    #[arg(long, env = "CASTNODE_MANAGER")]
+    pub manager: Option<String>,
+    /// This node's region [default: default].
+    #[arg(long, env = "CASTNODE_REGION")]
+    pub region: Option<String>,
+    /// Viewers this node takes, for placement [default: --max-viewers].
+    #[arg(long, env = "CASTNODE_CAPACITY")]
+    pub capacity: Option<u64>,
+    /// Manager: seconds without a load report after which a node is failed [default: 3].
+    #[arg(long, env = "CASTNODE_HEARTBEAT_TTL")]
+    pub heartbeat_ttl: Option<f64>,
 }
 
 /// A configuration value that cannot be used.
@@ -206,6 +219,21 @@ pub struct NodeConfig {
     pub max_viewers: usize,
     /// The cluster link's settings.
     pub cluster: ClusterConfig,
+    /// The stream manager's settings.
+    pub manager: ManagerConfig,
+}
+
+/// Where a node reports, and the manager's own settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// The manager's URL (none: this node reports to nobody).
+    pub url: Option<String>,
+    /// This node's region (the manager's default region).
+    pub region: String,
+    /// Viewers this node takes.
+    pub capacity: u64,
+    /// Manager: heartbeat TTL.
+    pub heartbeat_ttl: Duration,
 }
 
 /// The cluster link's validated settings.
@@ -269,6 +297,56 @@ impl NodeArgs {
         };
         let a = self.clone();
         let cluster = cluster_config(role, &a, &file)?;
+        let manager = ManagerConfig {
+            url: match a.manager.clone().or(file.manager.clone()) {
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+                Some(u) => {
+                    return Err(bad(
+                        "manager",
+                        format!("{u:?} is not an http:// or https:// URL"),
+                    ));
+                }
+                None => None,
+            },
+            region: match a.region.clone().or(file.region.clone()) {
+                Some(r) if r.is_empty() || r.len() > 64 || r.contains(char::is_whitespace) => {
+                    return Err(bad(
+                        "region",
+                        format!("{r:?}: 1 to 64 characters, no spaces"),
+                    ));
+                }
+                Some(r) => r,
+                None => "default".into(),
+            },
+            capacity: a
+                .capacity
+                .or(file.capacity)
+                .or(a.max_viewers.or(file.max_viewers).map(|v| v as u64))
+                .unwrap_or(2000),
+            heartbeat_ttl: seconds(
+                "heartbeat-ttl",
+                a.heartbeat_ttl.or(file.heartbeat_ttl),
+                3.0,
+                600.0,
+            )?,
+        };
+        if role == "manager" && cluster.token.len() < 16 {
+            return Err(bad(
+                "cluster-token",
+                "the manager needs the cluster token (at least 16 characters) nodes register with",
+            ));
+        }
+        if manager.url.is_some() && cluster.token.len() < 16 {
+            return Err(bad(
+                "cluster-token",
+                "a node reporting to a manager needs the cluster token (at least 16 characters)",
+            ));
+        }
+        let default_http = if role == "manager" {
+            "0.0.0.0:5080"
+        } else {
+            "0.0.0.0:8080"
+        };
         let max_message_bytes = a
             .max_message_bytes
             .or(file.max_message_bytes)
@@ -307,6 +385,7 @@ impl NodeArgs {
         }
         Ok(NodeConfig {
             cluster,
+            manager,
             rtmp: a
                 .rtmp
                 .or(file.rtmp)
@@ -314,7 +393,7 @@ impl NodeArgs {
             http: a
                 .http
                 .or(file.http)
-                .unwrap_or_else(|| "0.0.0.0:8080".parse().expect("literal address")),
+                .unwrap_or_else(|| default_http.parse().expect("literal address")),
             log_format: a.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             max_message_bytes,
             max_connections,

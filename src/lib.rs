@@ -39,6 +39,8 @@
 //!   H.264), written back into the hub as extra tracks.
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec and the
 //!   quinn driver [`cluster::link`] (serve subscriptions, fetch on demand, fail over).
+//! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
+//!   its HTTP API and the reporter every node runs.
 //! - [`role`]: one file per role; only `standalone` is built so far.
 //!
 //! # The sans-IO contract
@@ -52,6 +54,7 @@ pub mod codec;
 pub mod config;
 pub mod ffmpeg;
 pub mod http;
+pub mod manager;
 pub mod media;
 pub mod metrics;
 pub mod node;

@@ -35,9 +35,9 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    if !matches!(role, "standalone" | "origin" | "relay" | "edge") {
+    if !matches!(role, "standalone" | "origin" | "relay" | "edge" | "manager") {
         eprintln!(
-            "castnode: the {role} role is not built yet; standalone, origin, relay and edge are"
+            "castnode: the {role} role is not built yet; standalone, origin, relay, edge and manager are"
         );
         return ExitCode::from(2);
     }
@@ -48,7 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(castnode::role::standalone::run_role(cfg, role)) {
+    let run = async {
+        if role == "manager" {
+            castnode::role::manager::run(cfg).await
+        } else {
+            castnode::role::standalone::run_role(cfg, role).await
+        }
+    };
+    match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("castnode: {e:#}");

@@ -278,6 +278,14 @@ impl Link {
         Ok(link)
     }
 
+    /// Whether `name` is being fetched from upstream (not published here).
+    pub fn fetches(&self, name: &str) -> bool {
+        self.fetches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(name)
+    }
+
     /// The UDP address the link is bound to.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()

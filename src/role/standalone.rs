@@ -74,6 +74,25 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     };
     let http_addr = http.local_addr()?;
     tracing::info!(rtmp = %rtmp_addr, http = %http_addr, webrtc_udp = %webrtc_udp, cluster = %cluster_addr, node_id = %cluster.node_id, "{role} node started");
+    if let Some(url) = ctx.cfg.manager.url.clone() {
+        let info = crate::manager::NodeInfo {
+            id: cluster.node_id.clone(),
+            role: crate::manager::NodeRole::parse(role).unwrap_or(crate::manager::NodeRole::Edge),
+            region: ctx.cfg.manager.region.clone(),
+            addresses: crate::manager::NodeAddresses {
+                rtmp: (rtmp_port != 0).then(|| format!("rtmp://{host}:{rtmp_port}")),
+                http: format!("http://{host}:{http_port}"),
+            },
+            capacity: ctx.cfg.manager.capacity,
+        };
+        let remote = Arc::new(crate::manager::remote::Remote::new(&url, &cluster.token));
+        tokio::spawn(crate::manager::remote::run_reporter(
+            remote,
+            info,
+            cluster.token.clone(),
+            ctx.clone(),
+        ));
+    }
     if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
         println!("  Upstream: {}", cluster.upstream.join(", "));

@@ -1,0 +1,201 @@
+//! The stream manager: the one seam between media nodes and placement (DESIGN §4).
+//!
+//! Nodes register (id, role, region, public addresses, capacity) and report their load every
+//! second; broadcasters and players ask where to publish and where to watch. [`StreamManager`]
+//! is the interface; [`embedded::Embedded`] answers in-process from a [`registry::Registry`],
+//! [`remote::Remote`] asks a `castnode manager` over HTTP ([`api`] is that service's REST API).
+//!
+//! # Module map
+//!
+//! - [`registry`]: nodes, liveness (heartbeat TTL) and the placement functions (pure).
+//! - [`embedded`]: the in-process manager.
+//! - [`api`]: the manager's HTTP API (axum), including the WHIP/WHEP redirects.
+//! - [`remote`]: the HTTP client of that API, and the reporter task every node runs.
+//!
+//! Not built yet (see the stream manager issue): node groups and autoscaling, persistence,
+//! admin tokens, CIDR → region tables, upstream resolution for relays and edges, the console.
+
+pub mod api;
+pub mod embedded;
+pub mod registry;
+pub mod remote;
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+
+/// A boxed future (the trait is used as `dyn StreamManager`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Everything in one process: can take publishers and players.
+    Standalone,
+    /// Takes publishers (and players).
+    Origin,
+    /// Between nodes only.
+    Relay,
+    /// Takes players.
+    Edge,
+}
+
+impl NodeRole {
+    /// The role named `s` (a role name of the command line).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "standalone" => NodeRole::Standalone,
+            "origin" => NodeRole::Origin,
+            "relay" => NodeRole::Relay,
+            "edge" => NodeRole::Edge,
+            _ => return None,
+        })
+    }
+
+    /// Whether publishers may be sent to it.
+    pub fn ingests(self) -> bool {
+        matches!(self, NodeRole::Standalone | NodeRole::Origin)
+    }
+
+    /// Whether players may be sent to it.
+    pub fn serves_players(self) -> bool {
+        matches!(self, NodeRole::Standalone | NodeRole::Edge)
+    }
+}
+
+/// Where a node is reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddresses {
+    /// `rtmp://host:port` (no path), when the node takes RTMP.
+    pub rtmp: Option<String>,
+    /// `http://host:port` (no path): HTTP-FLV, WHIP, WHEP, API.
+    pub http: String,
+}
+
+/// A node as it registers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Unique name.
+    pub id: String,
+    /// What it does.
+    pub role: NodeRole,
+    /// Its region.
+    pub region: String,
+    /// Where it is reached.
+    pub addresses: NodeAddresses,
+    /// Most viewers (players + WebRTC) it takes.
+    pub capacity: u64,
+}
+
+/// A node's load, reported every second.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// CPU in use, in cores.
+    pub cpu: f64,
+    /// Resident memory, bytes.
+    pub memory: u64,
+    /// Bytes per second in.
+    pub bandwidth_in: f64,
+    /// Bytes per second out.
+    pub bandwidth_out: f64,
+    /// Connections (publishers, players, WebRTC sessions, cluster peers).
+    pub connections: u64,
+    /// Viewers now (players + WebRTC viewers).
+    pub viewers: u64,
+    /// Broadcasts the node carries, with their viewers there.
+    pub broadcasts: Vec<BroadcastLoad>,
+}
+
+/// One broadcast on a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BroadcastLoad {
+    /// `app/key`.
+    pub name: String,
+    /// Its viewers on the node.
+    pub viewers: u64,
+    /// The node has its publisher.
+    pub publishing: bool,
+}
+
+/// What the asker tells about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hint {
+    /// The region asked for.
+    pub region: Option<String>,
+    /// The client's address (for a future CIDR → region table).
+    pub client: Option<IpAddr>,
+}
+
+/// The answer to a placement lookup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The chosen node.
+    pub node: PlacedNode,
+    /// Ready-to-use URLs on it.
+    pub urls: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The chosen node, as answered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedNode {
+    /// Its id.
+    pub id: String,
+    /// Its role.
+    pub role: NodeRole,
+    /// Its region.
+    pub region: String,
+}
+
+/// Why the manager could not do what was asked.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    /// Nobody publishes the broadcast (subscribe lookups).
+    #[error("broadcast {0} is not live")]
+    NotLive(String),
+    /// No live node of the needed role has room.
+    #[error("no node with room for this {0}")]
+    Full(&'static str),
+    /// The node is not registered (heartbeats).
+    #[error("node {0} is not registered")]
+    UnknownNode(String),
+    /// Registration without the cluster token.
+    #[error("wrong or missing cluster token")]
+    Unauthorized,
+    /// The request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// The manager could not be reached or answered nonsense.
+    #[error("stream manager unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// The stream manager, as media nodes and the HTTP API see it.
+pub trait StreamManager: Send + Sync {
+    /// Registers (or re-registers) a node; `token` is the cluster token it proves.
+    fn register<'a>(
+        &'a self,
+        node: &'a NodeInfo,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), ManagerError>>;
+    /// A node's load report (its heartbeat).
+    fn report<'a>(
+        &'a self,
+        node: &'a str,
+        load: &'a LoadReport,
+    ) -> BoxFuture<'a, Result<(), ManagerError>>;
+    /// Where to publish `broadcast`.
+    fn publish<'a>(
+        &'a self,
+        broadcast: &'a str,
+        hint: &'a Hint,
+    ) -> BoxFuture<'a, Result<Placement, ManagerError>>;
+    /// Where to watch `broadcast`.
+    fn subscribe<'a>(
+        &'a self,
+        broadcast: &'a str,
+        hint: &'a Hint,
+    ) -> BoxFuture<'a, Result<Placement, ManagerError>>;
+}

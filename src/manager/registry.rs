@@ -1,0 +1,425 @@
+//! The node registry and placement, as plain data and functions (no I/O, time passed in).
+//!
+//! Guarantees:
+//! - A node that has not reported for the TTL is *failed*: out of placement until it reports
+//!   again (a report from a failed node revives it; one from an unknown node is refused, and the
+//!   node re-registers).
+//! - Placement never picks a node at or over its capacity, counting the placements made since
+//!   its last report, so a burst of lookups spreads before reports catch up.
+//! - Region first (the asked one, else the default), falling back to every region when the
+//!   region has no node with room; then least load against capacity (players prefer nodes that
+//!   already carry the broadcast); a random pick among the best [`BEST_FEW`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{Hint, LoadReport, ManagerError, NodeInfo, NodeRole, PlacedNode, Placement};
+
+/// How many of the best candidates a placement picks from at random.
+pub const BEST_FEW: usize = 3;
+/// Default heartbeat TTL.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+/// How long a placement counts against its node's room: a viewer sent to a node shows up in its
+/// reports only once it connected, so the manager counts it itself meanwhile (erring towards
+/// full, never towards over capacity).
+pub const PLACEMENT_MEMORY: Duration = Duration::from_secs(2);
+/// How much a node that already carries a broadcast is preferred for its players (in load
+/// fraction).
+pub const CARRY_BONUS: f64 = 0.25;
+
+/// Whether a node takes placements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    /// Reporting.
+    Live,
+    /// Missed its heartbeats.
+    Failed,
+}
+
+/// A registered node.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    /// As registered.
+    pub info: NodeInfo,
+    /// The last report.
+    pub load: LoadReport,
+    /// When it last reported (or registered).
+    pub last_seen: Instant,
+    /// Live or failed.
+    pub status: NodeStatus,
+    /// When viewers or publishers were sent to it, within [`PLACEMENT_MEMORY`].
+    pub placed: VecDeque<Instant>,
+}
+
+impl NodeEntry {
+    /// Load against capacity, counting recent placements; 1.0 or more is full.
+    pub fn fill(&self) -> f64 {
+        let used = self.load.viewers + self.placed.len() as u64;
+        used as f64 / self.info.capacity.max(1) as f64
+    }
+
+    fn forget_placements(&mut self, now: Instant) {
+        while self
+            .placed
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > PLACEMENT_MEMORY)
+        {
+            self.placed.pop_front();
+        }
+    }
+
+    fn carries(&self, broadcast: &str) -> bool {
+        self.load.broadcasts.iter().any(|b| b.name == broadcast)
+    }
+
+    fn publishes(&self, broadcast: &str) -> bool {
+        self.load
+            .broadcasts
+            .iter()
+            .any(|b| b.name == broadcast && b.publishing)
+    }
+}
+
+/// The nodes a manager knows.
+#[derive(Debug)]
+pub struct Registry {
+    nodes: HashMap<String, NodeEntry>,
+    ttl: Duration,
+    default_region: String,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(ttl: Duration, default_region: &str) -> Self {
+        Self {
+            nodes: HashMap::new(),
+            ttl,
+            default_region: default_region.to_owned(),
+        }
+    }
+
+    /// Registers or re-registers a node (it is live from now).
+    pub fn register(&mut self, info: NodeInfo, now: Instant) {
+        let load = self
+            .nodes
+            .get(&info.id)
+            .map(|n| n.load.clone())
+            .unwrap_or_default();
+        self.nodes.insert(
+            info.id.clone(),
+            NodeEntry {
+                info,
+                load,
+                last_seen: now,
+                status: NodeStatus::Live,
+                placed: VecDeque::new(),
+            },
+        );
+    }
+
+    /// A node's heartbeat.
+    pub fn report(&mut self, id: &str, load: LoadReport, now: Instant) -> Result<(), ManagerError> {
+        let node = self
+            .nodes
+            .get_mut(id)
+            .ok_or_else(|| ManagerError::UnknownNode(id.to_owned()))?;
+        node.load = load;
+        node.last_seen = now;
+        node.status = NodeStatus::Live;
+        node.forget_placements(now);
+        Ok(())
+    }
+
+    /// Marks nodes silent for the TTL as failed; returns their ids.
+    pub fn sweep(&mut self, now: Instant) -> Vec<String> {
+        let mut failed = Vec::new();
+        for n in self.nodes.values_mut() {
+            n.forget_placements(now);
+            if n.status == NodeStatus::Live && now.duration_since(n.last_seen) > self.ttl {
+                n.status = NodeStatus::Failed;
+                failed.push(n.info.id.clone());
+            }
+        }
+        failed
+    }
+
+    /// Every node, sorted by id.
+    pub fn nodes(&self) -> Vec<&NodeEntry> {
+        let mut v: Vec<_> = self.nodes.values().collect();
+        v.sort_by(|a, b| a.info.id.cmp(&b.info.id));
+        v
+    }
+
+    /// Where to publish `broadcast`: the node that already has its publisher (a reconnecting
+    /// broadcaster goes back there), else the least loaded ingest node.
+    pub fn place_publish(
+        &mut self,
+        broadcast: &str,
+        hint: &Hint,
+        pick: &mut impl FnMut(usize) -> usize,
+    ) -> Result<Placement, ManagerError> {
+        let existing = self
+            .nodes
+            .values()
+            .find(|n| {
+                n.status == NodeStatus::Live && n.info.role.ingests() && n.publishes(broadcast)
+            })
+            .map(|n| n.info.id.clone());
+        let id = match existing {
+            Some(id) => id,
+            None => self
+                .choose(hint, NodeRole::ingests, |_| 0.0, pick)
+                .ok_or(ManagerError::Full("publisher"))?,
+        };
+        Ok(self.placed(&id, broadcast, false))
+    }
+
+    /// Where to watch `broadcast`: a player node with room in the region, preferring one that
+    /// already carries it. `NotLive` while no node reports its publisher.
+    pub fn place_subscribe(
+        &mut self,
+        broadcast: &str,
+        hint: &Hint,
+        pick: &mut impl FnMut(usize) -> usize,
+    ) -> Result<Placement, ManagerError> {
+        let live = self
+            .nodes
+            .values()
+            .any(|n| n.status == NodeStatus::Live && n.publishes(broadcast));
+        if !live {
+            return Err(ManagerError::NotLive(broadcast.to_owned()));
+        }
+        let bonus = |n: &NodeEntry| {
+            if n.carries(broadcast) {
+                CARRY_BONUS
+            } else {
+                0.0
+            }
+        };
+        let id = self
+            .choose(hint, NodeRole::serves_players, bonus, pick)
+            .ok_or(ManagerError::Full("viewer"))?;
+        Ok(self.placed(&id, broadcast, true))
+    }
+
+    /// The best few live nodes of a role with room, region first; one picked by `pick`.
+    fn choose(
+        &self,
+        hint: &Hint,
+        role: fn(NodeRole) -> bool,
+        bonus: impl Fn(&NodeEntry) -> f64,
+        pick: &mut impl FnMut(usize) -> usize,
+    ) -> Option<String> {
+        let region = hint.region.as_deref().unwrap_or(&self.default_region);
+        let open =
+            |n: &&NodeEntry| n.status == NodeStatus::Live && role(n.info.role) && n.fill() < 1.0;
+        let mut candidates: Vec<&NodeEntry> = self
+            .nodes
+            .values()
+            .filter(open)
+            .filter(|n| n.info.region == region)
+            .collect();
+        if candidates.is_empty() {
+            candidates = self.nodes.values().filter(open).collect();
+        }
+        if candidates.is_empty() {
+            return None;
+        }
+        let score = |n: &NodeEntry| n.fill() - bonus(n);
+        candidates.sort_by(|a, b| {
+            score(a)
+                .total_cmp(&score(b))
+                .then_with(|| a.info.id.cmp(&b.info.id))
+        });
+        let k = candidates.len().min(BEST_FEW);
+        Some(candidates[pick(k) % k].info.id.clone())
+    }
+
+    fn placed(&mut self, id: &str, broadcast: &str, player: bool) -> Placement {
+        let node = self.nodes.get_mut(id).expect("chosen from the registry");
+        node.placed.push_back(Instant::now());
+        let info = &node.info;
+        let (app_key, http) = (broadcast, info.addresses.http.trim_end_matches('/'));
+        let mut urls = serde_json::Map::new();
+        if player {
+            urls.insert("whep".into(), format!("{http}/whep/{app_key}").into());
+            urls.insert("flv".into(), format!("{http}/{app_key}.flv").into());
+        } else {
+            urls.insert("whip".into(), format!("{http}/whip/{app_key}").into());
+        }
+        if let Some(rtmp) = &info.addresses.rtmp {
+            urls.insert(
+                "rtmp".into(),
+                format!("{}/{app_key}", rtmp.trim_end_matches('/')).into(),
+            );
+        }
+        Placement {
+            node: PlacedNode {
+                id: info.id.clone(),
+                role: info.role,
+                region: info.region.clone(),
+            },
+            urls,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::{BroadcastLoad, NodeAddresses};
+
+    fn node(id: &str, role: NodeRole, region: &str, capacity: u64) -> NodeInfo {
+        NodeInfo {
+            id: id.into(),
+            role,
+            region: region.into(),
+            addresses: NodeAddresses {
+                rtmp: Some(format!("rtmp://{id}:1935")),
+                http: format!("http://{id}:8080"),
+            },
+            capacity,
+        }
+    }
+
+    fn load(viewers: u64, broadcasts: &[(&str, bool)]) -> LoadReport {
+        LoadReport {
+            viewers,
+            broadcasts: broadcasts
+                .iter()
+                .map(|(n, p)| BroadcastLoad {
+                    name: (*n).into(),
+                    viewers: 0,
+                    publishing: *p,
+                })
+                .collect(),
+            ..LoadReport::default()
+        }
+    }
+
+    fn cluster(now: Instant) -> Registry {
+        let mut r = Registry::new(DEFAULT_TTL, "a");
+        r.register(node("origin-a", NodeRole::Origin, "a", 100), now);
+        for (id, region) in [("edge-a", "a"), ("edge-b1", "b"), ("edge-b2", "b")] {
+            r.register(node(id, NodeRole::Edge, region, 10), now);
+        }
+        r
+    }
+
+    #[test]
+    fn publish_goes_to_an_origin_of_the_region_and_back_to_it() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        let hint = Hint {
+            region: Some("a".into()),
+            client: None,
+        };
+        let p = r.place_publish("live/x", &hint, &mut |_| 0).unwrap();
+        assert_eq!(p.node.id, "origin-a");
+        assert_eq!(p.urls["rtmp"], "rtmp://origin-a:1935/live/x");
+        assert_eq!(p.urls["whip"], "http://origin-a:8080/whip/live/x");
+        // Subscribing waits for the publisher to show up in a report.
+        assert_eq!(
+            r.place_subscribe("live/x", &hint, &mut |_| 0),
+            Err(ManagerError::NotLive("live/x".into()))
+        );
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        let s = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        assert_eq!(s.node.region, "b");
+        assert_eq!(
+            s.urls["flv"],
+            format!("http://{}:8080/live/x.flv", s.node.id)
+        );
+    }
+
+    #[test]
+    fn placements_spread_by_room_and_never_overfill() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut i = 0;
+        for _ in 0..20 {
+            let p = r
+                .place_subscribe("live/x", &b, &mut |k| {
+                    i += 1;
+                    i % k
+                })
+                .unwrap();
+            *counts.entry(p.node.id).or_default() += 1;
+        }
+        // Region b is full after 20 (2 × 10): the next goes elsewhere, then none is left.
+        assert_eq!(counts["edge-b1"], 10);
+        assert_eq!(counts["edge-b2"], 10);
+        let p = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        assert_eq!(p.node.id, "edge-a");
+        for _ in 0..9 {
+            r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        }
+        assert_eq!(
+            r.place_subscribe("live/x", &b, &mut |_| 0),
+            Err(ManagerError::Full("viewer"))
+        );
+    }
+
+    #[test]
+    fn silent_nodes_fail_and_come_back() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        let later = now + Duration::from_secs(4);
+        r.report("origin-a", load(0, &[("live/x", true)]), later)
+            .unwrap();
+        r.report("edge-b1", load(0, &[]), later).unwrap();
+        let mut failed = r.sweep(later);
+        failed.sort();
+        assert_eq!(failed, vec!["edge-a", "edge-b2"]);
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        for _ in 0..5 {
+            let p = r.place_subscribe("live/x", &b, &mut |k| k - 1).unwrap();
+            assert_eq!(p.node.id, "edge-b1");
+        }
+        r.report("edge-b2", load(0, &[]), later).unwrap();
+        assert!(
+            r.nodes()
+                .iter()
+                .all(|n| n.status == NodeStatus::Live || n.info.id == "edge-a")
+        );
+        assert_eq!(
+            r.report("nobody", load(0, &[]), later),
+            Err(ManagerError::UnknownNode("nobody".into()))
+        );
+    }
+
+    #[test]
+    fn carriers_are_preferred() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        r.report("edge-b2", load(2, &[("live/x", false)]), now)
+            .unwrap();
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        // edge-b2 has 2 of 10 viewers but carries the broadcast: 0.2 − 0.25 beats 0.0.
+        let p = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        assert_eq!(p.node.id, "edge-b2");
+    }
+}

@@ -1,0 +1,275 @@
+//! The stream manager over HTTP ([`Remote`], a client of [`super::api`]) and the reporter task
+//! every node with `--manager URL` runs.
+//!
+//! Guarantees: a node registers, then reports its load every [`REPORT_INTERVAL`]; when the
+//! manager forgot it (restart, or marked failed and pruned) it registers again at once; while the
+//! manager is unreachable it keeps serving and retries every interval (logged once per streak).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use tracing::{info, warn};
+
+use super::{
+    BoxFuture, BroadcastLoad, Hint, LoadReport, ManagerError, NodeInfo, Placement, StreamManager,
+};
+use crate::node::NodeContext;
+
+/// How often a node reports.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A `castnode manager` reached over HTTP.
+pub struct Remote {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Remote {
+    /// A client of the manager at `base` (`http://host:port`) proving `token`.
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ManagerError> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| ManagerError::Unreachable(e.to_string()))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let reason = resp
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| status.to_string());
+        Err(match status {
+            StatusCode::UNAUTHORIZED => ManagerError::Unauthorized,
+            StatusCode::NOT_FOUND => ManagerError::UnknownNode(reason),
+            StatusCode::SERVICE_UNAVAILABLE => ManagerError::Full("request"),
+            StatusCode::BAD_REQUEST => ManagerError::BadRequest(reason),
+            _ => ManagerError::Unreachable(reason),
+        })
+    }
+
+    async fn lookup(
+        &self,
+        kind: &str,
+        broadcast: &str,
+        hint: &Hint,
+    ) -> Result<Placement, ManagerError> {
+        let mut url = format!("{}/api/v1/broadcasts/{broadcast}/{kind}", self.base);
+        if let Some(r) = &hint.region {
+            url.push_str("?region=");
+            for b in r.bytes() {
+                if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                    url.push(b as char);
+                } else {
+                    url.push_str(&format!("%{b:02X}"));
+                }
+            }
+        }
+        let req = self.http.get(url);
+        match self.send(req).await {
+            Ok(resp) => resp
+                .json()
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string())),
+            Err(ManagerError::UnknownNode(_)) => Err(ManagerError::NotLive(broadcast.to_owned())),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl StreamManager for Remote {
+    fn register<'a>(
+        &'a self,
+        node: &'a NodeInfo,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), ManagerError>> {
+        Box::pin(async move {
+            let req = self
+                .http
+                .post(format!("{}/api/v1/nodes", self.base))
+                .bearer_auth(token)
+                .json(node);
+            self.send(req).await.map(|_| ())
+        })
+    }
+
+    fn report<'a>(
+        &'a self,
+        node: &'a str,
+        load: &'a LoadReport,
+    ) -> BoxFuture<'a, Result<(), ManagerError>> {
+        Box::pin(async move {
+            let req = self
+                .http
+                .put(format!("{}/api/v1/nodes/{node}/load", self.base))
+                .json(load);
+            self.send(req).await.map(|_| ())
+        })
+    }
+
+    fn publish<'a>(
+        &'a self,
+        broadcast: &'a str,
+        hint: &'a Hint,
+    ) -> BoxFuture<'a, Result<Placement, ManagerError>> {
+        Box::pin(self.lookup("publish", broadcast, hint))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        broadcast: &'a str,
+        hint: &'a Hint,
+    ) -> BoxFuture<'a, Result<Placement, ManagerError>> {
+        Box::pin(self.lookup("subscribe", broadcast, hint))
+    }
+}
+
+/// What the last load sample saw, to turn counters into rates.
+#[derive(Default)]
+struct Sample {
+    at: Option<Instant>,
+    cpu_ticks: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+/// This process's CPU time in clock ticks (USER_HZ, 100 on Linux) and resident memory.
+fn proc_self() -> (u64, u64) {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) start after ')'.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024);
+    (ticks, rss)
+}
+
+/// The node's load now.
+fn collect(ctx: &NodeContext, last: &mut Sample) -> LoadReport {
+    let now = Instant::now();
+    let (ticks, memory) = proc_self();
+    let hub = ctx.hub.stats();
+    let cluster = ctx.link.get();
+    let (mut bytes_in, mut bytes_out) = (hub.bytes_in.load(Relaxed), hub.bytes_out.load(Relaxed));
+    if let Some(l) = cluster {
+        bytes_in += l.stats.bytes_in.load(Relaxed);
+        bytes_out += l.stats.bytes_out.load(Relaxed);
+    }
+    let secs = last.at.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+    let rate = |now: u64, before: u64| {
+        if secs > 0.0 {
+            now.saturating_sub(before) as f64 / secs
+        } else {
+            0.0
+        }
+    };
+    let cpu = rate(ticks, last.cpu_ticks) / 100.0;
+    let report_in = rate(bytes_in, last.bytes_in);
+    let report_out = rate(bytes_out, last.bytes_out);
+    *last = Sample {
+        at: Some(now),
+        cpu_ticks: ticks,
+        bytes_in,
+        bytes_out,
+    };
+    let s = &ctx.stats;
+    let viewers =
+        s.rtmp_players.load(Relaxed) + s.flv_players.load(Relaxed) + s.webrtc_viewers.load(Relaxed);
+    let connections = viewers
+        + s.webrtc_publishers.load(Relaxed)
+        + cluster.map_or(0, |l| l.stats.peers_in.load(Relaxed));
+    let broadcasts = ctx
+        .hub
+        .broadcasts()
+        .iter()
+        .map(|b| BroadcastLoad {
+            name: b.name().to_owned(),
+            viewers: b.stats.players.load(Relaxed),
+            publishing: b.is_live() && !cluster.is_some_and(|l| l.fetches(b.name())),
+        })
+        .collect();
+    LoadReport {
+        cpu,
+        memory,
+        bandwidth_in: report_in,
+        bandwidth_out: report_out,
+        connections,
+        viewers,
+        broadcasts,
+    }
+}
+
+/// Registers `node` with `manager`, then reports the node's load every [`REPORT_INTERVAL`]
+/// until the process ends.
+pub async fn run_reporter(
+    manager: Arc<dyn StreamManager>,
+    node: NodeInfo,
+    token: String,
+    ctx: Arc<NodeContext>,
+) {
+    let mut registered = false;
+    let mut failing = false;
+    let mut last = Sample::default();
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    loop {
+        tick.tick().await;
+        if !registered {
+            match manager.register(&node, &token).await {
+                Ok(()) => {
+                    info!(node = %node.id, "registered with the stream manager");
+                    registered = true;
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        warn!(error = %e, "cannot register with the stream manager; retrying every second");
+                    }
+                    failing = true;
+                    continue;
+                }
+            }
+        }
+        let load = collect(&ctx, &mut last);
+        match manager.report(&node.id, &load).await {
+            Ok(()) => failing = false,
+            Err(ManagerError::UnknownNode(_)) => {
+                info!("the stream manager forgot this node; registering again");
+                registered = false;
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "load report failed; retrying every second");
+                }
+                failing = true;
+            }
+        }
+    }
+}

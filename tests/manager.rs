@@ -1,0 +1,249 @@
+//! The stream manager with real processes: a manager, an origin in region a and three edges (two
+//! in b, one in a) registering and reporting; publish and subscribe lookups by region; byte-
+//! identical playback from the chosen edge; lookups spread by room and never over capacity;
+//! a killed edge leaves placement within the TTL; WHIP/WHEP redirects; bad requests refused.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const TOKEN: &str = "manager-test-token-0123456789";
+
+fn json(server: &Server, path: &str) -> (u16, serde_json::Value) {
+    let (status, _, body) = server.get(path);
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+fn node(manager: &Server, role: &str, region: &str, extra: &[&str]) -> Server {
+    let url = format!("http://127.0.0.1:{}", manager.http_port);
+    let mut args = vec![
+        "--manager",
+        &url,
+        "--region",
+        region,
+        "--cluster-token",
+        TOKEN,
+        "--capacity",
+        "20",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_role(role, &args)
+}
+
+fn live_nodes(manager: &Server) -> Vec<String> {
+    let (_, v) = json(manager, "/api/v1/nodes");
+    v["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|n| n["status"] == "live")
+                .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn placement_by_region_spread_and_failover() {
+    let manager = Server::start_role("manager", &["--cluster-token", TOKEN]);
+    let origin = node(&manager, "origin", "a", &["--node-id", "origin-a"]);
+    let upstream = format!("127.0.0.1:{}", origin.cluster_port);
+    let up = ["--upstream", upstream.as_str()];
+    let edge_args = |id: &'static str| [&up[..], &["--node-id", id]].concat();
+    let mut edges: HashMap<&str, Server> = HashMap::new();
+    for (id, region) in [("edge-b1", "b"), ("edge-b2", "b"), ("edge-a", "a")] {
+        edges.insert(id, node(&manager, "edge", region, &edge_args(id)));
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || live_nodes(&manager).len() == 4),
+        "nodes did not register: {:?}\n{}",
+        live_nodes(&manager),
+        manager.log()
+    );
+
+    // Where to publish, for region a: the origin.
+    let (status, p) = json(&manager, "/api/v1/broadcasts/live/k/publish?region=a");
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["node"]["id"], "origin-a");
+    let rtmp = p["urls"]["rtmp"].as_str().unwrap().to_owned();
+    assert_eq!(rtmp, origin.rtmp_url("k"));
+    // Nobody publishes yet: subscribe lookups say so.
+    assert_eq!(
+        json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b").0,
+        404
+    );
+    let src = fixture("baseline.flv");
+    let source_md5: HashSet<String> = source_packets(&src).into_iter().map(|p| p.md5).collect();
+    let _publisher = ffmpeg_publish(&rtmp, &src, 5);
+    origin.wait_live("live/k", Duration::from_secs(10));
+    let live = wait_until(Duration::from_secs(5), || {
+        json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b").0 == 200
+    });
+    assert!(live, "the manager never saw the broadcast live");
+
+    // Where to watch, for region b: a region-b edge, which plays it byte-identical.
+    let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+    assert_eq!(s["node"]["region"], "b", "{s}");
+    let flv = s["urls"]["flv"].as_str().unwrap().to_owned();
+    let out = temp_dir("manager-flv").join("flv.md5");
+    let mut reader = ffmpeg_framemd5(&flv, Some(3.0), &out);
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    let got = parse_framemd5(&std::fs::read_to_string(&out).unwrap());
+    let video = got.iter().filter(|p| p.stream == 0).count();
+    println!(
+        "{} played {video} video packets from {flv}",
+        s["node"]["id"]
+    );
+    assert!(video >= 60);
+    assert!(got.iter().all(|p| source_md5.contains(&p.md5)));
+
+    // WHEP/WHIP through the manager: 307 to the chosen node.
+    let (status, head, _) = http_request(
+        manager.http_port,
+        "POST",
+        "/whep/live/k?region=b",
+        Some("application/sdp"),
+        b"v=0\r\n",
+    );
+    assert_eq!(status, 307, "{head}");
+    assert!(head.to_lowercase().contains("/whep/live/k"), "{head}");
+    let (status, head, _) = http_request(
+        manager.http_port,
+        "POST",
+        "/whip/live/new?region=a",
+        Some("application/sdp"),
+        b"v=0\r\n",
+    );
+    assert_eq!(status, 307, "{head}");
+    assert!(
+        head.contains(&format!("127.0.0.1:{}/whip/live/new", origin.http_port)),
+        "{head}"
+    );
+
+    // 40 lookups for region b: spread over its two edges by room, none over its capacity
+    // (20); the next ones go to region a's edge, then nobody has room.
+    std::thread::sleep(Duration::from_millis(2100)); // forget the lookups above
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for _ in 0..40 {
+        let (status, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+        assert_eq!(status, 200, "{s}");
+        *counts
+            .entry(s["node"]["id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    println!("40 lookups for region b: {counts:?}");
+    assert!(counts.values().all(|&n| n <= 20), "{counts:?}");
+    assert_eq!(
+        counts.get("edge-b1").copied().unwrap_or(0) + counts.get("edge-b2").copied().unwrap_or(0),
+        40
+    );
+    let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+    assert_eq!(s["node"]["id"], "edge-a");
+
+    // kill -9 of an edge: lookups stop returning it within the TTL (3 s).
+    std::thread::sleep(Duration::from_millis(2100));
+    let mut victim = edges.remove("edge-b1").unwrap();
+    victim.kill();
+    let killed = Instant::now();
+    let mut gone_after = None;
+    while killed.elapsed() < Duration::from_secs(6) {
+        let (_, v) = json(&manager, "/api/v1/nodes");
+        let failed = v["nodes"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|n| n["id"] == "edge-b1" && n["status"] == "failed")
+        });
+        if failed {
+            gone_after = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone_after = gone_after.expect("the killed edge was not failed after 6 s");
+    println!("killed edge out of placement after {gone_after:?}");
+    // Its last report was at most a second before the kill; the TTL is 3 s.
+    assert!(gone_after <= Duration::from_millis(3300), "{gone_after:?}");
+    for _ in 0..10 {
+        let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+        assert_ne!(s["node"]["id"], "edge-b1", "a failed edge was placed");
+    }
+    // A viewer asking again plays from another edge.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+    assert_eq!(s["node"]["id"], "edge-b2");
+    let out = temp_dir("manager-flv2").join("flv.md5");
+    let mut reader = ffmpeg_framemd5(s["urls"]["flv"].as_str().unwrap(), Some(2.0), &out);
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success())
+    );
+    let (_, _, metrics) = manager.get("/metrics");
+    assert!(
+        metrics.contains("castnode_manager_nodes{state=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("result=\"ok\""), "{metrics}");
+}
+
+#[test]
+fn bad_requests_are_refused_with_reasons() {
+    let manager = Server::start_role("manager", &["--cluster-token", TOKEN]);
+    let port = manager.http_port;
+    let node = br#"{"id":"n1","role":"edge","region":"a","addresses":{"rtmp":null,"http":"http://127.0.0.1:1"},"capacity":5}"#;
+    let post = |auth: Option<&str>, body: &[u8]| {
+        let mut req = format!(
+            "POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        if let Some(a) = auth {
+            req.push_str(&format!("Authorization: Bearer {a}\r\n"));
+        }
+        req.push_str("\r\n");
+        raw_http(port, req.as_bytes(), body)
+    };
+    let (status, body) = post(None, node);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(Some("wrong-token-wrong-token"), node);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = post(Some(TOKEN), b"{\"id\": 3");
+    assert_eq!(status, 400);
+    assert!(body.contains("error"), "{body}");
+    println!("malformed JSON: {body}");
+    let (status, body) = post(Some(TOKEN), node);
+    assert_eq!(status, 204, "{body}");
+    // A heartbeat from a node that never registered.
+    let load = br#"{"cpu":0,"memory":0,"bandwidth_in":0,"bandwidth_out":0,"connections":0,"viewers":0,"broadcasts":[]}"#;
+    let req = format!(
+        "PUT /api/v1/nodes/ghost/load HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        load.len()
+    );
+    let (status, body) = raw_http(port, req.as_bytes(), load);
+    assert_eq!(status, 404, "{body}");
+    let (status, _, body) = manager.get("/api/v1/openapi.json");
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
+    assert!(!manager.log().contains("panicked"));
+}
+
+fn raw_http(port: u16, head: &[u8], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(head).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
