@@ -30,6 +30,7 @@ done
 if [ "$mode" = test ]; then
   command -v ffmpeg >/dev/null || need+=(ffmpeg)
   command -v python3 >/dev/null || need+=(python3)
+  python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)   # schemathesis, from PyPI
   command -v chromium >/dev/null || need+=(chromium)   # headless WebRTC viewer in tests
 fi
 if [ ${#need[@]} -gt 0 ]; then
@@ -51,6 +52,11 @@ if [ "$mode" = standalone ]; then
 fi
 
 # The whole test suite.
+if [ ! -x target/pyenv/bin/schemathesis ]; then
+  echo "==> schemathesis (PyPI) into target/pyenv"
+  python3 -m venv target/pyenv
+  target/pyenv/bin/pip install -q --disable-pip-version-check schemathesis==4.32.5
+fi
 echo "==> fixtures"
 bash fixtures/make.sh
 echo "==> cargo fmt --check"

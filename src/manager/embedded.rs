@@ -116,6 +116,11 @@ impl Embedded {
     }
 }
 
+/// A node id or region: 1 to 128 printable ASCII characters, no spaces.
+fn name_ok(s: &str) -> bool {
+    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
 impl StreamManager for Embedded {
     fn register<'a>(
         &'a self,
@@ -124,9 +129,9 @@ impl StreamManager for Embedded {
     ) -> BoxFuture<'a, Result<(), ManagerError>> {
         let r = if !self.token_ok(token) {
             Err(ManagerError::Unauthorized)
-        } else if node.id.is_empty() || node.region.is_empty() || node.addresses.http.is_empty() {
+        } else if !name_ok(&node.id) || !name_ok(&node.region) || node.addresses.http.is_empty() {
             Err(ManagerError::BadRequest(
-                "a node needs an id, a region and an HTTP address".into(),
+                "a node needs an id and a region (1 to 128 printable ASCII characters, no spaces) and an HTTP address".into(),
             ))
         } else {
             self.registry().register(node.clone(), Instant::now());
