@@ -182,12 +182,10 @@ fn audio_for(
     to: Codec,
 ) -> Option<Arc<Rendition>> {
     let tracks = bc.tracks();
-    let running = map
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(bc.name())
-        .is_some_and(|w| w.strong_count() > 0);
-    if !running && tracks.iter().any(|(_, t)| t.codec == to) {
+    // Published in `to` already. Only the source's tracks (0 and 1) tell: a rendition's track
+    // outlives its handles until its aborted task is dropped, and a viewer arriving just after
+    // the last one left must get a transcoder of its own, not that dying track.
+    if tracks.iter().any(|(id, t)| id.0 < 2 && t.codec == to) {
         return None;
     }
     let (_, source) = tracks

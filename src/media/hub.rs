@@ -191,6 +191,9 @@ impl TrackFigures {
 struct State {
     tracks: Vec<Option<TrackInfo>>,
     figures: Vec<TrackFigures>,
+    /// Rendition tracks withdrawn, oldest first, with the sequence number the log had reached
+    /// then: a slot is reused once every entry logged before it was withdrawn has left the log.
+    retired: VecDeque<(TrackId, u64)>,
     metadata: Metadata,
     log: VecDeque<Arc<Entry>>,
     next_seq: u64,
@@ -303,6 +306,29 @@ impl State {
             self.log_bytes -= e.payload_len();
         }
     }
+
+    /// The track id for a new rendition. Ids 0 and 1 are the source's; a rendition gets the
+    /// oldest withdrawn rendition slot none of whose frames is left in the log (a consumer then
+    /// never mistakes the old rendition's frames for the new one's), else a new id. Only when
+    /// all 254 rendition ids have been used and the oldest withdrawn one still has frames in
+    /// the log (hundreds of renditions started within the log's span) is that one reused anyway.
+    fn rendition_slot(&mut self) -> TrackId {
+        let first = self.first_seq();
+        if let Some(&(track, _)) = self.retired.front().filter(|(_, seq)| *seq <= first) {
+            self.retired.pop_front();
+            if let Some(f) = self.figures.get_mut(usize::from(track.0)) {
+                *f = TrackFigures::default();
+            }
+            return track;
+        }
+        if let Ok(id) = u8::try_from(self.tracks.len().max(2)) {
+            return TrackId(id);
+        }
+        // At most three renditions run at once (one per kind), so the other ids are retired.
+        self.retired
+            .pop_front()
+            .map_or(TrackId(u8::MAX), |(track, _)| track)
+    }
 }
 
 /// A live (or lingering) broadcast.
@@ -323,6 +349,7 @@ impl Broadcast {
             state: Mutex::new(State {
                 tracks: Vec::new(),
                 figures: Vec::new(),
+                retired: VecDeque::new(),
                 metadata: Vec::new(),
                 log: VecDeque::new(),
                 next_seq: 0,
@@ -721,7 +748,7 @@ impl Broadcast {
     /// Declares a rendition track (the first free track id) and returns its writer.
     pub fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
         let mut st = self.lock();
-        let track = TrackId(st.tracks.len().max(2) as u8);
+        let track = st.rendition_slot();
         let video = info.codec.kind() == TrackKind::Video;
         st.declare_track(track, info, &hub.inner.cfg);
         drop(st);
@@ -756,6 +783,8 @@ impl Drop for RenditionProducer {
         if let Some(t) = st.tracks.get_mut(usize::from(self.track.0)) {
             *t = None;
         }
+        let seq = st.next_seq;
+        st.retired.push_back((self.track, seq));
     }
 }
 
@@ -932,6 +961,46 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn opus() -> TrackInfo {
+        TrackInfo {
+            codec: Codec::Opus,
+            config: None,
+            video: None,
+            audio: None,
+        }
+    }
+
+    #[test]
+    fn rendition_ids_are_reused_and_never_take_the_sources() {
+        // One viewer after the other: each starts a rendition and stops it a little later.
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        p.set_track(TrackId(1), opus());
+        let bc = p.broadcast().clone();
+        let mut ids = Vec::new();
+        for i in 0..1000 {
+            let mut r = bc.add_rendition(&hub, opus());
+            ids.push(r.track().0);
+            r.push(frame(i * 100, false));
+            // A group per 500 ms of video: older renditions' frames leave the log.
+            p.push(TrackId(0), frame(i * 100, i % 5 == 0));
+            drop(r);
+        }
+        assert!(ids.iter().all(|&id| id >= 2), "{ids:?}");
+        assert!(*ids.iter().max().unwrap() < 20, "{ids:?}");
+        assert_eq!(bc.track(TrackId(0)), Some(video()));
+        assert_eq!(bc.track(TrackId(1)), Some(opus()));
+        assert_eq!(bc.tracks().len(), 2);
+        // A slot is not reused while the log holds its frames: frames of a live rendition
+        // and of the one before it in the same slot never mix.
+        let r1 = bc.add_rendition(&hub, opus());
+        let id1 = r1.track();
+        drop(r1);
+        let r2 = bc.add_rendition(&hub, opus());
+        assert_ne!(r2.track(), id1);
     }
 
     #[test]

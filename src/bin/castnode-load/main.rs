@@ -2,7 +2,9 @@
 //! keep up, how late their frames arrive, and what the server under test spent (CPU, memory) to
 //! serve them. It runs against castnode or any other RTMP / HTTP-FLV / WHEP server (nginx-rtmp,
 //! say). WHEP viewers are WebRTC peers without decoders; see [`whep`] for how they work and what
-//! they add to the report (time to first frame, frame completeness).
+//! they add to the report (time to first frame, frame completeness). With `--cycles N` it opens
+//! N WHEP sessions one after the other instead, to see what sessions leave behind on the server;
+//! see [`cycles`].
 //!
 //! # How a run goes
 //!
@@ -70,6 +72,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+mod cycles;
 mod whep;
 
 /// Opens N players of one live stream and reports how many keep up.
@@ -89,8 +92,19 @@ struct Args {
     #[arg(long, value_enum)]
     protocol: Protocol,
     /// Number of players.
-    #[arg(long)]
-    players: usize,
+    #[arg(long, required_unless_present = "cycles")]
+    players: Option<usize>,
+    /// Instead of concurrent players, N sequential WHEP sessions (--protocol whep): each POSTs,
+    /// connects, waits for its first complete video frame (within --connect-timeout) and
+    /// DELETEs its session before the next one starts.
+    #[arg(long, conflicts_with = "players")]
+    cycles: Option<usize>,
+    /// With --cycles: the cycles after which the server's RSS is read as the baseline.
+    #[arg(long, default_value_t = 20)]
+    cycles_warmup: usize,
+    /// With --cycles: stop after this many failed cycles.
+    #[arg(long, default_value_t = 10)]
+    cycles_max_failures: usize,
     /// Seconds of the measuring window.
     #[arg(long, default_value_t = 30.0)]
     duration: f64,
@@ -146,15 +160,28 @@ impl Protocol {
     }
 }
 
+impl Args {
+    /// `--players` (absent with `--cycles`).
+    fn players(&self) -> usize {
+        self.players.unwrap_or_default()
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(report) => {
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{report}");
-            }
+    let printed = match args.cycles {
+        Some(n) => cycles::run(&args, n).map(|r| match args.json {
+            true => format!("{}\n", r.to_json()),
+            false => r.to_string(),
+        }),
+        None => run(&args).map(|r| match args.json {
+            true => format!("{}\n", r.to_json()),
+            false => r.to_string(),
+        }),
+    };
+    match printed {
+        Ok(text) => {
+            print!("{text}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -1336,7 +1363,7 @@ fn open_files_limit() -> Option<u64> {
 
 fn run(args: &Args) -> anyhow::Result<Report> {
     let positive = |v: f64| v.is_finite() && v > 0.0;
-    let valid = args.players > 0
+    let valid = args.players() > 0
         && positive(args.duration)
         && positive(args.connect_rate)
         && positive(args.connect_timeout)
@@ -1348,54 +1375,122 @@ fn run(args: &Args) -> anyhow::Result<Report> {
              --warmup not negative"
         );
     }
-    let fixture = Arc::new(Fixture::load(&args.fixture)?);
-    let (mut rtmp, rtmp_host) = RtmpTarget::parse(&args.rtmp_url)?;
-    rtmp.addr = resolve(&rtmp_host, rtmp.addr.port())?;
-    let rtmp = Arc::new(rtmp);
-    let flv = match args.protocol {
-        Protocol::Flv => {
-            let url = args
-                .flv_url
-                .as_deref()
-                .context("--protocol flv needs --flv-url")?;
-            let (mut t, host) = HttpTarget::parse(url)?;
-            t.addr = resolve(&host, t.addr.port())?;
-            Some(Arc::new(t))
-        }
-        Protocol::Rtmp | Protocol::Whep => None,
-    };
-    let whep = match args.protocol {
-        Protocol::Whep => {
-            let url = args
-                .whep_url
-                .as_deref()
-                .context("--protocol whep needs --whep-url")?;
-            let (mut t, host) = whep::WhepTarget::parse(url)?;
-            t.resolve(resolve(&host, t.addr.port())?)?;
-            Some(Arc::new(t))
-        }
-        _ => None,
-    };
+    let Setup {
+        fixture,
+        rtmp,
+        flv,
+        whep,
+    } = Setup::new(args)?;
     if let Some(limit) = open_files_limit()
-        && limit < args.players as u64 + 64
+        && limit < args.players() as u64 + 64
     {
         log(format_args!(
             "warning: the open-files limit is {limit}, too low for {} players (raise `ulimit -n`; \
              a WHEP viewer holds a UDP socket, plus a TCP one while it POSTs)",
-            args.players
+            args.players()
         ));
     }
-    let rt = if args.threads <= 1 {
+    let rt = runtime(args.threads)?;
+    rt.block_on(coordinate(args, fixture, rtmp, flv, whep))
+}
+
+/// What every run needs: the fixture and the parsed, resolved targets.
+struct Setup {
+    fixture: Arc<Fixture>,
+    rtmp: Arc<RtmpTarget>,
+    flv: Option<Arc<HttpTarget>>,
+    whep: Option<Arc<whep::WhepTarget>>,
+}
+
+impl Setup {
+    fn new(args: &Args) -> anyhow::Result<Self> {
+        let fixture = Arc::new(Fixture::load(&args.fixture)?);
+        let (mut rtmp, rtmp_host) = RtmpTarget::parse(&args.rtmp_url)?;
+        rtmp.addr = resolve(&rtmp_host, rtmp.addr.port())?;
+        let rtmp = Arc::new(rtmp);
+        let flv = match args.protocol {
+            Protocol::Flv => {
+                let url = args
+                    .flv_url
+                    .as_deref()
+                    .context("--protocol flv needs --flv-url")?;
+                let (mut t, host) = HttpTarget::parse(url)?;
+                t.addr = resolve(&host, t.addr.port())?;
+                Some(Arc::new(t))
+            }
+            Protocol::Rtmp | Protocol::Whep => None,
+        };
+        let whep = match args.protocol {
+            Protocol::Whep => {
+                let url = args
+                    .whep_url
+                    .as_deref()
+                    .context("--protocol whep needs --whep-url")?;
+                let (mut t, host) = whep::WhepTarget::parse(url)?;
+                t.resolve(resolve(&host, t.addr.port())?)?;
+                Some(Arc::new(t))
+            }
+            _ => None,
+        };
+        Ok(Self {
+            fixture,
+            rtmp,
+            flv,
+            whep,
+        })
+    }
+}
+
+/// The players' runtime: one thread, or `threads` workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
+            .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.threads)
+            .worker_threads(threads)
             .enable_all()
-            .build()?
-    };
-    rt.block_on(coordinate(args, fixture, rtmp, flv, whep))
+            .build()
+    }
+}
+
+/// One DTLS certificate for every WHEP viewer: a key generation per viewer would cost this tool
+/// CPU and change nothing for the server.
+fn viewer_cert() -> anyhow::Result<str0m::crypto::dtls::DtlsCert> {
+    str0m::crypto::from_feature_flags()
+        .dtls_provider
+        .generate_certificate()
+        .context("generating the viewers' DTLS certificate")
+}
+
+/// Starts the publisher unless `--no-publish` and lets the server see a keyframe; `t0` (see
+/// [`start_publisher`]).
+async fn start_publishing(
+    args: &Args,
+    rtmp: &Arc<RtmpTarget>,
+    fixture: &Arc<Fixture>,
+    stats: &Arc<PublisherStats>,
+) -> anyhow::Result<Option<Instant>> {
+    if args.no_publish {
+        return Ok(None);
+    }
+    let t0 = start_publisher(
+        rtmp.clone(),
+        fixture.clone(),
+        args.ts_base_ms,
+        stats.clone(),
+    )?;
+    log(format_args!(
+        "publishing {} to {} ({:.0} kbit/s, loop of {} ms)",
+        args.fixture.display(),
+        args.rtmp_url,
+        fixture.media_bps / 1000.0,
+        fixture.period_ms
+    ));
+    // Let the server see a keyframe and settle before measuring its memory.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Some(t0))
 }
 
 async fn coordinate(
@@ -1405,39 +1500,10 @@ async fn coordinate(
     flv: Option<Arc<HttpTarget>>,
     whep: Option<Arc<whep::WhepTarget>>,
 ) -> anyhow::Result<Report> {
-    // One DTLS certificate for every WHEP viewer: a key generation per viewer would cost this
-    // tool CPU and change nothing for the server.
-    let cert = match &whep {
-        Some(_) => Some(
-            str0m::crypto::from_feature_flags()
-                .dtls_provider
-                .generate_certificate()
-                .context("generating the viewers' DTLS certificate")?,
-        ),
-        None => None,
-    };
+    let cert = whep.as_ref().map(|_| viewer_cert()).transpose()?;
     let clk_tck = clock_ticks_per_second();
     let pub_stats = Arc::new(PublisherStats::default());
-    let t0 = if args.no_publish {
-        None
-    } else {
-        let t0 = start_publisher(
-            rtmp.clone(),
-            fixture.clone(),
-            args.ts_base_ms,
-            pub_stats.clone(),
-        )?;
-        log(format_args!(
-            "publishing {} to {} ({:.0} kbit/s, loop of {} ms)",
-            args.fixture.display(),
-            args.rtmp_url,
-            fixture.media_bps / 1000.0,
-            fixture.period_ms
-        ));
-        // Let the server see a keyframe and settle before measuring its memory.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        Some(t0)
-    };
+    let t0 = start_publishing(args, &rtmp, &fixture, &pub_stats).await?;
     let server_before = args.server_pid.and_then(sample_server);
     if args.server_pid.is_some() && server_before.is_none() {
         bail!(
@@ -1457,18 +1523,22 @@ async fn coordinate(
     });
     // Players read the phase from `shared`; `done_tx` also wakes those waiting for data.
     let (done_tx, done_rx) = watch::channel(false);
-    let mut handles = Vec::with_capacity(args.players);
+    let mut handles = Vec::with_capacity(args.players());
     let start = tokio::time::Instant::now();
     let mut last_log = Instant::now();
-    for i in 0..args.players {
+    for i in 0..args.players() {
         tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / args.connect_rate))
             .await;
         let (sh, done) = (shared.clone(), done_rx.clone());
         handles.push(match (&flv, &whep, &cert) {
             (Some(t), _, _) => tokio::spawn(flv_player(t.clone(), sh, done)),
-            (_, Some(t), Some(cert)) => {
-                tokio::spawn(whep::whep_player(t.clone(), cert.clone(), sh, done))
-            }
+            (_, Some(t), Some(cert)) => tokio::spawn(whep::whep_player(
+                t.clone(),
+                cert.clone(),
+                sh,
+                done,
+                whep::Stay::UntilDone,
+            )),
             _ => tokio::spawn(rtmp_player(rtmp.clone(), sh, done, i as u64)),
         });
         if last_log.elapsed() >= Duration::from_secs(2) {
@@ -1477,14 +1547,14 @@ async fn coordinate(
             log(format_args!(
                 "started {}/{} players: {c} playing, {f} failed",
                 i + 1,
-                args.players
+                args.players()
             ));
         }
     }
     let give_up = Instant::now() + shared.connect_timeout + Duration::from_secs(1);
     loop {
         let (c, f) = shared_counts(&shared);
-        if c + f >= args.players || Instant::now() >= give_up {
+        if c + f >= args.players() || Instant::now() >= give_up {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1492,7 +1562,9 @@ async fn coordinate(
     let (c, f) = shared_counts(&shared);
     log(format_args!(
         "{c} of {} players playing, {f} failed; warming up {} s, then measuring {} s",
-        args.players, args.warmup, args.duration
+        args.players(),
+        args.warmup,
+        args.duration
     ));
     tokio::time::sleep(Duration::from_secs_f64(args.warmup)).await;
 
@@ -1716,7 +1788,7 @@ impl Report {
             },
             window_s: window,
             warmup_s: args.warmup,
-            requested: args.players,
+            requested: args.players(),
             connected: n,
             keeping_up,
             disconnected,

@@ -463,6 +463,8 @@ struct Viewer {
     video_open: Option<VideoCounts>,
     audio_open: Option<AudioCounts>,
     measuring: bool,
+    /// Until when the viewer stays.
+    stay: Stay,
 }
 
 impl Viewer {
@@ -593,23 +595,33 @@ impl Viewer {
     }
 }
 
-/// One WHEP viewer: POST, connect, receive until the run ends, DELETE.
+/// How long a viewer stays once connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stay {
+    /// Until the run ends.
+    UntilDone,
+    /// Until its first complete video frame (the `--cycles` mode).
+    FirstFrame,
+}
+
+/// One WHEP viewer: POST, connect, receive until the run ends (or, with [`Stay::FirstFrame`],
+/// until the first complete video frame), DELETE.
 pub async fn whep_player(
     target: Arc<WhepTarget>,
     cert: DtlsCert,
     shared: Arc<Shared>,
     done: watch::Receiver<bool>,
+    stay: Stay,
 ) -> PlayerResult {
     let deadline = tokio::time::Instant::now() + shared.connect_timeout;
-    let res = PlayerResult::new(&shared);
     let mut location = None;
     let played = play(
         &target,
         cert,
         shared.clone(),
         done,
-        res,
         deadline,
+        stay,
         &mut location,
     )
     .await;
@@ -641,10 +653,11 @@ async fn play(
     cert: DtlsCert,
     shared: Arc<Shared>,
     done: watch::Receiver<bool>,
-    res: PlayerResult,
     deadline: tokio::time::Instant,
+    stay: Stay,
     location: &mut Option<String>,
 ) -> Result<Played, (PlayerResult, String)> {
+    let res = PlayerResult::new(&shared);
     let post_at = Instant::now();
     let socket = match UdpSocket::bind((target.local_ip, 0)).await {
         Ok(s) => s,
@@ -709,6 +722,7 @@ async fn play(
         video_open: None,
         audio_open: None,
         measuring: false,
+        stay,
     };
     let outcome = receive(&mut v, done, deadline).await;
     v.close_window();
@@ -734,7 +748,7 @@ async fn receive(
     let timer = tokio::time::sleep_until(next.into());
     tokio::pin!(timer);
     loop {
-        if v.phase() == DONE {
+        if v.phase() == DONE || (v.stay == Stay::FirstFrame && v.stats.first_frame_us.is_some()) {
             return Ok(());
         }
         let wake = tokio::select! {
@@ -784,7 +798,7 @@ pub struct Millis {
 }
 
 impl Millis {
-    fn of(mut us: Vec<u64>) -> Option<Self> {
+    pub fn of(mut us: Vec<u64>) -> Option<Self> {
         us.sort_unstable();
         let ms = |p: f64| Some(percentile(&us, p)? as f64 / 1000.0);
         Some(Self {
@@ -796,7 +810,7 @@ impl Millis {
         })
     }
 
-    fn to_json(self) -> serde_json::Value {
+    pub fn to_json(self) -> serde_json::Value {
         let r1 = |v: f64| (v * 10.0).round() / 10.0;
         json!({ "p50": r1(self.p50), "p95": r1(self.p95), "p99": r1(self.p99),
                 "max": r1(self.max), "viewers": self.n })
