@@ -10,7 +10,7 @@
 //!   region has no node with room; then least load against capacity (players prefer nodes that
 //!   already carry the broadcast); a random pick among the best [`BEST_FEW`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -52,6 +52,8 @@ pub struct NodeEntry {
     pub status: NodeStatus,
     /// When viewers or publishers were sent to it, within [`PLACEMENT_MEMORY`].
     pub placed: VecDeque<Instant>,
+    /// The broadcasts of its last report (for the carriers' preference).
+    carried: HashSet<String>,
 }
 
 impl NodeEntry {
@@ -72,14 +74,15 @@ impl NodeEntry {
     }
 
     fn carries(&self, broadcast: &str) -> bool {
-        self.load.broadcasts.iter().any(|b| b.name == broadcast)
+        self.carried.contains(broadcast)
     }
 
-    fn publishes(&self, broadcast: &str) -> bool {
+    fn publishing(&self) -> impl Iterator<Item = &str> {
         self.load
             .broadcasts
             .iter()
-            .any(|b| b.name == broadcast && b.publishing)
+            .filter(|b| b.publishing)
+            .map(|b| b.name.as_str())
     }
 }
 
@@ -87,6 +90,8 @@ impl NodeEntry {
 #[derive(Debug)]
 pub struct Registry {
     nodes: HashMap<String, NodeEntry>,
+    /// Broadcast → the nodes that report its publisher (kept in step with reports).
+    publishers: HashMap<String, HashSet<String>>,
     ttl: Duration,
     default_region: String,
 }
@@ -96,6 +101,7 @@ impl Registry {
     pub fn new(ttl: Duration, default_region: &str) -> Self {
         Self {
             nodes: HashMap::new(),
+            publishers: HashMap::new(),
             ttl,
             default_region: default_region.to_owned(),
         }
@@ -116,6 +122,7 @@ impl Registry {
                 last_seen: now,
                 status: NodeStatus::Live,
                 placed: VecDeque::new(),
+                carried: HashSet::new(),
             },
         );
     }
@@ -126,7 +133,22 @@ impl Registry {
             .nodes
             .get_mut(id)
             .ok_or_else(|| ManagerError::UnknownNode(id.to_owned()))?;
+        for b in node.publishing() {
+            if let Some(set) = self.publishers.get_mut(b) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.publishers.remove(b);
+                }
+            }
+        }
+        node.carried = load.broadcasts.iter().map(|b| b.name.clone()).collect();
         node.load = load;
+        for b in node.publishing() {
+            self.publishers
+                .entry(b.to_owned())
+                .or_default()
+                .insert(id.to_owned());
+        }
         node.last_seen = now;
         node.status = NodeStatus::Live;
         node.forget_placements(now);
@@ -162,11 +184,8 @@ impl Registry {
         pick: &mut impl FnMut(usize) -> usize,
     ) -> Result<Placement, ManagerError> {
         let existing = self
-            .nodes
-            .values()
-            .find(|n| {
-                n.status == NodeStatus::Live && n.info.role.ingests() && n.publishes(broadcast)
-            })
+            .live_publishers(broadcast)
+            .find(|n| n.info.role.ingests())
             .map(|n| n.info.id.clone());
         let id = match existing {
             Some(id) => id,
@@ -185,11 +204,7 @@ impl Registry {
         hint: &Hint,
         pick: &mut impl FnMut(usize) -> usize,
     ) -> Result<Placement, ManagerError> {
-        let live = self
-            .nodes
-            .values()
-            .any(|n| n.status == NodeStatus::Live && n.publishes(broadcast));
-        if !live {
+        if self.live_publishers(broadcast).next().is_none() {
             return Err(ManagerError::NotLive(broadcast.to_owned()));
         }
         let bonus = |n: &NodeEntry| {
@@ -205,6 +220,16 @@ impl Registry {
         Ok(self.placed(&id, broadcast, true))
     }
 
+    /// The live nodes that report `broadcast`'s publisher.
+    fn live_publishers<'a>(&'a self, broadcast: &str) -> impl Iterator<Item = &'a NodeEntry> {
+        self.publishers
+            .get(broadcast)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.nodes.get(id))
+            .filter(|n| n.status == NodeStatus::Live)
+    }
+
     /// The best few live nodes of a role with room, region first; one picked by `pick`.
     fn choose(
         &self,
@@ -214,28 +239,42 @@ impl Registry {
         pick: &mut impl FnMut(usize) -> usize,
     ) -> Option<String> {
         let region = hint.region.as_deref().unwrap_or(&self.default_region);
-        let open =
-            |n: &&NodeEntry| n.status == NodeStatus::Live && role(n.info.role) && n.fill() < 1.0;
-        let mut candidates: Vec<&NodeEntry> = self
-            .nodes
-            .values()
-            .filter(open)
-            .filter(|n| n.info.region == region)
-            .collect();
+        let best = |in_region: bool| {
+            // One pass, keeping the best few (lowest score; ties by id) in order.
+            let mut best: Vec<(f64, &NodeEntry)> = Vec::with_capacity(BEST_FEW + 1);
+            for n in self.nodes.values() {
+                if n.status != NodeStatus::Live
+                    || !role(n.info.role)
+                    || (in_region && n.info.region != region)
+                {
+                    continue;
+                }
+                let fill = n.fill();
+                if fill >= 1.0 {
+                    continue;
+                }
+                let score = fill - bonus(n);
+                let at = best.partition_point(|(s, e)| {
+                    s.total_cmp(&score)
+                        .then_with(|| e.info.id.cmp(&n.info.id))
+                        .is_lt()
+                });
+                if at < BEST_FEW {
+                    best.insert(at, (score, n));
+                    best.truncate(BEST_FEW);
+                }
+            }
+            best
+        };
+        let mut candidates = best(true);
         if candidates.is_empty() {
-            candidates = self.nodes.values().filter(open).collect();
+            candidates = best(false);
         }
         if candidates.is_empty() {
             return None;
         }
-        let score = |n: &NodeEntry| n.fill() - bonus(n);
-        candidates.sort_by(|a, b| {
-            score(a)
-                .total_cmp(&score(b))
-                .then_with(|| a.info.id.cmp(&b.info.id))
-        });
-        let k = candidates.len().min(BEST_FEW);
-        Some(candidates[pick(k) % k].info.id.clone())
+        let k = candidates.len();
+        Some(candidates[pick(k) % k].1.info.id.clone())
     }
 
     fn placed(&mut self, id: &str, broadcast: &str, player: bool) -> Placement {
