@@ -470,10 +470,11 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
             return Err(bad("upstream", format!("{u:?} is not HOST:PORT")));
         }
     }
-    if matches!(role, "relay" | "edge") && upstream.is_empty() {
+    let managed = a.manager.is_some() || file.manager.is_some();
+    if matches!(role, "relay" | "edge") && upstream.is_empty() && !managed {
         return Err(bad(
             "upstream",
-            format!("a {role} needs at least one --upstream HOST:PORT"),
+            format!("a {role} needs at least one --upstream HOST:PORT, or a --manager to ask"),
         ));
     }
     let token = match (
@@ -498,7 +499,8 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         }
         (None, None) => String::new(),
     };
-    let linked = listen.is_some() || !upstream.is_empty();
+    let linked =
+        listen.is_some() || !upstream.is_empty() || (managed && matches!(role, "relay" | "edge"));
     if linked && token.len() < 16 {
         return Err(bad(
             "cluster-token",

@@ -247,3 +247,49 @@ fn raw_http(port: u16, head: &[u8], body: &[u8]) -> (u16, String) {
         .unwrap_or(0);
     (status, out)
 }
+
+/// Edges and relays without `--upstream` ask the manager: an edge of region b fetches through
+/// region b's relay, which fetches from the origin.
+#[test]
+fn upstreams_come_from_the_manager() {
+    let manager = Server::start_role("manager", &["--cluster-token", TOKEN]);
+    let origin = node(&manager, "origin", "a", &["--node-id", "origin-a"]);
+    let relay = node(&manager, "relay", "b", &["--node-id", "relay-b"]);
+    let edge = node(&manager, "edge", "b", &["--node-id", "edge-b"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || live_nodes(&manager).len() == 3),
+        "{:?}",
+        live_nodes(&manager)
+    );
+    let (_, v) = json(&manager, "/api/v1/broadcasts/live/u/upstream?node=edge-b");
+    println!("upstreams for edge-b: {v}");
+    assert_eq!(
+        v["upstreams"][0],
+        format!("127.0.0.1:{}", relay.cluster_port),
+        "{v}"
+    );
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("u"), &fixture("baseline.flv"), 5);
+    origin.wait_live("live/u", Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(5), || {
+        json(&manager, "/api/v1/broadcasts/live/u/subscribe?region=b").0 == 200
+    }));
+    std::thread::sleep(Duration::from_millis(2100)); // forget that lookup
+    let (_, s) = json(&manager, "/api/v1/broadcasts/live/u/subscribe?region=b");
+    assert_eq!(s["node"]["id"], "edge-b", "{s}");
+    let out = temp_dir("manager-upstream").join("flv.md5");
+    let mut reader = ffmpeg_framemd5(s["urls"]["flv"].as_str().unwrap(), Some(2.0), &out);
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "edge log:\n{}",
+        edge.log()
+    );
+    let video = parse_framemd5(&std::fs::read_to_string(&out).unwrap())
+        .iter()
+        .filter(|p| p.stream == 0)
+        .count();
+    assert!(video >= 40, "{video} video packets");
+    assert_eq!(relay.metric("castnode_cluster_subscriptions_down"), 1.0);
+    assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
+}

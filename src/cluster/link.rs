@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,7 @@ use super::wire::{
     GroupSeq, ResetCode, Side, SubscriptionId,
 };
 use crate::config::ClusterConfig;
+use crate::manager::BoxFuture;
 use crate::media::hub::wall_clock_us;
 use crate::media::{
     BroadcastConsumer, BroadcastProducer, Item, ReadOutcome, TrackId, TrackInfo, TrackKind,
@@ -54,21 +55,31 @@ pub const LATENCY_BOUNDS_US: [u64; 12] = [
     250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
 ];
 
-/// Chooses the upstream nodes a broadcast is fetched from, in the order they are tried. Static
-/// (`--upstream`) today; the stream manager will answer it.
+/// Chooses the upstream nodes a broadcast is fetched from (or published to), in the order they
+/// are tried: the `--upstream` list ([`StaticUpstreams`]), or the stream manager's answer
+/// ([`crate::manager::remote::ManagerUpstreams`]).
 pub trait UpstreamChoice: Send + Sync {
     /// Candidate `HOST:PORT`s for `broadcast`.
-    fn candidates(&self, broadcast: &str) -> Vec<String>;
+    fn candidates<'a>(&'a self, broadcast: &'a str) -> BoxFuture<'a, Vec<String>>;
+    /// Whether this node has upstreams at all.
+    fn any(&self) -> bool;
 }
 
 /// The `--upstream` list.
 pub struct StaticUpstreams(pub Vec<String>);
 
 impl UpstreamChoice for StaticUpstreams {
-    fn candidates(&self, _broadcast: &str) -> Vec<String> {
-        self.0.clone()
+    fn candidates<'a>(&'a self, _broadcast: &'a str) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(std::future::ready(self.0.clone()))
+    }
+
+    fn any(&self) -> bool {
+        !self.0.is_empty()
     }
 }
+
+/// An upstream that failed is tried last for this long.
+pub const FAILED_UPSTREAM_BACKOFF: Duration = Duration::from_secs(10);
 
 /// The cluster link's counters.
 #[derive(Debug)]
@@ -179,10 +190,10 @@ pub struct Link {
     node_id: String,
     role: String,
     upstreams: Box<dyn UpstreamChoice>,
-    /// The upstream connection in use.
-    peer: tokio::sync::Mutex<Option<Arc<Peer>>>,
-    /// Index into the candidates of the upstream to try first.
-    next_upstream: AtomicUsize,
+    /// Upstream connections, by address.
+    peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
+    /// Upstreams that failed, and when: tried last for [`FAILED_UPSTREAM_BACKOFF`].
+    failed: Mutex<HashMap<String, Instant>>,
     fetches: Mutex<HashMap<String, watch::Receiver<FetchState>>>,
     /// Local broadcasts being published upstream.
     publishing: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
@@ -264,8 +275,8 @@ impl Link {
             node_id: cfg.node_id.clone(),
             role: role.to_owned(),
             upstreams,
-            peer: tokio::sync::Mutex::new(None),
-            next_upstream: AtomicUsize::new(0),
+            peers: tokio::sync::Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
             publishing: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -297,7 +308,7 @@ impl Link {
         if let Some(c) = self.ctx.hub.subscribe(name) {
             return Some(c);
         }
-        if self.upstreams.candidates(name).is_empty() {
+        if !self.upstreams.any() {
             return None;
         }
         let mut rx = {
@@ -328,8 +339,7 @@ impl Link {
     /// role; does nothing on a node without upstreams. So a broadcast pushed to any node reaches
     /// the origin, and every edge can fetch it from there.
     pub fn publish_local(self: &Arc<Self>) {
-        let upstream = self.upstreams.candidates("");
-        if upstream.is_empty() {
+        if !self.upstreams.any() {
             return;
         }
         let fetched: Vec<String> = self
@@ -820,38 +830,52 @@ impl Link {
 
     // ---- fetching --------------------------------------------------------------------------
 
-    /// The upstream connection, connecting (in candidate order, starting after the last one
-    /// that failed) when there is none.
+    /// A connection to the first upstream candidate for `broadcast` that answers: an open one
+    /// when there is, else a new one. Candidates that failed lately are tried last.
     async fn upstream(&self, broadcast: &str) -> Option<Arc<Peer>> {
-        let mut peer = self.peer.lock().await;
-        if let Some(p) = peer.as_ref().filter(|p| p.alive()) {
-            return Some(p.clone());
+        let mut candidates = self.upstreams.candidates(broadcast).await;
+        {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.retain(|_, t| t.elapsed() < FAILED_UPSTREAM_BACKOFF);
+            // Stable: the order among the healthy (and among the failed) stays as chosen.
+            candidates.sort_by_key(|c| failed.contains_key(c));
         }
-        let candidates = self.upstreams.candidates(broadcast);
-        let n = candidates.len();
-        let start = self.next_upstream.load(Relaxed);
-        for k in 0..n {
-            let i = (start + k) % n;
-            let addr = &candidates[i];
+        let mut peers = self.peers.lock().await;
+        peers.retain(|_, p| p.alive());
+        for addr in &candidates {
+            if let Some(p) = peers.get(addr) {
+                return Some(p.clone());
+            }
             match self.connect(addr).await {
                 Ok(p) => {
-                    self.next_upstream.store(i, Relaxed);
-                    *peer = Some(p.clone());
+                    peers.insert(addr.clone(), p.clone());
                     return Some(p);
                 }
-                Err(e) => warn!(upstream = %addr, error = %e, "cannot reach upstream"),
+                Err(e) => {
+                    warn!(upstream = %addr, error = %e, "cannot reach upstream");
+                    self.failed
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(addr.clone(), Instant::now());
+                }
             }
         }
         None
     }
 
-    /// Marks `failed` as unusable: the next [`Link::upstream`] starts after it.
+    /// Marks `failed` as unusable: it is dropped and tried last for a while.
     async fn upstream_failed(&self, failed: &Arc<Peer>) {
-        let mut peer = self.peer.lock().await;
-        if peer.as_ref().is_some_and(|p| Arc::ptr_eq(p, failed)) {
-            *peer = None;
-            self.next_upstream.fetch_add(1, Relaxed);
+        let mut peers = self.peers.lock().await;
+        if peers
+            .get(&failed.addr)
+            .is_some_and(|p| Arc::ptr_eq(p, failed))
+        {
+            peers.remove(&failed.addr);
         }
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(failed.addr.clone(), Instant::now());
     }
 
     async fn connect(&self, addr: &str) -> Result<Arc<Peer>, String> {

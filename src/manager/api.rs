@@ -31,6 +31,7 @@ pub fn router(manager: Arc<Embedded>) -> Router {
         .route("/api/v1/nodes/{id}/load", put(report))
         .route("/api/v1/broadcasts/{app}/{key}/publish", get(publish))
         .route("/api/v1/broadcasts/{app}/{key}/subscribe", get(subscribe))
+        .route("/api/v1/broadcasts/{app}/{key}/upstream", get(upstream))
         .route("/whip/{app}/{key}", post(whip).options(preflight))
         .route("/whep/{app}/{key}", post(whep).options(preflight))
         .with_state(manager)
@@ -140,6 +141,26 @@ async fn subscribe(
     let name = format!("{app}/{key}");
     match m.subscribe(&name, &hint(q)).await {
         Ok(p) => axum::Json(p).into_response(),
+        Err(e) => error(&e),
+    }
+}
+
+#[derive(Deserialize)]
+struct NodeQuery {
+    node: Option<String>,
+}
+
+async fn upstream(
+    State(m): State<Arc<Embedded>>,
+    Path((app, key)): Path<(String, String)>,
+    Query(q): Query<NodeQuery>,
+) -> Response {
+    let name = format!("{app}/{key}");
+    match m
+        .upstream(&name, q.node.as_deref().unwrap_or_default())
+        .await
+    {
+        Ok(list) => axum::Json(serde_json::json!({ "upstreams": list })).into_response(),
         Err(e) => error(&e),
     }
 }

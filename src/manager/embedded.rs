@@ -164,4 +164,15 @@ impl StreamManager for Embedded {
     ) -> BoxFuture<'a, Result<Placement, ManagerError>> {
         Box::pin(std::future::ready(self.place("subscribe", broadcast, hint)))
     }
+
+    fn upstream<'a>(
+        &'a self,
+        broadcast: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ManagerError>> {
+        let mut reg = self.registry();
+        reg.sweep(Instant::now());
+        let list = reg.upstreams(broadcast, node);
+        Box::pin(std::future::ready(Ok(list)))
+    }
 }

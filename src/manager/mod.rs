@@ -73,6 +73,9 @@ pub struct NodeAddresses {
     pub rtmp: Option<String>,
     /// `http://host:port` (no path): HTTP-FLV, WHIP, WHEP, API.
     pub http: String,
+    /// `host:port` of its cluster link (QUIC), when it serves other nodes.
+    #[serde(default)]
+    pub cluster: Option<String>,
 }
 
 /// A node as it registers.
@@ -198,4 +201,12 @@ pub trait StreamManager: Send + Sync {
         broadcast: &'a str,
         hint: &'a Hint,
     ) -> BoxFuture<'a, Result<Placement, ManagerError>>;
+    /// The cluster-link addresses node `node` should fetch `broadcast` from (or publish it
+    /// to), in the order to try them: a relay of its region, then origins (the one with the
+    /// publisher first).
+    fn upstream<'a>(
+        &'a self,
+        broadcast: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ManagerError>>;
 }

@@ -220,6 +220,54 @@ impl Registry {
         Ok(self.placed(&id, broadcast, true))
     }
 
+    /// The cluster-link addresses node `asker` should use for `broadcast`: for an edge, the
+    /// relays of its region (least loaded first), then the origins; for a relay, the origins
+    /// only (relays do not chain through the manager). Among origins the one that has the
+    /// publisher comes first, then by load. Failed nodes and the asker are left out.
+    pub fn upstreams(&self, broadcast: &str, asker: &str) -> Vec<String> {
+        let me = self.nodes.get(asker);
+        let region = me.map_or(self.default_region.as_str(), |n| n.info.region.as_str());
+        let is_relay = me.is_some_and(|n| n.info.role == NodeRole::Relay);
+        let usable = |n: &&NodeEntry| {
+            n.status == NodeStatus::Live && n.info.id != asker && n.info.addresses.cluster.is_some()
+        };
+        let mut relays: Vec<&NodeEntry> = self
+            .nodes
+            .values()
+            .filter(usable)
+            .filter(|n| !is_relay && n.info.role == NodeRole::Relay && n.info.region == region)
+            .collect();
+        relays.sort_by(|a, b| {
+            a.fill()
+                .total_cmp(&b.fill())
+                .then(a.info.id.cmp(&b.info.id))
+        });
+        let publishers: HashSet<&str> = self
+            .live_publishers(broadcast)
+            .map(|n| n.info.id.as_str())
+            .collect();
+        let mut origins: Vec<&NodeEntry> = self
+            .nodes
+            .values()
+            .filter(usable)
+            .filter(|n| n.info.role.ingests())
+            .collect();
+        origins.sort_by(|a, b| {
+            let (pa, pb) = (
+                publishers.contains(a.info.id.as_str()),
+                publishers.contains(b.info.id.as_str()),
+            );
+            pb.cmp(&pa)
+                .then(a.fill().total_cmp(&b.fill()))
+                .then(a.info.id.cmp(&b.info.id))
+        });
+        relays
+            .into_iter()
+            .chain(origins)
+            .filter_map(|n| n.info.addresses.cluster.clone())
+            .collect()
+    }
+
     /// The live nodes that report `broadcast`'s publisher.
     fn live_publishers<'a>(&'a self, broadcast: &str) -> impl Iterator<Item = &'a NodeEntry> {
         self.publishers
@@ -319,6 +367,7 @@ mod tests {
             addresses: NodeAddresses {
                 rtmp: Some(format!("rtmp://{id}:1935")),
                 http: format!("http://{id}:8080"),
+                cluster: Some(format!("{id}:4443")),
             },
             capacity,
         }
@@ -442,6 +491,26 @@ mod tests {
         assert_eq!(
             r.report("nobody", load(0, &[]), later),
             Err(ManagerError::UnknownNode("nobody".into()))
+        );
+    }
+
+    #[test]
+    fn upstreams_are_regional_relays_then_the_publishing_origin() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.register(node("origin-b", NodeRole::Origin, "b", 100), now);
+        r.register(node("relay-b", NodeRole::Relay, "b", 100), now);
+        r.register(node("relay-a", NodeRole::Relay, "a", 100), now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        assert_eq!(
+            r.upstreams("live/x", "edge-b1"),
+            vec!["relay-b:4443", "origin-a:4443", "origin-b:4443"]
+        );
+        // Relays go straight to the origins.
+        assert_eq!(
+            r.upstreams("live/x", "relay-b"),
+            vec!["origin-a:4443", "origin-b:4443"]
         );
     }
 

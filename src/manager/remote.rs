@@ -95,6 +95,36 @@ impl Remote {
     }
 }
 
+/// Upstreams chosen by the stream manager, with the `--upstream` list as a fallback when the
+/// manager cannot answer.
+pub struct ManagerUpstreams {
+    /// The manager.
+    pub manager: Arc<dyn StreamManager>,
+    /// This node's id.
+    pub node: String,
+    /// `--upstream`, tried when the manager gives nothing.
+    pub fallback: Vec<String>,
+}
+
+impl crate::cluster::link::UpstreamChoice for ManagerUpstreams {
+    fn candidates<'a>(&'a self, broadcast: &'a str) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            match self.manager.upstream(broadcast, &self.node).await {
+                Ok(list) if !list.is_empty() => list,
+                Ok(_) => self.fallback.clone(),
+                Err(e) => {
+                    warn!(error = %e, "stream manager gave no upstream; using --upstream");
+                    self.fallback.clone()
+                }
+            }
+        })
+    }
+
+    fn any(&self) -> bool {
+        true
+    }
+}
+
 impl StreamManager for Remote {
     fn register<'a>(
         &'a self,
@@ -131,6 +161,39 @@ impl StreamManager for Remote {
         hint: &'a Hint,
     ) -> BoxFuture<'a, Result<Placement, ManagerError>> {
         Box::pin(self.lookup("publish", broadcast, hint))
+    }
+
+    fn upstream<'a>(
+        &'a self,
+        broadcast: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ManagerError>> {
+        Box::pin(async move {
+            let url = format!(
+                "{}/api/v1/broadcasts/{broadcast}/upstream?node={}",
+                self.base,
+                node.bytes()
+                    .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                        (b as char).to_string()
+                    } else {
+                        format!("%{b:02X}")
+                    })
+                    .collect::<String>()
+            );
+            let resp = self.send(self.http.get(url)).await?;
+            let v: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string()))?;
+            Ok(v["upstreams"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|u| u.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default())
+        })
     }
 
     fn subscribe<'a>(

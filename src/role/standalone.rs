@@ -9,8 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::cluster::link::{Link, StaticUpstreams};
+use crate::cluster::link::{Link, StaticUpstreams, UpstreamChoice};
 use crate::config::NodeConfig;
+use crate::manager::StreamManager;
+use crate::manager::remote::ManagerUpstreams;
 use crate::node::NodeContext;
 use crate::webrtc::driver::Webrtc;
 
@@ -43,9 +45,21 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     let (udp, public_ips) = (cfg.webrtc_udp, cfg.webrtc_public_ip.clone());
     let cluster = cfg.cluster.clone();
     let ctx = NodeContext::new(cfg);
-    let linked = cluster.listen.is_some() || !cluster.upstream.is_empty();
+    let manager: Option<Arc<dyn StreamManager>> = ctx.cfg.manager.url.as_deref().map(|url| {
+        Arc::new(crate::manager::remote::Remote::new(url, &cluster.token)) as Arc<dyn StreamManager>
+    });
+    let fetches = matches!(role, "relay" | "edge");
+    let linked =
+        cluster.listen.is_some() || !cluster.upstream.is_empty() || (manager.is_some() && fetches);
     let link = if linked {
-        let upstreams = Box::new(StaticUpstreams(cluster.upstream.clone()));
+        let upstreams: Box<dyn UpstreamChoice> = match (&manager, fetches) {
+            (Some(m), true) => Box::new(ManagerUpstreams {
+                manager: m.clone(),
+                node: cluster.node_id.clone(),
+                fallback: cluster.upstream.clone(),
+            }),
+            _ => Box::new(StaticUpstreams(cluster.upstream.clone())),
+        };
         let link = Link::start(ctx.clone(), &cluster, role, upstreams)
             .context("starting the cluster link")?;
         let _ = ctx.link.set(link.clone());
@@ -74,7 +88,11 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     };
     let http_addr = http.local_addr()?;
     tracing::info!(rtmp = %rtmp_addr, http = %http_addr, webrtc_udp = %webrtc_udp, cluster = %cluster_addr, node_id = %cluster.node_id, "{role} node started");
-    if let Some(url) = ctx.cfg.manager.url.clone() {
+    if let Some(manager) = manager {
+        let cluster_port = link
+            .as_ref()
+            .and_then(|l| cluster.listen.and(l.local_addr()))
+            .map(|a| a.port());
         let info = crate::manager::NodeInfo {
             id: cluster.node_id.clone(),
             role: crate::manager::NodeRole::parse(role).unwrap_or(crate::manager::NodeRole::Edge),
@@ -82,12 +100,12 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             addresses: crate::manager::NodeAddresses {
                 rtmp: (rtmp_port != 0).then(|| format!("rtmp://{host}:{rtmp_port}")),
                 http: format!("http://{host}:{http_port}"),
+                cluster: cluster_port.map(|p| format!("{host}:{p}")),
             },
             capacity: ctx.cfg.manager.capacity,
         };
-        let remote = Arc::new(crate::manager::remote::Remote::new(&url, &cluster.token));
         tokio::spawn(crate::manager::remote::run_reporter(
-            remote,
+            manager,
             info,
             cluster.token.clone(),
             ctx.clone(),
@@ -95,7 +113,14 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     }
     if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
-        println!("  Upstream: {}", cluster.upstream.join(", "));
+        if ctx.cfg.manager.url.is_some() {
+            println!(
+                "  Upstream: chosen by the stream manager, else {:?}",
+                cluster.upstream
+            );
+        } else {
+            println!("  Upstream: {}", cluster.upstream.join(", "));
+        }
         println!("  Cluster link (QUIC): {cluster_addr}");
         if role == "edge" {
             println!("  Watch in a browser: http://{host}:{http_port}/play/live/mystream");
