@@ -25,6 +25,7 @@ fn cluster(nodes: usize) -> Registry {
                 addresses: NodeAddresses {
                     rtmp: Some(format!("rtmp://10.0.{}.{}:1935", i / 250, i % 250)),
                     http: format!("http://10.0.{}.{}:8080", i / 250, i % 250),
+                    cluster: Some(format!("10.0.{}.{}:4443", i / 250, i % 250)),
                 },
                 capacity: u64::MAX / 2,
             },
