@@ -3,6 +3,8 @@
 //! serve them. It runs against castnode or any other RTMP / HTTP-FLV / WHEP server (nginx-rtmp,
 //! say). WHEP viewers are WebRTC peers without decoders; see [`whep`] for how they work and what
 //! they add to the report (time to first frame, frame completeness).
+//! `--protocol cluster` measures a castnode relay instead: simulated edges, each a real cluster
+//! link of its own, pull broadcasts from it over QUIC; see [`cluster`].
 //!
 //! # How a run goes
 //!
@@ -70,6 +72,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+mod cluster;
 mod whep;
 
 /// Opens N players of one live stream and reports how many keep up.
@@ -88,9 +91,31 @@ struct Args {
     /// How players read.
     #[arg(long, value_enum)]
     protocol: Protocol,
-    /// Number of players.
-    #[arg(long)]
+    /// Number of players (`--protocol cluster`: simulated edges).
+    #[arg(long, visible_alias = "edges")]
     players: usize,
+    /// `--protocol cluster`: broadcasts to publish (`app/key-0` … when more than one); edge `k
+    /// mod N` subscribes broadcast `k mod M` for `k` below the larger of N and M.
+    #[arg(long, default_value_t = 1)]
+    broadcasts: usize,
+    /// `--protocol cluster`: the relay's cluster address (HOST:PORT, QUIC) the simulated edges
+    /// pull from.
+    #[arg(long)]
+    relay: Option<String>,
+    /// `--protocol cluster`: the relay's metrics (http://host:port/metrics), for its forwarded
+    /// bytes and latency histogram.
+    #[arg(long)]
+    relay_metrics: Option<String>,
+    /// `--protocol cluster`: the cluster's shared token.
+    #[arg(long)]
+    cluster_token: Option<String>,
+    /// `--protocol cluster`: the origin's cluster address; one more link subscribes every
+    /// broadcast there directly, to time the relay's hop frame by frame.
+    #[arg(long)]
+    reference: Option<String>,
+    /// `--protocol cluster`: the origin's process id, for its CPU (`--server-pid` is the relay).
+    #[arg(long)]
+    origin_pid: Option<u32>,
     /// Seconds of the measuring window.
     #[arg(long, default_value_t = 30.0)]
     duration: f64,
@@ -134,6 +159,8 @@ enum Protocol {
     Flv,
     /// WHEP (WebRTC: ICE, DTLS-SRTP, RTP; no decoding).
     Whep,
+    /// Simulated edges pulling over the cluster link (QUIC) from a relay.
+    Cluster,
 }
 
 impl Protocol {
@@ -142,19 +169,26 @@ impl Protocol {
             Protocol::Rtmp => "RTMP",
             Protocol::Flv => "HTTP-FLV",
             Protocol::Whep => "WHEP",
+            Protocol::Cluster => "cluster",
         }
     }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let out = match args.protocol {
+        Protocol::Cluster => cluster::run(&args).map(|r| match args.json {
+            true => format!("{}\n", r.to_json()),
+            false => r.to_string(),
+        }),
+        _ => run(&args).map(|r| match args.json {
+            true => format!("{}\n", r.to_json()),
+            false => r.to_string(),
+        }),
+    };
+    match out {
         Ok(report) => {
-            if args.json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{report}");
-            }
+            print!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -1362,7 +1396,7 @@ fn run(args: &Args) -> anyhow::Result<Report> {
             t.addr = resolve(&host, t.addr.port())?;
             Some(Arc::new(t))
         }
-        Protocol::Rtmp | Protocol::Whep => None,
+        Protocol::Rtmp | Protocol::Whep | Protocol::Cluster => None,
     };
     let whep = match args.protocol {
         Protocol::Whep => {
@@ -1713,6 +1747,7 @@ impl Report {
                 Protocol::Rtmp => args.rtmp_url.clone(),
                 Protocol::Flv => args.flv_url.clone().unwrap_or_default(),
                 Protocol::Whep => args.whep_url.clone().unwrap_or_default(),
+                Protocol::Cluster => args.relay.clone().unwrap_or_default(),
             },
             window_s: window,
             warmup_s: args.warmup,
@@ -1762,6 +1797,7 @@ impl Report {
                 Protocol::Rtmp => "rtmp",
                 Protocol::Flv => "flv",
                 Protocol::Whep => "whep",
+                Protocol::Cluster => "cluster",
             },
             "url": self.url,
             "window_s": r1(self.window_s),
