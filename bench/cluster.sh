@@ -12,6 +12,8 @@
 #   DURATION    seconds of the measuring window [default: 30]
 # Environment (optional):
 #   WARMUP=5 CONNECT_RATE=200 THREADS=1 LAG_LIMIT_MS=150   passed to castnode-load
+#   REFERENCE=1                 0: no reference link (it doubles the origin's sends and what the
+#                               tool receives)
 #   CARGO_TARGET_DIR                                        where the release build is [target]
 #   OUT=DIR                                                 where the report and logs go [mktemp]
 # Ports: origin RTMP 39350, HTTP 38080, cluster 34443; relay HTTP 38081, cluster 34444. The
@@ -30,6 +32,7 @@ CONNECT_RATE=${CONNECT_RATE:-200}
 THREADS=${THREADS:-1}
 LAG_LIMIT_MS=${LAG_LIMIT_MS:-150}
 TOKEN=castnode-bench-cluster-token
+REFERENCE=${REFERENCE:-1}
 BIN=${CARGO_TARGET_DIR:-target}/release
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -64,10 +67,12 @@ for port in 38080 38081; do
     done
 done
 
+REF_ARGS=()
+[ "$REFERENCE" = 1 ] && REF_ARGS=(--reference 127.0.0.1:34443)
 "$BIN/castnode-load" --protocol cluster --rtmp-url rtmp://127.0.0.1:39350/live/bench \
     --fixture "$FIXTURE" --edges "$EDGES" --broadcasts "$BROADCASTS" \
     --relay 127.0.0.1:34444 --relay-metrics http://127.0.0.1:38081/metrics \
-    --reference 127.0.0.1:34443 --cluster-token "$TOKEN" \
+    ${REF_ARGS[@]+"${REF_ARGS[@]}"} --cluster-token "$TOKEN" \
     --server-pid "$RELAY" --origin-pid "$ORIGIN" \
     --duration "$DUR" --warmup "$WARMUP" --connect-rate "$CONNECT_RATE" --threads "$THREADS" \
     --lag-limit-ms "$LAG_LIMIT_MS" "$@" | tee "$OUT/report.txt"

@@ -615,6 +615,10 @@ async fn coordinate(
         .iter()
         .map(|e| e.link.stats.groups_reset.load(Relaxed))
         .sum();
+    let edge_failovers_before: u64 = edges
+        .iter()
+        .map(|e| e.link.stats.failovers.load(Relaxed))
+        .sum();
     let self_before = cpu_ticks("/proc/self/stat");
     let machine_before = machine_busy_ticks();
     let relay_cpu_before = args.server_pid.and_then(sample_server);
@@ -645,6 +649,11 @@ async fn coordinate(
         .map(|e| e.link.stats.groups_reset.load(Relaxed))
         .sum::<u64>()
         - edge_reset_before;
+    let edge_failovers = edges
+        .iter()
+        .map(|e| e.link.stats.failovers.load(Relaxed))
+        .sum::<u64>()
+        - edge_failovers_before;
 
     let mut results = Vec::with_capacity(handles.len());
     for h in handles {
@@ -692,6 +701,7 @@ async fn coordinate(
         relay: relay_before.zip(relay_after),
         edge_hist,
         edge_resets,
+        edge_failovers,
         tool_cpu: cpu(self_before, self_after),
         machine_cpu: cpu(machine_before, machine_after),
     }))
@@ -719,6 +729,7 @@ struct Input<'a> {
     relay: Option<(RelayMetrics, RelayMetrics)>,
     edge_hist: Hist,
     edge_resets: u64,
+    edge_failovers: u64,
     tool_cpu: Option<f64>,
     machine_cpu: Option<f64>,
 }
@@ -837,6 +848,7 @@ pub struct Report {
     skipped_before: u64,
     subs_skipping: usize,
     edge_resets: u64,
+    edge_failovers: u64,
     published_kbps: f64,
     published_actual_kbps: f64,
     publisher_late_ms: f64,
@@ -978,6 +990,7 @@ impl Report {
             skipped_before,
             subs_skipping: skipping,
             edge_resets: input.edge_resets,
+            edge_failovers: input.edge_failovers,
             published_kbps: input.fixture.media_bps / 1000.0,
             published_actual_kbps: input.published_actual_bps / 1000.0,
             publisher_late_ms: input.publisher_late_ms,
@@ -1029,6 +1042,7 @@ impl Report {
                 "frames_skipped_window": self.skipped_window,
                 "frames_skipped_before": self.skipped_before,
                 "edge_groups_dropped": self.edge_resets,
+                "edge_resubscribed": self.edge_failovers,
             },
             "published_kbps": r1(self.published_kbps),
             "published_actual_kbps": r1(self.published_actual_kbps),
@@ -1094,8 +1108,12 @@ impl fmt::Display for Report {
         writeln!(
             f,
             "  skips              {} frames skipped in the window ({} subscriptions), {} before it; \
-             {} groups dropped by the edges' receivers",
-            self.skipped_window, self.subs_skipping, self.skipped_before, self.edge_resets
+             {} groups dropped by the edges' receivers, {} re-subscriptions after a lost connection",
+            self.skipped_window,
+            self.subs_skipping,
+            self.skipped_before,
+            self.edge_resets,
+            self.edge_failovers
         )?;
         writeln!(
             f,
