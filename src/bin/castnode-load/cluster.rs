@@ -425,13 +425,14 @@ async fn relay_metrics(url: Option<&str>) -> anyhow::Result<Option<RelayMetrics>
 
 pub fn run(args: &Args) -> anyhow::Result<Report> {
     let positive = |v: f64| v.is_finite() && v > 0.0;
-    if args.players == 0
-        || args.broadcasts == 0
-        || !positive(args.duration)
-        || !positive(args.connect_rate)
-        || !positive(args.connect_timeout)
-        || !(args.warmup.is_finite() && args.warmup >= 0.0)
-    {
+    let valid = args.players > 0
+        && args.broadcasts > 0
+        && positive(args.duration)
+        && positive(args.connect_rate)
+        && positive(args.connect_timeout)
+        && args.warmup.is_finite()
+        && args.warmup >= 0.0;
+    if !valid {
         bail!(
             "--edges, --broadcasts, --duration, --connect-rate and --connect-timeout must be \
              positive, --warmup not negative"
