@@ -203,23 +203,47 @@ pub struct Link {
     pub stats: ClusterStats,
 }
 
+/// Why a control stream could not be read.
+#[derive(Debug)]
+enum ControlReadError {
+    /// The peer sent bytes the codec refuses.
+    Malformed(String),
+    /// The stream or its connection failed (reset, closed, lost): nothing to answer.
+    Stream(String),
+}
+
+impl std::fmt::Display for ControlReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Malformed(e) | Self::Stream(e) => f.write_str(e),
+        }
+    }
+}
+
+impl From<ControlReadError> for String {
+    fn from(e: ControlReadError) -> Self {
+        e.to_string()
+    }
+}
+
 /// Reads the next control message from `recv`; `Ok(None)` at a clean end.
 async fn read_control(
     recv: &mut RecvStream,
     decoder: &mut ControlDecoder,
     buf: &mut BytesMut,
-) -> Result<Option<ControlMessage>, String> {
+) -> Result<Option<ControlMessage>, ControlReadError> {
+    let malformed = |e: wire::WireError| ControlReadError::Malformed(e.to_string());
     loop {
-        if let Some(m) = decoder.decode(buf).map_err(|e| e.to_string())? {
+        if let Some(m) = decoder.decode(buf).map_err(malformed)? {
             return Ok(Some(m));
         }
         match recv.read_chunk(64 << 10, true).await {
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) => {
-                decoder.finish(buf).map_err(|e| e.to_string())?;
+                decoder.finish(buf).map_err(malformed)?;
                 return Ok(None);
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(ControlReadError::Stream(e.to_string())),
         }
     }
 }
@@ -548,7 +572,11 @@ impl Link {
             let msg = match read_control(&mut recv, &mut decoder, &mut buf).await {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
-                Err(e) => {
+                Err(ControlReadError::Stream(e)) => {
+                    info!(%remote, peer = %peer_id, error = %e, "cluster peer's control stream failed");
+                    break;
+                }
+                Err(ControlReadError::Malformed(e)) => {
                     warn!(%remote, peer = %peer_id, error = %e, "malformed cluster control message; closing the connection");
                     let _ = ctl.send(ControlMessage::Error {
                         code: ErrorCode::ProtocolViolation,

@@ -5,6 +5,8 @@
 //! they add to the report (time to first frame, frame completeness). With `--cycles N` it opens
 //! N WHEP sessions one after the other instead, to see what sessions leave behind on the server;
 //! see [`cycles`].
+//! `--protocol cluster` measures a castnode relay instead: simulated edges, each a real cluster
+//! link of its own, pull broadcasts from it over QUIC; see [`cluster`].
 //!
 //! # How a run goes
 //!
@@ -72,6 +74,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+mod cluster;
 mod cycles;
 mod whep;
 
@@ -91,8 +94,8 @@ struct Args {
     /// How players read.
     #[arg(long, value_enum)]
     protocol: Protocol,
-    /// Number of players.
-    #[arg(long, required_unless_present = "cycles")]
+    /// Number of players (`--protocol cluster`: simulated edges).
+    #[arg(long, visible_alias = "edges", required_unless_present = "cycles")]
     players: Option<usize>,
     /// Instead of concurrent players, N sequential WHEP sessions (--protocol whep): each POSTs,
     /// connects, waits for its first complete video frame (within --connect-timeout) and
@@ -105,6 +108,28 @@ struct Args {
     /// With --cycles: stop after this many failed cycles.
     #[arg(long, default_value_t = 10)]
     cycles_max_failures: usize,
+    /// `--protocol cluster`: broadcasts to publish (`app/key-0` … when more than one); edge `k
+    /// mod N` subscribes broadcast `k mod M` for `k` below the larger of N and M.
+    #[arg(long, default_value_t = 1)]
+    broadcasts: usize,
+    /// `--protocol cluster`: the relay's cluster address (HOST:PORT, QUIC) the simulated edges
+    /// pull from.
+    #[arg(long)]
+    relay: Option<String>,
+    /// `--protocol cluster`: the relay's metrics (http://host:port/metrics), for its forwarded
+    /// bytes and latency histogram.
+    #[arg(long)]
+    relay_metrics: Option<String>,
+    /// `--protocol cluster`: the cluster's shared token.
+    #[arg(long)]
+    cluster_token: Option<String>,
+    /// `--protocol cluster`: the origin's cluster address; one more link subscribes every
+    /// broadcast there directly, to time the relay's hop frame by frame.
+    #[arg(long)]
+    reference: Option<String>,
+    /// `--protocol cluster`: the origin's process id, for its CPU (`--server-pid` is the relay).
+    #[arg(long)]
+    origin_pid: Option<u32>,
     /// Seconds of the measuring window.
     #[arg(long, default_value_t = 30.0)]
     duration: f64,
@@ -148,6 +173,8 @@ enum Protocol {
     Flv,
     /// WHEP (WebRTC: ICE, DTLS-SRTP, RTP; no decoding).
     Whep,
+    /// Simulated edges pulling over the cluster link (QUIC) from a relay.
+    Cluster,
 }
 
 impl Protocol {
@@ -156,6 +183,7 @@ impl Protocol {
             Protocol::Rtmp => "RTMP",
             Protocol::Flv => "HTTP-FLV",
             Protocol::Whep => "WHEP",
+            Protocol::Cluster => "cluster",
         }
     }
 }
@@ -169,12 +197,16 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let printed = match args.cycles {
-        Some(n) => cycles::run(&args, n).map(|r| match args.json {
+    let printed = match (args.protocol, args.cycles) {
+        (Protocol::Cluster, _) => cluster::run(&args).map(|r| match args.json {
             true => format!("{}\n", r.to_json()),
             false => r.to_string(),
         }),
-        None => run(&args).map(|r| match args.json {
+        (_, Some(n)) => cycles::run(&args, n).map(|r| match args.json {
+            true => format!("{}\n", r.to_json()),
+            false => r.to_string(),
+        }),
+        _ => run(&args).map(|r| match args.json {
             true => format!("{}\n", r.to_json()),
             false => r.to_string(),
         }),
@@ -1418,7 +1450,7 @@ impl Setup {
                 t.addr = resolve(&host, t.addr.port())?;
                 Some(Arc::new(t))
             }
-            Protocol::Rtmp | Protocol::Whep => None,
+            Protocol::Rtmp | Protocol::Whep | Protocol::Cluster => None,
         };
         let whep = match args.protocol {
             Protocol::Whep => {
@@ -1785,6 +1817,7 @@ impl Report {
                 Protocol::Rtmp => args.rtmp_url.clone(),
                 Protocol::Flv => args.flv_url.clone().unwrap_or_default(),
                 Protocol::Whep => args.whep_url.clone().unwrap_or_default(),
+                Protocol::Cluster => args.relay.clone().unwrap_or_default(),
             },
             window_s: window,
             warmup_s: args.warmup,
@@ -1834,6 +1867,7 @@ impl Report {
                 Protocol::Rtmp => "rtmp",
                 Protocol::Flv => "flv",
                 Protocol::Whep => "whep",
+                Protocol::Cluster => "cluster",
             },
             "url": self.url,
             "window_s": r1(self.window_s),
