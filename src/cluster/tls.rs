@@ -142,7 +142,7 @@ fn transport() -> quinn::TransportConfig {
     t.max_idle_timeout(Some(
         std::time::Duration::from_millis(750)
             .try_into()
-            .expect("1.5 s is a valid idle timeout"),
+            .expect("750 ms is a valid idle timeout"),
     ));
     // Video bursts (a keyframe) should not wait for flow-control credit on a fast link.
     t.stream_receive_window((8u32 << 20).into());
