@@ -41,7 +41,9 @@
 //!   quinn driver [`cluster::link`] (serve subscriptions, fetch on demand, fail over).
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and the reporter every node runs.
-//! - [`role`]: one file per role; only `standalone` is built so far.
+//! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`) in
+//!   [`role::standalone`], the stream manager in [`role::manager`]; transcoder and mixer are not
+//!   built yet.
 //!
 //! # The sans-IO contract
 //!

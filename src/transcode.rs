@@ -7,7 +7,7 @@
 //! that track.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -17,11 +17,23 @@ use crate::ffmpeg::FfmpegError;
 use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
 use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
-use crate::media::{AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOutcome, TrackInfo};
+use crate::media::{
+    AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOutcome, TrackId, TrackInfo,
+};
 
 /// A running transcoder; dropping the last handle stops it.
 pub struct Rendition {
     task: JoinHandle<()>,
+    /// The track it writes, once it has declared it.
+    track: Arc<OnceLock<TrackId>>,
+}
+
+impl Rendition {
+    /// The track this rendition writes (`None` until it produced its first output). Viewers
+    /// take only this track's frames: a stopped rendition's frames may still be in the log.
+    pub fn track(&self) -> Option<TrackId> {
+        self.track.get().copied()
+    }
 }
 
 impl Drop for Rendition {
@@ -71,13 +83,17 @@ impl Transcoders {
 fn get_or_start(
     map: &Mutex<HashMap<String, Weak<Rendition>>>,
     name: &str,
-    start: impl FnOnce() -> JoinHandle<()>,
+    start: impl FnOnce(Arc<OnceLock<TrackId>>) -> JoinHandle<()>,
 ) -> Arc<Rendition> {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = map.get(name).and_then(Weak::upgrade) {
         return r;
     }
-    let r = Arc::new(Rendition { task: start() });
+    let track = Arc::new(OnceLock::new());
+    let r = Arc::new(Rendition {
+        task: start(track.clone()),
+        track,
+    });
     map.retain(|_, w| w.strong_count() > 0);
     map.insert(name.to_owned(), Arc::downgrade(&r));
     r
@@ -94,16 +110,17 @@ pub fn video_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Opti
         return None;
     }
     let (hub, bc2) = (hub.clone(), bc.clone());
-    Some(get_or_start(&registry.video, bc.name(), move || {
-        tokio::spawn(run_video(hub, bc2, id, source))
+    Some(get_or_start(&registry.video, bc.name(), move |track| {
+        tokio::spawn(run_video(hub, bc2, id, source, track))
     }))
 }
 
 async fn run_video(
     hub: Hub,
     bc: Arc<Broadcast>,
-    source_track: crate::media::TrackId,
+    source_track: TrackId,
     source: TrackInfo,
+    declared: Arc<OnceLock<TrackId>>,
 ) {
     let Some(mut consumer) = hub.subscribe(bc.name()) else {
         return;
@@ -140,7 +157,7 @@ async fn run_video(
                     };
                     let producer = rendition.get_or_insert_with(|| {
                         let video = h264::parse_avcc(&avcc);
-                        bc.add_rendition(
+                        let r = bc.add_rendition(
                             &hub,
                             TrackInfo {
                                 codec: Codec::H264,
@@ -148,7 +165,9 @@ async fn run_video(
                                 video,
                                 audio: None,
                             },
-                        )
+                        );
+                        let _ = declared.set(r.track());
+                        r
                     });
                     for f in out.drain(..) {
                         producer.push(f);
@@ -192,8 +211,8 @@ fn audio_for(
         .into_iter()
         .find(|(id, t)| id.0 < 2 && t.codec == from)?;
     let (hub, bc2) = (hub.clone(), bc.clone());
-    Some(get_or_start(map, bc.name(), move || {
-        tokio::spawn(run_audio(hub, bc2, source, to))
+    Some(get_or_start(map, bc.name(), move |track| {
+        tokio::spawn(run_audio(hub, bc2, source, to, track))
     }))
 }
 
@@ -235,7 +254,13 @@ fn audio_transcoder(
     Ok((transcoder, info))
 }
 
-async fn run_audio(hub: Hub, bc: Arc<Broadcast>, source: TrackInfo, to: Codec) {
+async fn run_audio(
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    source: TrackInfo,
+    to: Codec,
+    track: Arc<OnceLock<TrackId>>,
+) {
     let Some(mut consumer) = hub.subscribe(bc.name()) else {
         return;
     };
@@ -248,6 +273,7 @@ async fn run_audio(hub: Hub, bc: Arc<Broadcast>, source: TrackInfo, to: Codec) {
         }
     };
     let mut rendition = bc.add_rendition(&hub, info);
+    let _ = track.set(rendition.track());
     info!(broadcast = %bc.name(), track = rendition.track().0, "{from} → {to_name} transcoder started");
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(8);

@@ -480,7 +480,12 @@ impl Viewer {
                         continue;
                     };
                     match info.codec {
-                        Codec::H264 if (track.0 >= 2) == self.video_rendition.is_some() => {
+                        Codec::H264
+                            if match &self.video_rendition {
+                                Some(r) => r.track() == Some(*track),
+                                None => track.0 < 2,
+                            } =>
+                        {
                             if !self.video_started {
                                 if !frame.keyframe {
                                     continue;
@@ -508,7 +513,12 @@ impl Viewer {
                                 MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
                             write(rtc, id, self.video, pt, rtp_time, data.clone());
                         }
-                        Codec::Opus => {
+                        // The source's Opus (WHIP), or this viewer's own transcoder's: a stopped
+                        // transcoder's frames may still be in the log.
+                        Codec::Opus
+                            if track.0 < 2
+                                || self._opus.as_ref().and_then(|r| r.track()) == Some(*track) =>
+                        {
                             let Some(pt) = self.opus_pt(rtc) else {
                                 continue;
                             };
