@@ -48,6 +48,29 @@ fn packets(name: &str) -> Vec<Packet> {
     parse_framemd5(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
+/// Waits for `reader` (of `edge`, output `name`) to finish; its video dts, and the largest gap
+/// between two of them (ms).
+fn video_timeline(reader: &mut Proc, edge: &Server, name: &str) -> (Vec<i64>, i64) {
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(40))
+            .is_some_and(|s| s.success()),
+        "reader failed:\n{}",
+        edge.log()
+    );
+    let video: Vec<i64> = packets(name)
+        .iter()
+        .filter(|p| p.stream == 0)
+        .map(|p| p.dts)
+        .collect();
+    let gap = video
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(i64::MAX);
+    (video, gap)
+}
+
 /// The p-quantile (0..1) of a Prometheus histogram's buckets, as the upper bound of the bucket
 /// it falls in, in milliseconds.
 fn histogram_quantile(server: &Server, name: &str, q: f64) -> f64 {
@@ -185,23 +208,7 @@ fn edge_survives_losing_its_relay() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(relay_a.metric("castnode_cluster_subscriptions_down"), 1.0);
     relay_a.kill();
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(30))
-            .is_some_and(|s| s.success()),
-        "reader failed:\n{}",
-        edge.log()
-    );
-    let video: Vec<i64> = packets("failover")
-        .iter()
-        .filter(|p| p.stream == 0)
-        .map(|p| p.dts)
-        .collect();
-    let gap = video
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(i64::MAX);
+    let (video, gap) = video_timeline(&mut reader, &edge, "failover");
     println!(
         "edge reader: {} video packets, largest gap in video timestamps {gap} ms across the relay's kill -9",
         video.len()
@@ -354,23 +361,7 @@ fn lossy_link_keeps_playing() {
     let _publisher = ffmpeg_publish(&origin.rtmp_url("l"), &fixture("obs-like.flv"), 2);
     origin.wait_live("live/l", Duration::from_secs(10));
     let mut reader = read_flv(&edge, "l", 8.0, "lossy");
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(40))
-            .is_some_and(|s| s.success()),
-        "reader failed:\n{}",
-        edge.log()
-    );
-    let video: Vec<i64> = packets("lossy")
-        .iter()
-        .filter(|p| p.stream == 0)
-        .map(|p| p.dts)
-        .collect();
-    let gap = video
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(i64::MAX);
+    let (video, gap) = video_timeline(&mut reader, &edge, "lossy");
     let p95 = histogram_quantile(&edge, "castnode_cluster_latency_seconds", 0.95);
     let p50 = histogram_quantile(&edge, "castnode_cluster_latency_seconds", 0.5);
     println!(

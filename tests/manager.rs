@@ -198,15 +198,15 @@ fn bad_requests_are_refused_with_reasons() {
     let port = manager.http_port;
     let node = br#"{"id":"n1","role":"edge","region":"a","addresses":{"rtmp":null,"http":"http://127.0.0.1:1"},"capacity":5}"#;
     let post = |auth: Option<&str>, body: &[u8]| {
-        let mut req = format!(
-            "POST /api/v1/nodes HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
+        let (status, _, body) = http_request_with(
+            port,
+            "POST",
+            "/api/v1/nodes",
+            Some("application/json"),
+            auth,
+            body,
         );
-        if let Some(a) = auth {
-            req.push_str(&format!("Authorization: Bearer {a}\r\n"));
-        }
-        req.push_str("\r\n");
-        raw_http(port, req.as_bytes(), body)
+        (status, body)
     };
     let (status, body) = post(None, node);
     assert_eq!(status, 401, "{body}");
@@ -220,32 +220,19 @@ fn bad_requests_are_refused_with_reasons() {
     assert_eq!(status, 204, "{body}");
     // A heartbeat from a node that never registered.
     let load = br#"{"cpu":0,"memory":0,"bandwidth_in":0,"bandwidth_out":0,"connections":0,"viewers":0,"broadcasts":[]}"#;
-    let req = format!(
-        "PUT /api/v1/nodes/ghost/load HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        load.len()
+    let (status, _, body) = http_request_with(
+        port,
+        "PUT",
+        "/api/v1/nodes/ghost/load",
+        Some("application/json"),
+        Some(TOKEN),
+        load,
     );
-    let (status, body) = raw_http(port, req.as_bytes(), load);
     assert_eq!(status, 404, "{body}");
     let (status, _, body) = manager.get("/api/v1/openapi.json");
     assert_eq!(status, 200);
     assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok());
     assert!(!manager.log().contains("panicked"));
-}
-
-fn raw_http(port: u16, head: &[u8], body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(head).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, out)
 }
 
 /// Edges and relays without `--upstream` ask the manager: an edge of region b fetches through

@@ -39,7 +39,14 @@ fn schemathesis_finds_nothing() {
     );
     let base = format!("http://127.0.0.1:{}", manager.http_port);
     let node = br#"{"id":"origin-1","role":"origin","region":"default","addresses":{"rtmp":"rtmp://127.0.0.1:1935","http":"http://127.0.0.1:8080"},"capacity":1000000000}"#;
-    let (status, _, body) = http_request_auth(manager.http_port, "/api/v1/nodes", TOKEN, node);
+    let (status, _, body) = http_request_with(
+        manager.http_port,
+        "POST",
+        "/api/v1/nodes",
+        Some("application/json"),
+        Some(TOKEN),
+        node,
+    );
     assert_eq!(status, 204, "{body}");
     let out = Command::new(&st)
         .args([
@@ -66,24 +73,4 @@ fn schemathesis_finds_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!manager.log().contains("panicked"));
-}
-
-fn http_request_auth(port: u16, path: &str, token: &str, body: &[u8]) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    (status, head.to_owned(), body.to_owned())
 }

@@ -179,6 +179,17 @@ impl Peer {
     fn alive(&self) -> bool {
         self.conn.close_reason().is_none()
     }
+
+    /// A new flow this end receives: its id (from `ids`) and where its events arrive.
+    fn open_flow(&self, ids: &AtomicU64) -> (u64, mpsc::UnboundedReceiver<FlowEvent>) {
+        let id = ids.fetch_add(1, Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.flows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        (id, rx)
+    }
 }
 
 /// The node's end of the cluster link.
@@ -400,12 +411,7 @@ impl Link {
                 }
                 continue;
             };
-            let id = self.next_id.fetch_add(1, Relaxed);
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            peer.flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, tx);
+            let (id, mut rx) = peer.open_flow(&self.next_id);
             let (tracks, metadata) = source_tracks(&consumer);
             let _ = peer.ctl.send(ControlMessage::Publish {
                 id: SubscriptionId(id),
@@ -1020,12 +1026,7 @@ impl Link {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let id = self.next_id.fetch_add(1, Relaxed);
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            peer.flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, tx);
+            let (id, mut rx) = peer.open_flow(&self.next_id);
             let _ = peer.ctl.send(ControlMessage::Subscribe {
                 id: SubscriptionId(id),
                 broadcast: name.clone(),

@@ -26,6 +26,38 @@ pub fn router(ctx: Arc<NodeContext>) -> Router {
         .with_state(ctx)
 }
 
+/// Adds the CORS headers browsers need to read a WHIP/WHEP (or redirect) answer from another
+/// origin: any origin, and the `Location` header exposed.
+pub fn cors(mut r: axum::response::Response) -> axum::response::Response {
+    use axum::http::HeaderValue;
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location"),
+    );
+    r
+}
+
+/// The answer to a CORS preflight for `methods`.
+pub fn preflight(methods: &'static str) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode};
+    let mut r = cors(StatusCode::NO_CONTENT.into_response());
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type, Authorization, If-Match"),
+    );
+    r
+}
+
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -168,19 +168,10 @@ async fn upstream(
 /// `307 Temporary Redirect` to `url`: the client repeats its POST (with the offer) there.
 fn redirect(url: &str) -> Response {
     let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
-    let h = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(url) {
-        h.insert(header::LOCATION, v);
+        r.headers_mut().insert(header::LOCATION, v);
     }
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location"),
-    );
-    r
+    crate::http::cors(r)
 }
 
 async fn whip(
@@ -206,25 +197,7 @@ async fn whep(
 }
 
 async fn preflight() -> Response {
-    let mut r = StatusCode::NO_CONTENT.into_response();
-    let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Content-Type, Authorization"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location"),
-    );
-    r
+    crate::http::preflight("POST, OPTIONS")
 }
 
 async fn openapi() -> Response {

@@ -14,13 +14,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use tracing::{debug, info};
 
 use super::WebrtcError;
 use super::driver::Webrtc;
+use crate::http::cors;
 use crate::node::NodeContext;
 use crate::rtmp::conn::valid_key;
 
@@ -50,19 +51,6 @@ pub fn router(ctx: Arc<NodeContext>, webrtc: Arc<Webrtc>) -> Router {
         .with_state(SignalState { ctx, webrtc })
 }
 
-fn cors(mut r: Response) -> Response {
-    let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location"),
-    );
-    r
-}
-
 fn refuse(status: StatusCode, reason: String) -> Response {
     cors(
         (
@@ -75,17 +63,7 @@ fn refuse(status: StatusCode, reason: String) -> Response {
 }
 
 async fn preflight() -> Response {
-    let mut r = cors(StatusCode::NO_CONTENT.into_response());
-    let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST, PATCH, DELETE, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Content-Type, Authorization, If-Match"),
-    );
-    r
+    crate::http::preflight("POST, PATCH, DELETE, OPTIONS")
 }
 
 /// The offer in a request, or the refusal to answer with.

@@ -202,14 +202,29 @@ pub fn http_request(
     ctype: Option<&str>,
     body: &[u8],
 ) -> (u16, String, String) {
+    http_request_with(port, method, path, ctype, None, body)
+}
+
+/// [`http_request`] with a bearer token.
+pub fn http_request_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    ctype: Option<&str>,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect HTTP");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let ctype = ctype
         .map(|c| format!("Content-Type: {c}\r\nContent-Length: {}\r\n", body.len()))
         .unwrap_or_default();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{ctype}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{ctype}{auth}Connection: close\r\n\r\n"
     )
     .unwrap();
     let _ = s.write_all(body);
