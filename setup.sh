@@ -32,6 +32,7 @@ if [ "$mode" = test ]; then
   command -v python3 >/dev/null || need+=(python3)
   python3 -m venv --help >/dev/null 2>&1 || need+=(python3-venv)   # schemathesis, from PyPI
   command -v chromium >/dev/null || need+=(chromium)   # headless WebRTC viewer in tests
+  command -v openssl >/dev/null || need+=(openssl)     # operator certificates in a cluster test
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> installing ${need[*]}"

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -503,4 +504,120 @@ fn publish_to_an_edge_plays_everywhere() {
     assert!(video >= 90, "{video} video packets");
     let foreign = got.iter().filter(|p| !source_md5.contains(&p.md5)).count();
     assert_eq!(foreign, 0, "packets differ from the published ones");
+}
+
+/// Operator certificates (`--cluster-cert`, `--cluster-key`, `--cluster-ca`), made with the
+/// openssl CLI: an edge that trusts the CA plays; one that trusts another CA never connects.
+#[test]
+fn operator_certificates() {
+    if Command::new("openssl").arg("version").output().is_err() {
+        eprintln!("SKIPPED: openssl is not installed");
+        return;
+    }
+    let dir = temp_dir("cluster-certs");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+        let mut a = vec!["req", "-x509"];
+        a.extend_from_slice(&ec);
+        a.extend_from_slice(&["-keyout", &key, "-out", &pem]);
+        let subject = format!("/CN=castnode test {ca}");
+        a.extend_from_slice(&["-subj", &subject, "-days", "2"]);
+        run(&a);
+    }
+    let mut a = vec!["req"];
+    a.extend_from_slice(&ec);
+    a.extend_from_slice(&[
+        "-keyout",
+        "node.key",
+        "-out",
+        "node.csr",
+        "-subj",
+        "/CN=castnode",
+    ]);
+    run(&a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:castnode\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "node.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "node.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let (cert, key) = (path("node.pem"), path("node.key"));
+    let origin = Server::start_role(
+        "origin",
+        &[
+            "--cluster-token",
+            TOKEN,
+            "--cluster-cert",
+            &cert,
+            "--cluster-key",
+            &key,
+        ],
+    );
+    let upstream = format!("127.0.0.1:{}", origin.cluster_port);
+    let edge_with = |ca: &str| {
+        Server::start_role(
+            "edge",
+            &[
+                "--upstream",
+                &upstream,
+                "--cluster-token",
+                TOKEN,
+                "--cluster-ca",
+                &path(ca),
+            ],
+        )
+    };
+    let trusting = edge_with("ca.pem");
+    let stranger = edge_with("other-ca.pem");
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("t"), &fixture("baseline.flv"), 2);
+    origin.wait_live("live/t", Duration::from_secs(10));
+    let mut reader = read_flv(&trusting, "t", 2.0, "certs");
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "{}",
+        trusting.log()
+    );
+    assert!(packets("certs").iter().filter(|p| p.stream == 0).count() >= 40);
+    let (status, _, _) = stranger.get("/live/t.flv");
+    assert_eq!(status, 404);
+    assert!(
+        stranger.log().contains("cannot reach upstream")
+            && stranger.log().contains("UnknownIssuer"),
+        "{}",
+        stranger.log()
+    );
 }
