@@ -153,7 +153,7 @@ pub struct NodeArgs {
     #[arg(long, env = "CASTNODE_LINGER")]
     pub linger: Option<f64>,
     /// The stream manager this node registers with and reports its load to
-    /// (`http://host:port`).
+    /// (`http://host:port`), or `embedded` (standalone's default: the manager runs in process).
     #[arg(long, env = "CASTNODE_MANAGER")]
     pub manager: Option<String>,
     /// This node's region [default: default].
@@ -226,8 +226,11 @@ pub struct NodeConfig {
 /// Where a node reports, and the manager's own settings.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
-    /// The manager's URL (none: this node reports to nobody).
+    /// The manager's URL (none: this node reports to no remote manager).
     pub url: Option<String>,
+    /// The manager runs inside this node (standalone's default): its API is served on the
+    /// node's HTTP port and the node registers with it.
+    pub embedded: bool,
     /// This node's region (the manager's default region).
     pub region: String,
     /// Viewers this node takes.
@@ -298,7 +301,18 @@ impl NodeArgs {
         let a = self.clone();
         let cluster = cluster_config(role, &a, &file)?;
         let manager = ManagerConfig {
+            embedded: match a.manager.as_deref().or(file.manager.as_deref()) {
+                Some("embedded") if role != "standalone" => {
+                    return Err(bad(
+                        "manager",
+                        "only standalone embeds the manager; other roles take its URL",
+                    ));
+                }
+                Some("embedded") | None => role == "standalone",
+                Some(_) => false,
+            },
             url: match a.manager.clone().or(file.manager.clone()) {
+                Some(u) if u == "embedded" => None,
                 Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
                 Some(u) => {
                     return Err(bad(

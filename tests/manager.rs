@@ -280,3 +280,29 @@ fn upstreams_come_from_the_manager() {
     assert_eq!(relay.metric("castnode_cluster_subscriptions_down"), 1.0);
     assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
 }
+
+/// `castnode standalone` embeds the manager: placement lookups on its own HTTP port answer with
+/// itself.
+#[test]
+fn standalone_embeds_the_manager() {
+    let server = Server::start(&[]);
+    let ready = wait_until(Duration::from_secs(5), || {
+        json(&server, "/api/v1/broadcasts/live/e/publish").0 == 200
+    });
+    assert!(ready, "{}", server.log());
+    let (_, p) = json(&server, "/api/v1/broadcasts/live/e/publish");
+    assert_eq!(p["urls"]["rtmp"], server.rtmp_url("e"), "{p}");
+    assert_eq!(p["node"]["role"], "standalone");
+    let _publisher = ffmpeg_publish(&server.rtmp_url("e"), &fixture("baseline.flv"), 2);
+    server.wait_live("live/e", Duration::from_secs(10));
+    let live = wait_until(Duration::from_secs(5), || {
+        json(&server, "/api/v1/broadcasts/live/e/subscribe").0 == 200
+    });
+    assert!(live);
+    let (_, s) = json(&server, "/api/v1/broadcasts/live/e/subscribe");
+    assert_eq!(s["urls"]["flv"], server.flv_url("e"), "{s}");
+    assert_eq!(
+        s["urls"]["whep"],
+        format!("http://127.0.0.1:{}/whep/live/e", server.http_port)
+    );
+}

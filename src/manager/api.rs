@@ -21,19 +21,29 @@ use super::embedded::Embedded;
 use super::registry::NodeStatus;
 use super::{Hint, LoadReport, ManagerError, NodeInfo, StreamManager};
 
-/// The manager service's routes.
+/// The manager service's routes: [`api_routes`] plus health, metrics and the WHIP/WHEP
+/// redirects.
 pub fn router(manager: Arc<Embedded>) -> Router {
+    api_routes(manager.clone()).merge(
+        Router::new()
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/metrics", get(metrics))
+            .route("/whip/{app}/{key}", post(whip).options(preflight))
+            .route("/whep/{app}/{key}", post(whep).options(preflight))
+            .with_state(manager),
+    )
+}
+
+/// The REST API alone (nodes and placement lookups under `/api/v1`): what a standalone node
+/// serves for its embedded manager next to its own routes.
+pub fn api_routes(manager: Arc<Embedded>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/nodes", post(register).get(nodes))
         .route("/api/v1/nodes/{id}/load", put(report))
         .route("/api/v1/broadcasts/{app}/{key}/publish", get(publish))
         .route("/api/v1/broadcasts/{app}/{key}/subscribe", get(subscribe))
         .route("/api/v1/broadcasts/{app}/{key}/upstream", get(upstream))
-        .route("/whip/{app}/{key}", post(whip).options(preflight))
-        .route("/whep/{app}/{key}", post(whep).options(preflight))
         .with_state(manager)
 }
 

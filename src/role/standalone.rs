@@ -45,9 +45,30 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     let (udp, public_ips) = (cfg.webrtc_udp, cfg.webrtc_public_ip.clone());
     let cluster = cfg.cluster.clone();
     let ctx = NodeContext::new(cfg);
-    let manager: Option<Arc<dyn StreamManager>> = ctx.cfg.manager.url.as_deref().map(|url| {
-        Arc::new(crate::manager::remote::Remote::new(url, &cluster.token)) as Arc<dyn StreamManager>
+    // The embedded manager (standalone): its own token, known only in process.
+    let embedded = ctx.cfg.manager.embedded.then(|| {
+        let token: String = (0..32)
+            .map(|_| rand::random_range(b'a'..=b'z') as char)
+            .collect();
+        let m = Arc::new(crate::manager::embedded::Embedded::new(
+            &token,
+            ctx.cfg.manager.heartbeat_ttl,
+            &ctx.cfg.manager.region,
+        ));
+        (m, token)
     });
+    let manager: Option<Arc<dyn StreamManager>> = match (&embedded, ctx.cfg.manager.url.as_deref())
+    {
+        (Some((m, _)), _) => Some(m.clone()),
+        (None, Some(url)) => Some(Arc::new(crate::manager::remote::Remote::new(
+            url,
+            &cluster.token,
+        ))),
+        (None, None) => None,
+    };
+    let manager_token = embedded
+        .as_ref()
+        .map_or_else(|| cluster.token.clone(), |(_, t)| t.clone());
     let fetches = matches!(role, "relay" | "edge");
     let linked =
         cluster.listen.is_some() || !cluster.upstream.is_empty() || (manager.is_some() && fetches);
@@ -107,7 +128,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
         tokio::spawn(crate::manager::remote::run_reporter(
             manager,
             info,
-            cluster.token.clone(),
+            manager_token,
             ctx.clone(),
         ));
     }
@@ -138,7 +159,8 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             &cluster_addr,
         );
     }
-    serve(ctx, rtmp, http, webrtc).await
+    let extra = embedded.map(|(m, _)| crate::manager::api::api_routes(m));
+    serve(ctx, rtmp, http, webrtc, extra).await
 }
 
 fn print_banner(
@@ -172,6 +194,11 @@ fn print_banner(
         "  Watch (WebRTC, WHEP): http://{host}:{http_port}/whep/live/mystream   (UDP {webrtc_udp})"
     );
     println!("  Broadcasts: http://{host}:{http_port}/api/v1/broadcasts");
+    if role == "standalone" {
+        println!(
+            "  Placement (embedded stream manager): http://{host}:{http_port}/api/v1/broadcasts/live/mystream/subscribe"
+        );
+    }
     println!("  Metrics:    http://{host}:{http_port}/metrics");
     if role == "origin" {
         println!("  Cluster link (QUIC): {cluster_addr}");
@@ -183,6 +210,7 @@ async fn serve(
     rtmp: Option<TcpListener>,
     http: TcpListener,
     webrtc: Option<Arc<Webrtc>>,
+    extra: Option<axum::Router>,
 ) -> anyhow::Result<()> {
     if let Some(rtmp) = rtmp {
         tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
@@ -203,6 +231,9 @@ async fn serve(
     let mut routes = crate::http::router(ctx.clone());
     if let Some(webrtc) = webrtc {
         routes = routes.merge(crate::webrtc::signal::router(ctx, webrtc));
+    }
+    if let Some(extra) = extra {
+        routes = routes.merge(extra);
     }
     axum::serve(http, routes)
         .with_graceful_shutdown(crate::shutdown::signal())
