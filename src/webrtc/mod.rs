@@ -8,7 +8,7 @@
 //! packetized per viewer by str0m.
 //!
 //! Not built yet (see the WebRTC issue): NACK answered from one shared packet history (str0m
-//! keeps a history per viewer), batched egress (GSO/sendmmsg).
+//! keeps a history per viewer) and one packetization per track shared by every viewer.
 
 pub mod driver;
 pub mod ingest;
