@@ -724,10 +724,12 @@ impl Link {
         id: SubscriptionId,
         consumer: &mut BroadcastConsumer,
     ) -> bool {
-        let has_video = source_tracks(consumer)
-            .0
-            .iter()
-            .any(|(_, t)| t.codec.kind() == TrackKind::Video);
+        // Which source tracks are video, kept from the snapshot and the config items: the
+        // broadcast's lock is not taken per frame.
+        let mut video = [false; 2];
+        for (t, info) in source_tracks(consumer).0 {
+            video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
+        }
         let mut entries = Vec::with_capacity(64);
         let mut seq = 0u64;
         let mut current: Option<SendStream> = None;
@@ -757,20 +759,17 @@ impl Link {
             }
             for e in entries.drain(..) {
                 header.clear();
-                let (track, payload) = match &e.item {
+                let payload = match &e.item {
                     Item::Config { track, info } if track.0 < 2 => {
+                        video[usize::from(track.0)] = info.codec.kind() == TrackKind::Video;
                         if wire::encode_config_item(*track, info, &mut header).is_err() {
                             continue;
                         }
-                        (*track, None)
+                        None
                     }
                     Item::Frame { track, frame } if track.0 < 2 => {
-                        let video = consumer
-                            .broadcast()
-                            .track(*track)
-                            .is_some_and(|t| t.codec.kind() == TrackKind::Video);
-                        let starts = if has_video {
-                            video && frame.keyframe
+                        let starts = if video.contains(&true) {
+                            video[usize::from(track.0)] && frame.keyframe
                         } else {
                             frame.dts - group_start_dts >= 1_000_000
                         };
@@ -803,11 +802,10 @@ impl Link {
                         if wire::encode_frame_header(*track, frame, ingest, &mut header).is_err() {
                             continue;
                         }
-                        (*track, Some(frame.payload.clone()))
+                        Some(frame.payload.clone())
                     }
                     _ => continue,
                 };
-                let _ = track;
                 let Some(stream) = current.as_mut() else {
                     continue;
                 };
