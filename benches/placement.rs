@@ -28,6 +28,7 @@ fn cluster(nodes: usize) -> Registry {
                     cluster: Some(format!("10.0.{}.{}:4443", i / 250, i % 250)),
                 },
                 capacity: u64::MAX / 2,
+                group: None,
             },
             now,
         );

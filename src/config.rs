@@ -165,6 +165,32 @@ pub struct NodeArgs {
     /// Manager: seconds without a load report after which a node is failed [default: 3].
     #[arg(long, env = "CASTNODE_HEARTBEAT_TTL")]
     pub heartbeat_ttl: Option<f64>,
+    /// The node group this node belongs to (set by the provisioner that starts it).
+    #[arg(long, env = "CASTNODE_NODE_GROUP")]
+    pub node_group: Option<String>,
+    /// Manager: the SQLite database keeping tokens, regions and node groups [manager default:
+    /// castnode-manager.db; standalone: in memory].
+    #[arg(long, env = "CASTNODE_DB")]
+    pub db: Option<PathBuf>,
+    /// Manager: an admin API token (stored hashed; at least 16 characters). Without one and
+    /// with none stored, a token is generated and printed once.
+    #[arg(long, env = "CASTNODE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Manager: placement lookups and WHIP/WHEP redirects need an API token too.
+    #[arg(long, env = "CASTNODE_REQUIRE_TOKEN")]
+    #[serde(default)]
+    pub require_token: bool,
+    /// Manager: what starts the nodes of node groups: `process` (local castnode processes) or
+    /// `none` [default: process].
+    #[arg(long, env = "CASTNODE_PROVISIONER")]
+    pub provisioner: Option<String>,
+    /// Manager, process provisioner: the host nodes bind and are reached on [default: 127.0.0.1].
+    #[arg(long, env = "CASTNODE_PROVISION_HOST")]
+    pub provision_host: Option<String>,
+    /// Manager, process provisioner: where node logs go [default: a castnode-nodes-<pid>
+    /// folder in the temporary directory].
+    #[arg(long, env = "CASTNODE_PROVISION_DIR")]
+    pub provision_dir: Option<PathBuf>,
 }
 
 /// A configuration value that cannot be used.
@@ -237,6 +263,20 @@ pub struct ManagerConfig {
     pub capacity: u64,
     /// Manager: heartbeat TTL.
     pub heartbeat_ttl: Duration,
+    /// This node's node group.
+    pub node_group: Option<String>,
+    /// Manager: the database (None: in memory).
+    pub db: Option<PathBuf>,
+    /// Manager: an admin token to make sure of.
+    pub admin_token: Option<String>,
+    /// Manager: placement lookups need a token.
+    pub require_token: bool,
+    /// Manager: start node-group nodes as local processes (else no provisioner).
+    pub process_provisioner: bool,
+    /// Manager: the host provisioned processes bind.
+    pub provision_host: String,
+    /// Manager: where provisioned processes log.
+    pub provision_dir: PathBuf,
 }
 
 /// The cluster link's validated settings.
@@ -343,6 +383,46 @@ impl NodeArgs {
                 3.0,
                 600.0,
             )?,
+            node_group: match a.node_group.clone().or(file.node_group.clone()) {
+                Some(g) if !crate::manager::store::name_ok(&g) => {
+                    return Err(bad(
+                        "node-group",
+                        format!("{g:?}: 1 to 128 printable characters, no spaces"),
+                    ));
+                }
+                g => g,
+            },
+            db: a
+                .db
+                .clone()
+                .or(file.db.clone())
+                .or_else(|| (role == "manager").then(|| "castnode-manager.db".into())),
+            admin_token: match a.admin_token.clone().or(file.admin_token.clone()) {
+                Some(t) if t.len() < 16 || t.chars().any(char::is_whitespace) => {
+                    return Err(bad("admin-token", "at least 16 characters, no spaces"));
+                }
+                t => t,
+            },
+            require_token: a.require_token || file.require_token,
+            process_provisioner: match a.provisioner.as_deref().or(file.provisioner.as_deref()) {
+                None | Some("process") => true,
+                Some("none") => false,
+                Some(p) => {
+                    return Err(bad("provisioner", format!("{p:?}: process or none")));
+                }
+            },
+            provision_host: a
+                .provision_host
+                .clone()
+                .or(file.provision_host.clone())
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            provision_dir: a
+                .provision_dir
+                .clone()
+                .or(file.provision_dir.clone())
+                .unwrap_or_else(|| {
+                    std::env::temp_dir().join(format!("castnode-nodes-{}", std::process::id()))
+                }),
         };
         if role == "manager" && cluster.token.len() < 16 {
             return Err(bad(

@@ -1,6 +1,31 @@
-//! Waiting for the signal that ends the process (SIGINT or SIGTERM).
+//! Waiting for what ends the process: SIGINT, SIGTERM, or [`request`] from inside (a drained
+//! node stopping itself).
 
-/// Resolves on SIGINT or SIGTERM.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
+
+static REQUESTED: AtomicBool = AtomicBool::new(false);
+static NOTIFY: Notify = Notify::const_new();
+
+/// Ends the process as a signal would: every [`signal`] waiter resolves.
+pub fn request() {
+    REQUESTED.store(true, Ordering::SeqCst);
+    NOTIFY.notify_waiters();
+}
+
+async fn requested() {
+    loop {
+        // Registered before the flag is read, so a request in between is not missed.
+        let notified = NOTIFY.notified();
+        if REQUESTED.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
+}
+
+/// Resolves on SIGINT, SIGTERM or [`request`].
 pub async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -19,5 +44,6 @@ pub async fn signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+        () = requested() => {},
     }
 }

@@ -12,8 +12,10 @@ use common::*;
 
 const TOKEN: &str = "manager-test-token-0123456789";
 
+/// GET with the admin token.
 fn json(server: &Server, path: &str) -> (u16, serde_json::Value) {
-    let (status, _, body) = server.get(path);
+    let (status, _, body) =
+        http_request_with(server.http_port, "GET", path, None, Some(ADMIN_TOKEN), b"");
     (status, serde_json::from_str(&body).unwrap_or_default())
 }
 

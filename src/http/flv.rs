@@ -74,6 +74,18 @@ impl axum::serve::Listener for HttpListener {
     }
 }
 
+/// A client's address as handlers see it (`ConnectInfo<ClientAddr>`) on a node's HTTP port.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
+
 /// The path of a `GET …​.flv` request line, if that is what `head` starts with.
 fn flv_path(head: &[u8]) -> Option<&str> {
     let line = head.split(|&b| b == b'\r' || b == b'\n').next()?;

@@ -3,68 +3,148 @@
 //! `/api/v1/openapi.json`.
 //!
 //! Guarantees: every error is JSON `{"error": reason}` with a status that says what went wrong
-//! (400 malformed body, 401 missing/wrong token, 404 not live or unknown node, 503 no node with
-//! room); a malformed request never reaches the registry.
+//! (400 malformed body, 422 contradicting values, 401 missing or unknown token, 403 a read-only token asking for a change,
+//! 404 not live or no such record, 409 deleting the last admin token, 503 no node with room); a
+//! malformed request never reaches the registry or the store. Node calls (register, report,
+//! upstream) prove the cluster token (or an admin token); reads need an API token (admin or read-only); changes an
+//! admin token; placement lookups and redirects nothing unless `--require-token`.
 
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use serde::Deserialize;
 
-use super::embedded::Embedded;
+use super::embedded::{Embedded, NodeView};
 use super::registry::NodeStatus;
-use super::{Hint, LoadReport, ManagerError, NodeInfo, StreamManager};
+use super::store::{Access, NodeGroup, RegionRecord};
+use super::{Hint, LoadReport, ManagerError, NodeInfo, Placement, StreamManager};
 
-/// The manager service's routes: [`api_routes`] plus health, metrics and the WHIP/WHEP
-/// redirects.
+/// The manager service's routes: [`api_routes`] plus the broadcasts and node-group APIs,
+/// health, metrics and the WHIP/WHEP redirects.
 pub fn router(manager: Arc<Embedded>) -> Router {
     api_routes(manager.clone()).merge(
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/metrics", get(metrics))
+            .route("/api/v1/broadcasts", get(broadcasts))
+            .route("/api/v1/nodegroups", get(node_groups))
+            .route(
+                "/api/v1/nodegroups/{name}",
+                get(node_group)
+                    .put(put_node_group)
+                    .delete(delete_node_group),
+            )
             .route("/whip/{app}/{key}", post(whip).options(preflight))
             .route("/whep/{app}/{key}", post(whep).options(preflight))
             .with_state(manager),
     )
 }
 
-/// The REST API alone (nodes and placement lookups under `/api/v1`): what a standalone node
-/// serves for its embedded manager next to its own routes.
+/// The REST API a standalone node serves for its embedded manager next to its own routes:
+/// nodes, placement lookups, regions and tokens under `/api/v1`.
 pub fn api_routes(manager: Arc<Embedded>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/nodes", post(register).get(nodes))
         .route("/api/v1/nodes/{id}/load", put(report))
+        .route("/api/v1/nodes/{id}/drain", post(drain))
         .route("/api/v1/broadcasts/{app}/{key}/publish", get(publish))
         .route("/api/v1/broadcasts/{app}/{key}/subscribe", get(subscribe))
         .route("/api/v1/broadcasts/{app}/{key}/upstream", get(upstream))
+        .route("/api/v1/regions", get(regions))
+        .route(
+            "/api/v1/regions/{name}",
+            put(put_region).delete(delete_region),
+        )
+        .route("/api/v1/tokens", get(tokens).post(add_token))
+        .route("/api/v1/tokens/{id}", delete(delete_token))
         .with_state(manager)
 }
 
 fn error(e: &ManagerError) -> Response {
     let status = match e {
-        ManagerError::NotLive(_) | ManagerError::UnknownNode(_) => StatusCode::NOT_FOUND,
+        ManagerError::NotLive(_) | ManagerError::UnknownNode(_) | ManagerError::NotFound(_) => {
+            StatusCode::NOT_FOUND
+        }
         ManagerError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
         ManagerError::Unauthorized => StatusCode::UNAUTHORIZED,
+        ManagerError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ManagerError::Conflict(_) => StatusCode::CONFLICT,
         ManagerError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ManagerError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         ManagerError::Unreachable(_) => StatusCode::BAD_GATEWAY,
+        ManagerError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let mut r = (
         status,
         axum::Json(serde_json::json!({ "error": e.to_string() })),
     )
         .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
     r.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
     r
+}
+
+/// What an API call needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Any API token (admin or read-only).
+    Read,
+    /// An admin token.
+    Admin,
+}
+
+/// Checks the bearer token of an API call: 401 without a known token, 403 for a read-only
+/// token asking for a change.
+fn authorize(m: &Embedded, headers: &HeaderMap, need: Need) -> Result<(), ManagerError> {
+    match m.access(bearer(headers)) {
+        None => Err(ManagerError::Unauthorized),
+        Some(Access::ReadOnly) if need == Need::Admin => Err(ManagerError::Forbidden(
+            "a read-only token cannot change anything",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Placement lookups are open unless `--require-token`.
+fn authorize_lookup(m: &Embedded, headers: &HeaderMap) -> Result<(), ManagerError> {
+    if m.require_token() {
+        authorize(m, headers, Need::Read)
+    } else {
+        Ok(())
+    }
+}
+
+/// The client's address, when the server passes it (`ConnectInfo`).
+fn client_ip(ext: &Extensions) -> Option<IpAddr> {
+    ext.get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .or_else(|| {
+            ext.get::<ConnectInfo<crate::http::flv::ClientAddr>>()
+                .map(|c| c.0.0.ip())
+        })
+}
+
+/// Answers `r` as JSON, or the error.
+fn reply<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response {
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => error(&e),
+    }
 }
 
 fn bearer(headers: &HeaderMap) -> &str {
@@ -80,14 +160,14 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ManagerErr
 }
 
 async fn register(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !m.token_ok(bearer(&headers)) {
+    if !m.node_caller(bearer(&headers)) {
         return error(&ManagerError::Unauthorized);
     }
     let node: NodeInfo = match json_body(&body) {
         Ok(n) => n,
         Err(e) => return error(&e),
     };
-    match m.register(&node, bearer(&headers)).await {
+    match m.register_node(&node) {
         Ok(()) => {
             tracing::info!(node = %node.id, role = ?node.role, region = %node.region, "node registered");
             StatusCode::NO_CONTENT.into_response()
@@ -102,21 +182,60 @@ async fn report(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !m.token_ok(bearer(&headers)) {
+    if !m.node_caller(bearer(&headers)) {
         return error(&ManagerError::Unauthorized);
     }
     let load: LoadReport = match json_body(&body) {
         Ok(l) => l,
         Err(e) => return error(&e),
     };
-    match m.report(&id, &load).await {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+    reply(m.report(&id, &load).await)
+}
+
+async fn nodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Read) {
+        return error(&e);
+    }
+    axum::Json(serde_json::json!({ "nodes": m.nodes() })).into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct DrainBody {
+    deadline_s: Option<u64>,
+}
+
+async fn drain(
+    State(m): State<Arc<Embedded>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    let b: DrainBody = if body.is_empty() {
+        DrainBody::default()
+    } else {
+        match json_body(&body) {
+            Ok(b) => b,
+            Err(e) => return error(&e),
+        }
+    };
+    let deadline = Duration::from_secs(b.deadline_s.unwrap_or(300).min(86_400));
+    match m.drain(&id, deadline) {
+        Ok(()) => {
+            tracing::info!(node = %id, deadline_s = deadline.as_secs(), "node drained by the API");
+            StatusCode::NO_CONTENT.into_response()
+        }
         Err(e) => error(&e),
     }
 }
 
-async fn nodes(State(m): State<Arc<Embedded>>) -> Response {
-    axum::Json(serde_json::json!({ "nodes": m.nodes() })).into_response()
+async fn broadcasts(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Read) {
+        return error(&e);
+    }
+    axum::Json(serde_json::json!({ "broadcasts": m.broadcasts() })).into_response()
 }
 
 #[derive(Deserialize)]
@@ -124,10 +243,29 @@ struct RegionQuery {
     region: Option<String>,
 }
 
-fn hint(q: RegionQuery) -> Hint {
+fn hint(q: RegionQuery, ext: &Extensions) -> Hint {
     Hint {
         region: q.region.filter(|r| !r.is_empty()),
-        client: None,
+        client: client_ip(ext),
+    }
+}
+
+async fn lookup(
+    m: &Embedded,
+    kind: &str,
+    app: &str,
+    key: &str,
+    q: RegionQuery,
+    headers: &HeaderMap,
+    ext: &Extensions,
+) -> Result<Placement, ManagerError> {
+    authorize_lookup(m, headers)?;
+    let name = format!("{app}/{key}");
+    let hint = hint(q, ext);
+    if kind == "publish" {
+        m.publish(&name, &hint).await
+    } else {
+        m.subscribe(&name, &hint).await
     }
 }
 
@@ -135,9 +273,10 @@ async fn publish(
     State(m): State<Arc<Embedded>>,
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
+    headers: HeaderMap,
+    ext: Extensions,
 ) -> Response {
-    let name = format!("{app}/{key}");
-    match m.publish(&name, &hint(q)).await {
+    match lookup(&m, "publish", &app, &key, q, &headers, &ext).await {
         Ok(p) => axum::Json(p).into_response(),
         Err(e) => error(&e),
     }
@@ -147,10 +286,199 @@ async fn subscribe(
     State(m): State<Arc<Embedded>>,
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
+    headers: HeaderMap,
+    ext: Extensions,
 ) -> Response {
-    let name = format!("{app}/{key}");
-    match m.subscribe(&name, &hint(q)).await {
+    match lookup(&m, "subscribe", &app, &key, q, &headers, &ext).await {
         Ok(p) => axum::Json(p).into_response(),
+        Err(e) => error(&e),
+    }
+}
+
+async fn regions(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Read) {
+        return error(&e);
+    }
+    reply(m.regions().map(|r| serde_json::json!({ "regions": r })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegionBody {
+    #[serde(default)]
+    cidrs: Vec<ipnet::IpNet>,
+}
+
+async fn put_region(
+    State(m): State<Arc<Embedded>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    let b: RegionBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(&e),
+    };
+    let rec = RegionRecord {
+        name,
+        cidrs: b.cidrs,
+    };
+    reply(m.put_region(&rec).map(|()| rec))
+}
+
+async fn delete_region(
+    State(m): State<Arc<Embedded>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    match m.delete_region(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(&e),
+    }
+}
+
+async fn tokens(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    reply(m.tokens().map(|t| serde_json::json!({ "tokens": t })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    name: String,
+    access: Access,
+}
+
+async fn add_token(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    let b: TokenBody = match json_body(&body) {
+        Ok(b) => b,
+        Err(e) => return error(&e),
+    };
+    match m.add_token(&b.name, b.access) {
+        Ok((rec, secret)) => {
+            let mut v = serde_json::to_value(&rec).unwrap_or_default();
+            v["token"] = secret.into();
+            (StatusCode::CREATED, axum::Json(v)).into_response()
+        }
+        Err(e) => error(&e),
+    }
+}
+
+async fn delete_token(
+    State(m): State<Arc<Embedded>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    match m.delete_token(&id) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(&e),
+    }
+}
+
+/// A node group as listed: its settings and its nodes now.
+fn group_view(g: &NodeGroup, nodes: &[NodeView]) -> serde_json::Value {
+    let mut v = serde_json::to_value(g).unwrap_or_default();
+    v["nodes"] = nodes
+        .iter()
+        .filter(|n| n.info.group.as_deref() == Some(g.name.as_str()))
+        .map(|n| serde_json::json!({ "id": n.info.id, "status": n.status, "viewers": n.load.viewers }))
+        .collect();
+    v
+}
+
+async fn node_groups(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Read) {
+        return error(&e);
+    }
+    let nodes = m.nodes();
+    reply(m.node_groups().map(|gs| {
+        let list: Vec<_> = gs.iter().map(|g| group_view(g, &nodes)).collect();
+        serde_json::json!({ "node_groups": list })
+    }))
+}
+
+async fn node_group(
+    State(m): State<Arc<Embedded>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Read) {
+        return error(&e);
+    }
+    let nodes = m.nodes();
+    match m.node_groups() {
+        Ok(gs) => match gs.iter().find(|g| g.name == name) {
+            Some(g) => axum::Json(group_view(g, &nodes)).into_response(),
+            None => error(&ManagerError::NotFound(format!("node group {name}"))),
+        },
+        Err(e) => error(&e),
+    }
+}
+
+async fn put_node_group(
+    State(m): State<Arc<Embedded>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    let mut v: serde_json::Value = match json_body(&body) {
+        Ok(v) => v,
+        Err(e) => return error(&e),
+    };
+    let Some(obj) = v.as_object_mut() else {
+        return error(&ManagerError::BadRequest("a JSON object is needed".into()));
+    };
+    if obj.contains_key("name") {
+        return error(&ManagerError::BadRequest(
+            "name: comes from the path, not the body".into(),
+        ));
+    }
+    obj.insert("name".into(), name.into());
+    let g: NodeGroup = match serde_json::from_value(v) {
+        Ok(g) => g,
+        Err(e) => return error(&ManagerError::BadRequest(e.to_string())),
+    };
+    match m.put_node_group(&g) {
+        Ok(new) => {
+            tracing::info!(group = %g.name, min = g.min, max = g.max, "node group saved");
+            let status = if new {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            (status, axum::Json(group_view(&g, &m.nodes()))).into_response()
+        }
+        Err(e) => error(&e),
+    }
+}
+
+async fn delete_node_group(
+    State(m): State<Arc<Embedded>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = authorize(&m, &headers, Need::Admin) {
+        return error(&e);
+    }
+    match m.delete_node_group(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => error(&e),
     }
 }
@@ -164,7 +492,14 @@ async fn upstream(
     State(m): State<Arc<Embedded>>,
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<NodeQuery>,
+    headers: HeaderMap,
 ) -> Response {
+    // Nodes ask with the cluster token; operators with an API token.
+    if !m.node_caller(bearer(&headers))
+        && let Err(e) = authorize(&m, &headers, Need::Read)
+    {
+        return error(&e);
+    }
     let name = format!("{app}/{key}");
     match m
         .upstream(&name, q.node.as_deref().unwrap_or_default())
@@ -188,8 +523,10 @@ async fn whip(
     State(m): State<Arc<Embedded>>,
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
+    headers: HeaderMap,
+    ext: Extensions,
 ) -> Response {
-    match m.publish(&format!("{app}/{key}"), &hint(q)).await {
+    match lookup(&m, "publish", &app, &key, q, &headers, &ext).await {
         Ok(p) => redirect(p.urls["whip"].as_str().unwrap_or_default()),
         Err(e) => error(&e),
     }
@@ -199,8 +536,10 @@ async fn whep(
     State(m): State<Arc<Embedded>>,
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
+    headers: HeaderMap,
+    ext: Extensions,
 ) -> Response {
-    match m.subscribe(&format!("{app}/{key}"), &hint(q)).await {
+    match lookup(&m, "subscribe", &app, &key, q, &headers, &ext).await {
         Ok(p) => redirect(p.urls["whep"].as_str().unwrap_or_default()),
         Err(e) => error(&e),
     }
@@ -225,7 +564,11 @@ async fn metrics(State(m): State<Arc<Embedded>>) -> Response {
         s,
         "# HELP castnode_manager_nodes Registered nodes by state.\n# TYPE castnode_manager_nodes gauge"
     );
-    for (state, label) in [(NodeStatus::Live, "live"), (NodeStatus::Failed, "failed")] {
+    for (state, label) in [
+        (NodeStatus::Live, "live"),
+        (NodeStatus::Draining, "draining"),
+        (NodeStatus::Failed, "failed"),
+    ] {
         let n = nodes.iter().filter(|v| v.status == state).count();
         let _ = writeln!(s, "castnode_manager_nodes{{state=\"{label}\"}} {n}");
     }
@@ -238,6 +581,17 @@ async fn metrics(State(m): State<Arc<Embedded>>) -> Response {
         let _ = writeln!(
             s,
             "castnode_manager_placements_total{{kind=\"{kind}\",region=\"{region}\",result=\"{result}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP castnode_manager_scale_actions_total Autoscaler actions by node group and action (out: node started, in: node drained, remove: node ended).\n# TYPE castnode_manager_scale_actions_total counter"
+    );
+    for ((group, action), n) in m.scale_action_counts() {
+        let group = group.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            s,
+            "castnode_manager_scale_actions_total{{group=\"{group}\",action=\"{action}\"}} {n}"
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()

@@ -2,23 +2,36 @@
 //!
 //! Guarantees: the lock is never held across an await (every method is synchronous inside);
 //! registration needs the cluster token (compared in constant time); failed nodes are swept
-//! before every placement, so a node silent for the TTL is never chosen.
+//! before every placement, so a node silent for the TTL is never chosen; API tokens are checked
+//! against an in-memory copy of the store's hashes, refreshed on every token change.
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
 use super::registry::{NodeEntry, NodeStatus, Registry};
-use super::{BoxFuture, Hint, LoadReport, ManagerError, NodeInfo, Placement, StreamManager};
+use super::store::{
+    Access, NodeGroup, RegionRecord, Store, TokenRecord, hash_secret, name_ok, new_secret,
+};
+use super::{
+    BoxFuture, Hint, LoadReport, ManagerError, NodeInfo, Placement, ReportReply, StreamManager,
+};
 
 /// The in-process manager.
 pub struct Embedded {
     registry: Mutex<Registry>,
     token: String,
-    /// Placements by (kind, region asked, result), for `/metrics`.
+    store: Store,
+    /// Token hash → (id, access): the store's tokens, for checks without a query.
+    tokens: RwLock<HashMap<String, (String, Access)>>,
+    /// Placement lookups need a token.
+    require_token: bool,
+    /// Placements by (kind, region, result), for `/metrics`.
     placements: Mutex<BTreeMap<(&'static str, String, &'static str), u64>>,
+    /// Scale actions by (group, action), for `/metrics`.
+    scale_actions: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// A node as the API lists it.
@@ -27,7 +40,7 @@ pub struct NodeView {
     /// As registered.
     #[serde(flatten)]
     pub info: NodeInfo,
-    /// Live or failed.
+    /// Live, draining or failed.
     pub status: NodeStatus,
     /// Its last report.
     pub load: LoadReport,
@@ -35,23 +48,267 @@ pub struct NodeView {
     pub last_seen_ms: u64,
 }
 
+/// A broadcast as the API lists it: which nodes carry it.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct BroadcastView {
+    /// `app/key`.
+    pub name: String,
+    /// Viewers on every node together.
+    pub viewers: u64,
+    /// The nodes that have its publisher.
+    pub publishers: Vec<String>,
+    /// Every live node that carries it, with its viewers there.
+    pub nodes: Vec<CarrierView>,
+}
+
+/// One node carrying a broadcast.
+#[derive(Debug, serde::Serialize)]
+pub struct CarrierView {
+    /// The node's id.
+    pub id: String,
+    /// Its viewers of the broadcast.
+    pub viewers: u64,
+}
+
+/// A region as the API lists it.
+#[derive(Debug, serde::Serialize)]
+pub struct RegionView {
+    /// As configured (an empty CIDR list when only nodes name it).
+    #[serde(flatten)]
+    pub region: RegionRecord,
+    /// Live nodes that report it.
+    pub nodes: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Embedded {
-    /// A manager whose nodes prove `token`, failing after `ttl` without a report.
-    pub fn new(token: &str, ttl: Duration, default_region: &str) -> Self {
-        Self {
-            registry: Mutex::new(Registry::new(ttl, default_region)),
+    /// A manager whose nodes prove `token`, failing after `ttl` without a report, keeping its
+    /// configuration in `store`; placement lookups need a token when `require_token`.
+    pub fn new(
+        token: &str,
+        ttl: Duration,
+        default_region: &str,
+        store: Store,
+        require_token: bool,
+    ) -> Result<Self, ManagerError> {
+        let mut registry = Registry::new(ttl, default_region);
+        registry.set_regions(&store.regions()?);
+        let m = Self {
+            registry: Mutex::new(registry),
             token: token.to_owned(),
+            store,
+            tokens: RwLock::new(HashMap::new()),
+            require_token,
             placements: Mutex::new(BTreeMap::new()),
-        }
+            scale_actions: Mutex::new(BTreeMap::new()),
+        };
+        m.reload_tokens()?;
+        Ok(m)
+    }
+
+    /// A manager with an in-memory store and no API tokens (tests, benchmarks).
+    pub fn in_memory(token: &str, ttl: Duration, default_region: &str) -> Self {
+        let store = Store::open(None).expect("an in-memory SQLite database opens");
+        Self::new(token, ttl, default_region, store, false).expect("an empty store loads")
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.registry)
+    }
+
+    fn reload_tokens(&self) -> Result<(), ManagerError> {
+        let map = self
+            .store
+            .tokens()?
+            .into_iter()
+            .map(|t| (t.hash, (t.id, t.access)))
+            .collect();
+        *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    /// Makes sure an admin token exists: `secret` (from `--admin-token`) is added when it is not
+    /// stored yet; with no admin token at all, one is made and its secret returned (to be shown
+    /// once).
+    pub fn ensure_admin(&self, secret: Option<&str>) -> Result<Option<String>, ManagerError> {
+        if let Some(s) = secret
+            && !self.store.has_hash(&hash_secret(s))?
+        {
+            self.store
+                .add_token("admin (--admin-token)", Access::Admin, s)?;
+        }
+        let any_admin = self
+            .store
+            .tokens()?
+            .iter()
+            .any(|t| t.access == Access::Admin);
+        let made = if any_admin {
+            None
+        } else {
+            let s = new_secret();
+            self.store
+                .add_token("admin (generated)", Access::Admin, &s)?;
+            Some(s)
+        };
+        self.reload_tokens()?;
+        Ok(made)
+    }
+
+    /// What an API token may do (None: not a token of this manager).
+    pub fn access(&self, bearer: &str) -> Option<Access> {
+        if bearer.is_empty() {
+            return None;
+        }
+        let tokens = self.tokens.read().unwrap_or_else(|p| p.into_inner());
+        tokens.get(&hash_secret(bearer)).map(|(_, a)| *a)
+    }
+
+    /// Whether placement lookups need a token.
+    pub fn require_token(&self) -> bool {
+        self.require_token
+    }
+
+    /// Every token (never a secret).
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, ManagerError> {
+        self.store.tokens()
+    }
+
+    /// Makes a token; returns its record and its secret (shown once).
+    pub fn add_token(
+        &self,
+        name: &str,
+        access: Access,
+    ) -> Result<(TokenRecord, String), ManagerError> {
+        if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+            return Err(ManagerError::BadRequest(
+                "name: 1 to 128 characters, no control characters".into(),
+            ));
+        }
+        let secret = new_secret();
+        let rec = self.store.add_token(name, access, &secret)?;
+        self.reload_tokens()?;
+        Ok((rec, secret))
+    }
+
+    /// Deletes a token; the last admin token cannot go.
+    pub fn delete_token(&self, id: &str) -> Result<(), ManagerError> {
+        let all = self.store.tokens()?;
+        let Some(t) = all.iter().find(|t| t.id == id) else {
+            return Err(ManagerError::NotFound(format!("token {id}")));
+        };
+        if t.access == Access::Admin
+            && all.iter().filter(|t| t.access == Access::Admin).count() == 1
+        {
+            return Err(ManagerError::Conflict(
+                "the last admin token cannot be deleted".into(),
+            ));
+        }
+        self.store.delete_token(id)?;
+        self.reload_tokens()
+    }
+
+    /// Configured regions and the regions nodes report.
+    pub fn regions(&self) -> Result<Vec<RegionView>, ManagerError> {
+        let mut by_name: BTreeMap<String, RegionView> = self
+            .store
+            .regions()?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    RegionView {
+                        region: r,
+                        nodes: 0,
+                    },
+                )
+            })
+            .collect();
+        let reg = self.registry();
+        for n in reg.nodes() {
+            let v = by_name
+                .entry(n.info.region.clone())
+                .or_insert_with(|| RegionView {
+                    region: RegionRecord {
+                        name: n.info.region.clone(),
+                        cidrs: Vec::new(),
+                    },
+                    nodes: 0,
+                });
+            if n.state() != NodeStatus::Failed {
+                v.nodes += 1;
+            }
+        }
+        Ok(by_name.into_values().collect())
+    }
+
+    /// Creates or replaces a region's CIDR table.
+    pub fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
+        if !name_ok(&r.name) || r.cidrs.len() > 10_000 {
+            return Err(ManagerError::BadRequest(
+                "region: 1 to 128 printable ASCII characters, at most 10000 CIDRs".into(),
+            ));
+        }
+        self.store.put_region(r)?;
+        self.registry().set_regions(&self.store.regions()?);
+        Ok(())
+    }
+
+    /// Deletes a region's CIDR table.
+    pub fn delete_region(&self, name: &str) -> Result<(), ManagerError> {
+        if !self.store.delete_region(name)? {
+            return Err(ManagerError::NotFound(format!("region {name}")));
+        }
+        self.registry().set_regions(&self.store.regions()?);
+        Ok(())
+    }
+
+    /// Every node group.
+    pub fn node_groups(&self) -> Result<Vec<NodeGroup>, ManagerError> {
+        self.store.node_groups()
+    }
+
+    /// Creates or replaces a node group; true when it is new.
+    pub fn put_node_group(&self, g: &NodeGroup) -> Result<bool, ManagerError> {
+        let new = !self.store.node_groups()?.iter().any(|x| x.name == g.name);
+        self.store.put_node_group(g)?;
+        Ok(new)
+    }
+
+    /// Deletes a node group (its nodes are drained by the autoscaler).
+    pub fn delete_node_group(&self, name: &str) -> Result<(), ManagerError> {
+        if !self.store.delete_node_group(name)? {
+            return Err(ManagerError::NotFound(format!("node group {name}")));
+        }
+        Ok(())
     }
 
     /// Marks silent nodes failed (also done before every placement).
     pub fn sweep(&self) -> Vec<String> {
         self.registry().sweep(Instant::now())
+    }
+
+    /// Drains a node: no new placements; it exits once empty, or is removed after `deadline`.
+    pub fn drain(&self, id: &str, deadline: Duration) -> Result<(), ManagerError> {
+        if self.registry().drain(id, Instant::now() + deadline) {
+            Ok(())
+        } else {
+            Err(ManagerError::NotFound(format!("node {id}")))
+        }
+    }
+
+    /// Forgets a node that was removed.
+    pub fn forget(&self, id: &str) {
+        self.registry().forget(id);
+    }
+
+    /// Runs `f` on the registry (swept first): for the autoscaler.
+    pub fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        let mut reg = self.registry();
+        reg.sweep(Instant::now());
+        f(&reg)
     }
 
     /// Every node with its state.
@@ -63,17 +320,77 @@ impl Embedded {
             .into_iter()
             .map(|n: &NodeEntry| NodeView {
                 info: n.info.clone(),
-                status: n.status,
+                status: n.state(),
                 load: n.load.clone(),
                 last_seen_ms: now.duration_since(n.last_seen).as_millis() as u64,
             })
             .collect()
     }
 
+    /// Every broadcast some live node carries, sorted by name.
+    pub fn broadcasts(&self) -> Vec<BroadcastView> {
+        let mut reg = self.registry();
+        reg.sweep(Instant::now());
+        let mut out: BTreeMap<&str, BroadcastView> = BTreeMap::new();
+        for n in reg.nodes() {
+            if n.status == NodeStatus::Failed {
+                continue;
+            }
+            for b in &n.load.broadcasts {
+                let v = out.entry(&b.name).or_insert_with(|| BroadcastView {
+                    name: b.name.clone(),
+                    ..BroadcastView::default()
+                });
+                v.viewers += b.viewers;
+                if b.publishing {
+                    v.publishers.push(n.info.id.clone());
+                }
+                v.nodes.push(CarrierView {
+                    id: n.info.id.clone(),
+                    viewers: b.viewers,
+                });
+            }
+        }
+        out.into_values().collect()
+    }
+
     /// Placement counts: ((kind, region, result), count).
     pub fn placement_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
-        let m = self.placements.lock().unwrap_or_else(|p| p.into_inner());
+        let m = lock(&self.placements);
         m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Counts a scale action of a group.
+    pub fn count_scale_action(&self, group: &str, action: &'static str) {
+        *lock(&self.scale_actions)
+            .entry((group.to_owned(), action))
+            .or_default() += 1;
+    }
+
+    /// Scale actions: ((group, action), count).
+    pub fn scale_action_counts(&self) -> Vec<((String, &'static str), u64)> {
+        let m = lock(&self.scale_actions);
+        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// Registers a node whose caller is already authenticated (cluster or admin token).
+    pub fn register_node(&self, node: &NodeInfo) -> Result<(), ManagerError> {
+        if !name_ok(&node.id)
+            || !name_ok(&node.region)
+            || node.addresses.http.is_empty()
+            || node.group.as_deref().is_some_and(|g| !name_ok(g))
+        {
+            return Err(ManagerError::BadRequest(
+                "a node needs an id and a region (1 to 128 printable ASCII characters, no spaces) and an HTTP address".into(),
+            ));
+        }
+        self.registry().register(node.clone(), Instant::now());
+        Ok(())
+    }
+
+    /// Whether `bearer` may make node calls: the cluster token, or an admin token.
+    pub fn node_caller(&self, bearer: &str) -> bool {
+        self.token_ok(bearer) || self.access(bearer) == Some(Access::Admin)
     }
 
     /// Whether `token` is the cluster token.
@@ -99,26 +416,18 @@ impl Embedded {
         } else {
             reg.place_subscribe(broadcast, hint, &mut pick)
         };
+        let region = reg.region_for(hint).to_owned();
         drop(reg);
         let result = match &r {
             Ok(_) => "ok",
             Err(ManagerError::NotLive(_)) => "not_live",
             Err(_) => "full",
         };
-        let region = hint.region.clone().unwrap_or_default();
-        *self
-            .placements
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *lock(&self.placements)
             .entry((kind, region, result))
             .or_default() += 1;
         r
     }
-}
-
-/// A node id or region: 1 to 128 printable ASCII characters, no spaces.
-fn name_ok(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
 impl StreamManager for Embedded {
@@ -127,15 +436,10 @@ impl StreamManager for Embedded {
         node: &'a NodeInfo,
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), ManagerError>> {
-        let r = if !self.token_ok(token) {
-            Err(ManagerError::Unauthorized)
-        } else if !name_ok(&node.id) || !name_ok(&node.region) || node.addresses.http.is_empty() {
-            Err(ManagerError::BadRequest(
-                "a node needs an id and a region (1 to 128 printable ASCII characters, no spaces) and an HTTP address".into(),
-            ))
+        let r = if self.token_ok(token) {
+            self.register_node(node)
         } else {
-            self.registry().register(node.clone(), Instant::now());
-            Ok(())
+            Err(ManagerError::Unauthorized)
         };
         Box::pin(std::future::ready(r))
     }
@@ -144,8 +448,15 @@ impl StreamManager for Embedded {
         &'a self,
         node: &'a str,
         load: &'a LoadReport,
-    ) -> BoxFuture<'a, Result<(), ManagerError>> {
-        let r = self.registry().report(node, load.clone(), Instant::now());
+    ) -> BoxFuture<'a, Result<ReportReply, ManagerError>> {
+        let now = Instant::now();
+        let r = self
+            .registry()
+            .report(node, load.clone(), now)
+            .map(|drain| ReportReply {
+                draining: drain.is_some(),
+                drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
+            });
         Box::pin(std::future::ready(r))
     }
 

@@ -11,14 +11,20 @@
 //! - [`embedded`]: the in-process manager.
 //! - [`api`]: the manager's HTTP API (axum), including the WHIP/WHEP redirects.
 //! - [`remote`]: the HTTP client of that API, and the reporter task every node runs.
+//! - [`store`]: tokens, regions and node groups in SQLite.
+//! - [`scale`]: the autoscaler (pure: groups and nodes in, actions out).
+//! - [`provision`]: the provisioner trait and the local-process provisioner.
 //!
-//! Not built yet (see the stream manager issue): node groups and autoscaling, persistence,
-//! admin tokens, CIDR → region tables, upstream resolution for relays and edges, the console.
+//! Not built yet (see the stream manager issue): the console, a Kubernetes provisioner, a
+//! shared store for several managers.
 
 pub mod api;
 pub mod embedded;
+pub mod provision;
 pub mod registry;
 pub mod remote;
+pub mod scale;
+pub mod store;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -91,6 +97,20 @@ pub struct NodeInfo {
     pub addresses: NodeAddresses,
     /// Most viewers (players + WebRTC) it takes.
     pub capacity: u64,
+    /// The node group it belongs to (set by the provisioner that started it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// The manager's answer to a load report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportReply {
+    /// The node is scaled in: it gets no new placements and should exit once it has no viewers.
+    #[serde(default)]
+    pub draining: bool,
+    /// While draining: seconds left before its last viewers are cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain_deadline_s: Option<u64>,
 }
 
 /// A node's load, reported every second.
@@ -128,7 +148,7 @@ pub struct BroadcastLoad {
 pub struct Hint {
     /// The region asked for.
     pub region: Option<String>,
-    /// The client's address (for a future CIDR → region table).
+    /// The client's address (placed by the CIDR → region table when no region is asked).
     pub client: Option<IpAddr>,
 }
 
@@ -164,12 +184,27 @@ pub enum ManagerError {
     /// The node is not registered (heartbeats).
     #[error("node {0} is not registered")]
     UnknownNode(String),
-    /// Registration without the cluster token.
-    #[error("wrong or missing cluster token")]
+    /// A missing or unknown token.
+    #[error("wrong or missing token")]
     Unauthorized,
+    /// A valid token that may not do this (a read-only token asking for a change).
+    #[error("this token may not do that: {0}")]
+    Forbidden(&'static str),
+    /// No such record (token, region, node group, node).
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The change would break something (deleting the last admin token).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database failed.
+    #[error("storage: {0}")]
+    Storage(String),
     /// The request is malformed.
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// The request is well formed but its values contradict each other (min above max …).
+    #[error("invalid: {0}")]
+    Invalid(String),
     /// The manager could not be reached or answered nonsense.
     #[error("stream manager unreachable: {0}")]
     Unreachable(String),
@@ -183,12 +218,12 @@ pub trait StreamManager: Send + Sync {
         node: &'a NodeInfo,
         token: &'a str,
     ) -> BoxFuture<'a, Result<(), ManagerError>>;
-    /// A node's load report (its heartbeat).
+    /// A node's load report (its heartbeat); the answer says whether it is draining.
     fn report<'a>(
         &'a self,
         node: &'a str,
         load: &'a LoadReport,
-    ) -> BoxFuture<'a, Result<(), ManagerError>>;
+    ) -> BoxFuture<'a, Result<ReportReply, ManagerError>>;
     /// Where to publish `broadcast`.
     fn publish<'a>(
         &'a self,

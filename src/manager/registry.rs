@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use ipnet::IpNet;
+
+use super::store::RegionRecord;
 use super::{Hint, LoadReport, ManagerError, NodeInfo, NodeRole, PlacedNode, Placement};
 
 /// How many of the best candidates a placement picks from at random.
@@ -35,6 +38,8 @@ pub const CARRY_BONUS: f64 = 0.25;
 pub enum NodeStatus {
     /// Reporting.
     Live,
+    /// Reporting, but scaled in: no new placements; it exits when empty or at its deadline.
+    Draining,
     /// Missed its heartbeats.
     Failed,
 }
@@ -48,8 +53,10 @@ pub struct NodeEntry {
     pub load: LoadReport,
     /// When it last reported (or registered).
     pub last_seen: Instant,
-    /// Live or failed.
+    /// Live or failed (draining is [`NodeEntry::draining`]).
     pub status: NodeStatus,
+    /// When it is draining: the deadline for its last viewers.
+    pub draining: Option<Instant>,
     /// When viewers or publishers were sent to it, within [`PLACEMENT_MEMORY`].
     pub placed: VecDeque<Instant>,
     /// The broadcasts of its last report (for the carriers' preference).
@@ -57,6 +64,20 @@ pub struct NodeEntry {
 }
 
 impl NodeEntry {
+    /// Whether new viewers, publishers or downstream nodes may be sent to it.
+    pub fn placeable(&self) -> bool {
+        self.status == NodeStatus::Live && self.draining.is_none()
+    }
+
+    /// Its state as listed: failed, draining or live.
+    pub fn state(&self) -> NodeStatus {
+        match (self.status, self.draining) {
+            (NodeStatus::Failed, _) => NodeStatus::Failed,
+            (_, Some(_)) => NodeStatus::Draining,
+            _ => NodeStatus::Live,
+        }
+    }
+
     /// Load against capacity, counting recent placements; 1.0 or more is full.
     pub fn fill(&self) -> f64 {
         let used = self.load.viewers + self.placed.len() as u64;
@@ -94,6 +115,8 @@ pub struct Registry {
     publishers: HashMap<String, HashSet<String>>,
     ttl: Duration,
     default_region: String,
+    /// Client networks → region, longest prefix first.
+    cidrs: Vec<(IpNet, String)>,
 }
 
 impl Registry {
@@ -104,16 +127,49 @@ impl Registry {
             publishers: HashMap::new(),
             ttl,
             default_region: default_region.to_owned(),
+            cidrs: Vec::new(),
         }
     }
 
-    /// Registers or re-registers a node (it is live from now).
+    /// Replaces the client network → region table.
+    pub fn set_regions(&mut self, regions: &[RegionRecord]) {
+        self.cidrs = regions
+            .iter()
+            .flat_map(|r| r.cidrs.iter().map(|c| (c.trunc(), r.name.clone())))
+            .collect();
+        self.cidrs
+            .sort_by_key(|c| std::cmp::Reverse(c.0.prefix_len()));
+    }
+
+    /// The region a lookup is placed in: the one asked for, else the one whose CIDR holds the
+    /// client's address (longest prefix), else the default region.
+    pub fn region_for<'a>(&'a self, hint: &'a Hint) -> &'a str {
+        if let Some(r) = &hint.region {
+            return r;
+        }
+        hint.client
+            .and_then(|ip| {
+                let ip = match ip {
+                    std::net::IpAddr::V6(v6) => v6
+                        .to_ipv4_mapped()
+                        .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+                    v4 => v4,
+                };
+                self.cidrs.iter().find(|(net, _)| net.contains(&ip))
+            })
+            .map_or(self.default_region.as_str(), |(_, r)| r.as_str())
+    }
+
+    /// The manager's default region.
+    pub fn default_region(&self) -> &str {
+        &self.default_region
+    }
+
+    /// Registers or re-registers a node (it is live from now; a draining node stays draining).
     pub fn register(&mut self, info: NodeInfo, now: Instant) {
-        let load = self
-            .nodes
-            .get(&info.id)
-            .map(|n| n.load.clone())
-            .unwrap_or_default();
+        let old = self.nodes.get(&info.id);
+        let load = old.map(|n| n.load.clone()).unwrap_or_default();
+        let draining = old.and_then(|n| n.draining);
         self.nodes.insert(
             info.id.clone(),
             NodeEntry {
@@ -121,14 +177,46 @@ impl Registry {
                 load,
                 last_seen: now,
                 status: NodeStatus::Live,
+                draining,
                 placed: VecDeque::new(),
                 carried: HashSet::new(),
             },
         );
     }
 
-    /// A node's heartbeat.
-    pub fn report(&mut self, id: &str, load: LoadReport, now: Instant) -> Result<(), ManagerError> {
+    /// Scales a node in: no new placements; `deadline` is when its last viewers are cut.
+    /// False when the node is unknown.
+    pub fn drain(&mut self, id: &str, deadline: Instant) -> bool {
+        match self.nodes.get_mut(id) {
+            Some(n) => {
+                n.draining.get_or_insert(deadline);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a node (it was removed).
+    pub fn forget(&mut self, id: &str) {
+        if let Some(n) = self.nodes.remove(id) {
+            for b in n.publishing() {
+                if let Some(set) = self.publishers.get_mut(b) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        self.publishers.remove(b);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A node's heartbeat; answers its drain deadline when it is draining.
+    pub fn report(
+        &mut self,
+        id: &str,
+        load: LoadReport,
+        now: Instant,
+    ) -> Result<Option<Instant>, ManagerError> {
         let node = self
             .nodes
             .get_mut(id)
@@ -152,7 +240,7 @@ impl Registry {
         node.last_seen = now;
         node.status = NodeStatus::Live;
         node.forget_placements(now);
-        Ok(())
+        Ok(node.draining)
     }
 
     /// Marks nodes silent for the TTL as failed; returns their ids.
@@ -229,7 +317,7 @@ impl Registry {
         let region = me.map_or(self.default_region.as_str(), |n| n.info.region.as_str());
         let is_relay = me.is_some_and(|n| n.info.role == NodeRole::Relay);
         let usable = |n: &&NodeEntry| {
-            n.status == NodeStatus::Live && n.info.id != asker && n.info.addresses.cluster.is_some()
+            n.placeable() && n.info.id != asker && n.info.addresses.cluster.is_some()
         };
         let mut relays: Vec<&NodeEntry> = self
             .nodes
@@ -286,15 +374,12 @@ impl Registry {
         bonus: impl Fn(&NodeEntry) -> f64,
         pick: &mut impl FnMut(usize) -> usize,
     ) -> Option<String> {
-        let region = hint.region.as_deref().unwrap_or(&self.default_region);
+        let region = self.region_for(hint);
         let best = |in_region: bool| {
             // One pass, keeping the best few (lowest score; ties by id) in order.
             let mut best: Vec<(f64, &NodeEntry)> = Vec::with_capacity(BEST_FEW + 1);
             for n in self.nodes.values() {
-                if n.status != NodeStatus::Live
-                    || !role(n.info.role)
-                    || (in_region && n.info.region != region)
-                {
+                if !n.placeable() || !role(n.info.role) || (in_region && n.info.region != region) {
                     continue;
                 }
                 let fill = n.fill();
@@ -370,6 +455,7 @@ mod tests {
                 cluster: Some(format!("{id}:4443")),
             },
             capacity,
+            group: None,
         }
     }
 
@@ -511,6 +597,53 @@ mod tests {
         assert_eq!(
             r.upstreams("live/x", "relay-b"),
             vec!["origin-a:4443", "origin-b:4443"]
+        );
+    }
+
+    #[test]
+    fn client_networks_pick_the_region_and_draining_nodes_get_nothing() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        r.set_regions(&[
+            RegionRecord {
+                name: "b".into(),
+                cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            },
+            RegionRecord {
+                name: "a".into(),
+                cidrs: vec!["10.1.0.0/16".parse().unwrap()],
+            },
+        ]);
+        let from = |ip: &str| Hint {
+            region: None,
+            client: Some(ip.parse().unwrap()),
+        };
+        // Longest prefix wins; an IPv4-mapped IPv6 address counts as IPv4; no match → default.
+        assert_eq!(r.region_for(&from("10.2.3.4")), "b");
+        assert_eq!(r.region_for(&from("10.1.3.4")), "a");
+        assert_eq!(r.region_for(&from("::ffff:10.9.9.9")), "b");
+        assert_eq!(r.region_for(&from("192.0.2.1")), "a");
+        let asked = Hint {
+            region: Some("a".into()),
+            client: Some("10.2.3.4".parse().unwrap()),
+        };
+        assert_eq!(r.region_for(&asked), "a");
+        let p = r
+            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0)
+            .unwrap();
+        assert_eq!(p.node.region, "b");
+        // Draining edge-b1 and edge-b2: region b has no room left, so region a serves.
+        r.drain("edge-b1", now + Duration::from_secs(60));
+        r.drain("edge-b2", now + Duration::from_secs(60));
+        let p = r
+            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0)
+            .unwrap();
+        assert_eq!(p.node.id, "edge-a");
+        assert_eq!(
+            r.report("edge-b1", load(0, &[]), now),
+            Ok(Some(now + Duration::from_secs(60)))
         );
     }
 

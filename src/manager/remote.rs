@@ -4,6 +4,8 @@
 //! Guarantees: a node registers, then reports its load every [`REPORT_INTERVAL`]; when the
 //! manager forgot it (restart, or marked failed and pruned) it registers again at once; while the
 //! manager is unreachable it keeps serving and retries every interval (logged once per streak).
+//! A node the manager drains keeps serving whoever is connected and stops the process (as
+//! SIGTERM would) once nobody is (no viewer, publisher or downstream node), or at the deadline.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,7 +15,8 @@ use reqwest::StatusCode;
 use tracing::{info, warn};
 
 use super::{
-    BoxFuture, BroadcastLoad, Hint, LoadReport, ManagerError, NodeInfo, Placement, StreamManager,
+    BoxFuture, BroadcastLoad, Hint, LoadReport, ManagerError, NodeInfo, Placement, ReportReply,
+    StreamManager,
 };
 use crate::node::NodeContext;
 
@@ -59,6 +62,7 @@ impl Remote {
             .unwrap_or_else(|| status.to_string());
         Err(match status {
             StatusCode::UNAUTHORIZED => ManagerError::Unauthorized,
+            StatusCode::FORBIDDEN => ManagerError::Forbidden("this call"),
             StatusCode::NOT_FOUND => ManagerError::UnknownNode(reason),
             StatusCode::SERVICE_UNAVAILABLE => ManagerError::Full("request"),
             StatusCode::BAD_REQUEST => ManagerError::BadRequest(reason),
@@ -145,13 +149,17 @@ impl StreamManager for Remote {
         &'a self,
         node: &'a str,
         load: &'a LoadReport,
-    ) -> BoxFuture<'a, Result<(), ManagerError>> {
+    ) -> BoxFuture<'a, Result<ReportReply, ManagerError>> {
         Box::pin(async move {
             let req = self
                 .http
                 .put(format!("{}/api/v1/nodes/{node}/load", self.base))
                 .json(load);
-            self.send(req).await.map(|_| ())
+            self.send(req)
+                .await?
+                .json()
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string()))
         })
     }
 
@@ -300,6 +308,7 @@ pub async fn run_reporter(
 ) {
     let mut registered = false;
     let mut failing = false;
+    let mut draining = false;
     let mut last = Sample::default();
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     loop {
@@ -322,7 +331,23 @@ pub async fn run_reporter(
         }
         let load = collect(&ctx, &mut last);
         match manager.report(&node.id, &load).await {
-            Ok(()) => failing = false,
+            Ok(reply) => {
+                failing = false;
+                if reply.draining && !draining {
+                    info!(
+                        deadline_s = reply.drain_deadline_s,
+                        "the stream manager drains this node: no new placements; it stops once \
+                         nobody is connected"
+                    );
+                }
+                draining = reply.draining;
+                let empty = load.connections == 0 && !load.broadcasts.iter().any(|b| b.publishing);
+                if draining && (empty || reply.drain_deadline_s == Some(0)) {
+                    info!(empty, "drained; stopping");
+                    crate::shutdown::request();
+                    return;
+                }
+            }
             Err(ManagerError::UnknownNode(_)) => {
                 info!("the stream manager forgot this node; registering again");
                 registered = false;

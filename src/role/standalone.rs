@@ -46,17 +46,26 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     let cluster = cfg.cluster.clone();
     let ctx = NodeContext::new(cfg);
     // The embedded manager (standalone): its own token, known only in process.
-    let embedded = ctx.cfg.manager.embedded.then(|| {
-        let token: String = (0..32)
-            .map(|_| rand::random_range(b'a'..=b'z') as char)
-            .collect();
-        let m = Arc::new(crate::manager::embedded::Embedded::new(
-            &token,
-            ctx.cfg.manager.heartbeat_ttl,
-            &ctx.cfg.manager.region,
-        ));
-        (m, token)
-    });
+    let mut admin_secret = None;
+    let embedded = match ctx.cfg.manager.embedded {
+        true => {
+            let token: String = (0..32)
+                .map(|_| rand::random_range(b'a'..=b'z') as char)
+                .collect();
+            let store = crate::manager::store::Store::open(ctx.cfg.manager.db.as_deref())
+                .context("opening the manager database")?;
+            let m = Arc::new(crate::manager::embedded::Embedded::new(
+                &token,
+                ctx.cfg.manager.heartbeat_ttl,
+                &ctx.cfg.manager.region,
+                store,
+                ctx.cfg.manager.require_token,
+            )?);
+            admin_secret = m.ensure_admin(ctx.cfg.manager.admin_token.as_deref())?;
+            Some((m, token))
+        }
+        false => None,
+    };
     let manager: Option<Arc<dyn StreamManager>> = match (&embedded, ctx.cfg.manager.url.as_deref())
     {
         (Some((m, _)), _) => Some(m.clone()),
@@ -124,6 +133,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
                 cluster: cluster_port.map(|p| format!("{host}:{p}")),
             },
             capacity: ctx.cfg.manager.capacity,
+            group: ctx.cfg.manager.node_group.clone(),
         };
         tokio::spawn(crate::manager::remote::run_reporter(
             manager,
@@ -158,6 +168,9 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             &webrtc_udp,
             &cluster_addr,
         );
+    }
+    if let Some(secret) = admin_secret {
+        println!("  Manager API admin token (generated; shown only now): {secret}");
     }
     let extra = embedded.map(|(m, _)| crate::manager::api::api_routes(m));
     serve(ctx, rtmp, http, webrtc, extra).await
@@ -235,10 +248,13 @@ async fn serve(
     if let Some(extra) = extra {
         routes = routes.merge(extra);
     }
-    axum::serve(http, routes)
-        .with_graceful_shutdown(crate::shutdown::signal())
-        .await
-        .context("HTTP server")?;
+    axum::serve(
+        http,
+        routes.into_make_service_with_connect_info::<crate::http::flv::ClientAddr>(),
+    )
+    .with_graceful_shutdown(crate::shutdown::signal())
+    .await
+    .context("HTTP server")?;
     tracing::info!("shutting down");
     Ok(())
 }

@@ -35,6 +35,9 @@ impl Proc {
 }
 
 /// A running `castnode standalone`.
+/// The admin API token a test manager gets unless the test passes its own.
+pub const ADMIN_TOKEN: &str = "admin-token-for-tests-0123456789";
+
 pub struct Server {
     proc: Proc,
     /// The cluster link's UDP port (0 when the node serves none).
@@ -65,11 +68,23 @@ impl Server {
     /// for its "node started" log line and reads the bound ports from it.
     pub fn start_role(role: &str, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_castnode"));
-        cmd.arg(role)
-            .args(["--rtmp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
-            .args(["--webrtc-udp", "127.0.0.1:0", "--public-host", "127.0.0.1"]);
+        cmd.arg(role);
+        for flag in ["--rtmp", "--http", "--webrtc-udp"] {
+            if !extra.contains(&flag) {
+                cmd.args([flag, "127.0.0.1:0"]);
+            }
+        }
+        cmd.args(["--public-host", "127.0.0.1"]);
         if matches!(role, "origin" | "relay") && !extra.contains(&"--cluster") {
             cmd.args(["--cluster", "127.0.0.1:0"]);
+        }
+        if role == "manager" {
+            if !extra.contains(&"--db") {
+                cmd.args(["--db", ":memory:"]);
+            }
+            if !extra.contains(&"--admin-token") {
+                cmd.args(["--admin-token", ADMIN_TOKEN]);
+            }
         }
         let mut child = cmd
             .args(extra)
