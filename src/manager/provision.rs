@@ -35,6 +35,8 @@ pub struct NodeSpec {
     pub role: NodeRole,
     /// Its region.
     pub region: String,
+    /// Its capacity (viewers), when the group sets one.
+    pub capacity: Option<u64>,
 }
 
 /// Creates and removes nodes.
@@ -145,6 +147,9 @@ impl Provisioner for ProcessProvisioner {
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
+            if let Some(c) = spec.capacity {
+                cmd.args(["--capacity", &c.to_string()]);
+            }
             if spec.role != NodeRole::Edge {
                 cmd.args(["--cluster", &any]);
             }

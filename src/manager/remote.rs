@@ -349,8 +349,12 @@ pub async fn run_reporter(
                 }
             }
             Err(ManagerError::UnknownNode(_)) => {
+                // A restarted manager: register again now, not a heartbeat later.
                 info!("the stream manager forgot this node; registering again");
-                registered = false;
+                registered = manager.register(&node, &token).await.is_ok();
+                if registered {
+                    let _ = manager.report(&node.id, &load).await;
+                }
             }
             Err(e) => {
                 if !failing {

@@ -236,6 +236,7 @@ mod tests {
             scale_in_below: 1.0,
             drain_deadline_s: 60,
             cooldown_s: 5,
+            node_capacity: None,
         }
     }
 

@@ -114,6 +114,9 @@ pub struct NodeGroup {
     /// Seconds between two scale actions of the group.
     #[serde(default = "default_cooldown")]
     pub cooldown_s: u64,
+    /// The `--capacity` (viewers) of the nodes it starts [default: theirs].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_capacity: Option<u64>,
 }
 
 /// Most nodes one group may hold.
@@ -387,6 +390,7 @@ mod tests {
             scale_in_below: 1.0,
             drain_deadline_s: 300,
             cooldown_s: 5,
+            node_capacity: None,
         }
     }
 
@@ -423,7 +427,10 @@ mod tests {
         let s = Store::open(None).unwrap();
         let mut g = group();
         g.min = 4;
-        assert!(matches!(s.put_node_group(&g), Err(ManagerError::Invalid(_))));
+        assert!(matches!(
+            s.put_node_group(&g),
+            Err(ManagerError::Invalid(_))
+        ));
         let mut g = group();
         g.scale_in_below = 5.0;
         assert!(s.put_node_group(&g).is_err());

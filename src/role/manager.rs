@@ -141,6 +141,7 @@ async fn autoscale(manager: Arc<Embedded>, provisioner: Option<Arc<dyn Provision
                         group: group.clone(),
                         role: g.role,
                         region: g.region.clone(),
+                        capacity: g.node_capacity,
                     };
                     tracing::info!(group = %group, node = %id, provisioner = prov.name(), "scale out: starting a node");
                     if let Err(e) = prov.create(&spec).await {

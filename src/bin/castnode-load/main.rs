@@ -91,6 +91,11 @@ struct Args {
     /// Where WHEP viewers POST their offers (--protocol whep): http://host:port/whep/app/key.
     #[arg(long)]
     whep_url: Option<String>,
+    /// `--protocol flv` through a stream manager: each player first asks this placement URL
+    /// (`http://manager/api/v1/broadcasts/app/key/subscribe?region=R`) and reads the FLV URL it
+    /// answers (instead of --flv-url).
+    #[arg(long)]
+    subscribe_url: Option<String>,
     /// How players read.
     #[arg(long, value_enum)]
     protocol: Protocol,
@@ -851,6 +856,24 @@ thread_local! {
     static READ_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0; 256 << 10].into_boxed_slice());
 }
 
+/// Asks a stream manager's subscribe lookup where to play; the FLV URL it answers, parsed.
+async fn placed_flv_target(lookup: &str) -> anyhow::Result<HttpTarget> {
+    let v: serde_json::Value = reqwest::Client::new()
+        .get(lookup)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let url = v["urls"]["flv"]
+        .as_str()
+        .context("the placement has no urls.flv")?;
+    let (mut t, host) = HttpTarget::parse(url)?;
+    t.addr = resolve(&host, t.addr.port())?;
+    Ok(t)
+}
+
 async fn flv_player(
     target: Arc<HttpTarget>,
     shared: Arc<Shared>,
@@ -1441,6 +1464,7 @@ impl Setup {
         rtmp.addr = resolve(&rtmp_host, rtmp.addr.port())?;
         let rtmp = Arc::new(rtmp);
         let flv = match args.protocol {
+            Protocol::Flv if args.subscribe_url.is_some() => None,
             Protocol::Flv => {
                 let url = args
                     .flv_url
@@ -1563,6 +1587,15 @@ async fn coordinate(
             .await;
         let (sh, done) = (shared.clone(), done_rx.clone());
         handles.push(match (&flv, &whep, &cert) {
+            _ if args.subscribe_url.is_some() && args.protocol == Protocol::Flv => {
+                let url = args.subscribe_url.clone().unwrap_or_default();
+                tokio::spawn(async move {
+                    match placed_flv_target(&url).await {
+                        Ok(t) => flv_player(Arc::new(t), sh, done).await,
+                        Err(e) => PlayerResult::new(&sh).end(&sh, format!("placement: {e:#}")),
+                    }
+                })
+            }
             (Some(t), _, _) => tokio::spawn(flv_player(t.clone(), sh, done)),
             (_, Some(t), Some(cert)) => tokio::spawn(whep::whep_player(
                 t.clone(),
