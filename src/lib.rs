@@ -40,7 +40,8 @@
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec and the
 //!   quinn driver [`cluster::link`] (serve subscriptions, fetch on demand, fail over).
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
-//!   its HTTP API and the reporter every node runs.
+//!   its HTTP API and the reporter every node runs; the SQLite store (tokens, regions, node
+//!   groups), the autoscaler and the provisioners.
 //! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`) in
 //!   [`role::standalone`], the stream manager in [`role::manager`]; transcoder and mixer are not
 //!   built yet.
