@@ -257,7 +257,7 @@ fn upstreams_come_from_the_manager() {
         format!("127.0.0.1:{}", relay.cluster_port),
         "{v}"
     );
-    let _publisher = ffmpeg_publish(&origin.rtmp_url("u"), &fixture("baseline.flv"), 5);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("u"), &fixture("baseline.flv"), 20);
     origin.wait_live("live/u", Duration::from_secs(10));
     assert!(wait_until(Duration::from_secs(5), || {
         json(&manager, "/api/v1/broadcasts/live/u/subscribe?region=b").0 == 200
@@ -281,6 +281,30 @@ fn upstreams_come_from_the_manager() {
     assert!(video >= 40, "{video} video packets");
     assert_eq!(relay.metric("castnode_cluster_subscriptions_down"), 1.0);
     assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
+
+    // A browser that knows only the manager: it POSTs its WHEP offer there, follows the 307 to
+    // the region-b edge and plays video pulled through the relay.
+    if !has_chromium() {
+        eprintln!("SKIPPED (WHEP part): chromium is not installed (./setup.sh test installs it)");
+        return;
+    }
+    let whep = format!(
+        "http://127.0.0.1:{}/whep/live/u?region=b",
+        manager.http_port
+    );
+    let (port, reports) = serve_page(whep_viewers_page(&whep, 1));
+    let profile = temp_dir("chromium-profile-manager");
+    let _browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
+    let report = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the page reported within 60 s");
+    println!("WHEP through the manager: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let viewer = &v
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}\n{}", edge.log()))[0];
+    assert!(viewer["fps"].as_f64().unwrap_or(0.0) >= 20.0, "{viewer}");
+    assert_eq!(viewer["counterBackward"].as_u64(), Some(0), "{viewer}");
 }
 
 /// `castnode standalone` embeds the manager: placement lookups on its own HTTP port answer with
