@@ -189,7 +189,7 @@ async fn report(
         Ok(l) => l,
         Err(e) => return error(&e),
     };
-    reply(m.report(&id, &load).await)
+    reply(m.report_owned(&id, load))
 }
 
 async fn nodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {

@@ -373,6 +373,17 @@ impl Embedded {
         m.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
+    /// A node's load report, taken by value (the API's path: no copy of the report).
+    pub fn report_owned(&self, node: &str, load: LoadReport) -> Result<ReportReply, ManagerError> {
+        let now = Instant::now();
+        self.registry()
+            .report(node, load, now)
+            .map(|drain| ReportReply {
+                draining: drain.is_some(),
+                drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
+            })
+    }
+
     /// Registers a node whose caller is already authenticated (cluster or admin token).
     pub fn register_node(&self, node: &NodeInfo) -> Result<(), ManagerError> {
         if !name_ok(&node.id)
@@ -449,15 +460,7 @@ impl StreamManager for Embedded {
         node: &'a str,
         load: &'a LoadReport,
     ) -> BoxFuture<'a, Result<ReportReply, ManagerError>> {
-        let now = Instant::now();
-        let r = self
-            .registry()
-            .report(node, load.clone(), now)
-            .map(|drain| ReportReply {
-                draining: drain.is_some(),
-                drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
-            });
-        Box::pin(std::future::ready(r))
+        Box::pin(std::future::ready(self.report_owned(node, load.clone())))
     }
 
     fn publish<'a>(
