@@ -209,6 +209,33 @@ fn edges_scale_out_with_viewers_and_drain_back_without_dropping_one() {
     assert!(stopped >= 2, "{stopped} edges stopped by themselves");
     let m = manager.metric("castnode_manager_scale_actions_total{group=\"edges-a\",action=\"in\"}");
     assert!(m >= 2.0, "{m}");
-    drop(manager);
+    // A stopped manager stops the nodes it started: nothing is left listening.
+    let nodes = get(&manager, "/api/v1/nodes");
+    let ports: Vec<u16> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["group"] == "edges-a")
+        .filter_map(|n| {
+            n["addresses"]["http"]
+                .as_str()?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(ports.len(), 1, "{nodes}");
+    let mut manager = manager;
+    assert!(
+        manager.stop(Duration::from_secs(15)),
+        "the manager did not stop"
+    );
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the edge on port {port} outlived its manager"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -129,6 +129,17 @@ impl Server {
         self.proc.0.id()
     }
 
+    /// Stops the node as an operator would (SIGTERM) and waits up to `limit` for it to exit;
+    /// whether it did (it is killed otherwise).
+    pub fn stop(&mut self, limit: Duration) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let exited = self.proc.wait_for(limit).is_some();
+        self.kill();
+        exited
+    }
+
     /// Kills the node at once (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.proc.0.kill();
