@@ -29,10 +29,22 @@ pub struct Embedded {
     /// Placement lookups need a token.
     require_token: bool,
     /// Placements by (kind, region, result), for `/metrics`.
-    placements: Mutex<BTreeMap<(&'static str, String, &'static str), u64>>,
+    /// Placements by region placed in (known regions; others count as `other`): counts by
+    /// kind × result, see [`PLACEMENT_LABELS`].
+    placements: Mutex<BTreeMap<String, [u64; 6]>>,
     /// Scale actions by (group, action), for `/metrics`.
     scale_actions: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
+
+/// The (kind, result) of each placement counter slot.
+const PLACEMENT_LABELS: [(&str, &str); 6] = [
+    ("publish", "ok"),
+    ("publish", "not_live"),
+    ("publish", "full"),
+    ("subscribe", "ok"),
+    ("subscribe", "not_live"),
+    ("subscribe", "full"),
+];
 
 /// A node as the API lists it.
 #[derive(Debug, serde::Serialize)]
@@ -354,10 +366,19 @@ impl Embedded {
         out.into_values().collect()
     }
 
-    /// Placement counts: ((kind, region, result), count).
+    /// Placement counts: ((kind, region, result), count), leaving out zeros.
     pub fn placement_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
         let m = lock(&self.placements);
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+        let mut out = Vec::new();
+        for (region, counts) in m.iter() {
+            for (i, &n) in counts.iter().enumerate() {
+                if n > 0 {
+                    let (kind, result) = PLACEMENT_LABELS[i];
+                    out.push(((kind, region.clone(), result), n));
+                }
+            }
+        }
+        out
     }
 
     /// Counts a scale action of a group.
@@ -421,22 +442,34 @@ impl Embedded {
         let mut rng = rand::rng();
         let mut pick = |k: usize| rng.random_range(0..k.max(1));
         let mut reg = self.registry();
-        reg.sweep(Instant::now());
+        reg.maybe_sweep(Instant::now());
         let r = if kind == "publish" {
             reg.place_publish(broadcast, hint, &mut pick)
         } else {
             reg.place_subscribe(broadcast, hint, &mut pick)
         };
-        let region = reg.region_for(hint).to_owned();
-        drop(reg);
         let result = match &r {
-            Ok(_) => "ok",
-            Err(ManagerError::NotLive(_)) => "not_live",
-            Err(_) => "full",
+            Ok(_) => 0,
+            Err(ManagerError::NotLive(_)) => 1,
+            Err(_) => 2,
         };
-        *lock(&self.placements)
-            .entry((kind, region, result))
-            .or_default() += 1;
+        let at = usize::from(kind != "publish") * 3 + result;
+        // A region nobody has (an arbitrary `?region=`) must not grow the metrics.
+        let region = reg.region_for(hint);
+        let region = if reg.known_region(region) {
+            region
+        } else {
+            "other"
+        };
+        let mut counts = lock(&self.placements);
+        match counts.get_mut(region) {
+            Some(c) => c[at] += 1,
+            None => {
+                let mut c = [0; 6];
+                c[at] = 1;
+                counts.insert(region.to_owned(), c);
+            }
+        }
         r
     }
 }

@@ -117,7 +117,15 @@ pub struct Registry {
     default_region: String,
     /// Client networks → region, longest prefix first.
     cidrs: Vec<(IpNet, String)>,
+    /// Region → the ids of its nodes (placement looks at one region's nodes only).
+    by_region: HashMap<String, Vec<String>>,
+    /// When [`Registry::sweep`] last ran.
+    last_sweep: Option<Instant>,
 }
+
+/// How often [`Registry::maybe_sweep`] sweeps (placement checks liveness by itself; the sweep
+/// keeps the listed states, the publishers and the placement memory current).
+pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 impl Registry {
     /// An empty registry.
@@ -128,6 +136,8 @@ impl Registry {
             ttl,
             default_region: default_region.to_owned(),
             cidrs: Vec::new(),
+            by_region: HashMap::new(),
+            last_sweep: None,
         }
     }
 
@@ -160,6 +170,13 @@ impl Registry {
             .map_or(self.default_region.as_str(), |(_, r)| r.as_str())
     }
 
+    /// Whether some node reports `region`, a CIDR table names it, or it is the default.
+    pub fn known_region(&self, region: &str) -> bool {
+        region == self.default_region
+            || self.by_region.contains_key(region)
+            || self.cidrs.iter().any(|(_, r)| r == region)
+    }
+
     /// The manager's default region.
     pub fn default_region(&self) -> &str {
         &self.default_region
@@ -170,6 +187,14 @@ impl Registry {
         let old = self.nodes.get(&info.id);
         let load = old.map(|n| n.load.clone()).unwrap_or_default();
         let draining = old.and_then(|n| n.draining);
+        let carried = old.map(|n| n.carried.clone()).unwrap_or_default();
+        if let Some(old_region) = old.map(|n| n.info.region.clone()) {
+            self.unindex(&info.id, &old_region);
+        }
+        self.by_region
+            .entry(info.region.clone())
+            .or_default()
+            .push(info.id.clone());
         self.nodes.insert(
             info.id.clone(),
             NodeEntry {
@@ -179,7 +204,7 @@ impl Registry {
                 status: NodeStatus::Live,
                 draining,
                 placed: VecDeque::new(),
-                carried: HashSet::new(),
+                carried,
             },
         );
     }
@@ -196,9 +221,19 @@ impl Registry {
         }
     }
 
+    fn unindex(&mut self, id: &str, region: &str) {
+        if let Some(ids) = self.by_region.get_mut(region) {
+            ids.retain(|x| x != id);
+            if ids.is_empty() {
+                self.by_region.remove(region);
+            }
+        }
+    }
+
     /// Forgets a node (it was removed).
     pub fn forget(&mut self, id: &str) {
         if let Some(n) = self.nodes.remove(id) {
+            self.unindex(id, &n.info.region);
             for b in n.publishing() {
                 if let Some(set) = self.publishers.get_mut(b) {
                     set.remove(id);
@@ -221,21 +256,33 @@ impl Registry {
             .nodes
             .get_mut(id)
             .ok_or_else(|| ManagerError::UnknownNode(id.to_owned()))?;
-        for b in node.publishing() {
-            if let Some(set) = self.publishers.get_mut(b) {
-                set.remove(id);
-                if set.is_empty() {
-                    self.publishers.remove(b);
+        // Nodes mostly report the same broadcasts as a second ago: then the indexes stand.
+        let same = node.load.broadcasts.len() == load.broadcasts.len()
+            && node
+                .load
+                .broadcasts
+                .iter()
+                .zip(&load.broadcasts)
+                .all(|(a, b)| a.name == b.name && a.publishing == b.publishing);
+        if same {
+            node.load = load;
+        } else {
+            for b in node.publishing() {
+                if let Some(set) = self.publishers.get_mut(b) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        self.publishers.remove(b);
+                    }
                 }
             }
-        }
-        node.carried = load.broadcasts.iter().map(|b| b.name.clone()).collect();
-        node.load = load;
-        for b in node.publishing() {
-            self.publishers
-                .entry(b.to_owned())
-                .or_default()
-                .insert(id.to_owned());
+            node.carried = load.broadcasts.iter().map(|b| b.name.clone()).collect();
+            node.load = load;
+            for b in node.publishing() {
+                self.publishers
+                    .entry(b.to_owned())
+                    .or_default()
+                    .insert(id.to_owned());
+            }
         }
         node.last_seen = now;
         node.status = NodeStatus::Live;
@@ -243,8 +290,19 @@ impl Registry {
         Ok(node.draining)
     }
 
+    /// [`Registry::sweep`], unless it ran less than [`SWEEP_EVERY`] ago.
+    pub fn maybe_sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
+        {
+            self.sweep(now);
+        }
+    }
+
     /// Marks nodes silent for the TTL as failed; returns their ids.
     pub fn sweep(&mut self, now: Instant) -> Vec<String> {
+        self.last_sweep = Some(now);
         let mut failed = Vec::new();
         for n in self.nodes.values_mut() {
             n.forget_placements(now);
@@ -375,11 +433,27 @@ impl Registry {
         pick: &mut impl FnMut(usize) -> usize,
     ) -> Option<String> {
         let region = self.region_for(hint);
+        let now = Instant::now();
         let best = |in_region: bool| {
             // One pass, keeping the best few (lowest score; ties by id) in order.
             let mut best: Vec<(f64, &NodeEntry)> = Vec::with_capacity(BEST_FEW + 1);
-            for n in self.nodes.values() {
-                if !n.placeable() || !role(n.info.role) || (in_region && n.info.region != region) {
+            let regional = self
+                .by_region
+                .get(region)
+                .into_iter()
+                .flatten()
+                .filter_map(|id| self.nodes.get(id));
+            let nodes: Box<dyn Iterator<Item = &NodeEntry>> = if in_region {
+                Box::new(regional)
+            } else {
+                Box::new(self.nodes.values())
+            };
+            for n in nodes {
+                // Liveness is checked here too: the last sweep may be up to SWEEP_EVERY old.
+                if !n.placeable()
+                    || !role(n.info.role)
+                    || now.saturating_duration_since(n.last_seen) > self.ttl
+                {
                     continue;
                 }
                 let fill = n.fill();
@@ -645,6 +719,47 @@ mod tests {
             r.report("edge-b1", load(0, &[]), now),
             Ok(Some(now + Duration::from_secs(60)))
         );
+    }
+
+    #[test]
+    fn reregistering_keeps_the_report_and_can_move_regions() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        r.report("edge-b2", load(2, &[("live/x", false)]), now)
+            .unwrap();
+        // Re-registered (a manager that forgot it), then the same report: still a carrier.
+        r.register(node("edge-b2", NodeRole::Edge, "b", 10), now);
+        r.report("edge-b2", load(2, &[("live/x", false)]), now)
+            .unwrap();
+        let in_region = |name: &str| Hint {
+            region: Some(name.into()),
+            client: None,
+        };
+        let p = r
+            .place_subscribe("live/x", &in_region("b"), &mut |_| 0)
+            .unwrap();
+        assert_eq!(p.node.id, "edge-b2");
+        // Moved to region c: placed there, and no longer in b.
+        r.register(node("edge-b2", NodeRole::Edge, "c", 10), now);
+        let p = r
+            .place_subscribe("live/x", &in_region("c"), &mut |_| 0)
+            .unwrap();
+        assert_eq!(p.node.id, "edge-b2");
+        for _ in 0..5 {
+            let p = r
+                .place_subscribe("live/x", &in_region("b"), &mut |k| k - 1)
+                .unwrap();
+            assert_eq!(p.node.id, "edge-b1");
+        }
+        assert!(r.known_region("c") && !r.known_region("nowhere"));
+        // The origin stops publishing: subscribe lookups say so.
+        r.report("origin-a", load(0, &[]), now).unwrap();
+        assert!(matches!(
+            r.place_subscribe("live/x", &in_region("b"), &mut |_| 0),
+            Err(ManagerError::NotLive(_))
+        ));
     }
 
     #[test]
