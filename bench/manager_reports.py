@@ -70,7 +70,10 @@ def worker(args, nodes, stop, lat, counts, errors):
             nxt += step
             t = time.monotonic()
             try:
-                conn.request("PUT", f"/api/v1/nodes/node-{i}/load", bodies[i], headers)
+                if args.healthz:
+                    conn.request("GET", "/healthz")
+                else:
+                    conn.request("PUT", f"/api/v1/nodes/node-{i}/load", bodies[i], headers)
                 r = conn.getresponse()
                 r.read()
                 if r.status != 200:
@@ -94,6 +97,11 @@ def main():
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--warmup", type=float, default=5)
     ap.add_argument("--duration", type=float, default=30)
+    ap.add_argument(
+        "--healthz",
+        action="store_true",
+        help="send GET /healthz at the same rate instead (the HTTP floor, for comparison)",
+    )
     args = ap.parse_args()
 
     conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
