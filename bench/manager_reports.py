@@ -39,7 +39,7 @@ def node_info(i):
     }
 
 
-def load_report(i):
+def load_report(i, broadcasts=20):
     return json.dumps(
         {
             "cpu": 0.5,
@@ -50,7 +50,7 @@ def load_report(i):
             "viewers": 200,
             "broadcasts": [
                 {"name": f"live/{(i + b) % 200}", "viewers": 10, "publishing": i % 10 == 0}
-                for b in range(20)
+                for b in range(broadcasts)
             ],
         }
     ).encode()
@@ -59,7 +59,7 @@ def load_report(i):
 def worker(args, nodes, stop, lat, counts, errors):
     conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
     headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
-    bodies = {i: load_report(i) for i in nodes}
+    bodies = {i: load_report(i, args.broadcasts) for i in nodes}
     step = 1.0 / len(nodes)
     nxt = time.monotonic()
     while not stop.is_set():
@@ -76,7 +76,7 @@ def worker(args, nodes, stop, lat, counts, errors):
                     conn.request("PUT", f"/api/v1/nodes/node-{i}/load", bodies[i], headers)
                 r = conn.getresponse()
                 r.read()
-                if r.status != 200:
+                if r.status not in (200, 204):
                     errors.append(r.status)
             except Exception as e:  # noqa: BLE001 - any failure counts, then reconnect
                 errors.append(str(e))
@@ -95,6 +95,7 @@ def main():
     ap.add_argument("--pid", type=int, required=True, help="the manager's process id")
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--broadcasts", type=int, default=20, help="broadcasts in each report")
     ap.add_argument("--warmup", type=float, default=5)
     ap.add_argument("--duration", type=float, default=30)
     ap.add_argument(

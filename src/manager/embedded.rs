@@ -259,7 +259,7 @@ impl Embedded {
     /// Creates or replaces a region's CIDR table.
     pub fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
         if !name_ok(&r.name) || r.cidrs.len() > 10_000 {
-            return Err(ManagerError::BadRequest(
+            return Err(ManagerError::Invalid(
                 "region: 1 to 128 printable ASCII characters, at most 10000 CIDRs".into(),
             ));
         }

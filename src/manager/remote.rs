@@ -155,9 +155,11 @@ impl StreamManager for Remote {
                 .http
                 .put(format!("{}/api/v1/nodes/{node}/load", self.base))
                 .json(load);
-            self.send(req)
-                .await?
-                .json()
+            let resp = self.send(req).await?;
+            if resp.status() == StatusCode::NO_CONTENT {
+                return Ok(ReportReply::default());
+            }
+            resp.json()
                 .await
                 .map_err(|e| ManagerError::Unreachable(e.to_string()))
         })
