@@ -33,6 +33,11 @@ pub fn router(manager: Arc<Embedded>) -> Router {
     api_routes(manager.clone()).merge(
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
+            .route(
+                "/",
+                get(|| async { axum::response::Redirect::temporary("/console") }),
+            )
+            .route("/console", get(console))
             .route("/metrics", get(metrics))
             .route("/api/v1/broadcasts", get(broadcasts))
             .route("/api/v1/nodegroups", get(node_groups))
@@ -564,6 +569,19 @@ async fn whep(
 
 async fn preflight() -> Response {
     crate::http::preflight("POST, OPTIONS")
+}
+
+/// The management console: one page of plain HTML/JS on the REST API (nodes with live load,
+/// broadcasts with a preview and the broadcaster's URLs, node groups, regions, load charts).
+async fn console() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        include_str!("console.html"),
+    )
+        .into_response()
 }
 
 async fn openapi() -> Response {

@@ -73,6 +73,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let host = &cfg.public_host;
     let port = addr.port();
     println!("castnode manager is running.");
+    println!("  Console: http://{host}:{port}/console   (with an API token)");
     println!("  Nodes register with: --manager http://{host}:{port} --cluster-token <the token>");
     println!(
         "  Where to publish: http://{host}:{port}/api/v1/broadcasts/live/mystream/publish?region=R"
