@@ -84,6 +84,11 @@ fn bench(c: &mut Criterion) {
             black_box(reg.report(&id, report.clone(), Instant::now()).is_ok())
         })
     });
+    // What the manager's API does with a report's body before the registry sees it.
+    let body = serde_json::to_vec(&report).unwrap();
+    g.bench_function("report_json_parse", |b| {
+        b.iter(|| black_box(serde_json::from_slice::<LoadReport>(black_box(&body)).is_ok()))
+    });
     g.finish();
 }
 

@@ -281,3 +281,40 @@ fn regions_by_address_and_a_restart_keeps_the_configuration() {
     drop(m);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn require_token_guards_lookups_and_redirects() {
+    let m = manager(&["--require-token"]);
+    let _a = origin(&m, "origin-rt", "default");
+    assert!(wait_until(Duration::from_secs(10), || live(
+        &m,
+        "origin-rt"
+    )));
+    let publish = "/api/v1/broadcasts/live/rt/publish";
+    assert_eq!(call(&m, "GET", publish, None, None).0, 401);
+    let (_, t) = call(
+        &m,
+        "POST",
+        "/api/v1/tokens",
+        Some(ADMIN_TOKEN),
+        Some(r#"{"name":"players","access":"read-only"}"#),
+    );
+    let ro = t["token"].as_str().unwrap().to_owned();
+    let (status, p) = call(&m, "GET", publish, Some(&ro), None);
+    assert_eq!(status, 200, "{p}");
+    assert_eq!(p["node"]["id"], "origin-rt");
+    // WHIP through the manager: refused without a token, redirected with one.
+    let whip = |bearer: Option<&str>| {
+        http_request_with(
+            m.http_port,
+            "POST",
+            "/whip/live/rt",
+            Some("application/sdp"),
+            bearer,
+            b"v=0\r\n",
+        )
+        .0
+    };
+    assert_eq!(whip(None), 401);
+    assert_eq!(whip(Some(&ro)), 307);
+}
