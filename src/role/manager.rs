@@ -88,11 +88,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     println!("  OpenAPI: http://{host}:{port}/api/v1/openapi.json");
     println!("  Metrics: http://{host}:{port}/metrics");
     match &cfg.manager.db {
-        Some(p) => println!("  Database: {}", p.display()),
-        None => println!("  Database: in memory (nothing survives a restart)"),
+        Some(p) if p.as_os_str() != ":memory:" => println!("  Database: {}", p.display()),
+        _ => println!("  Database: in memory (nothing survives a restart)"),
     }
     if let Some(secret) = generated {
         println!("  Admin API token (generated; shown only now, stored hashed): {secret}");
+        println!("  Console, signed in: http://{host}:{port}/console#token={secret}");
     }
     tracing::info!(http = %addr, region = %cfg.manager.region, "manager node started");
     let served = axum::serve(
