@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Simulated nodes reporting to a `castnode manager` over HTTP, and what it costs the manager.
+"""Simulated nodes reporting to a `castnode manager`, and what it costs the manager.
 
-Registers N nodes (10 regions; every tenth an origin; each reports 20 broadcasts), then sends
-each node's load report once per second, spread evenly over the second, on keep-alive
-connections from a few threads. Over the measuring window it reads the manager's CPU time from
+Registers N nodes over HTTP (10 regions; every tenth an origin; each reports 20 broadcasts),
+then sends each node's load report once per second, spread evenly over the second, from a few
+threads: as UDP heartbeats signed with the cluster token (`--udp`, what nodes do), or as HTTP
+PUTs on keep-alive connections. Over the measuring window it reads the manager's CPU time from
 /proc/PID/stat and prints: reports per second achieved, report latency p50/p99, and the manager's
 CPU in cores. Run a release `castnode manager` first (see BENCHMARKS.md).
 
@@ -11,9 +12,13 @@ CPU in cores. Run a release `castnode manager` first (see BENCHMARKS.md).
 """
 
 import argparse
+import hashlib
+import hmac
 import http.client
 import json
 import os
+import socket
+import struct
 import threading
 import time
 
@@ -56,10 +61,36 @@ def load_report(i, broadcasts=20):
     ).encode()
 
 
-def worker(args, nodes, stop, lat, counts, errors):
-    conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
-    headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
+def heartbeat(token, node, seq, body, answer):
+    """A UDP heartbeat datagram (src/manager/heartbeat.rs)."""
+    nid = node.encode()
+    msg = b"CNH1" + bytes([4 if answer else 1]) + struct.pack(">Q", seq) + bytes([len(nid)]) + nid + body
+    return msg + hmac.new(token.encode(), msg, hashlib.sha256).digest()
+
+
+def udp_worker(args, nodes, stop, lat, counts, errors):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.connect(("127.0.0.1", args.port))
+    sock.settimeout(0.05)
     bodies = {i: load_report(i, args.broadcasts) for i in nodes}
+    sent = 0
+    for i in paced(nodes, stop):
+        seq = time.time_ns() // 1000
+        answer = sent % 10 == 0
+        sent += 1
+        t = time.monotonic()
+        sock.send(heartbeat(args.token, f"node-{i}", seq, bodies[i], answer))
+        if answer:
+            try:
+                sock.recv(512)
+                lat.append(time.monotonic() - t)
+            except OSError as e:
+                errors.append(str(e))
+        counts[0] += 1
+
+
+def paced(nodes, stop):
+    """Yields the nodes in turn, spread evenly so each comes once a second, until `stop`."""
     step = 1.0 / len(nodes)
     nxt = time.monotonic()
     while not stop.is_set():
@@ -68,24 +99,32 @@ def worker(args, nodes, stop, lat, counts, errors):
             if nxt > now:
                 time.sleep(nxt - now)
             nxt += step
-            t = time.monotonic()
-            try:
-                if args.healthz:
-                    conn.request("GET", "/healthz")
-                else:
-                    conn.request("PUT", f"/api/v1/nodes/node-{i}/load", bodies[i], headers)
-                r = conn.getresponse()
-                r.read()
-                if r.status not in (200, 204):
-                    errors.append(r.status)
-            except Exception as e:  # noqa: BLE001 - any failure counts, then reconnect
-                errors.append(str(e))
-                conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
-                continue
-            lat.append(time.monotonic() - t)
-            counts[0] += 1
             if stop.is_set():
                 return
+            yield i
+
+
+def worker(args, nodes, stop, lat, counts, errors):
+    conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
+    headers = {"Authorization": f"Bearer {args.token}", "Content-Type": "application/json"}
+    bodies = {i: load_report(i, args.broadcasts) for i in nodes}
+    for i in paced(nodes, stop):
+        t = time.monotonic()
+        try:
+            if args.healthz:
+                conn.request("GET", "/healthz")
+            else:
+                conn.request("PUT", f"/api/v1/nodes/node-{i}/load", bodies[i], headers)
+            r = conn.getresponse()
+            r.read()
+            if r.status not in (200, 204):
+                errors.append(r.status)
+        except Exception as e:  # noqa: BLE001 - any failure counts, then reconnect
+            errors.append(str(e))
+            conn = http.client.HTTPConnection("127.0.0.1", args.port, timeout=5)
+            continue
+        lat.append(time.monotonic() - t)
+        counts[0] += 1
 
 
 def main():
@@ -96,6 +135,11 @@ def main():
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--broadcasts", type=int, default=20, help="broadcasts in each report")
+    ap.add_argument(
+        "--udp",
+        action="store_true",
+        help="report as UDP heartbeats, as nodes do (every tenth asks for an answer; latency is of those)",
+    )
     ap.add_argument("--warmup", type=float, default=5)
     ap.add_argument("--duration", type=float, default=30)
     ap.add_argument(
@@ -118,7 +162,8 @@ def main():
     threads = []
     for t in range(args.threads):
         mine = list(range(t, args.nodes, args.threads))
-        th = threading.Thread(target=worker, args=(args, mine, stop, lat, counts, errors))
+        target = udp_worker if args.udp else worker
+        th = threading.Thread(target=target, args=(args, mine, stop, lat, counts, errors))
         th.start()
         threads.append(th)
     time.sleep(args.warmup)
@@ -137,6 +182,7 @@ def main():
         json.dumps(
             {
                 "nodes": args.nodes,
+                "transport": "udp" if args.udp else ("http /healthz" if args.healthz else "http"),
                 "window_s": round(window, 1),
                 "reports_per_s": round((c1 - c0) / window, 1),
                 "latency_ms": {"p50": round(pct(0.5), 2), "p99": round(pct(0.99), 2)},

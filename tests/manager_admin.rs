@@ -276,6 +276,10 @@ fn regions_by_address_and_a_restart_keeps_the_configuration() {
     let took = restarted.elapsed();
     println!("nodes re-registered {took:?} after the manager restarted");
     assert!(took <= Duration::from_millis(2500), "{took:?}");
+    // Their load reports come as UDP heartbeats (HTTP only registers them).
+    assert!(wait_until(Duration::from_secs(5), || {
+        m.metric("castnode_manager_reports_total{transport=\"udp\"}") >= 4.0
+    }));
     let (_, p) = call(&m, "GET", publish, None, None);
     assert_eq!(p["node"]["id"], "origin-b", "{p}");
     drop(m);

@@ -618,6 +618,11 @@ async fn metrics(State(m): State<Arc<Embedded>>) -> Response {
             "castnode_manager_placements_total{{kind=\"{kind}\",region=\"{region}\",result=\"{result}\"}} {n}"
         );
     }
+    let (udp, http) = m.report_counts();
+    let _ = writeln!(
+        s,
+        "# HELP castnode_manager_reports_total Load reports taken, by transport.\n# TYPE castnode_manager_reports_total counter\ncastnode_manager_reports_total{{transport=\"udp\"}} {udp}\ncastnode_manager_reports_total{{transport=\"http\"}} {http}"
+    );
     let _ = writeln!(
         s,
         "# HELP castnode_manager_scale_actions_total Autoscaler actions by node group and action (out: node started, in: node drained, remove: node ended).\n# TYPE castnode_manager_scale_actions_total counter"

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use super::heartbeat;
 use super::registry::{NodeEntry, NodeStatus, Registry};
 use super::store::{
     Access, NodeGroup, RegionRecord, Store, TokenRecord, hash_secret, name_ok, new_secret,
@@ -32,6 +33,8 @@ pub struct Embedded {
     /// Placements by region placed in (known regions; others count as `other`): counts by
     /// kind × result, see [`PLACEMENT_LABELS`].
     placements: Mutex<BTreeMap<String, [u64; 6]>>,
+    /// Load reports taken: (UDP heartbeats, HTTP), for `/metrics`.
+    reports: [std::sync::atomic::AtomicU64; 2],
     /// Scale actions by (group, action), for `/metrics`.
     scale_actions: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -115,6 +118,7 @@ impl Embedded {
             tokens: RwLock::new(HashMap::new()),
             require_token,
             placements: Mutex::new(BTreeMap::new()),
+            reports: Default::default(),
             scale_actions: Mutex::new(BTreeMap::new()),
         };
         m.reload_tokens()?;
@@ -381,6 +385,12 @@ impl Embedded {
         out
     }
 
+    /// Load reports taken: (over UDP heartbeats, over HTTP or in process).
+    pub fn report_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.reports[0].load(Relaxed), self.reports[1].load(Relaxed))
+    }
+
     /// Counts a scale action of a group.
     pub fn count_scale_action(&self, group: &str, action: &'static str) {
         *lock(&self.scale_actions)
@@ -396,6 +406,7 @@ impl Embedded {
 
     /// A node's load report, taken by value (the API's path: no copy of the report).
     pub fn report_owned(&self, node: &str, load: LoadReport) -> Result<ReportReply, ManagerError> {
+        self.reports[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         self.registry()
             .report(node, load, now)
@@ -403,6 +414,43 @@ impl Embedded {
                 draining: drain.is_some(),
                 drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
             })
+    }
+
+    /// Handles one UDP heartbeat datagram (see [`super::heartbeat`]); the reply to send back,
+    /// when the node must act. Unauthenticated, malformed or replayed datagrams are dropped.
+    pub fn heartbeat(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+        let token = self.token.as_bytes();
+        let r = match heartbeat::decode_report(token, datagram) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "heartbeat datagram dropped");
+                return None;
+            }
+        };
+        let load: LoadReport = match serde_json::from_slice(r.body) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(node = %r.node, error = %e, "heartbeat with a malformed report");
+                return None;
+            }
+        };
+        let now = Instant::now();
+        let reply = self.registry().report_seq(r.node, r.seq, load, now);
+        if reply.is_ok() {
+            self.reports[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let directive = match reply {
+            Err(_) => heartbeat::Directive::Unknown,
+            Ok(None) if r.answer => heartbeat::Directive::Taken,
+            Ok(None) => return None,
+            Ok(Some(deadline)) => heartbeat::Directive::Draining(
+                deadline
+                    .saturating_duration_since(now)
+                    .as_secs()
+                    .min(u64::from(u32::MAX)) as u32,
+            ),
+        };
+        Some(heartbeat::encode_reply(token, r.node, r.seq, directive))
     }
 
     /// Registers a node whose caller is already authenticated (cluster or admin token).

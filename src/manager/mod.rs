@@ -11,6 +11,7 @@
 //! - [`embedded`]: the in-process manager.
 //! - [`api`]: the manager's HTTP API (axum), including the WHIP/WHEP redirects.
 //! - [`remote`]: the HTTP client of that API, and the reporter task every node runs.
+//! - [`heartbeat`]: load reports as authenticated UDP datagrams (the cheap path).
 //! - [`store`]: tokens, regions and node groups in SQLite.
 //! - [`scale`]: the autoscaler (pure: groups and nodes in, actions out).
 //! - [`provision`]: the provisioner trait and the local-process provisioner.
@@ -20,6 +21,7 @@
 
 pub mod api;
 pub mod embedded;
+pub mod heartbeat;
 pub mod provision;
 pub mod registry;
 pub mod remote;

@@ -57,6 +57,8 @@ pub struct NodeEntry {
     pub status: NodeStatus,
     /// When it is draining: the deadline for its last viewers.
     pub draining: Option<Instant>,
+    /// The sequence number of its last UDP heartbeat (replays at or below it are ignored).
+    pub heartbeat_seq: u64,
     /// When viewers or publishers were sent to it, within [`PLACEMENT_MEMORY`].
     pub placed: VecDeque<Instant>,
     /// The broadcasts of its last report (for the carriers' preference).
@@ -105,6 +107,16 @@ impl NodeEntry {
             .filter(|b| b.publishing)
             .map(|b| b.name.as_str())
     }
+}
+
+/// Node `id` of `nodes` (a free function, so the other fields stay borrowable).
+fn node_in<'a>(
+    nodes: &'a mut HashMap<String, NodeEntry>,
+    id: &str,
+) -> Result<&'a mut NodeEntry, ManagerError> {
+    nodes
+        .get_mut(id)
+        .ok_or_else(|| ManagerError::UnknownNode(id.to_owned()))
 }
 
 /// The nodes a manager knows.
@@ -188,6 +200,7 @@ impl Registry {
         let load = old.map(|n| n.load.clone()).unwrap_or_default();
         let draining = old.and_then(|n| n.draining);
         let carried = old.map(|n| n.carried.clone()).unwrap_or_default();
+        let heartbeat_seq = old.map_or(0, |n| n.heartbeat_seq);
         if let Some(old_region) = old.map(|n| n.info.region.clone()) {
             self.unindex(&info.id, &old_region);
         }
@@ -203,6 +216,7 @@ impl Registry {
                 last_seen: now,
                 status: NodeStatus::Live,
                 draining,
+                heartbeat_seq,
                 placed: VecDeque::new(),
                 carried,
             },
@@ -252,10 +266,7 @@ impl Registry {
         load: LoadReport,
         now: Instant,
     ) -> Result<Option<Instant>, ManagerError> {
-        let node = self
-            .nodes
-            .get_mut(id)
-            .ok_or_else(|| ManagerError::UnknownNode(id.to_owned()))?;
+        let node = node_in(&mut self.nodes, id)?;
         // Nodes mostly report the same broadcasts as a second ago: then the indexes stand.
         let same = node.load.broadcasts.len() == load.broadcasts.len()
             && node
@@ -288,6 +299,23 @@ impl Registry {
         node.status = NodeStatus::Live;
         node.forget_placements(now);
         Ok(node.draining)
+    }
+
+    /// A heartbeat datagram's report: taken only when `seq` is above the node's last one (a
+    /// replay is ignored: `Ok(None)`); else as [`Registry::report`].
+    pub fn report_seq(
+        &mut self,
+        id: &str,
+        seq: u64,
+        load: LoadReport,
+        now: Instant,
+    ) -> Result<Option<Instant>, ManagerError> {
+        let node = node_in(&mut self.nodes, id)?;
+        if seq <= node.heartbeat_seq {
+            return Ok(None);
+        }
+        node.heartbeat_seq = seq;
+        self.report(id, load, now)
     }
 
     /// [`Registry::sweep`], unless it ran less than [`SWEEP_EVERY`] ago.

@@ -23,12 +23,30 @@ use crate::node::NodeContext;
 /// How often a node reports.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A `castnode manager` reached over HTTP.
+/// How long a node waits for the manager's answer to a UDP heartbeat (it answers only when the
+/// node must act: register again, or drain).
+pub const HEARTBEAT_REPLY_WAIT: Duration = Duration::from_millis(50);
+
+/// A `castnode manager` reached over HTTP, with load reports as UDP heartbeats
+/// ([`super::heartbeat`]) to the same port number.
 pub struct Remote {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// The heartbeat socket, connected to the manager (made on first use).
+    udp: tokio::sync::Mutex<Option<Arc<tokio::net::UdpSocket>>>,
+    /// The last heartbeat's sequence number.
+    seq: std::sync::atomic::AtomicU64,
+    /// Heartbeats sent.
+    sent: std::sync::atomic::AtomicU64,
+    /// Reports go over HTTP until then: a heartbeat that asked for an answer got none.
+    udp_off_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// Every how many heartbeats a node asks for an answer (the first one always does).
+pub const HEARTBEAT_ANSWER_EVERY: u64 = 10;
+/// How long a node reports over HTTP after its heartbeats went unanswered.
+pub const HEARTBEAT_OFF: Duration = Duration::from_secs(60);
 
 impl Remote {
     /// A client of the manager at `base` (`http://host:port`) proving `token`.
@@ -41,6 +59,117 @@ impl Remote {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
             http,
+            udp: tokio::sync::Mutex::new(None),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            udp_off_until: std::sync::Mutex::new(None),
+            sent: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// The heartbeat socket, connected to the manager's host and port.
+    async fn udp(&self) -> std::io::Result<Arc<tokio::net::UdpSocket>> {
+        let mut slot = self.udp.lock().await;
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let rest = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or_default();
+        let authority = if authority
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+            && !authority.ends_with(']')
+        {
+            authority.to_owned()
+        } else if self.base.starts_with("https://") {
+            format!("{authority}:443")
+        } else {
+            format!("{authority}:80")
+        };
+        let addr = tokio::net::lookup_host(&authority)
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other(format!("{authority} has no address")))?;
+        let local: std::net::SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = tokio::net::UdpSocket::bind(local).await?;
+        sock.connect(addr).await?;
+        let sock = Arc::new(sock);
+        *slot = Some(sock.clone());
+        Ok(sock)
+    }
+
+    /// Sends `load` as a UDP heartbeat and waits [`HEARTBEAT_REPLY_WAIT`] for an answer. `None`
+    /// when it cannot go that way (too large, no socket, the port refuses): use HTTP.
+    async fn heartbeat(
+        &self,
+        node: &str,
+        load: &LoadReport,
+    ) -> Option<Result<ReportReply, ManagerError>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let body = serde_json::to_vec(load).ok()?;
+        // Rising across restarts: the wall clock in microseconds, or one more than the last.
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        {
+            let off = self.udp_off_until.lock().unwrap_or_else(|p| p.into_inner());
+            if off.is_some_and(|t| std::time::Instant::now() < t) {
+                return None;
+            }
+        }
+        let prev = self.seq.load(SeqCst);
+        let seq = now_us.max(prev + 1);
+        self.seq.store(seq, SeqCst);
+        let sent = self.sent.fetch_add(1, SeqCst);
+        let answer = sent.is_multiple_of(HEARTBEAT_ANSWER_EVERY);
+        let datagram =
+            super::heartbeat::encode_report(self.token.as_bytes(), node, seq, &body, answer)?;
+        let sock = self.udp().await.ok()?;
+        sock.send(&datagram).await.ok()?;
+        let deadline = tokio::time::Instant::now() + HEARTBEAT_REPLY_WAIT;
+        let mut buf = [0u8; 512];
+        loop {
+            match tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+                // No answer: the manager took it, unless it was asked to answer.
+                Err(_) if !answer => return Some(Ok(ReportReply::default())),
+                Err(_) => {
+                    warn!(
+                        "the stream manager did not answer a UDP heartbeat; reporting over HTTP for {} s",
+                        HEARTBEAT_OFF.as_secs()
+                    );
+                    *self.udp_off_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(std::time::Instant::now() + HEARTBEAT_OFF);
+                    return None;
+                }
+                // The port refuses (no manager there, or an old one without heartbeats).
+                Ok(Err(_)) => return None,
+                Ok(Ok(n)) => {
+                    let Ok((id, s, d)) =
+                        super::heartbeat::decode_reply(self.token.as_bytes(), &buf[..n])
+                    else {
+                        continue;
+                    };
+                    if id != node || s != seq {
+                        continue;
+                    }
+                    return Some(match d {
+                        super::heartbeat::Directive::Unknown => {
+                            Err(ManagerError::UnknownNode(node.to_owned()))
+                        }
+                        super::heartbeat::Directive::Draining(s) => Ok(ReportReply {
+                            draining: true,
+                            drain_deadline_s: Some(u64::from(s)),
+                        }),
+                        super::heartbeat::Directive::Taken => Ok(ReportReply::default()),
+                    });
+                }
+            }
         }
     }
 
@@ -151,6 +280,9 @@ impl StreamManager for Remote {
         load: &'a LoadReport,
     ) -> BoxFuture<'a, Result<ReportReply, ManagerError>> {
         Box::pin(async move {
+            if let Some(r) = self.heartbeat(node, load).await {
+                return r;
+            }
             let req = self
                 .http
                 .put(format!("{}/api/v1/nodes/{node}/load", self.base))

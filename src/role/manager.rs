@@ -31,6 +31,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding HTTP to {}", cfg.http))?;
     let addr = http.local_addr()?;
+    // Heartbeats (UDP) on the HTTP port's number.
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("binding the heartbeat UDP port {addr}"))?;
     let manager = Arc::new(Embedded::new(
         &cfg.cluster.token,
         cfg.manager.heartbeat_ttl,
@@ -56,6 +60,21 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    let beats = manager.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            match udp.recv_from(&mut buf).await {
+                Ok((n, from)) => {
+                    if let Some(reply) = beats.heartbeat(&buf[..n]) {
+                        let _ = udp.send_to(&reply, from).await;
+                    }
+                }
+                // ICMP errors from earlier replies surface here; nothing to do.
+                Err(e) => tracing::debug!(error = %e, "heartbeat socket"),
+            }
+        }
+    });
     let sweeper = manager.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
@@ -74,7 +93,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let port = addr.port();
     println!("castnode manager is running.");
     println!("  Console: http://{host}:{port}/console   (with an API token)");
-    println!("  Nodes register with: --manager http://{host}:{port} --cluster-token <the token>");
+    println!(
+        "  Nodes register with: --manager http://{host}:{port} --cluster-token <the token>   (heartbeats: UDP {port})"
+    );
     println!(
         "  Where to publish: http://{host}:{port}/api/v1/broadcasts/live/mystream/publish?region=R"
     );
