@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -18,19 +18,8 @@ fn console_dom(manager: &Server, token: &str, name: &str) -> String {
         "http://127.0.0.1:{}/console#token={token}",
         manager.http_port
     );
-    let out = Command::new("chromium")
-        .args([
-            "--headless=new",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-            "--virtual-time-budget=5000",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
+    let out = chromium_command(&profile)
+        .args(["--dump-dom", "--virtual-time-budget=5000"])
         .arg(url)
         .stdin(Stdio::null())
         .stderr(Stdio::null())

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::embedded::{Embedded, NodeView};
 use super::registry::NodeStatus;
 use super::store::{Access, NodeGroup, RegionRecord};
-use super::{Hint, LoadReport, ManagerError, NodeInfo, Placement, StreamManager};
+use super::{Hint, ManagerError, NodeInfo, Placement, StreamManager};
 
 /// The manager service's routes: [`api_routes`] plus the broadcasts and node-group APIs,
 /// health, metrics and the WHIP/WHEP redirects.
@@ -144,12 +144,23 @@ fn client_ip(ext: &Extensions) -> Option<IpAddr> {
         })
 }
 
-/// Answers `r` as JSON, or the error.
-fn reply<T: serde::Serialize>(r: Result<T, ManagerError>) -> Response {
-    match r {
-        Ok(v) => axum::Json(v).into_response(),
-        Err(e) => error(&e),
+impl IntoResponse for ManagerError {
+    fn into_response(self) -> Response {
+        error(&self)
     }
+}
+
+/// What a handler answers: a response, or the error as JSON with its status.
+type ApiResult = Result<Response, ManagerError>;
+
+/// `v` as a JSON answer.
+fn json<T: serde::Serialize>(v: T) -> ApiResult {
+    Ok(axum::Json(v).into_response())
+}
+
+/// `204 No Content`.
+fn no_content() -> ApiResult {
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 fn bearer(headers: &HeaderMap) -> &str {
@@ -164,55 +175,45 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ManagerErr
     serde_json::from_slice(body).map_err(|e| ManagerError::BadRequest(e.to_string()))
 }
 
-async fn register(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> Response {
-    if !m.node_caller(bearer(&headers)) {
-        return error(&ManagerError::Unauthorized);
+/// Node calls prove the cluster token (or an admin token).
+fn authorize_node(m: &Embedded, headers: &HeaderMap) -> Result<(), ManagerError> {
+    if m.node_caller(bearer(headers)) {
+        Ok(())
+    } else {
+        Err(ManagerError::Unauthorized)
     }
-    let node: NodeInfo = match json_body(&body) {
-        Ok(n) => n,
-        Err(e) => return error(&e),
-    };
-    match m.register_node(&node) {
-        Ok(()) => {
-            tracing::info!(node = %node.id, role = ?node.role, region = %node.region, "node registered");
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(e) => error(&e),
-    }
+}
+
+async fn register(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize_node(&m, &headers)?;
+    let node: NodeInfo = json_body(&body)?;
+    m.register_node(&node)?;
+    tracing::info!(node = %node.id, role = ?node.role, region = %node.region, "node registered");
+    no_content()
 }
 
 /// The largest load report accepted.
 const REPORT_LIMIT: usize = 1 << 20;
 
-/// A node's heartbeat: the hottest call (every node, every second), so it reads its header and
-/// body without copying the header map, and answers `204` unless the node is draining.
+/// A node's load report over HTTP (nodes send UDP heartbeats and fall back to this): it reads
+/// its header and body without copying the header map, and answers `204` unless the node is
+/// draining.
 async fn report(
     State(m): State<Arc<Embedded>>,
     Path(id): Path<String>,
     req: axum::extract::Request,
-) -> Response {
-    if !m.node_caller(bearer(req.headers())) {
-        return error(&ManagerError::Unauthorized);
-    }
-    let body = match axum::body::to_bytes(req.into_body(), REPORT_LIMIT).await {
-        Ok(b) => b,
-        Err(e) => return error(&ManagerError::BadRequest(format!("body: {e}"))),
-    };
-    let load: LoadReport = match json_body(&body) {
-        Ok(l) => l,
-        Err(e) => return error(&e),
-    };
-    match m.report_owned(&id, load) {
-        Ok(r) if !r.draining => StatusCode::NO_CONTENT.into_response(),
-        r => reply(r),
-    }
+) -> ApiResult {
+    authorize_node(&m, req.headers())?;
+    let body = axum::body::to_bytes(req.into_body(), REPORT_LIMIT)
+        .await
+        .map_err(|e| ManagerError::BadRequest(format!("body: {e}")))?;
+    let r = m.report_owned(&id, json_body(&body)?)?;
+    if r.draining { json(r) } else { no_content() }
 }
 
-async fn nodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Read) {
-        return error(&e);
-    }
-    axum::Json(serde_json::json!({ "nodes": m.nodes() })).into_response()
+async fn nodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
+    json(serde_json::json!({ "nodes": m.nodes() }))
 }
 
 #[derive(Deserialize, Default)]
@@ -225,39 +226,27 @@ async fn drain(
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
     let b: DrainBody = if body.is_empty() {
         DrainBody::default()
     } else {
-        match json_body(&body) {
-            Ok(b) => b,
-            Err(e) => return error(&e),
-        }
+        json_body(&body)?
     };
     let deadline_s = b.deadline_s.unwrap_or(300);
     if deadline_s > 86_400 {
-        return error(&ManagerError::Invalid(
+        return Err(ManagerError::Invalid(
             "deadline_s: at most 86400 seconds".into(),
         ));
     }
-    let deadline = Duration::from_secs(deadline_s);
-    match m.drain(&id, deadline) {
-        Ok(()) => {
-            tracing::info!(node = %id, deadline_s = deadline.as_secs(), "node drained by the API");
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(e) => error(&e),
-    }
+    m.drain(&id, Duration::from_secs(deadline_s))?;
+    tracing::info!(node = %id, deadline_s, "node drained by the API");
+    no_content()
 }
 
-async fn broadcasts(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Read) {
-        return error(&e);
-    }
-    axum::Json(serde_json::json!({ "broadcasts": m.broadcasts() })).into_response()
+async fn broadcasts(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
+    json(serde_json::json!({ "broadcasts": m.broadcasts() }))
 }
 
 #[derive(Deserialize)]
@@ -265,26 +254,22 @@ struct RegionQuery {
     region: Option<String>,
 }
 
-fn hint(q: RegionQuery, ext: &Extensions) -> Hint {
-    Hint {
-        region: q.region.filter(|r| !r.is_empty()),
-        client: client_ip(ext),
-    }
-}
-
+/// Where to publish (`publish`) or watch `app/key`, for this caller.
 async fn lookup(
     m: &Embedded,
-    kind: &str,
-    app: &str,
-    key: &str,
+    publish: bool,
+    (app, key): (String, String),
     q: RegionQuery,
     headers: &HeaderMap,
     ext: &Extensions,
 ) -> Result<Placement, ManagerError> {
     authorize_lookup(m, headers)?;
     let name = format!("{app}/{key}");
-    let hint = hint(q, ext);
-    if kind == "publish" {
+    let hint = Hint {
+        region: q.region.filter(|r| !r.is_empty()),
+        client: client_ip(ext),
+    };
+    if publish {
         m.publish(&name, &hint).await
     } else {
         m.subscribe(&name, &hint).await
@@ -293,35 +278,27 @@ async fn lookup(
 
 async fn publish(
     State(m): State<Arc<Embedded>>,
-    Path((app, key)): Path<(String, String)>,
+    Path(name): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
     headers: HeaderMap,
     ext: Extensions,
-) -> Response {
-    match lookup(&m, "publish", &app, &key, q, &headers, &ext).await {
-        Ok(p) => axum::Json(p).into_response(),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    json(lookup(&m, true, name, q, &headers, &ext).await?)
 }
 
 async fn subscribe(
     State(m): State<Arc<Embedded>>,
-    Path((app, key)): Path<(String, String)>,
+    Path(name): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
     headers: HeaderMap,
     ext: Extensions,
-) -> Response {
-    match lookup(&m, "subscribe", &app, &key, q, &headers, &ext).await {
-        Ok(p) => axum::Json(p).into_response(),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    json(lookup(&m, false, name, q, &headers, &ext).await?)
 }
 
-async fn regions(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Read) {
-        return error(&e);
-    }
-    reply(m.regions().map(|r| serde_json::json!({ "regions": r })))
+async fn regions(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
+    json(serde_json::json!({ "regions": m.regions()? }))
 }
 
 #[derive(Deserialize)]
@@ -336,40 +313,30 @@ async fn put_region(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    let b: RegionBody = match json_body(&body) {
-        Ok(b) => b,
-        Err(e) => return error(&e),
-    };
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    let b: RegionBody = json_body(&body)?;
     let rec = RegionRecord {
         name,
         cidrs: b.cidrs,
     };
-    reply(m.put_region(&rec).map(|()| rec))
+    m.put_region(&rec)?;
+    json(rec)
 }
 
 async fn delete_region(
     State(m): State<Arc<Embedded>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    match m.delete_region(&name) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    m.delete_region(&name)?;
+    no_content()
 }
 
-async fn tokens(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    reply(m.tokens().map(|t| serde_json::json!({ "tokens": t })))
+async fn tokens(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    json(serde_json::json!({ "tokens": m.tokens()? }))
 }
 
 #[derive(Deserialize)]
@@ -379,36 +346,23 @@ struct TokenBody {
     access: Access,
 }
 
-async fn add_token(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    let b: TokenBody = match json_body(&body) {
-        Ok(b) => b,
-        Err(e) => return error(&e),
-    };
-    match m.add_token(&b.name, b.access) {
-        Ok((rec, secret)) => {
-            let mut v = serde_json::to_value(&rec).unwrap_or_default();
-            v["token"] = secret.into();
-            (StatusCode::CREATED, axum::Json(v)).into_response()
-        }
-        Err(e) => error(&e),
-    }
+async fn add_token(State(m): State<Arc<Embedded>>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    let b: TokenBody = json_body(&body)?;
+    let (rec, secret) = m.add_token(&b.name, b.access)?;
+    let mut v = serde_json::to_value(&rec).unwrap_or_default();
+    v["token"] = secret.into();
+    Ok((StatusCode::CREATED, axum::Json(v)).into_response())
 }
 
 async fn delete_token(
     State(m): State<Arc<Embedded>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    match m.delete_token(&id) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    m.delete_token(&id)?;
+    no_content()
 }
 
 /// A node group as listed: its settings and its nodes now.
@@ -422,33 +376,29 @@ fn group_view(g: &NodeGroup, nodes: &[NodeView]) -> serde_json::Value {
     v
 }
 
-async fn node_groups(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Read) {
-        return error(&e);
-    }
+async fn node_groups(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
     let nodes = m.nodes();
-    reply(m.node_groups().map(|gs| {
-        let list: Vec<_> = gs.iter().map(|g| group_view(g, &nodes)).collect();
-        serde_json::json!({ "node_groups": list })
-    }))
+    let list: Vec<_> = m
+        .node_groups()?
+        .iter()
+        .map(|g| group_view(g, &nodes))
+        .collect();
+    json(serde_json::json!({ "node_groups": list }))
 }
 
 async fn node_group(
     State(m): State<Arc<Embedded>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Read) {
-        return error(&e);
-    }
-    let nodes = m.nodes();
-    match m.node_groups() {
-        Ok(gs) => match gs.iter().find(|g| g.name == name) {
-            Some(g) => axum::Json(group_view(g, &nodes)).into_response(),
-            None => error(&ManagerError::NotFound(format!("node group {name}"))),
-        },
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
+    let groups = m.node_groups()?;
+    let g = groups
+        .iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| ManagerError::NotFound(format!("node group {name}")))?;
+    json(group_view(g, &m.nodes()))
 }
 
 async fn put_node_group(
@@ -456,53 +406,38 @@ async fn put_node_group(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    let mut v: serde_json::Value = match json_body(&body) {
-        Ok(v) => v,
-        Err(e) => return error(&e),
-    };
-    let Some(obj) = v.as_object_mut() else {
-        return error(&ManagerError::BadRequest("a JSON object is needed".into()));
-    };
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    let mut v: serde_json::Value = json_body(&body)?;
+    let obj = v
+        .as_object_mut()
+        .ok_or_else(|| ManagerError::BadRequest("a JSON object is needed".into()))?;
     if obj.contains_key("name") {
-        return error(&ManagerError::BadRequest(
+        return Err(ManagerError::BadRequest(
             "name: comes from the path, not the body".into(),
         ));
     }
     obj.insert("name".into(), name.into());
-    let g: NodeGroup = match serde_json::from_value(v) {
-        Ok(g) => g,
-        Err(e) => return error(&ManagerError::BadRequest(e.to_string())),
+    let g: NodeGroup =
+        serde_json::from_value(v).map_err(|e| ManagerError::BadRequest(e.to_string()))?;
+    let new = m.put_node_group(&g)?;
+    tracing::info!(group = %g.name, min = g.min, max = g.max, "node group saved");
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
-    match m.put_node_group(&g) {
-        Ok(new) => {
-            tracing::info!(group = %g.name, min = g.min, max = g.max, "node group saved");
-            let status = if new {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (status, axum::Json(group_view(&g, &m.nodes()))).into_response()
-        }
-        Err(e) => error(&e),
-    }
+    Ok((status, axum::Json(group_view(&g, &m.nodes()))).into_response())
 }
 
 async fn delete_node_group(
     State(m): State<Arc<Embedded>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-) -> Response {
-    if let Err(e) = authorize(&m, &headers, Need::Admin) {
-        return error(&e);
-    }
-    match m.delete_node_group(&name) {
-        Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    authorize(&m, &headers, Need::Admin)?;
+    m.delete_node_group(&name)?;
+    no_content()
 }
 
 #[derive(Deserialize)]
@@ -515,21 +450,16 @@ async fn upstream(
     Path((app, key)): Path<(String, String)>,
     Query(q): Query<NodeQuery>,
     headers: HeaderMap,
-) -> Response {
+) -> ApiResult {
     // Nodes ask with the cluster token; operators with an API token.
-    if !m.node_caller(bearer(&headers))
-        && let Err(e) = authorize(&m, &headers, Need::Read)
-    {
-        return error(&e);
+    if !m.node_caller(bearer(&headers)) {
+        authorize(&m, &headers, Need::Read)?;
     }
     let name = format!("{app}/{key}");
-    match m
+    let list = m
         .upstream(&name, q.node.as_deref().unwrap_or_default())
-        .await
-    {
-        Ok(list) => axum::Json(serde_json::json!({ "upstreams": list })).into_response(),
-        Err(e) => error(&e),
-    }
+        .await?;
+    json(serde_json::json!({ "upstreams": list }))
 }
 
 /// `307 Temporary Redirect` to `url`: the client repeats its POST (with the offer) there.
@@ -543,28 +473,24 @@ fn redirect(url: &str) -> Response {
 
 async fn whip(
     State(m): State<Arc<Embedded>>,
-    Path((app, key)): Path<(String, String)>,
+    Path(name): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
     headers: HeaderMap,
     ext: Extensions,
-) -> Response {
-    match lookup(&m, "publish", &app, &key, q, &headers, &ext).await {
-        Ok(p) => redirect(p.urls["whip"].as_str().unwrap_or_default()),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    let p = lookup(&m, true, name, q, &headers, &ext).await?;
+    Ok(redirect(p.urls["whip"].as_str().unwrap_or_default()))
 }
 
 async fn whep(
     State(m): State<Arc<Embedded>>,
-    Path((app, key)): Path<(String, String)>,
+    Path(name): Path<(String, String)>,
     Query(q): Query<RegionQuery>,
     headers: HeaderMap,
     ext: Extensions,
-) -> Response {
-    match lookup(&m, "subscribe", &app, &key, q, &headers, &ext).await {
-        Ok(p) => redirect(p.urls["whep"].as_str().unwrap_or_default()),
-        Err(e) => error(&e),
-    }
+) -> ApiResult {
+    let p = lookup(&m, false, name, q, &headers, &ext).await?;
+    Ok(redirect(p.urls["whep"].as_str().unwrap_or_default()))
 }
 
 async fn preflight() -> Response {

@@ -72,26 +72,15 @@ impl Remote {
         if let Some(s) = slot.as_ref() {
             return Ok(s.clone());
         }
-        let rest = self
-            .base
-            .split_once("://")
-            .map_or(self.base.as_str(), |(_, r)| r);
-        let authority = rest.split('/').next().unwrap_or_default();
-        let authority = if authority
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-            && !authority.ends_with(']')
-        {
-            authority.to_owned()
-        } else if self.base.starts_with("https://") {
-            format!("{authority}:443")
-        } else {
-            format!("{authority}:80")
-        };
-        let addr = tokio::net::lookup_host(&authority)
+        let url = reqwest::Url::parse(&self.base).map_err(std::io::Error::other)?;
+        let (host, port) = (
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or(80),
+        );
+        let addr = tokio::net::lookup_host((host.trim_matches(['[', ']']), port))
             .await?
             .next()
-            .ok_or_else(|| std::io::Error::other(format!("{authority} has no address")))?;
+            .ok_or_else(|| std::io::Error::other(format!("{host} has no address")))?;
         let local: std::net::SocketAddr = if addr.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {

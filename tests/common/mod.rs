@@ -653,25 +653,32 @@ pub fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
+/// Headless Chromium with the flags these tests need (see ../shared/TESTING.md), on its own
+/// profile; the caller adds what it opens.
+pub fn chromium_command(profile: &std::path::Path) -> Command {
+    let mut c = Command::new("chromium");
+    c.args([
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--autoplay-policy=no-user-gesture-required",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        "--allow-loopback-in-peer-connection",
+        "--disable-features=WebRtcHideLocalIpsWithMdns",
+    ])
+    .arg(format!("--user-data-dir={}", profile.display()));
+    c
+}
+
 /// Headless Chromium on `url` with the flags WebRTC on loopback needs (see TESTING.md).
 pub fn chromium(url: &str, profile: &std::path::Path) -> Proc {
     Proc(
-        Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--autoplay-policy=no-user-gesture-required",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                "--allow-loopback-in-peer-connection",
-                "--disable-features=WebRtcHideLocalIpsWithMdns",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
+        chromium_command(profile)
             .arg(url)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
