@@ -11,9 +11,10 @@
 //!                            ▲   │ BroadcastConsumer::read (per player cursor)
 //!   transcode (renditions:   │   ├───────────────────────────────────────────┐
 //!   AAC⇄Opus, no-B-frames) ──┘   ▼                                           ▼
-//!                         media::feed (batches; Muxer encodes each   webrtc::driver: Annex B
-//!                                      entry once, memoized in the   once per frame (memo),
-//!                                      entry, shared by every player) str0m packetizes per viewer
+//!                         media::feed (batches; Muxer encodes each   webrtc::packetize: RTP
+//!                                      entry once, memoized in the   payloads once per frame
+//!                                      entry, shared by every player) (memo); webrtc::sender:
+//!                                                                     header + SRTP per viewer
 //!                           │ rtmp::mux::RtmpMuxer  │ FlvMuxer               │
 //!                           ▼                       ▼                        ▼
 //!                   player::play (one vectored write per batch)       WHEP viewers (UDP)
@@ -32,8 +33,10 @@
 //! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
 //! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
-//! - [`webrtc`]: WHEP playback and WHIP ingest over str0m, every peer on one UDP socket; a WHIP
-//!   publisher's frames enter the hub through the sans-IO [`webrtc::ingest`].
+//! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; str0m does SDP,
+//!   ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
+//!   [`webrtc::sender`], [`webrtc::srtp`], [`webrtc::rtcp`]); a WHIP publisher's frames enter
+//!   the hub through the sans-IO [`webrtc::ingest`].
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.

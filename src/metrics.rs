@@ -322,7 +322,7 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
         .snapshot(|name| broadcasts.iter().any(|b| b.name() == name));
     let label = |name: &str| format!("broadcast=\"{}\"", escape(name));
     type RtcFigure = fn(&BroadcastRtcStats) -> &AtomicU64;
-    let figures: [(&str, &str, &str, RtcFigure); 5] = [
+    let figures: [(&str, &str, &str, RtcFigure); 6] = [
         (
             "castnode_broadcast_webrtc_viewers",
             "gauge",
@@ -334,6 +334,12 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
             "counter",
             "RTP bytes sent to a broadcast's WebRTC viewers, retransmissions included.",
             |r| &r.bytes_sent,
+        ),
+        (
+            "castnode_broadcast_webrtc_retransmitted_bytes_total",
+            "counter",
+            "RTP bytes retransmitted to a broadcast's WebRTC viewers (answers to NACKs).",
+            |r| &r.retransmitted_bytes,
         ),
         (
             "castnode_broadcast_webrtc_nacks_total",

@@ -7,8 +7,11 @@
 //! - A session whose ICE/DTLS has not connected within [`CONNECT_TIMEOUT`] is reaped; so is one
 //!   whose ICE disconnects.
 //! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
-//!   from the hub every [`MEDIA_TICK`] and the Annex B form of each H.264 frame is built once
-//!   per broadcast.
+//!   from the hub every [`MEDIA_TICK`], packetized once per frame for every viewer (memoized in
+//!   the hub entry, [`RTP_SLOT`]) and encrypted per viewer by its [`MediaSender`] straight into
+//!   the egress batch. str0m does ICE, DTLS and the SDP for viewers; their RTP and RTCP are
+//!   castnode's own (str0m's are dropped), with the keys [`super::keys`] takes from the DTLS
+//!   handshake.
 //! - A WHIP publisher's frames go through [`super::ingest`] into the hub as they arrive. It is
 //!   asked for a keyframe (PLI) when it connects, after a loss, when none came for
 //!   [`PUBLISHER_KEYFRAME_INTERVAL`], and when one of its WebRTC viewers asks; never more often
@@ -22,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
-use str0m::media::{Frequency, KeyframeRequestKind, MediaData, MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -31,22 +34,25 @@ use tracing::{debug, info, warn};
 
 use super::WebrtcError;
 use super::ingest::{self, Arrival, Ingest};
-use super::stats::{BroadcastRtcStats, EgressTotals};
-use crate::codec::h264;
+use super::keys::{self, KeySlot};
+use super::packetize::RtpFrame;
+use super::sender::{Kind, MediaSender, Sink};
+use super::stats::BroadcastRtcStats;
 use crate::media::{
     BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo,
 };
 use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
 
-/// Memo slot of a frame's Annex B form.
-pub const ANNEXB_SLOT: MemoSlot = MemoSlot(2);
+/// Memo slot of a frame's RTP payloads ([`RtpFrame`]), shared by every viewer.
+pub const RTP_SLOT: MemoSlot = MemoSlot(2);
 /// A session must connect (ICE + DTLS) within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Packets str0m keeps per viewer for video: the packets of a frame waiting to be sent, then
-/// the history NACKs are answered from. Its default (1000) costs about 2 MiB per viewer; 500
-/// holds a 600 KB keyframe and about 1.5 s of history at 2.5 Mbit/s.
-pub const VIDEO_SEND_BUFFER: usize = 500;
+/// Packets str0m keeps per viewer for video when it sends media itself (publishers' feedback
+/// only, here: viewers' media bypasses str0m).
+pub const VIDEO_SEND_BUFFER: usize = 16;
+/// How often a viewer's counters are added to its broadcast's figures.
+const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often viewers' hub consumers are read.
 pub const MEDIA_TICK: Duration = Duration::from_millis(5);
 /// A WHIP publisher that sent no keyframe for this long is asked for one, so that groups (what
@@ -202,6 +208,8 @@ struct Session {
     connected: bool,
     created: Instant,
     deadline: Instant,
+    /// Where str0m last sent to: the peer's address on the selected ICE pair.
+    peer: Option<SocketAddr>,
     role: Role,
 }
 
@@ -230,8 +238,12 @@ struct Viewer {
     wants_keyframe: bool,
     /// Its broadcast's WebRTC figures.
     stats: Arc<BroadcastRtcStats>,
-    /// str0m's last egress totals of the video and the audio m-line.
-    egress: [EgressTotals; 2],
+    /// Filled with the SRTP keys when the DTLS handshake completes.
+    keys: KeySlot,
+    /// Sends the media once the keys are known.
+    sender: Option<MediaSender>,
+    /// When the sender's counters were last added to `stats`.
+    counted: Instant,
 }
 
 /// A WHIP publisher's state.
@@ -325,7 +337,14 @@ impl Session {
                 return Instant::now();
             }
             match self.rtc.poll_output() {
-                Ok(Output::Transmit(t)) => egress.push(t.destination, &t.contents),
+                Ok(Output::Transmit(t)) => {
+                    self.peer = Some(t.destination);
+                    // A viewer's RTP and RTCP are the MediaSender's; str0m's (reports about
+                    // streams it never sent on) would only confuse the receiver.
+                    if !(matches!(self.role, Role::Viewer(_)) && is_rtp(&t.contents)) {
+                        egress.push(t.destination, &t.contents);
+                    }
+                }
                 Ok(Output::Timeout(t)) => {
                     egress.flush();
                     return t;
@@ -372,33 +391,28 @@ impl Session {
                 MediaKind::Audio if p.audio.is_none() => p.audio = Some(m.mid),
                 _ => {}
             },
-            (Event::MediaEgressStats(e), Role::Viewer(v)) => {
-                let i = usize::from(Some(e.mid) != v.video);
-                let totals = EgressTotals {
-                    bytes: e.bytes,
-                    nacks: e.nacks,
-                    plis: e.plis,
-                    firs: e.firs,
-                };
-                v.egress[i].advance(totals, &v.stats);
-            }
-            (Event::KeyframeRequest(_), Role::Viewer(v)) => {
-                ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
-                v.wants_keyframe = true;
-            }
             (Event::MediaData(d), Role::Publisher(p)) => p.media(&mut self.rtc, d, ctx),
             _ => {}
         }
     }
 
-    /// Writes the frames the hub has for this viewer; asks a publisher for a keyframe when it
-    /// sent none for a while.
-    fn pump(&mut self, ctx: &NodeContext) {
+    /// Writes the frames the hub has for this viewer and its due sender reports; asks a
+    /// publisher for a keyframe when it sent none for a while.
+    fn pump(&mut self, egress: &mut Egress, ctx: &NodeContext) {
         if !self.connected {
             return;
         }
         match &mut self.role {
-            Role::Viewer(v) => v.pump(&mut self.rtc, self.id, self.created),
+            Role::Viewer(v) => {
+                let Some(peer) = self.peer else { return };
+                let now = Instant::now();
+                let mut to = To { egress, peer };
+                v.pump(&mut self.rtc, self.id, self.created, now, &mut to);
+                if let Some(sender) = &mut v.sender {
+                    sender.poll(now, &mut to);
+                }
+                v.count(now, ctx);
+            }
             Role::Publisher(p) => {
                 let now = Instant::now();
                 if p.last_keyframe
@@ -456,9 +470,61 @@ impl Viewer {
         self.audio_pt
     }
 
-    /// Writes the frames the hub has for this viewer.
-    fn pump(&mut self, rtc: &mut Rtc, id: u64, created: Instant) {
-        if self.video.is_none() {
+    /// Starts the media sender once the DTLS handshake has given the keys.
+    fn start_sender(&mut self, rtc: &mut Rtc, id: u64) -> bool {
+        if self.sender.is_some() {
+            return true;
+        }
+        let Some(keying) = self.keys.get() else {
+            return false;
+        };
+        let mut api = rtc.direct_api();
+        let mut ssrc = |mid: Option<Mid>| {
+            mid.and_then(|mid| api.stream_tx_by_mid(mid, None))
+                .map(|s| *s.ssrc())
+        };
+        let (video, audio) = (ssrc(self.video), ssrc(self.audio));
+        match MediaSender::new(keying, video, audio, format!("castnode-{id}").into()) {
+            Ok(sender) => {
+                debug!(session = id, profile = ?keying.profile, "WHEP media sender started");
+                self.sender = Some(sender);
+                true
+            }
+            Err(err) => {
+                warn!(session = id, error = %err, "WHEP viewer has unusable SRTP keys");
+                rtc.disconnect();
+                false
+            }
+        }
+    }
+
+    /// Adds the sender's counters to the broadcast's figures, once per [`COUNTERS_INTERVAL`],
+    /// and passes on its keyframe requests.
+    fn count(&mut self, now: Instant, ctx: &NodeContext) {
+        let Some(sender) = &mut self.sender else {
+            return;
+        };
+        if sender.take_keyframe_request() {
+            ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
+            self.wants_keyframe = true;
+        }
+        if now.duration_since(self.counted) < COUNTERS_INTERVAL {
+            return;
+        }
+        self.counted = now;
+        let c = sender.take_counters();
+        self.stats.bytes_sent.fetch_add(c.bytes, Relaxed);
+        self.stats
+            .retransmitted_bytes
+            .fetch_add(c.retransmitted, Relaxed);
+        self.stats.nacks.fetch_add(c.nacks, Relaxed);
+        self.stats.plis.fetch_add(c.plis, Relaxed);
+        self.stats.firs.fetch_add(c.firs, Relaxed);
+    }
+
+    /// Sends the frames the hub has for this viewer.
+    fn pump(&mut self, rtc: &mut Rtc, id: u64, created: Instant, now: Instant, to: &mut To) {
+        if self.video.is_none() || !self.start_sender(rtc, id) {
             return;
         }
         if self.tracks.is_empty() {
@@ -501,17 +567,16 @@ impl Viewer {
                             let Some(pt) = self.choose_pt(rtc, profile) else {
                                 continue;
                             };
-                            let data: &Arc<[u8]> = e.memo(ANNEXB_SLOT, |_| {
-                                h264::avcc_to_annexb(
+                            let rtp: &Arc<RtpFrame> = e.memo(RTP_SLOT, |_| {
+                                Arc::new(RtpFrame::h264(
                                     &frame.payload,
                                     config.as_deref(),
                                     frame.keyframe,
-                                )
-                                .into()
+                                ))
                             });
-                            let rtp_time =
-                                MediaTime::from_90khz((frame.pts.max(0) as u64) * 9 / 100);
-                            write(rtc, id, self.video, pt, rtp_time, data.clone());
+                            if let Some(sender) = &mut self.sender {
+                                sender.send(Kind::Video, *pt, rtp, frame.pts, now, to);
+                            }
                         }
                         // The source's Opus (WHIP), or this viewer's own transcoder's: a stopped
                         // transcoder's frames may still be in the log.
@@ -522,13 +587,11 @@ impl Viewer {
                             let Some(pt) = self.opus_pt(rtc) else {
                                 continue;
                             };
-                            let data: &Arc<[u8]> =
-                                e.memo(ANNEXB_SLOT, |_| Arc::from(&frame.payload[..]));
-                            let rtp_time = MediaTime::new(
-                                (frame.pts.max(0) as u64) * 48 / 1000,
-                                Frequency::FORTY_EIGHT_KHZ,
-                            );
-                            write(rtc, id, self.audio, pt, rtp_time, data.clone());
+                            let rtp: &Arc<RtpFrame> =
+                                e.memo(RTP_SLOT, |_| Arc::new(RtpFrame::opus(&frame.payload)));
+                            if let Some(sender) = &mut self.sender {
+                                sender.send(Kind::Audio, *pt, rtp, frame.pts, now, to);
+                            }
                         }
                         _ => {}
                     }
@@ -536,15 +599,6 @@ impl Viewer {
             }
         }
         self.entries = entries;
-    }
-}
-
-fn write(rtc: &mut Rtc, id: u64, mid: Option<Mid>, pt: Pt, rtp_time: MediaTime, data: Arc<[u8]>) {
-    let Some(writer) = mid.and_then(|mid| rtc.writer(mid)) else {
-        return;
-    };
-    if let Err(err) = writer.write(pt, Instant::now(), rtp_time, data) {
-        debug!(session = id, error = %err, "WebRTC write failed");
     }
 }
 
@@ -598,46 +652,85 @@ impl Egress {
     }
 
     fn push(&mut self, dest: SocketAddr, data: &[u8]) {
-        let fits = self.dest == Some(dest)
-            && !self.closed
-            && data.len() <= self.segment
-            && self.count < self.max_segments
-            && self.buf.len() + data.len() <= 65_000;
-        if !fits {
-            self.flush();
-            self.dest = Some(dest);
-            self.segment = data.len();
-        }
+        let start = self.buf.len();
         self.buf.extend_from_slice(data);
+        self.commit(dest, start);
+    }
+
+    /// The datagram written at the end of the buffer from `start` on is complete: it joins the
+    /// batch being built, or that batch is sent first and it starts the next one.
+    fn commit(&mut self, dest: SocketAddr, start: usize) {
+        let len = self.buf.len() - start;
+        let fits = start == 0
+            || (self.dest == Some(dest)
+                && !self.closed
+                && len <= self.segment
+                && self.count < self.max_segments
+                && self.buf.len() <= 65_000);
+        if !fits {
+            self.send(start);
+            self.buf.copy_within(start.., 0);
+            self.buf.truncate(len);
+        }
+        if self.count == 0 {
+            self.dest = Some(dest);
+            self.segment = len;
+        }
         self.count += 1;
-        self.closed = data.len() < self.segment;
+        self.closed = len < self.segment;
     }
 
     fn flush(&mut self) {
+        self.send(self.buf.len());
+        self.buf.clear();
+    }
+
+    /// Sends the batch in `buf[..end]`.
+    fn send(&mut self, end: usize) {
         let Some(dest) = self.dest.take() else {
             return;
         };
+        let contents = &self.buf[..end];
         let sent = match &self.state {
             Some(state) => {
                 let t = quinn_udp::Transmit {
                     destination: dest,
                     ecn: None,
-                    contents: &self.buf,
+                    contents,
                     segment_size: (self.count > 1).then_some(self.segment),
                     src_ip: None,
                 };
                 state.try_send((&self.socket).into(), &t).is_ok()
             }
-            None => self
-                .buf
+            None => contents
                 .chunks(self.segment.max(1))
                 .all(|d| self.socket.try_send_to(d, dest).is_ok()),
         };
         let _ = sent;
-        self.buf.clear();
         self.count = 0;
         self.closed = false;
     }
+}
+
+/// The egress batches towards one peer, as a media sender's [`Sink`].
+struct To<'a> {
+    egress: &'a mut Egress,
+    peer: SocketAddr,
+}
+
+impl Sink for To<'_> {
+    fn buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.egress.buf
+    }
+
+    fn commit(&mut self, start: usize) {
+        self.egress.commit(self.peer, start);
+    }
+}
+
+/// An RTP or RTCP datagram (RFC 7983: first byte 128–191), as opposed to STUN or DTLS.
+fn is_rtp(datagram: &[u8]) -> bool {
+    matches!(datagram.first(), Some(128..=191))
 }
 
 async fn run(
@@ -670,6 +763,19 @@ async fn run(
         tokio::select! {
             r = egress.socket.recv_from(&mut buf) => {
                 let Ok((n, source)) = r else { continue };
+                // A viewer's SRTCP (NACK, PLI, reports) goes to its media sender.
+                if is_rtp(&buf[..n])
+                    && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
+                    && let Role::Viewer(v) = &mut s.role
+                    && let Some(sender) = &mut v.sender
+                {
+                    let mut to = To { egress: &mut egress, peer: source };
+                    if sender.handle_rtcp(&buf[..n], &mut to).is_err() {
+                        ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                    }
+                    egress.flush();
+                    continue;
+                }
                 let now = Instant::now();
                 let Ok(contents) = buf[..n].try_into() else {
                     ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
@@ -696,7 +802,7 @@ async fn run(
                     let id = next_id;
                     next_id += 1;
                     let broadcast: Arc<str> = consumer.broadcast().name().into();
-                    let r = accept(id, offer, &candidates, false).map(|(rtc, answer)| {
+                    let r = accept(id, offer, &candidates, false).map(|(rtc, keys, answer)| {
                         // Start the broadcast's audio rendition now, not at connect: it is
                         // ready by the time ICE and DTLS are.
                         let bc = consumer.broadcast().clone();
@@ -713,7 +819,9 @@ async fn run(
                             video_started: false,
                             wants_keyframe: false,
                             stats: ctx.webrtc.broadcast(&broadcast),
-                            egress: Default::default(),
+                            keys,
+                            sender: None,
+                            counted: Instant::now(),
                         };
                         viewer.stats.viewers.fetch_add(1, Relaxed);
                         let mut s = Session::new(id, rtc, broadcast, Role::Viewer(Box::new(viewer)));
@@ -728,7 +836,7 @@ async fn run(
                     let id = next_id;
                     next_id += 1;
                     let broadcast: Arc<str> = producer.broadcast().name().into();
-                    let r = accept(id, offer, &candidates, true).map(|(rtc, answer)| {
+                    let r = accept(id, offer, &candidates, true).map(|(rtc, _, answer)| {
                         if answer.contains("opus") {
                             // Declared now so that players joining before the first packet
                             // see the track (and start its AAC rendition).
@@ -771,7 +879,7 @@ async fn run(
             }
             _ = tick.tick() => {
                 for s in sessions.values_mut() {
-                    s.pump(&ctx);
+                    s.pump(&mut egress, &ctx);
                     if let Role::Viewer(v) = &mut s.role
                         && std::mem::take(&mut v.wants_keyframe)
                     {
@@ -843,31 +951,36 @@ impl Session {
             connected: false,
             created: now,
             deadline: now,
+            peer: None,
             role,
         }
     }
 }
 
-/// Builds a peer from an offer: (peer, answer SDP). A publisher's offer must send H.264; a
-/// viewer's must receive H.264 and Opus.
+/// Builds a peer from an offer: (peer, where a viewer's SRTP keys will be, answer SDP). A
+/// publisher's offer must send H.264; a viewer's must receive H.264 and Opus.
 fn accept(
     id: u64,
     offer: SdpOffer,
     candidates: &[SocketAddr],
     publisher: bool,
-) -> Result<(Rtc, String), WebrtcError> {
-    let mut builder = Rtc::builder()
+) -> Result<(Rtc, KeySlot, String), WebrtcError> {
+    let builder = Rtc::builder()
         .set_ice_lite(true)
         .clear_codecs()
         .enable_h264(true)
         .enable_opus(true, false);
-    if !publisher {
-        // Egress figures (bytes, NACKs, PLIs) for the broadcast's metrics.
-        builder = builder
-            .set_stats_interval(Some(Duration::from_secs(1)))
-            .set_send_buffer_video(VIDEO_SEND_BUFFER);
-    }
-    let mut rtc = builder.build(Instant::now());
+    let (mut rtc, keys) = if publisher {
+        (builder.build(Instant::now()), KeySlot::default())
+    } else {
+        // castnode sends a viewer's media itself, without RTP header extensions; str0m's send
+        // buffers stay unused.
+        let builder = builder
+            .clear_extension_map()
+            .set_send_buffer_video(VIDEO_SEND_BUFFER)
+            .set_send_buffer_audio(VIDEO_SEND_BUFFER);
+        keys::build(builder, Instant::now())
+    };
     for c in candidates {
         if let Ok(c) = Candidate::host(*c, "udp") {
             rtc.add_local_candidate(c);
@@ -885,5 +998,5 @@ fn accept(
         return Err(WebrtcError::NoCodec("Opus audio"));
     }
     debug!(session = id, publisher, "offer accepted");
-    Ok((rtc, sdp))
+    Ok((rtc, keys, sdp))
 }

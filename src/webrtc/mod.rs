@@ -3,16 +3,32 @@
 //!
 //! [`driver`] owns the socket and every peer's sans-IO `Rtc`; [`signal`] is the HTTP side
 //! (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP publisher's frames into
-//! hub frames. Media for viewers comes from the hub: H.264 is converted from length-prefixed NAL
-//! units to Annex B once per frame (memoized in the hub entry, shared by all viewers) and
-//! packetized per viewer by str0m.
+//! hub frames.
 //!
-//! Not built yet (see the WebRTC issue): NACK answered from one shared packet history (str0m
-//! keeps a history per viewer) and one packetization per track shared by every viewer.
+//! Viewers' media does not go through str0m. str0m answers the offer and runs ICE and DTLS;
+//! [`keys`] takes the SRTP keys from the DTLS handshake. Then:
+//!
+//! ```text
+//! hub entry ──(once per frame, memoized in the entry)──▶ packetize::RtpFrame (shared payloads)
+//!                                                              │ Arc, no copy
+//!             ┌────────────────────────────────────────────────┴─────────── … one per viewer
+//!             ▼
+//! sender::MediaSender: 12-byte header + payload ──srtp (viewer's keys)──▶ egress batch (GSO)
+//!             ▲                                                                │
+//!             └── SRTCP from the viewer: NACK → resend from the shared frames  ▼ UDP socket
+//!                 PLI/FIR → WHIP publisher; sender reports every second
+//! ```
+//!
+//! A WHIP publisher's session is str0m's throughout (depacketizing, NACKs, RTCP).
 
 pub mod driver;
 pub mod ingest;
+pub mod keys;
+pub mod packetize;
+pub mod rtcp;
+pub mod sender;
 pub mod signal;
+pub mod srtp;
 pub mod stats;
 
 /// Why a WebRTC session could not be set up.

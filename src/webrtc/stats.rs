@@ -20,6 +20,8 @@ pub struct BroadcastRtcStats {
     pub ttff: Histogram,
     /// RTP bytes sent to viewers, retransmissions included.
     pub bytes_sent: AtomicU64,
+    /// Of those, retransmitted (answers to NACKs).
+    pub retransmitted_bytes: AtomicU64,
     /// NACKs received from viewers.
     pub nacks: AtomicU64,
     /// PLIs received from viewers.
@@ -52,54 +54,17 @@ impl WebrtcStats {
     }
 }
 
-/// The egress counters of one viewer as str0m last reported them (its figures are totals).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct EgressTotals {
-    /// Bytes.
-    pub bytes: u64,
-    /// NACKs.
-    pub nacks: u64,
-    /// PLIs.
-    pub plis: u64,
-    /// FIRs.
-    pub firs: u64,
-}
-
-impl EgressTotals {
-    /// Adds what grew since `self` to `to`, then remembers `now`.
-    pub fn advance(&mut self, now: EgressTotals, to: &BroadcastRtcStats) {
-        to.bytes_sent
-            .fetch_add(now.bytes.saturating_sub(self.bytes), Relaxed);
-        to.nacks
-            .fetch_add(now.nacks.saturating_sub(self.nacks), Relaxed);
-        to.plis
-            .fetch_add(now.plis.saturating_sub(self.plis), Relaxed);
-        to.firs
-            .fetch_add(now.firs.saturating_sub(self.firs), Relaxed);
-        *self = now;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn egress_deltas_and_forgetting() {
+    fn shared_figures_and_forgetting() {
         let stats = WebrtcStats::default();
         let name: Arc<str> = "live/a".into();
         let b = stats.broadcast(&name);
-        let mut last = EgressTotals::default();
-        let t = |bytes, nacks| EgressTotals {
-            bytes,
-            nacks,
-            plis: 0,
-            firs: 0,
-        };
-        last.advance(t(1000, 1), &b);
-        last.advance(t(1500, 1), &b);
-        assert_eq!(b.bytes_sent.load(Relaxed), 1500);
-        assert_eq!(b.nacks.load(Relaxed), 1);
+        b.bytes_sent.fetch_add(1500, Relaxed);
+        assert_eq!(stats.broadcast(&name).bytes_sent.load(Relaxed), 1500);
         assert_eq!(stats.snapshot(|_| true).len(), 1);
         assert_eq!(stats.snapshot(|_| false).len(), 0, "no viewers, not live");
     }
