@@ -58,6 +58,11 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
             samples > 400_000,
             "viewer received {samples} audio samples: {viewer}"
         );
+        // castnode's RTCP sender reports (one a second per stream) reach the browser.
+        for kind in ["videoReports", "audioReports"] {
+            let n = viewer[kind].as_u64().unwrap_or(0);
+            assert!(n >= 5, "{n} {kind} read by the browser: {viewer}");
+        }
         println!(
             "{clip}: viewer {}: time to first frame {:.0} ms, {fps} fps",
             viewer["i"],

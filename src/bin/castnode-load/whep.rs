@@ -606,6 +606,9 @@ pub enum Stay {
 
 /// One WHEP viewer: POST, connect, receive until the run ends (or, with [`Stay::FirstFrame`],
 /// until the first complete video frame), DELETE.
+/// Kernel receive buffer of each viewer's socket.
+const RECV_BUFFER: usize = 1 << 20;
+
 pub async fn whep_player(
     target: Arc<WhepTarget>,
     cert: DtlsCert,
@@ -667,6 +670,10 @@ async fn play(
         Ok(a) => a,
         Err(e) => return Err((res, format!("UDP bind: {e}"))),
     };
+    // Room for a whole keyframe arriving at loopback speed (a 2.5 Mbit/s keyframe is ~70
+    // datagrams, over 200 KiB of kernel memory with their buffers: the 208 KiB default drops
+    // its tail), as a browser's network path would pace it.
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
     let mut rtc = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
