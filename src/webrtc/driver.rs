@@ -880,13 +880,17 @@ async fn run(
             _ = tick.tick() => {
                 for s in sessions.values_mut() {
                     s.pump(&mut egress, &ctx);
-                    if let Role::Viewer(v) = &mut s.role
-                        && std::mem::take(&mut v.wants_keyframe)
-                    {
-                        keyframe_wanted.push(s.broadcast.clone());
+                    match &mut s.role {
+                        // A viewer's media does not pass through its Rtc: nothing to drain.
+                        Role::Viewer(v) => {
+                            if std::mem::take(&mut v.wants_keyframe) {
+                                keyframe_wanted.push(s.broadcast.clone());
+                            }
+                        }
+                        Role::Publisher(_) => s.deadline = s.drain(&mut egress, &ctx),
                     }
-                    s.deadline = s.drain(&mut egress, &ctx);
                 }
+                egress.flush();
                 // Viewers' keyframe requests go to their broadcast's WHIP publisher.
                 let now = Instant::now();
                 for name in keyframe_wanted.drain(..) {
