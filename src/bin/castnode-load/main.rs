@@ -150,6 +150,11 @@ struct Args {
     /// Players started per second.
     #[arg(long, default_value_t = 500.0)]
     connect_rate: f64,
+    /// WHEP viewers' sockets take coalesced datagrams (UDP GRO). On loopback the kernel's work
+    /// of delivering a datagram is charged to the sender; with GRO a GSO batch is delivered
+    /// whole, as a NIC's segmentation offload would send it.
+    #[arg(long)]
+    gro: bool,
     /// Worker threads of the players (the publisher has its own thread).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -1484,6 +1489,7 @@ impl Setup {
                     .context("--protocol whep needs --whep-url")?;
                 let (mut t, host) = whep::WhepTarget::parse(url)?;
                 t.resolve(resolve(&host, t.addr.port())?)?;
+                t.gro = args.gro;
                 Some(Arc::new(t))
             }
             _ => None,

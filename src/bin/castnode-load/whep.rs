@@ -75,6 +75,8 @@ pub struct WhepTarget {
     path: String,
     /// The address of this host on the route to `addr` (the viewers' ICE host candidate).
     pub local_ip: IpAddr,
+    /// Viewers' sockets take coalesced datagrams (UDP GRO), as `--gro` asks.
+    pub gro: bool,
 }
 
 impl WhepTarget {
@@ -88,6 +90,7 @@ impl WhepTarget {
                 authority: format!("{host}:{port}"),
                 path: format!("/{path}"),
                 local_ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                gro: false,
             },
             host,
         ))
@@ -452,6 +455,8 @@ pub struct ViewerStats {
 struct Viewer {
     rtc: Rtc,
     socket: UdpSocket,
+    /// Set when the socket takes coalesced datagrams (GRO).
+    gro: Option<quinn_udp::UdpSocketState>,
     local: SocketAddr,
     shared: Arc<Shared>,
     res: PlayerResult,
@@ -569,11 +574,23 @@ impl Viewer {
         }
     }
 
-    /// Reads every queued datagram (up to [`READ_BURST`]) into the `Rtc`.
+    /// Reads every queued datagram (up to [`READ_BURST`] reads) into the `Rtc`.
     fn read(&mut self, buf: &mut [u8]) -> Result<Instant, String> {
         let mut next = None;
         for _ in 0..READ_BURST {
-            let (n, source) = match self.socket.try_recv_from(buf) {
+            let r = match &self.gro {
+                Some(state) => {
+                    let mut meta = [quinn_udp::RecvMeta::default()];
+                    let mut slices = [std::io::IoSliceMut::new(&mut *buf)];
+                    self.socket
+                        .try_io(tokio::io::Interest::READABLE, || {
+                            state.recv((&self.socket).into(), &mut slices, &mut meta)
+                        })
+                        .map(|_| (meta[0].len, meta[0].stride, meta[0].addr))
+                }
+                None => self.socket.try_recv_from(buf).map(|(n, a)| (n, n, a)),
+            };
+            let (n, stride, source) = match r {
                 Ok(r) => r,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(format!("UDP read: {e}")),
@@ -581,12 +598,15 @@ impl Viewer {
             if self.measuring {
                 self.res.rec.wire_bytes += n as u64;
             }
-            let Ok(r) = Receive::new(NetProtocol::Udp, source, self.local, &buf[..n]) else {
-                continue;
-            };
-            // A datagram str0m rejects (not STUN/DTLS/SRTP) is dropped, like the server does.
-            let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
-            next = Some(self.drain()?);
+            // One read may hold several datagrams of `stride` bytes (the last may be shorter).
+            for d in buf[..n].chunks(stride.max(1)) {
+                let Ok(r) = Receive::new(NetProtocol::Udp, source, self.local, d) else {
+                    continue;
+                };
+                // A datagram str0m rejects (not STUN/DTLS/SRTP) is dropped, like the server.
+                let _ = self.rtc.handle_input(Input::Receive(Instant::now(), r));
+                next = Some(self.drain()?);
+            }
         }
         match next {
             Some(t) => Ok(t),
@@ -674,6 +694,15 @@ async fn play(
     // datagrams, over 200 KiB of kernel memory with their buffers: the 208 KiB default drops
     // its tail), as a browser's network path would pace it.
     let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(RECV_BUFFER);
+    // quinn-udp's set-up turns GRO on (and datagrams are then read through it).
+    let gro = if target.gro {
+        match quinn_udp::UdpSocketState::new((&socket).into()) {
+            Ok(s) if s.gro_segments() > 1 => Some(s),
+            _ => return Err((res, "UDP GRO is not available".into())),
+        }
+    } else {
+        None
+    };
     let mut rtc = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
@@ -719,6 +748,7 @@ async fn play(
     let mut v = Viewer {
         rtc,
         socket,
+        gro,
         local,
         shared,
         res,
@@ -746,7 +776,7 @@ async fn receive(
     done: watch::Receiver<bool>,
     deadline: tokio::time::Instant,
 ) -> Result<(), String> {
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; if v.gro.is_some() { 1 << 16 } else { 2048 }];
     let timeout = tokio::time::sleep_until(deadline);
     tokio::pin!(timeout);
     let done = until_done(done);
