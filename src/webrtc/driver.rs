@@ -51,6 +51,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Packets str0m keeps per viewer for video when it sends media itself (publishers' feedback
 /// only, here: viewers' media bypasses str0m).
 pub const VIDEO_SEND_BUFFER: usize = 16;
+/// How often ended sessions are looked for.
+const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a viewer's counters are added to its broadcast's figures.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often viewers' hub consumers are read.
@@ -508,10 +510,17 @@ impl Viewer {
             ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
             self.wants_keyframe = true;
         }
-        if now.duration_since(self.counted) < COUNTERS_INTERVAL {
-            return;
+        if now.duration_since(self.counted) >= COUNTERS_INTERVAL {
+            self.counted = now;
+            self.add_counters();
         }
-        self.counted = now;
+    }
+
+    /// Adds what the sender counted since the last call to the broadcast's figures.
+    fn add_counters(&mut self) {
+        let Some(sender) = &mut self.sender else {
+            return;
+        };
         let c = sender.take_counters();
         self.stats.bytes_sent.fetch_add(c.bytes, Relaxed);
         self.stats
@@ -747,6 +756,7 @@ async fn run(
     let mut publishers: HashMap<Arc<str>, u64> = HashMap::new();
     let mut keyframe_wanted: Vec<Arc<str>> = Vec::new();
     let mut next_id = 1u64;
+    let mut last_reap = Instant::now();
     let mut buf = vec![0u8; 2048];
     let mut tick = tokio::time::interval(MEDIA_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -904,15 +914,21 @@ async fn run(
                 }
             }
         }
-        // Reap: disconnected, or never connected in time.
+        // Reap: disconnected, or never connected in time. A pass over every session, so not
+        // after every datagram.
         let now = Instant::now();
+        if now.duration_since(last_reap) < REAP_INTERVAL {
+            continue;
+        }
+        last_reap = now;
         let before = sessions.len();
         sessions.retain(|id, s| {
             let keep = s.rtc.is_alive()
                 && (s.connected || now.duration_since(s.created) < CONNECT_TIMEOUT);
             if !keep {
-                if let Role::Viewer(v) = &s.role {
+                if let Role::Viewer(v) = &mut s.role {
                     v.stats.viewers.fetch_sub(1, Relaxed);
+                    v.add_counters();
                 }
                 let what = if s.publisher() {
                     "WHIP publisher"
