@@ -817,6 +817,8 @@ pub struct BroadcastConsumer {
     resync: bool,
     /// Nothing read yet: start at the newest group, whatever the cursor.
     fresh: bool,
+    /// The last read stopped at its `max`: more entries are waiting.
+    more: bool,
     rx: watch::Receiver<()>,
 }
 
@@ -830,6 +832,7 @@ impl BroadcastConsumer {
             cursor: 0,
             resync: true,
             fresh: true,
+            more: false,
             rx,
         }
     }
@@ -898,6 +901,7 @@ impl BroadcastConsumer {
             out.extend(st.log.range(start..start + n).cloned());
             self.cursor += n as u64;
         }
+        self.more = n == max;
         let ended = n == 0 && st.publisher == Publisher::Ended;
         drop(st);
         if skipped > 0 {
@@ -915,6 +919,13 @@ impl BroadcastConsumer {
         } else {
             ReadOutcome::Read(n)
         }
+    }
+
+    /// Whether a [`BroadcastConsumer::read`] now may return something: the broadcast changed
+    /// since the last read, or that read was cut at its `max`, or nothing was read yet. Costs
+    /// an atomic load and takes no lock, for callers that poll many consumers.
+    pub fn has_news(&self) -> bool {
+        self.fresh || self.resync || self.more || self.rx.has_changed().unwrap_or(true)
     }
 
     /// Waits until the broadcast has changed since the last read.
@@ -1001,6 +1012,30 @@ mod tests {
         drop(r1);
         let r2 = bc.add_rendition(&hub, opus());
         assert_ne!(r2.track(), id1);
+    }
+
+    #[test]
+    fn has_news_tells_when_a_read_can_return_something() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        let mut c = hub.subscribe("live/a").unwrap();
+        assert!(c.has_news(), "nothing read yet");
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        assert!(c.has_news(), "no group yet: still waiting for one");
+        for i in 0..5 {
+            p.push(TrackId(0), frame(i * 33, i == 0));
+        }
+        assert!(c.has_news());
+        out.clear();
+        assert_eq!(c.read(&mut out, 3), ReadOutcome::Read(3));
+        assert!(c.has_news(), "the read was cut at its max");
+        out.clear();
+        assert_eq!(c.read(&mut out, 3), ReadOutcome::Read(2));
+        assert!(!c.has_news(), "all read, nothing new");
+        p.push(TrackId(0), frame(200, false));
+        assert!(c.has_news());
     }
 
     #[test]

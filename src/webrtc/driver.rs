@@ -400,14 +400,13 @@ impl Session {
 
     /// Writes the frames the hub has for this viewer and its due sender reports; asks a
     /// publisher for a keyframe when it sent none for a while.
-    fn pump(&mut self, egress: &mut Egress, ctx: &NodeContext) {
+    fn pump(&mut self, now: Instant, egress: &mut Egress, ctx: &NodeContext) {
         if !self.connected {
             return;
         }
         match &mut self.role {
             Role::Viewer(v) => {
                 let Some(peer) = self.peer else { return };
-                let now = Instant::now();
                 let mut to = To { egress, peer };
                 v.pump(&mut self.rtc, self.id, self.created, now, &mut to);
                 if let Some(sender) = &mut v.sender {
@@ -416,7 +415,6 @@ impl Session {
                 v.count(now, ctx);
             }
             Role::Publisher(p) => {
-                let now = Instant::now();
                 if p.last_keyframe
                     .is_none_or(|t| now.duration_since(t) >= PUBLISHER_KEYFRAME_INTERVAL)
                     && p.last_request
@@ -542,6 +540,9 @@ impl Viewer {
                 set_track(&mut self.tracks, id.0, info);
             }
         }
+        if !self.consumer.has_news() {
+            return;
+        }
         if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
             rtc.disconnect();
             return;
@@ -568,18 +569,21 @@ impl Viewer {
                                 self.video_started = true;
                                 self.stats.ttff.observe(created.elapsed());
                             }
-                            let config = info.config.clone();
-                            let profile = config
+                            let profile = info
+                                .config
                                 .as_ref()
                                 .and_then(|c| c.get(1).copied())
                                 .unwrap_or(0x42);
                             let Some(pt) = self.choose_pt(rtc, profile) else {
                                 continue;
                             };
+                            let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
+                                continue;
+                            };
                             let rtp: &Arc<RtpFrame> = e.memo(RTP_SLOT, |_| {
                                 Arc::new(RtpFrame::h264(
                                     &frame.payload,
-                                    config.as_deref(),
+                                    info.config.as_deref(),
                                     frame.keyframe,
                                 ))
                             });
@@ -888,8 +892,9 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
+                let now = Instant::now();
                 for s in sessions.values_mut() {
-                    s.pump(&mut egress, &ctx);
+                    s.pump(now, &mut egress, &ctx);
                     match &mut s.role {
                         // A viewer's media does not pass through its Rtc: nothing to drain.
                         Role::Viewer(v) => {
