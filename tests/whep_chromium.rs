@@ -58,6 +58,13 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
             samples > 400_000,
             "viewer received {samples} audio samples: {viewer}"
         );
+        // The browser's consent checks (every ~5 s) are answered all along, also after the
+        // server let go of the session's str0m state (3 s after connecting).
+        let consent = viewer["consentResponses"].as_u64().unwrap_or(0);
+        assert!(
+            consent >= 1,
+            "{consent} consent checks answered in 10 s: {viewer}"
+        );
         // castnode's RTCP sender reports (one a second per stream) reach the browser.
         for kind in ["videoReports", "audioReports"] {
             let n = viewer[kind].as_u64().unwrap_or(0);

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::WebrtcError;
+use super::consent::Consent;
 use super::ingest::{self, Arrival, Ingest};
 use super::keys::{self, KeySlot};
 use super::packetize::RtpFrame;
@@ -51,6 +52,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Packets str0m keeps per viewer for video when it sends media itself (publishers' feedback
 /// only, here: viewers' media bypasses str0m).
 pub const VIDEO_SEND_BUFFER: usize = 16;
+/// How long a connected viewer keeps its str0m `Rtc` (for DTLS retransmissions and the last
+/// ICE checks) before it goes on with its media sender and a [`Consent`] responder alone.
+pub const HANDOVER_AFTER: Duration = Duration::from_secs(3);
 /// How often ended sessions are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a viewer's counters are added to its broadcast's figures.
@@ -209,6 +213,8 @@ struct Session {
     broadcast: Arc<str>,
     connected: bool,
     created: Instant,
+    /// When ICE and DTLS completed.
+    connected_at: Option<Instant>,
     deadline: Instant,
     /// Where str0m last sent to: the peer's address on the selected ICE pair.
     peer: Option<SocketAddr>,
@@ -226,9 +232,13 @@ struct Viewer {
     entries: Vec<Arc<Entry>>,
     tracks: Vec<Option<TrackInfo>>,
     video: Option<Mid>,
+    /// The offer's H.264 payload types (packetization mode 1) and their profiles.
+    h264_pts: Vec<(Pt, Option<u8>)>,
     video_pt: Option<Pt>,
     audio: Option<Mid>,
     audio_pt: Option<Pt>,
+    /// The broadcast ended or the session cannot send: close it.
+    ended: bool,
     /// Keeps the broadcast's AAC → Opus transcoder running while this viewer watches.
     _opus: Option<Arc<Rendition>>,
     /// The broadcast's B-frame-free video while this viewer watches; when set, only that
@@ -246,6 +256,56 @@ struct Viewer {
     sender: Option<MediaSender>,
     /// When the sender's counters were last added to `stats`.
     counted: Instant,
+}
+
+/// A connected viewer without an `Rtc`: str0m's state (tens of KiB) is dropped once the
+/// media sender runs; what stays is the sender and the answers to consent checks.
+struct Lite {
+    id: u64,
+    viewer: Box<Viewer>,
+    consent: Consent,
+    peer: SocketAddr,
+    broadcast: Arc<str>,
+    created: Instant,
+    /// Ended by a DELETE.
+    closed: bool,
+}
+
+impl Lite {
+    fn pump(&mut self, now: Instant, egress: &mut Egress, ctx: &NodeContext) {
+        let mut to = To {
+            egress,
+            peer: self.peer,
+        };
+        let v = &mut self.viewer;
+        v.pump(None, self.id, self.created, now, &mut to);
+        if let Some(sender) = &mut v.sender {
+            sender.poll(now, &mut to);
+        }
+        v.count(now, ctx);
+    }
+
+    /// Handles a datagram from the viewer: SRTCP goes to the sender, a consent check is
+    /// answered; anything else is dropped (false).
+    fn input(&mut self, data: &[u8], now: Instant, egress: &mut Egress) -> bool {
+        if is_rtp(data) {
+            let mut to = To {
+                egress,
+                peer: self.peer,
+            };
+            return self
+                .viewer
+                .sender
+                .as_mut()
+                .is_some_and(|s| s.handle_rtcp(data, &mut to).is_ok());
+        }
+        let start = egress.buf.len();
+        if self.consent.handle(data, self.peer, now, &mut egress.buf) {
+            egress.commit(self.peer, start);
+            return true;
+        }
+        false
+    }
 }
 
 /// A WHIP publisher's state.
@@ -364,6 +424,7 @@ impl Session {
         match (e, &mut self.role) {
             (Event::Connected, role) => {
                 self.connected = true;
+                self.connected_at = Some(Instant::now());
                 ctx.stats.webrtc_connected.fetch_add(1, Relaxed);
                 let after_ms = self.created.elapsed().as_millis() as u64;
                 match role {
@@ -408,7 +469,10 @@ impl Session {
             Role::Viewer(v) => {
                 let Some(peer) = self.peer else { return };
                 let mut to = To { egress, peer };
-                v.pump(&mut self.rtc, self.id, self.created, now, &mut to);
+                v.pump(Some(&mut self.rtc), self.id, self.created, now, &mut to);
+                if v.ended {
+                    self.rtc.disconnect();
+                }
                 if let Some(sender) = &mut v.sender {
                     sender.poll(now, &mut to);
                 }
@@ -432,11 +496,24 @@ impl Session {
 
 impl Viewer {
     /// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry
-    /// for the stream's profile.
-    fn choose_pt(&mut self, rtc: &mut Rtc, profile_idc: u8) -> Option<Pt> {
+    /// for the stream's profile (chosen once, at the first frame).
+    fn choose_pt(&mut self, profile_idc: u8) -> Option<Pt> {
         if self.video_pt.is_none() {
-            let writer = rtc.writer(self.video?)?;
-            let h264: Vec<_> = writer
+            self.video_pt = self
+                .h264_pts
+                .iter()
+                .find(|(_, prof)| *prof == Some(profile_idc))
+                .or(self.h264_pts.first())
+                .map(|(pt, _)| *pt);
+        }
+        self.video_pt
+    }
+
+    /// Reads the negotiated payload types (H.264 with packetization mode 1 and their profiles;
+    /// Opus) from the session, so that sending needs the `Rtc` no more.
+    fn read_pts(&mut self, rtc: &mut Rtc) {
+        if let Some(writer) = self.video.and_then(|mid| rtc.writer(mid)) {
+            self.h264_pts = writer
                 .payload_params()
                 .filter(|p| {
                     p.spec().codec == RtcCodec::H264
@@ -449,25 +526,13 @@ impl Viewer {
                     )
                 })
                 .collect();
-            self.video_pt = h264
-                .iter()
-                .find(|(_, prof)| *prof == Some(profile_idc))
-                .or(h264.first())
-                .map(|(pt, _)| *pt);
         }
-        self.video_pt
-    }
-
-    /// The Opus payload type of the audio m-line.
-    fn opus_pt(&mut self, rtc: &mut Rtc) -> Option<Pt> {
-        if self.audio_pt.is_none() {
-            let writer = rtc.writer(self.audio?)?;
+        if let Some(writer) = self.audio.and_then(|mid| rtc.writer(mid)) {
             self.audio_pt = writer
                 .payload_params()
                 .find(|p| p.spec().codec == RtcCodec::Opus)
                 .map(|p| p.pt());
         }
-        self.audio_pt
     }
 
     /// Starts the media sender once the DTLS handshake has given the keys.
@@ -475,7 +540,8 @@ impl Viewer {
         if self.sender.is_some() {
             return true;
         }
-        let Some(keying) = self.keys.get() else {
+        let keys = self.keys.clone();
+        let Some(keying) = keys.get() else {
             return false;
         };
         let mut api = rtc.direct_api();
@@ -484,6 +550,7 @@ impl Viewer {
                 .map(|s| *s.ssrc())
         };
         let (video, audio) = (ssrc(self.video), ssrc(self.audio));
+        self.read_pts(rtc);
         match MediaSender::new(keying, video, audio, format!("castnode-{id}").into()) {
             Ok(sender) => {
                 debug!(session = id, profile = ?keying.profile, "WHEP media sender started");
@@ -492,7 +559,7 @@ impl Viewer {
             }
             Err(err) => {
                 warn!(session = id, error = %err, "WHEP viewer has unusable SRTP keys");
-                rtc.disconnect();
+                self.ended = true;
                 false
             }
         }
@@ -529,9 +596,20 @@ impl Viewer {
         self.stats.firs.fetch_add(c.firs, Relaxed);
     }
 
-    /// Sends the frames the hub has for this viewer.
-    fn pump(&mut self, rtc: &mut Rtc, id: u64, created: Instant, now: Instant, to: &mut To) {
-        if self.video.is_none() || !self.start_sender(rtc, id) {
+    /// Sends the frames the hub has for this viewer. `rtc` is needed until the sender has
+    /// started (it is gone once the session is handed over to [`Consent`]).
+    fn pump(
+        &mut self,
+        rtc: Option<&mut Rtc>,
+        id: u64,
+        created: Instant,
+        now: Instant,
+        to: &mut To,
+    ) {
+        if self.video.is_none() || self.ended {
+            return;
+        }
+        if self.sender.is_none() && !rtc.is_some_and(|rtc| self.start_sender(rtc, id)) {
             return;
         }
         if self.tracks.is_empty() {
@@ -544,7 +622,7 @@ impl Viewer {
             return;
         }
         if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
-            rtc.disconnect();
+            self.ended = true;
             return;
         }
         let mut entries = std::mem::take(&mut self.entries);
@@ -574,7 +652,7 @@ impl Viewer {
                                 .as_ref()
                                 .and_then(|c| c.get(1).copied())
                                 .unwrap_or(0x42);
-                            let Some(pt) = self.choose_pt(rtc, profile) else {
+                            let Some(pt) = self.choose_pt(profile) else {
                                 continue;
                             };
                             let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
@@ -597,7 +675,7 @@ impl Viewer {
                             if track.0 < 2
                                 || self._opus.as_ref().and_then(|r| r.track()) == Some(*track) =>
                         {
-                            let Some(pt) = self.opus_pt(rtc) else {
+                            let Some(pt) = self.audio_pt else {
                                 continue;
                             };
                             let rtp: &Arc<RtpFrame> =
@@ -755,6 +833,9 @@ async fn run(
 ) {
     let mut egress = Egress::new(socket);
     let mut sessions: HashMap<u64, Session> = HashMap::new();
+    // Connected viewers handed over from their Rtc (see `HANDOVER_AFTER`).
+    let mut lite: HashMap<u64, Lite> = HashMap::new();
+    let mut handover: Vec<u64> = Vec::new();
     let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
     // Broadcast name → its WHIP publisher's session.
     let mut publishers: HashMap<Arc<str>, u64> = HashMap::new();
@@ -777,6 +858,13 @@ async fn run(
         tokio::select! {
             r = egress.socket.recv_from(&mut buf) => {
                 let Ok((n, source)) = r else { continue };
+                if let Some(l) = by_source.get(&source).and_then(|id| lite.get_mut(id)) {
+                    if !l.input(&buf[..n], Instant::now(), &mut egress) {
+                        ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                    }
+                    egress.flush();
+                    continue;
+                }
                 // A viewer's SRTCP (NACK, PLI, reports) goes to its media sender.
                 if is_rtp(&buf[..n])
                     && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
@@ -827,9 +915,11 @@ async fn run(
                             entries: Vec::with_capacity(64),
                             tracks: Vec::new(),
                             video: None,
+                            h264_pts: Vec::new(),
                             video_pt: None,
                             audio: None,
                             audio_pt: None,
+                            ended: false,
                             video_started: false,
                             wants_keyframe: false,
                             stats: ctx.webrtc.broadcast(&broadcast),
@@ -876,11 +966,17 @@ async fn run(
                     let _ = reply.send(r);
                 }
                 Some(Command::Close { id, publisher, reply }) => {
-                    let found = sessions
-                        .get_mut(&id)
-                        .filter(|s| s.publisher() == publisher)
-                        .map(|s| s.rtc.disconnect())
-                        .is_some();
+                    let found = match lite.get_mut(&id).filter(|_| !publisher) {
+                        Some(l) => {
+                            l.closed = true;
+                            true
+                        }
+                        None => sessions
+                            .get_mut(&id)
+                            .filter(|s| s.publisher() == publisher)
+                            .map(|s| s.rtc.disconnect())
+                            .is_some(),
+                    };
                     let _ = reply.send(found);
                 }
             },
@@ -904,6 +1000,36 @@ async fn run(
                         }
                         Role::Publisher(_) => s.deadline = s.drain(&mut egress, &ctx),
                     }
+                    if let Role::Viewer(v) = &s.role
+                        && v.sender.is_some()
+                        && !v.ended
+                        && s.peer.is_some()
+                        && s.rtc.is_alive()
+                        && s.connected_at.is_some_and(|t| now.duration_since(t) >= HANDOVER_AFTER)
+                    {
+                        handover.push(s.id);
+                    }
+                }
+                for l in lite.values_mut() {
+                    l.pump(now, &mut egress, &ctx);
+                    if std::mem::take(&mut l.viewer.wants_keyframe) {
+                        keyframe_wanted.push(l.broadcast.clone());
+                    }
+                }
+                for id in handover.drain(..) {
+                    let Some(mut s) = sessions.remove(&id) else { continue };
+                    let (Role::Viewer(viewer), Some(peer)) = (s.role, s.peer) else { continue };
+                    let creds = s.rtc.direct_api().local_ice_credentials();
+                    debug!(session = id, "WHEP viewer handed over from its Rtc");
+                    lite.insert(id, Lite {
+                        id,
+                        viewer,
+                        consent: Consent::new(&creds.ufrag, &creds.pass, now),
+                        peer,
+                        broadcast: s.broadcast,
+                        created: s.created,
+                        closed: false,
+                    });
                 }
                 egress.flush();
                 // Viewers' keyframe requests go to their broadcast's WHIP publisher.
@@ -952,15 +1078,30 @@ async fn run(
             }
             keep
         });
-        if sessions.len() != before {
+        let before_lite = lite.len();
+        lite.retain(|id, l| {
+            let expired = l.consent.expired(now);
+            let keep = !l.closed && !l.viewer.ended && !expired;
+            if !keep {
+                l.viewer.stats.viewers.fetch_sub(1, Relaxed);
+                l.viewer.add_counters();
+                if expired {
+                    info!(session = id, broadcast = %l.broadcast, "WHEP viewer sent no consent check for {:?}; gone", super::consent::CONSENT_TIMEOUT);
+                } else {
+                    info!(session = id, broadcast = %l.broadcast, "WHEP viewer left");
+                }
+            }
+            keep
+        });
+        if sessions.len() != before || lite.len() != before_lite {
             let publishing = sessions.values().filter(|s| s.publisher()).count();
             ctx.stats
                 .webrtc_viewers
-                .store((sessions.len() - publishing) as u64, Relaxed);
+                .store((sessions.len() - publishing + lite.len()) as u64, Relaxed);
             ctx.stats
                 .webrtc_publishers
                 .store(publishing as u64, Relaxed);
-            by_source.retain(|_, id| sessions.contains_key(id));
+            by_source.retain(|_, id| sessions.contains_key(id) || lite.contains_key(id));
             publishers.retain(|_, id| sessions.contains_key(id));
         }
     }
@@ -974,6 +1115,7 @@ impl Session {
             rtc,
             broadcast,
             connected: false,
+            connected_at: None,
             created: now,
             deadline: now,
             peer: None,

@@ -21,6 +21,7 @@
 //!
 //! A WHIP publisher's session is str0m's throughout (depacketizing, NACKs, RTCP).
 
+pub mod consent;
 pub mod driver;
 pub mod ingest;
 pub mod keys;

@@ -178,22 +178,22 @@ impl From<aws_lc_rs::error::Unspecified> for SrtpError {
 }
 
 /// Session keys of one direction and one of RTP / RTCP, ready to use.
-#[allow(
-    clippy::large_enum_variant,
-    reason = "built once per session and never moved on the packet path; boxing would add an indirection per packet"
-)]
 enum Keys {
     /// AEAD AES-GCM (128 or 256).
     Gcm {
         key: LessSafeKey,
         salt: [u8; GCM_SALT_LEN],
     },
-    /// AES counter mode with HMAC-SHA1-80.
-    Cm {
-        key: EncryptingKey,
-        auth: hmac::Key,
-        salt: [u8; CM_SALT_LEN],
-    },
+    /// AES counter mode with HMAC-SHA1-80: boxed, as its HMAC key is large and this profile
+    /// is rare (browsers negotiate AES-GCM), so GCM sessions stay small.
+    Cm(Box<CmKeys>),
+}
+
+/// AES-CM and HMAC-SHA1 keys.
+struct CmKeys {
+    key: EncryptingKey,
+    auth: hmac::Key,
+    salt: [u8; CM_SALT_LEN],
 }
 
 impl Keys {
@@ -213,18 +213,18 @@ impl Keys {
     /// AES-CM keys; the AES variant is chosen by the key length (16 or 32).
     fn cm(enc: &[u8], auth: &[u8], salt: [u8; CM_SALT_LEN]) -> Result<Self, SrtpError> {
         let alg = if enc.len() == 32 { &AES_256 } else { &AES_128 };
-        Ok(Keys::Cm {
+        Ok(Keys::Cm(Box::new(CmKeys {
             key: EncryptingKey::ctr(UnboundCipherKey::new(alg, enc)?)?,
             auth: hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, auth),
             salt,
-        })
+        })))
     }
 
     /// Tag length of these keys.
     fn tag_len(&self) -> usize {
         match self {
             Keys::Gcm { .. } => GCM_TAG_LEN,
-            Keys::Cm { .. } => CM_TAG_LEN,
+            Keys::Cm(_) => CM_TAG_LEN,
         }
     }
 }
@@ -429,7 +429,8 @@ impl Srtp {
                 let tag = key.seal_in_place_separate_tag(nonce, Aad::from(&*header), payload)?;
                 buf.extend_from_slice(tag.as_ref());
             }
-            Keys::Cm { key, auth, salt } => {
+            Keys::Cm(cm) => {
+                let CmKeys { key, auth, salt } = &**cm;
                 let index = (u64::from(roc) << 16) | u64::from(seq);
                 ctr(key, cm_iv(salt, ssrc, index), payload)?;
                 let mut mac = hmac::Context::with_key(auth);
@@ -474,7 +475,8 @@ impl Srtp {
                 buf.extend_from_slice(tag.as_ref());
                 buf.extend_from_slice(&e_index);
             }
-            Keys::Cm { key, auth, salt } => {
+            Keys::Cm(cm) => {
+                let CmKeys { key, auth, salt } = &**cm;
                 ctr(key, cm_iv(salt, ssrc, u64::from(index)), body)?;
                 buf.extend_from_slice(&e_index);
                 let tag = hmac::sign(auth, &buf[start..]);
@@ -511,7 +513,7 @@ impl Srtp {
             // header | ciphertext | tag | E||index
             Keys::Gcm { .. } => packet.len() - SRTCP_INDEX_LEN,
             // header | ciphertext | E||index | tag
-            Keys::Cm { .. } => packet.len() - CM_TAG_LEN - SRTCP_INDEX_LEN,
+            Keys::Cm(_) => packet.len() - CM_TAG_LEN - SRTCP_INDEX_LEN,
         };
         let e_index_bytes = [
             packet[index_at],
@@ -547,7 +549,8 @@ impl Srtp {
                     out.truncate(plain.len());
                 }
             }
-            Keys::Cm { key, auth, salt } => {
+            Keys::Cm(cm) => {
+                let CmKeys { key, auth, salt } = &**cm;
                 let (authenticated, tag) = packet.split_at(packet.len() - CM_TAG_LEN);
                 let expected = hmac::sign(auth, authenticated);
                 verify_slices_are_equal(&expected.as_ref()[..CM_TAG_LEN], tag)
@@ -609,7 +612,8 @@ impl Srtp {
                     .map_err(|_| SrtpError::Auth)?;
                 out.truncate(packet.len() - GCM_TAG_LEN);
             }
-            Keys::Cm { key, auth, salt } => {
+            Keys::Cm(cm) => {
+                let CmKeys { key, auth, salt } = &**cm;
                 let (authenticated, tag) = packet.split_at(packet.len() - CM_TAG_LEN);
                 let mut mac = hmac::Context::with_key(auth);
                 mac.update(authenticated);

@@ -593,11 +593,19 @@ async function viewer(i) {{
     (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === kind) v = s; }});
     return v || {{}};
   }};
+  // STUN responses the browser got on its selected pair (the server answers consent checks).
+  const responses = async () => {{
+    let n = 0;
+    (await pc.getStats()).forEach((s) => {{ if (s.type === "candidate-pair" && s.nominated) n = Math.max(n, s.responsesReceived || 0); }});
+    return n;
+  }};
   // Measure the 10 s after the start-up second (the first group arrives as a burst).
   await new Promise((r) => setTimeout(r, 1000));
   const a = await stats("video");
+  const responsesBefore = await responses();
   await new Promise((r) => setTimeout(r, 10000));
   const b = await stats("video");
+  const consentResponses = (await responses()) - responsesBefore;
   const audio = await stats("audio");
   // Sender reports the browser decrypted and read, per kind (what it syncs audio and video by).
   const reports = {{ video: 0, audio: 0 }};
@@ -607,7 +615,7 @@ async function viewer(i) {{
            freezeCount: b.freezeCount - (a.freezeCount || 0), freezesAtStart: a.freezeCount || 0, packetsLost: b.packetsLost,
            totalFreezesMs: Math.round((b.totalFreezesDuration - (a.totalFreezesDuration || 0)) * 1000), keyFrames: b.keyFramesDecoded, pli: b.pliCount, nack: b.nackCount, width: b.frameWidth, height: b.frameHeight,
            audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
-           videoReports: reports.video, audioReports: reports.audio,
+           videoReports: reports.video, audioReports: reports.audio, consentResponses,
            counterFrames: counter.frames, counterBackward: counter.backward, counterJumps: counter.jumps,
            state: pc.connectionState }};
 }}
