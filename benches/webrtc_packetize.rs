@@ -91,41 +91,40 @@ fn bench(c: &mut Criterion) {
     ] {
         g.throughput(Throughput::Elements(packets));
         g.bench_function(format!("video_frame_10kb/{name}"), |b| {
-            let mut s = sender(profile);
-            let mut out = Buffer {
-                buf: Vec::with_capacity(64 << 10),
-                datagrams: 0,
-            };
-            let start = Instant::now();
-            let mut pts = 0i64;
-            b.iter(|| {
-                pts += 33_333;
-                let now = start + Duration::from_micros(pts as u64);
-                out.buf.clear();
-                s.send(Kind::Video, 102, &rtp, pts, now, &mut out);
-                black_box(out.buf.len())
-            });
+            one_viewer(b, profile, Kind::Video, 102, &rtp, 33_333)
         });
     }
     let opus = Arc::new(RtpFrame::opus(&bytes(OPUS_FRAME, 5)));
     g.throughput(Throughput::Elements(1));
     g.bench_function("audio_frame_opus/aes256gcm", |b| {
-        let mut s = sender(Profile::AeadAes256Gcm);
-        let mut out = Buffer {
-            buf: Vec::with_capacity(64 << 10),
-            datagrams: 0,
-        };
-        let start = Instant::now();
-        let mut pts = 0i64;
-        b.iter(|| {
-            pts += 20_000;
-            let now = start + Duration::from_micros(pts as u64);
-            out.buf.clear();
-            s.send(Kind::Audio, 111, &opus, pts, now, &mut out);
-            black_box(out.buf.len())
-        });
+        one_viewer(b, Profile::AeadAes256Gcm, Kind::Audio, 111, &opus, 20_000)
     });
     g.finish();
+}
+
+/// Times one viewer's copy of `frame`, one frame every `interval_us` of media time.
+fn one_viewer(
+    b: &mut criterion::Bencher,
+    profile: Profile,
+    kind: Kind,
+    pt: u8,
+    frame: &Arc<RtpFrame>,
+    interval_us: i64,
+) {
+    let mut s = sender(profile);
+    let mut out = Buffer {
+        buf: Vec::with_capacity(64 << 10),
+        datagrams: 0,
+    };
+    let start = Instant::now();
+    let mut pts = 0i64;
+    b.iter(|| {
+        pts += interval_us;
+        let now = start + Duration::from_micros(pts as u64);
+        out.buf.clear();
+        s.send(kind, pt, frame, pts, now, &mut out);
+        black_box(out.buf.len())
+    });
 }
 
 criterion_group!(benches, bench);

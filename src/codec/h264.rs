@@ -40,27 +40,33 @@ pub fn avcc_parameter_sets(avcc: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
     Some((length_size, sets))
 }
 
+/// The non-empty NAL units of a frame of `length_size`-byte length-prefixed NAL units (the
+/// hub's form); a malformed length ends them at the last whole unit.
+pub fn avcc_nal_units(frame: &[u8], length_size: usize) -> impl Iterator<Item = &[u8]> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        while pos + length_size <= frame.len() {
+            let len = frame[pos..pos + length_size]
+                .iter()
+                .fold(0usize, |a, &b| (a << 8) | usize::from(b));
+            pos += length_size;
+            let nal = frame.get(pos..pos + len)?;
+            pos += len;
+            if !nal.is_empty() {
+                return Some(nal);
+            }
+        }
+        None
+    })
+}
+
 /// Converts a frame of length-prefixed NAL units to Annex B (start codes). On a keyframe without
 /// its own SPS/PPS, those of `avcc` go first: WebRTC receivers need them in band before every
 /// IDR. Malformed lengths end the conversion at the last whole NAL unit.
 pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<u8> {
     let sets = avcc.and_then(avcc_parameter_sets);
     let length_size = sets.as_ref().map_or(4, |(l, _)| *l);
-    let mut nals = Vec::new();
-    let mut pos = 0;
-    while pos + length_size <= frame.len() {
-        let len = frame[pos..pos + length_size]
-            .iter()
-            .fold(0usize, |a, &b| (a << 8) | usize::from(b));
-        pos += length_size;
-        let Some(nal) = frame.get(pos..pos + len) else {
-            break;
-        };
-        pos += len;
-        if !nal.is_empty() {
-            nals.push(nal);
-        }
-    }
+    let nals: Vec<&[u8]> = avcc_nal_units(frame, length_size).collect();
     let has_sps = nals.iter().any(|n| n[0] & 0x1f == 7);
     let mut out = Vec::with_capacity(frame.len() + 64);
     if keyframe && !has_sps {

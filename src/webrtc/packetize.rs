@@ -73,22 +73,10 @@ impl RtpFrame {
     pub fn h264(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> RtpFrame {
         let sets = avcc.and_then(h264::avcc_parameter_sets);
         let length_size = sets.as_ref().map_or(4, |(l, _)| *l);
-        let mut nals: Vec<&[u8]> = Vec::with_capacity(8);
-        let mut pos = 0;
-        while pos + length_size <= frame.len() {
-            let len = frame[pos..pos + length_size]
-                .iter()
-                .fold(0usize, |a, &b| (a << 8) | usize::from(b));
-            pos += length_size;
-            let Some(nal) = frame.get(pos..pos + len) else {
-                break;
-            };
-            pos += len;
-            // 9: access unit delimiter, 12: filler data; neither is needed by a receiver.
-            if !nal.is_empty() && !matches!(nal[0] & 0x1f, 9 | 12) {
-                nals.push(nal);
-            }
-        }
+        // 9: access unit delimiter, 12: filler data; neither is needed by a receiver.
+        let mut nals: Vec<&[u8]> = h264::avcc_nal_units(frame, length_size)
+            .filter(|nal| !matches!(nal[0] & 0x1f, 9 | 12))
+            .collect();
         if keyframe && !nals.iter().any(|n| n[0] & 0x1f == 7) {
             let sets: Vec<&[u8]> = sets
                 .iter()
