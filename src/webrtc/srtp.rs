@@ -1405,41 +1405,4 @@ mod tests {
             assert_eq!(out, plain);
         }
     }
-
-    /// `cargo test --release -- --ignored --nocapture bench_protect_rtp`
-    #[test]
-    #[ignore = "timing, run in release"]
-    fn bench_protect_rtp() {
-        use std::hint::black_box;
-        use std::time::Instant;
-        const N: u32 = 200_000;
-        let mut rng = Rng(1);
-        let (plain, header_len) = rtp_packet(&mut rng, 0, Some(2), 1200);
-        for p in ALL {
-            let (client, _) = pair(p, 14);
-            let mut buf = Vec::with_capacity(plain.len() + 16);
-            let begin = Instant::now();
-            for i in 0..N {
-                buf.clear();
-                buf.extend_from_slice(&plain);
-                client.protect_rtp(&mut buf, 0, header_len, i).unwrap();
-                black_box(&buf);
-            }
-            let total = begin.elapsed();
-            let copy = Instant::now();
-            for _ in 0..N {
-                buf.clear();
-                buf.extend_from_slice(black_box(&plain));
-                black_box(&buf);
-            }
-            let copy = copy.elapsed();
-            println!(
-                "{p:?}: protect_rtp of a {}-byte packet ({} payload): {:.0} ns/packet ({:.0} ns of it the memcpy refill)",
-                plain.len(),
-                plain.len() - header_len,
-                total.as_nanos() as f64 / f64::from(N),
-                copy.as_nanos() as f64 / f64::from(N),
-            );
-        }
-    }
 }
