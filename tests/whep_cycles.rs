@@ -2,7 +2,8 @@
 //! connects ICE + DTLS, waits for its first complete video frame and DELETEs its session. Every
 //! cycle must succeed, the server's RSS must come back to within 10% of where it stood after
 //! the warm-up, and the sessions, the AAC → Opus transcoder and the broadcast's viewer gauge
-//! must be back to zero in `/metrics`.
+//! must be back to zero in `/metrics`. A second test keeps viewers past the hand-over from their
+//! str0m state and checks they play on and leave on DELETE.
 
 mod common;
 
@@ -26,39 +27,26 @@ fn thousand_sequential_whep_sessions_leave_nothing_behind() {
     let _publisher = ffmpeg_publish(&server.rtmp_url("cycles"), &fixture, 1000);
     server.wait_live("live/cycles", Duration::from_secs(10));
 
-    let whep_url = format!("http://127.0.0.1:{}/whep/live/cycles", server.http_port);
-    let mut load = Proc(
-        Command::new(env!("CARGO_BIN_EXE_castnode-load"))
-            .args(["--protocol", "whep", "--no-publish", "--json"])
-            .args(["--cycles", &CYCLES.to_string()])
-            .args(["--cycles-warmup", &WARMUP.to_string()])
-            .args(["--cycles-max-failures", "5", "--connect-timeout", "5"])
-            .args(["--server-pid", &server.pid().to_string()])
-            .args(["--rtmp-url", &server.rtmp_url("cycles")])
-            .args(["--whep-url", &whep_url])
-            .arg("--fixture")
-            .arg(&fixture)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start castnode-load"),
-    );
-    let mut stdout = load.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
-        s
-    });
+    let cycles = CYCLES.to_string();
+    let warmup = WARMUP.to_string();
     let started = Instant::now();
-    let status = load.wait_for(RUN_LIMIT);
-    let took = started.elapsed();
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "castnode-load did not finish well within {RUN_LIMIT:?} ({status:?}); server log:\n{}",
-        server.log()
+    let r = castnode_load(
+        &server,
+        "cycles",
+        &fixture,
+        &[
+            "--cycles",
+            &cycles,
+            "--cycles-warmup",
+            &warmup,
+            "--cycles-max-failures",
+            "5",
+            "--connect-timeout",
+            "5",
+        ],
+        RUN_LIMIT,
     );
-    let out = reader.join().unwrap();
-    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let took = started.elapsed();
 
     let c = &r["cycles"];
     let (done, failed) = (c["done"].as_u64().unwrap(), c["failed"].as_u64().unwrap());
@@ -125,7 +113,111 @@ fn thousand_sequential_whep_sessions_leave_nothing_behind() {
     );
 }
 
+/// Runs `castnode-load --protocol whep --no-publish --json` with `args` against `server`'s
+/// broadcast `live/{key}`; its JSON report.
+fn castnode_load(
+    server: &Server,
+    key: &str,
+    fixture: &std::path::Path,
+    args: &[&str],
+    limit: Duration,
+) -> serde_json::Value {
+    let whep_url = format!("http://127.0.0.1:{}/whep/live/{key}", server.http_port);
+    let mut load = Proc(
+        Command::new(env!("CARGO_BIN_EXE_castnode-load"))
+            .args(["--protocol", "whep", "--no-publish", "--json"])
+            .args(args)
+            .args(["--server-pid", &server.pid().to_string()])
+            .args(["--rtmp-url", &server.rtmp_url(key)])
+            .args(["--whep-url", &whep_url])
+            .arg("--fixture")
+            .arg(fixture)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start castnode-load"),
+    );
+    let mut stdout = load.0.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let status = load.wait_for(limit);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "castnode-load did not finish well within {limit:?} ({status:?}); server log:\n{}",
+        server.log()
+    );
+    let out = reader.join().unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Viewers that stay past the hand-over (3 s after connecting the server drops their str0m
+/// state and answers consent checks itself) keep receiving every frame, and their DELETEs end
+/// them.
+#[test]
+fn viewers_play_on_after_the_handover_and_leave_on_delete() {
+    let server = Server::start(&[]);
+    let fixture = fixture("baseline.flv");
+    let _publisher = ffmpeg_publish(&server.rtmp_url("stay"), &fixture, 1000);
+    server.wait_live("live/stay", Duration::from_secs(10));
+    let r = castnode_load(
+        &server,
+        "stay",
+        &fixture,
+        &[
+            "--players",
+            "3",
+            "--connect-rate",
+            "10",
+            "--warmup",
+            "1",
+            "--duration",
+            "6",
+        ],
+        Duration::from_secs(60),
+    );
+    let out = r.to_string();
+    let w = &r["whep"];
+    println!(
+        "video {} audio {} fps {} deleted {}",
+        w["video_window"], w["audio_window"], w["video_fps"], w["deleted"]
+    );
+    assert_eq!(r["players"]["connected"].as_u64(), Some(3), "{out}");
+    assert_eq!(w["video_window"]["lost"].as_u64(), Some(0), "{out}");
+    assert_eq!(w["video_window"]["incomplete"].as_u64(), Some(0), "{out}");
+    assert!(
+        w["video_fps"]["min"].as_f64().unwrap_or(0.0) >= 25.0,
+        "{out}"
+    );
+    assert!(
+        w["audio_window"]["packets_per_s_per_viewer"]
+            .as_f64()
+            .unwrap_or(0.0)
+            >= 45.0,
+        "{out}"
+    );
+    assert_eq!(w["deleted"].as_u64(), Some(3), "{out}");
+    let log = server.log();
+    assert_eq!(
+        log.matches("handed over from its Rtc").count(),
+        3,
+        "every viewer was handed over:\n{log}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            server.metric("castnode_webrtc_viewers") == 0.0
+                && server.metric("castnode_broadcast_webrtc_viewers{broadcast=\"live/stay\"}")
+                    == 0.0
+        }),
+        "viewers left in metrics"
+    );
+    let log = server.log();
+    assert_eq!(log.matches("WHEP viewer left").count(), 3, "{log}");
 }

@@ -1020,7 +1020,7 @@ async fn run(
                     let Some(mut s) = sessions.remove(&id) else { continue };
                     let (Role::Viewer(viewer), Some(peer)) = (s.role, s.peer) else { continue };
                     let creds = s.rtc.direct_api().local_ice_credentials();
-                    debug!(session = id, "WHEP viewer handed over from its Rtc");
+                    info!(session = id, "WHEP viewer handed over from its Rtc to its media sender");
                     lite.insert(id, Lite {
                         id,
                         viewer,
