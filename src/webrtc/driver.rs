@@ -1138,7 +1138,10 @@ fn accept(
         .enable_h264(true)
         .enable_opus(true, false);
     let (mut rtc, keys) = if publisher {
-        (builder.build(Instant::now()), KeySlot::default())
+        (
+            keys::build_plain(builder, Instant::now()),
+            KeySlot::default(),
+        )
     } else {
         // castnode sends a viewer's media itself, without RTP header extensions; str0m's send
         // buffers stay unused.

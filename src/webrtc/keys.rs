@@ -2,16 +2,23 @@
 //!
 //! str0m does ICE and DTLS for every peer, and keeps the DTLS-SRTP keying material to itself.
 //! castnode packetizes a frame once for all viewers and encrypts each viewer's copy with that
-//! viewer's keys ([`super::sender`]), so it needs them: the crypto provider str0m is built with
-//! here wraps the default DTLS provider, and each DTLS instance created for a viewer copies the
-//! keying material it hands to str0m into that viewer's [`KeySlot`].
+//! viewer's keys ([`super::sender`]), so it needs them: str0m is built here with a crypto
+//! provider whose DTLS factory makes the dimpl instances itself, and each one created for a
+//! viewer copies the keying material it hands to str0m into that viewer's [`KeySlot`].
 //!
-//! Guarantees: the DTLS handshake itself is str0m's and aws-lc-rs's, unchanged; an `Rtc` built
-//! with [`build`] fills its slot exactly once, when its handshake completes; one built otherwise
-//! (a WHIP publisher) is untouched.
+//! The same provider also makes DTLS cheaper to set up: str0m's default builds a new dimpl
+//! configuration for every session, and dimpl validates its crypto provider on every build
+//! (test key generations, agreements and signature checks on three curves: about 1 ms, on the
+//! one driver task, per viewer). Here every session's dimpl instance shares one configuration,
+//! built and validated once per MTU.
+//!
+//! Guarantees: the DTLS handshake itself is dimpl's with aws-lc-rs, configured as str0m does
+//! (no server cookie, str0m's MTU and DTLS version); an `Rtc` built with [`build`] fills its
+//! slot exactly once, when its handshake completes; one built otherwise (a WHIP publisher) gets
+//! no slot.
 
 use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use str0m::crypto::dtls::{
@@ -40,6 +47,12 @@ pub type KeySlot = Arc<OnceLock<Keying>>;
 thread_local! {
     /// The slot for the DTLS instance being created by [`build`] on this thread.
     static NEXT: RefCell<Option<KeySlot>> = const { RefCell::new(None) };
+}
+
+/// Builds an `RtcConfig`'s `Rtc` with castnode's DTLS provider (shared dimpl configuration), for
+/// sessions whose keys castnode does not need (WHIP publishers).
+pub fn build_plain(config: RtcConfig, now: Instant) -> Rtc {
+    config.set_crypto_provider(provider()).build(now)
 }
 
 /// Builds an `Rtc` whose DTLS keying material will be copied into the returned slot.
@@ -81,33 +94,77 @@ impl DtlsProvider for Capture {
         dtls_version: DtlsVersion,
         mtu: Option<usize>,
     ) -> Result<Box<dyn DtlsInstance>, CryptoError> {
-        let inner = self.0.new_dtls(cert, now, dtls_version, mtu)?;
-        match NEXT.with(|n| n.borrow_mut().take()) {
-            Some(slot) => Ok(Box::new(Capturing { inner, slot })),
-            None => Ok(inner),
-        }
+        let config = dimpl_config(mtu)?;
+        let cert = dimpl::DtlsCertificate {
+            certificate: cert.certificate.clone(),
+            private_key: cert.private_key.clone(),
+        };
+        let dtls = match dtls_version {
+            DtlsVersion::Dtls12 => dimpl::Dtls::new_12(config, cert, now),
+            DtlsVersion::Dtls13 => dimpl::Dtls::new_13(config, cert, now),
+            DtlsVersion::Auto => dimpl::Dtls::new_auto(config, cert, now),
+            #[allow(unreachable_patterns)]
+            other => {
+                return Err(CryptoError::Other(format!(
+                    "unsupported DTLS version: {other}"
+                )));
+            }
+        };
+        let slot = NEXT.with(|n| n.borrow_mut().take());
+        Ok(Box::new(Capturing { dtls, slot }))
     }
 }
 
-#[derive(Debug)]
+/// The dimpl configuration of every session with this MTU, built (and its crypto provider
+/// validated) once.
+fn dimpl_config(mtu: Option<usize>) -> Result<Arc<dimpl::Config>, CryptoError> {
+    static CONFIGS: Mutex<Vec<(Option<usize>, Arc<dimpl::Config>)>> = Mutex::new(Vec::new());
+    let mut configs = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = configs.iter().find(|(m, _)| *m == mtu) {
+        return Ok(c.clone());
+    }
+    // As str0m's aws-lc-rs provider configures it: ICE has checked return routability before
+    // DTLS starts, so server cookies are redundant.
+    let mut builder = dimpl::Config::builder().use_server_cookie(false);
+    if let Some(mtu) = mtu {
+        builder = builder.mtu(mtu);
+    }
+    let config = Arc::new(
+        builder
+            .build()
+            .map_err(|e| CryptoError::Other(format!("dimpl config: {e}")))?,
+    );
+    configs.push((mtu, config.clone()));
+    Ok(config)
+}
+
+/// A dimpl instance that copies its SRTP keying material into `slot`, when it has one.
 struct Capturing {
-    inner: Box<dyn DtlsInstance>,
-    slot: KeySlot,
+    dtls: dimpl::Dtls,
+    slot: Option<KeySlot>,
+}
+
+impl std::fmt::Debug for Capturing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capturing").finish_non_exhaustive()
+    }
 }
 
 impl DtlsInstance for Capturing {
     fn set_active(&mut self, active: bool) {
-        self.inner.set_active(active)
+        self.dtls.set_active(active)
     }
 
     fn handle_packet(&mut self, packet: &[u8]) -> Result<(), DtlsImplError> {
-        self.inner.handle_packet(packet)
+        self.dtls.handle_packet(packet)
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        let client = self.inner.is_active();
-        let out = self.inner.poll_output(buf);
-        if let DtlsOutput::KeyingMaterial(material, profile) = &out {
+        let client = self.dtls.is_active();
+        let out = self.dtls.poll_output(buf);
+        if let DtlsOutput::KeyingMaterial(material, profile) = &out
+            && let Some(slot) = &self.slot
+        {
             let profile = match *profile {
                 SrtpProfile::AEAD_AES_128_GCM => Some(Profile::AeadAes128Gcm),
                 SrtpProfile::AEAD_AES_256_GCM => Some(Profile::AeadAes256Gcm),
@@ -116,7 +173,7 @@ impl DtlsInstance for Capturing {
                 _ => None,
             };
             if let Some(profile) = profile {
-                let _ = self.slot.set(Keying {
+                let _ = slot.set(Keying {
                     material: material.to_vec(),
                     profile,
                     client,
@@ -127,30 +184,30 @@ impl DtlsInstance for Capturing {
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {
-        self.inner.handle_timeout(now)
+        self.dtls.handle_timeout(now)
     }
 
     fn send_application_data(&mut self, data: &[u8]) -> Result<usize, DtlsImplError> {
-        self.inner.send_application_data(data)
+        self.dtls.send_application_data(data)
     }
 
     fn is_active(&self) -> bool {
-        self.inner.is_active()
+        self.dtls.is_active()
     }
 
     fn protocol_version(&self) -> Option<ProtocolVersion> {
-        self.inner.protocol_version()
+        self.dtls.protocol_version()
     }
 
     fn is_closing(&self) -> bool {
-        self.inner.is_closing()
+        self.dtls.is_closing()
     }
 
     fn is_closed(&self) -> bool {
-        self.inner.is_closed()
+        self.dtls.is_closed()
     }
 
     fn close(&mut self) -> Result<(), DtlsImplError> {
-        self.inner.close()
+        self.dtls.close()
     }
 }

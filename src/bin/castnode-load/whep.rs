@@ -703,13 +703,14 @@ async fn play(
     } else {
         None
     };
-    let mut rtc = Rtc::builder()
+    // castnode's DTLS provider: one shared dimpl configuration (see castnode::webrtc::keys).
+    let builder = Rtc::builder()
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_h264(true)
         .enable_opus(true, false)
-        .set_dtls_cert(cert)
-        .build(post_at);
+        .set_dtls_cert(cert);
+    let mut rtc = castnode::webrtc::keys::build_plain(builder, post_at);
     match Candidate::host(local, "udp") {
         Ok(c) => {
             rtc.add_local_candidate(c);
