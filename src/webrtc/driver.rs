@@ -49,8 +49,8 @@ use crate::transcode::{Rendition, opus_for, video_for};
 pub const RTP_SLOT: MemoSlot = MemoSlot(2);
 /// A session must connect (ICE + DTLS) within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Packets str0m keeps per viewer for video when it sends media itself (publishers' feedback
-/// only, here: viewers' media bypasses str0m).
+/// Send buffers str0m keeps per viewer (video and audio): it sends no media for viewers (the
+/// media sender does), so they stay small.
 pub const VIDEO_SEND_BUFFER: usize = 16;
 /// How long a connected viewer keeps its str0m `Rtc` (for DTLS retransmissions and the last
 /// ICE checks) before it goes on with its media sender and a [`Consent`] responder alone.
@@ -211,7 +211,6 @@ struct Session {
     id: u64,
     rtc: Rtc,
     broadcast: Arc<str>,
-    connected: bool,
     created: Instant,
     /// When ICE and DTLS completed.
     connected_at: Option<Instant>,
@@ -277,12 +276,8 @@ impl Lite {
             egress,
             peer: self.peer,
         };
-        let v = &mut self.viewer;
-        v.pump(None, self.id, self.created, now, &mut to);
-        if let Some(sender) = &mut v.sender {
-            sender.poll(now, &mut to);
-        }
-        v.count(now, ctx);
+        self.viewer
+            .serve(None, self.id, self.created, now, &mut to, ctx);
     }
 
     /// Handles a datagram from the viewer: SRTCP goes to the sender, a consent check is
@@ -293,11 +288,7 @@ impl Lite {
                 egress,
                 peer: self.peer,
             };
-            return self
-                .viewer
-                .sender
-                .as_mut()
-                .is_some_and(|s| s.handle_rtcp(data, &mut to).is_ok());
+            return self.viewer.rtcp(data, &mut to);
         }
         let start = egress.buf.len();
         if self.consent.handle(data, self.peer, now, &mut egress.buf) {
@@ -388,6 +379,11 @@ impl Publisher {
 }
 
 impl Session {
+    /// ICE and DTLS have completed.
+    fn connected(&self) -> bool {
+        self.connected_at.is_some()
+    }
+
     fn publisher(&self) -> bool {
         matches!(self.role, Role::Publisher(_))
     }
@@ -423,7 +419,6 @@ impl Session {
     fn handle_event(&mut self, e: Event, ctx: &NodeContext) {
         match (e, &mut self.role) {
             (Event::Connected, role) => {
-                self.connected = true;
                 self.connected_at = Some(Instant::now());
                 ctx.stats.webrtc_connected.fetch_add(1, Relaxed);
                 let after_ms = self.created.elapsed().as_millis() as u64;
@@ -462,21 +457,24 @@ impl Session {
     /// Writes the frames the hub has for this viewer and its due sender reports; asks a
     /// publisher for a keyframe when it sent none for a while.
     fn pump(&mut self, now: Instant, egress: &mut Egress, ctx: &NodeContext) {
-        if !self.connected {
+        if !self.connected() {
             return;
         }
         match &mut self.role {
             Role::Viewer(v) => {
                 let Some(peer) = self.peer else { return };
                 let mut to = To { egress, peer };
-                v.pump(Some(&mut self.rtc), self.id, self.created, now, &mut to);
+                v.serve(
+                    Some(&mut self.rtc),
+                    self.id,
+                    self.created,
+                    now,
+                    &mut to,
+                    ctx,
+                );
                 if v.ended {
                     self.rtc.disconnect();
                 }
-                if let Some(sender) = &mut v.sender {
-                    sender.poll(now, &mut to);
-                }
-                v.count(now, ctx);
             }
             Role::Publisher(p) => {
                 if p.last_keyframe
@@ -495,20 +493,6 @@ impl Session {
 }
 
 impl Viewer {
-    /// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry
-    /// for the stream's profile (chosen once, at the first frame).
-    fn choose_pt(&mut self, profile_idc: u8) -> Option<Pt> {
-        if self.video_pt.is_none() {
-            self.video_pt = self
-                .h264_pts
-                .iter()
-                .find(|(_, prof)| *prof == Some(profile_idc))
-                .or(self.h264_pts.first())
-                .map(|(pt, _)| *pt);
-        }
-        self.video_pt
-    }
-
     /// Reads the negotiated payload types (H.264 with packetization mode 1 and their profiles;
     /// Opus) from the session, so that sending needs the `Rtc` no more.
     fn read_pts(&mut self, rtc: &mut Rtc) {
@@ -563,6 +547,32 @@ impl Viewer {
                 false
             }
         }
+    }
+
+    /// One media tick: the frames the hub has, the due sender reports, the counters. `rtc` as
+    /// for [`Viewer::pump`].
+    fn serve(
+        &mut self,
+        rtc: Option<&mut Rtc>,
+        id: u64,
+        created: Instant,
+        now: Instant,
+        to: &mut To,
+        ctx: &NodeContext,
+    ) {
+        self.pump(rtc, id, created, now, to);
+        if let Some(sender) = &mut self.sender {
+            sender.poll(now, to);
+        }
+        self.count(now, ctx);
+    }
+
+    /// Hands an SRTCP datagram to the media sender (NACKs are answered through `to`); false
+    /// when there is no sender yet or the datagram is not authentic.
+    fn rtcp(&mut self, data: &[u8], to: &mut To) -> bool {
+        self.sender
+            .as_mut()
+            .is_some_and(|s| s.handle_rtcp(data, to).is_ok())
     }
 
     /// Adds the sender's counters to the broadcast's figures, once per [`COUNTERS_INTERVAL`],
@@ -652,10 +662,8 @@ impl Viewer {
                                 .as_ref()
                                 .and_then(|c| c.get(1).copied())
                                 .unwrap_or(0x42);
-                            let Some(pt) = self.choose_pt(profile) else {
-                                continue;
-                            };
-                            let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
+                            let Some(pt) = choose_pt(&mut self.video_pt, &self.h264_pts, profile)
+                            else {
                                 continue;
                             };
                             let rtp: &Arc<RtpFrame> = e.memo(RTP_SLOT, |_| {
@@ -691,6 +699,23 @@ impl Viewer {
         }
         self.entries = entries;
     }
+}
+
+/// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry for
+/// the stream's profile (chosen once, at the first frame, into `chosen`).
+fn choose_pt(
+    chosen: &mut Option<Pt>,
+    h264_pts: &[(Pt, Option<u8>)],
+    profile_idc: u8,
+) -> Option<Pt> {
+    if chosen.is_none() {
+        *chosen = h264_pts
+            .iter()
+            .find(|(_, prof)| *prof == Some(profile_idc))
+            .or(h264_pts.first())
+            .map(|(pt, _)| *pt);
+    }
+    *chosen
 }
 
 fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
@@ -869,10 +894,10 @@ async fn run(
                 if is_rtp(&buf[..n])
                     && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
                     && let Role::Viewer(v) = &mut s.role
-                    && let Some(sender) = &mut v.sender
+                    && v.sender.is_some()
                 {
                     let mut to = To { egress: &mut egress, peer: source };
-                    if sender.handle_rtcp(&buf[..n], &mut to).is_err() {
+                    if !v.rtcp(&buf[..n], &mut to) {
                         ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
                     }
                     egress.flush();
@@ -1055,7 +1080,7 @@ async fn run(
         let before = sessions.len();
         sessions.retain(|id, s| {
             let keep = s.rtc.is_alive()
-                && (s.connected || now.duration_since(s.created) < CONNECT_TIMEOUT);
+                && (s.connected() || now.duration_since(s.created) < CONNECT_TIMEOUT);
             if !keep {
                 if let Role::Viewer(v) = &mut s.role {
                     v.stats.viewers.fetch_sub(1, Relaxed);
@@ -1066,7 +1091,7 @@ async fn run(
                 } else {
                     "WHEP viewer"
                 };
-                if !s.connected {
+                if !s.connected() {
                     warn!(
                         session = id,
                         broadcast = %s.broadcast,
@@ -1114,7 +1139,6 @@ impl Session {
             id,
             rtc,
             broadcast,
-            connected: false,
             connected_at: None,
             created: now,
             deadline: now,

@@ -162,7 +162,6 @@ impl MediaSender {
     }
 
     /// Sends one frame of `kind` with payload type `pt` and presentation time `pts_us`.
-    #[allow(clippy::too_many_arguments)]
     pub fn send(
         &mut self,
         kind: Kind,
