@@ -9,9 +9,9 @@
 //!   (9 packets) — paid once per frame whatever the number of viewers.
 //! - `viewer/video_frame_10kb/{aes128gcm,aes256gcm}`: one viewer's copy of that frame (header,
 //!   copy, AEAD-GCM, its history entry); the per-viewer, per-packet cost.
-//! - `viewer/audio_frame_opus/aes256gcm`: a 160-byte Opus frame (one packet).
+//! - `viewer/audio_frame_opus/aes128gcm`: a 160-byte Opus frame (one packet).
 //!
-//! AES-256-GCM is what str0m's DTLS negotiates with Chromium (its profile order puts it first).
+//! AES-128-GCM is what castnode's DTLS server picks when a browser offers it (vendor/README.md).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -96,8 +96,8 @@ fn bench(c: &mut Criterion) {
     }
     let opus = Arc::new(RtpFrame::opus(&bytes(OPUS_FRAME, 5)));
     g.throughput(Throughput::Elements(1));
-    g.bench_function("audio_frame_opus/aes256gcm", |b| {
-        one_viewer(b, Profile::AeadAes256Gcm, Kind::Audio, 111, &opus, 20_000)
+    g.bench_function("audio_frame_opus/aes128gcm", |b| {
+        one_viewer(b, Profile::AeadAes128Gcm, Kind::Audio, 111, &opus, 20_000)
     });
     g.finish();
 }

@@ -65,6 +65,14 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
             consent >= 1,
             "{consent} consent checks answered in 10 s: {viewer}"
         );
+        // The DTLS-SRTP profile castnode's DTLS server picks from Chromium's offer (which lists
+        // AEAD_AES_256_GCM first): AEAD_AES_128_GCM (vendor/README.md).
+        // Chromium names it "SRTP_AEAD_AES_128_GCM".
+        let cipher = viewer["srtpCipher"].as_str().unwrap_or("");
+        assert!(
+            cipher.ends_with("AEAD_AES_128_GCM"),
+            "SRTP {cipher}: {viewer}"
+        );
         // castnode's RTCP sender reports (one a second per stream) reach the browser.
         for kind in ["videoReports", "audioReports"] {
             let n = viewer[kind].as_u64().unwrap_or(0);

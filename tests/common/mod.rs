@@ -609,13 +609,17 @@ async function viewer(i) {{
   const audio = await stats("audio");
   // Sender reports the browser decrypted and read, per kind (what it syncs audio and video by).
   const reports = {{ video: 0, audio: 0 }};
-  (await pc.getStats()).forEach((s) => {{ if (s.type === "remote-outbound-rtp" && s.kind in reports) reports[s.kind] = s.reportsSent || 0; }});
+  let srtpCipher = null;
+  (await pc.getStats()).forEach((s) => {{
+    if (s.type === "remote-outbound-rtp" && s.kind in reports) reports[s.kind] = s.reportsSent || 0;
+    if (s.type === "transport") srtpCipher = s.srtpCipher || null;
+  }});
   counter.done = true;
   return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
            freezeCount: b.freezeCount - (a.freezeCount || 0), freezesAtStart: a.freezeCount || 0, packetsLost: b.packetsLost,
            totalFreezesMs: Math.round((b.totalFreezesDuration - (a.totalFreezesDuration || 0)) * 1000), keyFrames: b.keyFramesDecoded, pli: b.pliCount, nack: b.nackCount, width: b.frameWidth, height: b.frameHeight,
            audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
-           videoReports: reports.video, audioReports: reports.audio, consentResponses,
+           videoReports: reports.video, audioReports: reports.audio, consentResponses, srtpCipher,
            counterFrames: counter.frames, counterBackward: counter.backward, counterJumps: counter.jumps,
            state: pc.connectionState }};
 }}
