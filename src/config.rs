@@ -96,8 +96,9 @@ pub struct NodeArgs {
     /// Seconds a client has to finish the RTMP handshake [default: 10].
     #[arg(long, env = "CASTNODE_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Option<f64>,
-    /// Most milliseconds between two writes to one player; frames in between go out in one
-    /// write [default: 100].
+    /// Most milliseconds between two writes to one player (5 at the least: players are
+    /// written to every 5 ms when there are few); frames in between go out in one write
+    /// [default: 100].
     #[arg(long, env = "CASTNODE_PLAYER_BATCH_MS")]
     pub player_batch_ms: Option<u64>,
     /// Writes per second to players, all together, before frames are merged into fewer writes

@@ -17,7 +17,8 @@
 //!                                                                     header + SRTP per viewer
 //!                           │ rtmp::mux::RtmpMuxer  │ FlvMuxer               │
 //!                           ▼                       ▼                        ▼
-//!                   player::play (one vectored write per batch)       WHEP viewers (UDP)
+//!                   player (a turn per interval on media::pace:      WHEP viewers (UDP)
+//!                           8 phase tasks; one vectored write per turn)
 //!                           │                       │
 //!                     RTMP players           HTTP-FLV players
 //! ```
@@ -26,12 +27,14 @@
 //!
 //! - [`config`]: flags + `CASTNODE_*` env + TOML, validated before binding.
 //! - [`media`]: the protocol-agnostic model ([`media::frame`]), the [`media::hub`] and the
-//!   per-player [`media::feed`].
+//!   per-player [`media::feed`]; [`media::pace`], the write clock whose few tasks take the
+//!   players' turns.
 //! - [`codec`]: bitstream parsers (H.264 SPS, AAC AudioSpecificConfig).
 //! - [`rtmp`]: handshake, chunk stream, AMF0, server and client sessions (sans-IO), FLV tag
 //!   conversions, muxers, and the tokio driver.
 //! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
-//! - [`player`]: the player loop shared by RTMP and HTTP-FLV.
+//! - [`player`]: the player shared by RTMP and HTTP-FLV (one turn: read input, read the feed,
+//!   write).
 //! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
 //! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; str0m does SDP,
 //!   ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
 
 use crate::config::NodeConfig;
 use crate::media::{BroadcastConsumer, Hub, HubConfig};
@@ -20,6 +19,11 @@ pub struct NodeContext {
     pub transcoders: crate::transcode::Transcoders,
     /// Per-broadcast WebRTC figures.
     pub webrtc: crate::webrtc::stats::WebrtcStats,
+    /// When players write: the node's write budget (`--write-budget` writes per second across
+    /// all players) shared out among them, at most `--player-batch-ms` apart. Few players get
+    /// every frame at once; many get frames merged, because each write costs the kernel about
+    /// the same whatever its size.
+    pub pacer: Arc<crate::media::pace::Pacer>,
     /// The cluster link, on nodes that have one.
     pub link: std::sync::OnceLock<Arc<crate::cluster::link::Link>>,
 }
@@ -31,8 +35,10 @@ impl NodeContext {
             reconnect_grace: cfg.publish_grace,
             ..HubConfig::default()
         });
+        let pacer = crate::media::pace::Pacer::new(cfg.write_budget, cfg.player_batch);
         Arc::new(Self {
             hub,
+            pacer,
             stats: NodeStats::default(),
             cfg,
             transcoders: Default::default(),
@@ -62,16 +68,6 @@ impl NodeContext {
             ctx: self.clone(),
             flv,
         })
-    }
-
-    /// The interval between two writes to one player now: the node's write budget
-    /// (`--write-budget` writes per second across all players) shared out among its players,
-    /// at most `--player-batch-ms`. Few players get every frame at once; many players get
-    /// frames merged, because each write costs the kernel about the same whatever its size.
-    pub fn player_batch(&self) -> Duration {
-        let players = self.stats.rtmp_players.load(Relaxed) + self.stats.flv_players.load(Relaxed);
-        let per_player = Duration::from_secs_f64(players as f64 / self.cfg.write_budget as f64);
-        per_player.min(self.cfg.player_batch)
     }
 
     fn counter(&self, flv: bool) -> &AtomicU64 {

@@ -189,10 +189,10 @@ async fn serve(mut sock: TcpStream, peer: SocketAddr, path: &str, ctx: &Arc<Node
         return;
     }
     debug!(%peer, broadcast = name, "HTTP-FLV player started");
-    let feed = Feed::new(consumer, FlvMuxer, ctx.player_batch());
+    let feed = Feed::new(consumer, FlvMuxer);
     // An HTTP-FLV client has nothing to say once it asked: any error is its leaving.
     let _ = player::play(
-        &sock,
+        sock,
         feed,
         FlvPlayer {
             scratch: BytesMut::new(),

@@ -1,18 +1,17 @@
 //! A player's feed: reads a broadcast from the hub and turns it into the byte buffers one output
-//! format needs, batching frames so that a player costs one write per batch interval.
+//! format needs; what it has read since its last call goes out as one batch (one write).
 //!
 //! Guarantees: the first bytes are the format's prelude (metadata and the tracks' configs), then
 //! entries from a keyframe; of each kind (video, audio) only one track is played: the lowest
 //! numbered one the format can carry (the source's own, or a rendition where the format cannot
-//! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus); a config that did not change is not sent twice; buffers come from the
-//! format's [`Muxer`], which shares them between players; a feed never waits on anything but the
-//! hub and its own batch timer, so dropping its future at an await point loses nothing.
+//! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus); a config that did not
+//! change is not sent twice; buffers come from the format's [`Muxer`], which shares them between
+//! players; a feed never waits: players call it on their turns on the node's write clock
+//! ([`super::pace`]).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
 use super::frame::{Codec, Item, Metadata, TrackId, TrackInfo, TrackKind};
 use super::hub::{BroadcastConsumer, Entry, ReadOutcome};
@@ -47,35 +46,26 @@ pub enum FeedStatus {
 pub struct Feed<M> {
     consumer: BroadcastConsumer,
     muxer: M,
-    batch: Duration,
     entries: Vec<Arc<Entry>>,
     tracks: Vec<Option<TrackInfo>>,
     /// Per track: whether it is the one played of its kind.
     played: Vec<bool>,
     sent_config: Vec<Option<Bytes>>,
     started: bool,
-    next_batch: Option<Instant>,
 }
 
 impl<M: Muxer> Feed<M> {
-    /// A feed that writes at most once per `batch` interval.
-    pub fn new(consumer: BroadcastConsumer, muxer: M, batch: Duration) -> Self {
+    /// A feed of `consumer`'s broadcast in `muxer`'s format.
+    pub fn new(consumer: BroadcastConsumer, muxer: M) -> Self {
         Self {
             consumer,
             muxer,
-            batch,
             entries: Vec::with_capacity(16),
             tracks: Vec::new(),
             played: Vec::new(),
             sent_config: Vec::new(),
             started: false,
-            next_batch: None,
         }
-    }
-
-    /// Changes the interval between batches (from the next batch on).
-    pub fn set_batch(&mut self, batch: Duration) {
-        self.batch = batch;
     }
 
     /// The consumer underneath.
@@ -104,58 +94,48 @@ impl<M: Muxer> Feed<M> {
         }
     }
 
-    /// Waits for the next batch and appends its buffers to `out`.
-    pub async fn next(&mut self, out: &mut Vec<Bytes>) -> FeedStatus {
-        if let Some(at) = self.next_batch
-            && at > Instant::now()
-        {
-            tokio::time::sleep_until(at).await;
-        }
-        loop {
-            let outcome = self.consumer.read(&mut self.entries, 512);
-            let skipped = match outcome {
-                ReadOutcome::Ended => return FeedStatus::Ended,
-                ReadOutcome::Read(0) => {
-                    self.consumer.changed().await;
-                    continue;
-                }
-                ReadOutcome::Read(_) => 0,
-                ReadOutcome::Skipped { skipped, .. } => skipped,
-            };
-            if !self.started {
-                self.started = true;
-                let (tracks, metadata) = self.consumer.snapshot();
-                self.muxer.prelude(&tracks, &metadata, out);
-                for (id, info) in tracks {
-                    self.set_track(id, info);
-                }
-                let dts = self.entries.first().map_or(0, |e| e.dts);
-                self.push_configs(dts, out);
+    /// Appends the buffers of what the hub has that this feed did not read yet to `out`;
+    /// `None` when there is nothing new.
+    pub fn poll_batch(&mut self, out: &mut Vec<Bytes>) -> Option<FeedStatus> {
+        let outcome = self.consumer.read(&mut self.entries, 512);
+        let skipped = match outcome {
+            ReadOutcome::Ended => return Some(FeedStatus::Ended),
+            ReadOutcome::Read(0) => return None,
+            ReadOutcome::Read(_) => 0,
+            ReadOutcome::Skipped { skipped, .. } => skipped,
+        };
+        if !self.started {
+            self.started = true;
+            let (tracks, metadata) = self.consumer.snapshot();
+            self.muxer.prelude(&tracks, &metadata, out);
+            for (id, info) in tracks {
+                self.set_track(id, info);
             }
-            // Taken out (and put back below) so the loop can call &mut self methods; the Vec
-            // keeps its allocation from batch to batch.
-            let mut entries = std::mem::take(&mut self.entries);
-            for entry in entries.drain(..) {
-                match &entry.item {
-                    Item::Config { track, info } => {
-                        self.set_track(*track, info.clone());
-                        self.push_configs(entry.dts, out);
-                    }
-                    Item::Frame { track, .. } => {
-                        let i = usize::from(track.0);
-                        if self.played.get(i) == Some(&true)
-                            && let Some(Some(info)) = self.tracks.get(i)
-                            && let Some(b) = self.muxer.entry(&entry, info)
-                        {
-                            out.push(b);
-                        }
+            let dts = self.entries.first().map_or(0, |e| e.dts);
+            self.push_configs(dts, out);
+        }
+        // Taken out (and put back below) so the loop can call &mut self methods; the Vec
+        // keeps its allocation from batch to batch.
+        let mut entries = std::mem::take(&mut self.entries);
+        for entry in entries.drain(..) {
+            match &entry.item {
+                Item::Config { track, info } => {
+                    self.set_track(*track, info.clone());
+                    self.push_configs(entry.dts, out);
+                }
+                Item::Frame { track, .. } => {
+                    let i = usize::from(track.0);
+                    if self.played.get(i) == Some(&true)
+                        && let Some(Some(info)) = self.tracks.get(i)
+                        && let Some(b) = self.muxer.entry(&entry, info)
+                    {
+                        out.push(b);
                     }
                 }
             }
-            self.entries = entries;
-            self.next_batch = Some(Instant::now() + self.batch);
-            return FeedStatus::Data { skipped };
         }
+        self.entries = entries;
+        Some(FeedStatus::Data { skipped })
     }
 
     /// Sends the config of each track whose config differs from the last one sent.

@@ -7,6 +7,7 @@
 pub mod feed;
 pub mod frame;
 pub mod hub;
+pub mod pace;
 
 pub use frame::{
     AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo,

@@ -162,9 +162,9 @@ async fn session(
                     flush(&mut sock, &mut conn).await?;
                     conn.shrink();
                     debug!(%peer, broadcast = %name, "RTMP player started");
-                    let feed = Feed::new(consumer, RtmpMuxer, ctx.player_batch());
+                    let feed = Feed::new(consumer, RtmpMuxer);
                     let r =
-                        player::play(&sock, feed, RtmpPlayer { conn, stream_id }, peer, ctx).await;
+                        player::play(sock, feed, RtmpPlayer { conn, stream_id }, peer, ctx).await;
                     drop(guard);
                     return r.map_err(SessionError::Player);
                 }
