@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -225,8 +225,9 @@ impl PlayerProtocol for FlvPlayer {
         if len == 0 {
             return;
         }
-        self.scratch.reserve(10);
-        self.scratch.put_slice(format!("{len:x}\r\n").as_bytes());
+        self.scratch.reserve(18);
+        // Formatting into the buffer itself: no String per batch.
+        let _ = std::fmt::Write::write_fmt(&mut self.scratch, format_args!("{len:x}\r\n"));
         batch.insert(0, self.scratch.split().freeze());
         batch.push(Bytes::from_static(b"\r\n"));
     }
