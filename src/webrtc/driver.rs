@@ -34,6 +34,7 @@ use tracing::{debug, info, warn};
 
 use super::WebrtcError;
 use super::consent::Consent;
+use super::egress::Egress;
 use super::ingest::{self, Arrival, Ingest};
 use super::keys::{self, KeySlot};
 use super::packetize::RtpFrame;
@@ -724,108 +725,6 @@ fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
         tracks.resize(i + 1, None);
     }
     tracks[i] = Some(info);
-}
-
-/// Batches a session's datagrams: consecutive ones to the same peer with the same size (the
-/// packets of one video frame) go out in one GSO send (one system call, the kernel cuts them);
-/// a full socket buffer drops datagrams, which peers recover from like any loss — the driver
-/// never waits on the socket.
-struct Egress {
-    socket: UdpSocket,
-    state: Option<quinn_udp::UdpSocketState>,
-    max_segments: usize,
-    buf: Vec<u8>,
-    dest: Option<SocketAddr>,
-    segment: usize,
-    count: usize,
-    /// The last datagram appended was shorter than `segment`: nothing may follow it.
-    closed: bool,
-}
-
-/// Kernel buffers of the WebRTC socket: a burst of viewers' packets (a keyframe for each) must
-/// not overflow them.
-const SOCKET_BUFFER: usize = 8 << 20;
-
-impl Egress {
-    fn new(socket: UdpSocket) -> Self {
-        let state = quinn_udp::UdpSocketState::new((&socket).into()).ok();
-        if let Some(st) = &state {
-            let _ = st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
-            let _ = st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
-        }
-        let max_segments = state.as_ref().map_or(1, |s| s.max_gso_segments()).max(1);
-        debug!(max_segments, "WebRTC egress");
-        Self {
-            socket,
-            state,
-            max_segments,
-            buf: Vec::with_capacity(64 << 10),
-            dest: None,
-            segment: 0,
-            count: 0,
-            closed: false,
-        }
-    }
-
-    fn push(&mut self, dest: SocketAddr, data: &[u8]) {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(data);
-        self.commit(dest, start);
-    }
-
-    /// The datagram written at the end of the buffer from `start` on is complete: it joins the
-    /// batch being built, or that batch is sent first and it starts the next one.
-    fn commit(&mut self, dest: SocketAddr, start: usize) {
-        let len = self.buf.len() - start;
-        let fits = start == 0
-            || (self.dest == Some(dest)
-                && !self.closed
-                && len <= self.segment
-                && self.count < self.max_segments
-                && self.buf.len() <= 65_000);
-        if !fits {
-            self.send(start);
-            self.buf.copy_within(start.., 0);
-            self.buf.truncate(len);
-        }
-        if self.count == 0 {
-            self.dest = Some(dest);
-            self.segment = len;
-        }
-        self.count += 1;
-        self.closed = len < self.segment;
-    }
-
-    fn flush(&mut self) {
-        self.send(self.buf.len());
-        self.buf.clear();
-    }
-
-    /// Sends the batch in `buf[..end]`.
-    fn send(&mut self, end: usize) {
-        let Some(dest) = self.dest.take() else {
-            return;
-        };
-        let contents = &self.buf[..end];
-        let sent = match &self.state {
-            Some(state) => {
-                let t = quinn_udp::Transmit {
-                    destination: dest,
-                    ecn: None,
-                    contents,
-                    segment_size: (self.count > 1).then_some(self.segment),
-                    src_ip: None,
-                };
-                state.try_send((&self.socket).into(), &t).is_ok()
-            }
-            None => contents
-                .chunks(self.segment.max(1))
-                .all(|d| self.socket.try_send_to(d, dest).is_ok()),
-        };
-        let _ = sent;
-        self.count = 0;
-        self.closed = false;
-    }
 }
 
 /// The egress batches towards one peer, as a media sender's [`Sink`].

@@ -1,7 +1,7 @@
 //! WebRTC with str0m: WHEP playback and WHIP ingest, every peer of the node on one UDP socket,
 //! ICE-lite, DTLS-SRTP.
 //!
-//! [`driver`] owns the socket and every peer's sans-IO `Rtc`; [`signal`] is the HTTP side
+//! [`driver`] owns the socket and every peer's sans-IO `Rtc`, and sends through [`egress`]; [`signal`] is the HTTP side
 //! (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP publisher's frames into
 //! hub frames.
 //!
@@ -13,7 +13,8 @@
 //!                                                              │ Arc, no copy
 //!             ┌────────────────────────────────────────────────┴─────────── … one per viewer
 //!             ▼
-//! sender::MediaSender: 12-byte header + payload ──srtp (viewer's keys)──▶ egress batch (GSO)
+//! sender::MediaSender: 12-byte header + payload ──srtp (viewer's keys)──▶ egress (GSO batches,
+//!                                                                   sendmmsg across viewers)
 //!             ▲                                                                │
 //!             └── SRTCP from the viewer: NACK → resend from the shared frames  ▼ UDP socket
 //!                 PLI/FIR → WHIP publisher; sender reports every second
@@ -23,6 +24,7 @@
 
 pub mod consent;
 pub mod driver;
+pub mod egress;
 pub mod ingest;
 pub mod keys;
 pub mod packetize;

@@ -1,0 +1,264 @@
+//! The WebRTC socket's sending side: datagrams are batched in one buffer and leave in as few
+//! system calls as the kernel allows.
+//!
+//! Guarantees:
+//! - Consecutive datagrams to the same peer with the same size (the packets of one video frame),
+//!   and a last shorter one, form one GSO batch: one message the kernel cuts into datagrams.
+//! - Batches are queued, and sent together with `sendmmsg`: one system call for up to
+//!   [`MMSG`] batches of the same segment size (every viewer's copy of a frame has the same
+//!   sizes), when the queue is full, the buffer holds [`SEND_AT`] bytes, or on [`Egress::flush`].
+//!   Order is kept: per peer, datagrams leave in the order they were committed.
+//! - A full socket buffer drops datagrams, which peers recover from like any loss: nothing here
+//!   waits on the socket.
+//! - Without GSO (an old kernel), every datagram is sent on its own.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+use tokio::net::UdpSocket;
+use tracing::debug;
+
+/// Batches per `sendmmsg` call at the most.
+pub const MMSG: usize = 64;
+/// Queued bytes that trigger a send.
+pub const SEND_AT: usize = 1 << 20;
+/// Kernel buffers of the WebRTC socket: a burst of viewers' packets (a keyframe for each) must
+/// not overflow them.
+const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A GSO batch waiting in the buffer.
+struct Queued {
+    dest: SocketAddr,
+    start: usize,
+    end: usize,
+    segment: usize,
+}
+
+/// The socket and its send batches.
+pub struct Egress {
+    /// The node's WebRTC socket (the driver receives on it too).
+    pub socket: UdpSocket,
+    gso: bool,
+    max_segments: usize,
+    /// Datagrams to send: the queued batches, then the open one. Senders append a datagram at
+    /// the end and [`Egress::commit`] it.
+    pub buf: Vec<u8>,
+    queued: Vec<Queued>,
+    /// The open batch: destination, first byte, segment size, datagrams.
+    dest: Option<SocketAddr>,
+    start: usize,
+    segment: usize,
+    count: usize,
+    /// The last datagram of the open batch was shorter than `segment`: nothing may follow it.
+    closed: bool,
+    addrs: Vec<Option<SockaddrStorage>>,
+}
+
+impl Egress {
+    /// Egress on `socket`, with its kernel buffers enlarged.
+    pub fn new(socket: UdpSocket) -> Self {
+        let state = quinn_udp::UdpSocketState::new((&socket).into()).ok();
+        if let Some(st) = &state {
+            let _ = st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
+            let _ = st.set_recv_buffer_size((&socket).into(), SOCKET_BUFFER);
+        }
+        let max_segments = state.as_ref().map_or(1, |s| s.max_gso_segments()).max(1);
+        debug!(max_segments, "WebRTC egress");
+        Self {
+            socket,
+            gso: max_segments > 1,
+            max_segments,
+            buf: Vec::with_capacity(SEND_AT + (64 << 10)),
+            queued: Vec::with_capacity(MMSG),
+            dest: None,
+            start: 0,
+            segment: 0,
+            count: 0,
+            closed: false,
+            addrs: Vec::with_capacity(MMSG),
+        }
+    }
+
+    /// Appends one datagram to `dest`.
+    pub fn push(&mut self, dest: SocketAddr, data: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(data);
+        self.commit(dest, start);
+    }
+
+    /// The datagram written at the end of the buffer from `start` on is complete: it joins the
+    /// open batch, or starts the next one (queuing the open one, and sending the queue when it
+    /// is full).
+    pub fn commit(&mut self, dest: SocketAddr, start: usize) {
+        let len = self.buf.len() - start;
+        let fits = self.count > 0
+            && self.dest == Some(dest)
+            && !self.closed
+            && len <= self.segment
+            && self.count < self.max_segments
+            && self.buf.len() - self.start <= 65_000;
+        if !fits {
+            self.close(start);
+            let mut start = start;
+            if self.queued.len() >= MMSG || start >= SEND_AT {
+                self.send_queued();
+                self.buf.copy_within(start.., 0);
+                self.buf.truncate(len);
+                start = 0;
+            }
+            self.dest = Some(dest);
+            self.start = start;
+            self.segment = len;
+        }
+        self.count += 1;
+        self.closed = len < self.segment;
+    }
+
+    /// Sends everything.
+    pub fn flush(&mut self) {
+        self.close(self.buf.len());
+        self.send_queued();
+        self.buf.clear();
+    }
+
+    /// Queues the open batch, which ends at `end`.
+    fn close(&mut self, end: usize) {
+        if let Some(dest) = self.dest.take()
+            && self.count > 0
+        {
+            self.queued.push(Queued {
+                dest,
+                start: self.start,
+                end,
+                segment: self.segment,
+            });
+        }
+        self.count = 0;
+        self.closed = false;
+    }
+
+    /// Sends the queued batches: runs of the same segment size in one `sendmmsg` each.
+    fn send_queued(&mut self) {
+        let Self {
+            socket,
+            buf,
+            queued,
+            addrs,
+            ..
+        } = self;
+        if !self.gso {
+            for q in queued.iter() {
+                for d in buf[q.start..q.end].chunks(q.segment.max(1)) {
+                    let _ = socket.try_send_to(d, q.dest);
+                }
+            }
+            queued.clear();
+            return;
+        }
+        let fd = socket.as_raw_fd();
+        // Not kept in `self`: it holds raw pointers, and the driver's future must be `Send`.
+        // Three allocations per call of up to MMSG batches.
+        let mut headers =
+            MultiHeaders::<SockaddrStorage>::preallocate(MMSG, Some(nix::cmsg_space!(u16)));
+        let mut i = 0;
+        while i < queued.len() {
+            let segment = queued[i].segment;
+            let mut j = i + 1;
+            while j < queued.len() && j - i < MMSG && queued[j].segment == segment {
+                j += 1;
+            }
+            let run = &queued[i..j];
+            let slices: Vec<[IoSlice<'_>; 1]> = run
+                .iter()
+                .map(|q| [IoSlice::new(&buf[q.start..q.end])])
+                .collect();
+            addrs.clear();
+            addrs.extend(run.iter().map(|q| Some(SockaddrStorage::from(q.dest))));
+            let segment = u16::try_from(segment).unwrap_or(u16::MAX);
+            let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+            // A full socket (EAGAIN) drops what was not sent, as a lossy network would.
+            if let Err(e) = sendmmsg(
+                fd,
+                &mut headers,
+                &slices,
+                &*addrs,
+                cmsgs,
+                MsgFlags::MSG_DONTWAIT,
+            ) && e != nix::errno::Errno::EAGAIN
+            {
+                debug!(error = %e, batches = run.len(), "WebRTC send failed");
+            }
+            i = j;
+        }
+        queued.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every datagram arrives, in order per peer, whatever the batching.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_arrive_whole_and_in_order() {
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut egress = Egress::new(tx);
+        // Per round: a 5-packet "frame" of 1000 bytes + a 300-byte tail to each peer, then a
+        // small datagram each (6 batches a round: the queue fills every 11 rounds).
+        const ROUNDS: u32 = 30;
+        let datagram = |round: u32, p: usize, k: u32| -> Vec<u8> {
+            match k {
+                0..=4 => (0..1000)
+                    .map(|i| (i ^ round ^ k ^ p as u32) as u8)
+                    .collect(),
+                5 => vec![(round ^ p as u32) as u8; 300],
+                _ => vec![round as u8; 40 + p],
+            }
+        };
+        let mut readers = Vec::new();
+        let mut addrs = Vec::new();
+        for p in 0..3usize {
+            let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let _ = socket2::SockRef::from(&peer).set_recv_buffer_size(4 << 20);
+            addrs.push(peer.local_addr().unwrap());
+            readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                for round in 0..ROUNDS {
+                    for k in 0..7 {
+                        let got = tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            peer.recv(&mut buf),
+                        )
+                        .await
+                        .unwrap_or_else(|_| panic!("peer {p}: round {round} datagram {k} missing"))
+                        .unwrap();
+                        assert_eq!(
+                            &buf[..got],
+                            &datagram(round, p, k)[..],
+                            "peer {p}, round {round}, datagram {k}"
+                        );
+                    }
+                }
+            }));
+        }
+        for round in 0..ROUNDS {
+            for (p, addr) in addrs.iter().enumerate() {
+                for k in 0..6 {
+                    egress.push(*addr, &datagram(round, p, k));
+                }
+            }
+            for (p, addr) in addrs.iter().enumerate() {
+                egress.push(*addr, &datagram(round, p, 6));
+            }
+            if round == 20 {
+                egress.flush();
+            }
+        }
+        egress.flush();
+        for r in readers {
+            r.await.unwrap();
+        }
+    }
+}
