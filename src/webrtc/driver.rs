@@ -1,4 +1,7 @@
 //! The WebRTC driver: one tokio task owns the node's UDP socket and every peer's `str0m::Rtc`.
+//! It runs on its own thread (a single-threaded runtime), so its many short wakes (a datagram,
+//! a media tick) do not wake the node runtime's idle workers as well; the transcoders it starts
+//! run on the node's runtime.
 //!
 //! Guarantees:
 //! - Datagrams are routed by source address (learned from the first STUN check a peer's `Rtc`
@@ -118,7 +121,21 @@ impl Webrtc {
             .map(|ip| SocketAddr::new(ip, local.port()))
             .collect();
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(run(socket, local, candidates, rx, ctx));
+        let socket = socket.into_std()?;
+        let node = tokio::runtime::Handle::current();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("castnode-webrtc".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    match UdpSocket::from_std(socket) {
+                        Ok(socket) => run(socket, local, candidates, rx, ctx, node).await,
+                        Err(e) => warn!(error = %e, "WebRTC socket unusable; WebRTC is off"),
+                    }
+                })
+            })?;
         Ok(Arc::new(Self { tx, local }))
     }
 
@@ -755,6 +772,7 @@ async fn run(
     candidates: Vec<SocketAddr>,
     mut rx: mpsc::Receiver<Command>,
     ctx: Arc<NodeContext>,
+    node: tokio::runtime::Handle,
 ) {
     let mut egress = Egress::new(socket);
     let mut sessions: HashMap<u64, Session> = HashMap::new();
@@ -833,6 +851,8 @@ async fn run(
                         // Start the broadcast's audio rendition now, not at connect: it is
                         // ready by the time ICE and DTLS are.
                         let bc = consumer.broadcast().clone();
+                        // The transcoders started here run on the node's runtime.
+                        let _node = node.enter();
                         let viewer = Viewer {
                             _opus: opus_for(&ctx.transcoders, &ctx.hub, &bc),
                             video_rendition: video_for(&ctx.transcoders, &ctx.hub, &bc),
