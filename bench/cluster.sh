@@ -15,6 +15,7 @@
 #   REFERENCE=1                 0: no reference link (it doubles the origin's sends and what the
 #                               tool receives)
 #   CARGO_TARGET_DIR                                        where the release build is [target]
+#   BIN=DIR            run castnode and castnode-load from DIR, without building (A/B runs)
 #   OUT=DIR                                                 where the report and logs go [mktemp]
 # Ports: origin RTMP 39350, HTTP 38080, cluster 34443; relay HTTP 38081, cluster 34444. The
 # servers are stopped (by PID) when the script exits, however it exits.
@@ -33,10 +34,13 @@ THREADS=${THREADS:-1}
 LAG_LIMIT_MS=${LAG_LIMIT_MS:-150}
 TOKEN=castnode-bench-cluster-token
 REFERENCE=${REFERENCE:-1}
-BIN=${CARGO_TARGET_DIR:-target}/release
+BIN=${BIN:-}
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
-cargo build --release --bins
+if [ -z "$BIN" ]; then
+    cargo build --release --bins
+    BIN=${CARGO_TARGET_DIR:-target}/release
+fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/castnode-cluster.XXXXXX")}
 mkdir -p "$OUT"
 echo "cluster.sh: $EDGES edges, $BROADCASTS broadcasts of $FIXTURE, ${DUR} s window; logs in $OUT" >&2

@@ -50,6 +50,8 @@ pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A group that made no progress for this long while a newer one is waiting is dropped by the
 /// receiver.
 pub const GROUP_STALL: Duration = Duration::from_millis(500);
+/// Bytes of frame headers (and config items) allocated at once on a group-sending path.
+const HEADER_ARENA: usize = 4096;
 /// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
 pub const LATENCY_BOUNDS_US: [u64; 12] = [
     250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
@@ -736,6 +738,7 @@ impl Link {
         let mut previous: Option<SendStream> = None;
         let mut group_start_dts = i64::MIN;
         let mut header = BytesMut::with_capacity(64);
+        let mut arena = BytesMut::new();
         loop {
             match consumer.read(&mut entries, 256) {
                 ReadOutcome::Ended => {
@@ -809,12 +812,16 @@ impl Link {
                 let Some(stream) = current.as_mut() else {
                     continue;
                 };
-                let mut len = header.len() as u64;
-                let mut ok = stream.write_all(&header).await.is_ok();
-                if let Some(p) = payload {
-                    len += p.len() as u64;
-                    ok = ok && stream.write_chunk(p).await.is_ok();
+                // Header and payload in one write: one lock of the connection and one wake of
+                // its driver per frame. Headers are views into one shared block (a block is
+                // allocated when the last one is used up, not per frame).
+                if arena.capacity() - arena.len() < header.len() {
+                    arena = BytesMut::with_capacity(HEADER_ARENA);
                 }
+                arena.extend_from_slice(&header);
+                let mut chunks = [arena.split().freeze(), payload.unwrap_or_default()];
+                let len = (chunks[0].len() + chunks[1].len()) as u64;
+                let ok = stream.write_all_chunks(&mut chunks).await.is_ok();
                 if !ok {
                     // Reset by the peer (it dropped this group) or the connection is gone.
                     if conn.close_reason().is_some() {
