@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use castnode::cluster::tls::{TlsFiles, client_config, server_config};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+#[path = "common/quic.rs"]
+mod quic_common;
+
 use quinn_proto::{
     Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, StreamId,
 };
@@ -208,31 +211,7 @@ impl Host {
                     c.conn.handle_event(back);
                 }
             }
-            while c.conn.poll().is_some() {}
-            while let Some(id) = c.conn.streams().accept(Dir::Uni) {
-                c.incoming.push(id);
-            }
-            let conn = &mut c.conn;
-            let read = &mut self.read;
-            c.incoming.retain(|&id| {
-                let mut stream = conn.recv_stream(id);
-                let Ok(mut chunks) = stream.read(true) else {
-                    return false;
-                };
-                let mut open = true;
-                loop {
-                    match chunks.next(usize::MAX) {
-                        Ok(Some(chunk)) => *read += chunk.bytes.len() as u64,
-                        Ok(None) => {
-                            open = false;
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let _ = chunks.finalize();
-                open
-            });
+            self.read += quic_common::drain_uni(&mut c.conn, &mut c.incoming);
             loop {
                 self.buf.clear();
                 let Some(t) = c.conn.poll_transmit(now, 10, &mut self.buf) else {

@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use castnode::cluster::tls::{TlsFiles, client_config, server_config};
 use criterion::{Criterion, criterion_group, criterion_main};
+#[path = "common/quic.rs"]
+mod quic_common;
+
 use quinn_proto::{
     Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, StreamId,
 };
@@ -110,35 +113,8 @@ impl Peer {
         }
     }
 
-    /// Reads and drops whatever arrived on incoming unidirectional streams (so flow-control
-    /// credit comes back, as an edge's reader gives it).
     fn drain_streams(&mut self, open: &mut Vec<StreamId>) -> u64 {
-        let mut bytes = 0;
-        let conn = self.conn();
-        while conn.poll().is_some() {}
-        while let Some(id) = conn.streams().accept(Dir::Uni) {
-            open.push(id);
-        }
-        open.retain(|&id| {
-            let mut stream = conn.recv_stream(id);
-            let Ok(mut chunks) = stream.read(true) else {
-                return false;
-            };
-            let mut done = false;
-            loop {
-                match chunks.next(usize::MAX) {
-                    Ok(Some(c)) => bytes += c.bytes.len() as u64,
-                    Ok(None) => {
-                        done = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            let _ = chunks.finalize();
-            !done
-        });
-        bytes
+        quic_common::drain_uni(self.conn(), open)
     }
 }
 
