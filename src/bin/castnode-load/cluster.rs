@@ -36,7 +36,9 @@
 //!   (1, 2, 5, 10 ms …), so these are approximations; the difference of the two is the hop.
 //! - **Relay cost**: its CPU over the window (`--server-pid`, the relay's process id) and its
 //!   `castnode_cluster_bytes_out_total` / `_bytes_in_total` deltas (group stream bytes: frame
-//!   headers and payloads, without QUIC's own overhead): forwarded Gbit/s per core.
+//!   headers and payloads, without QUIC's own overhead): forwarded Gbit/s per core; and its CPU
+//!   per frame copy (CPU time over the window ÷ frames the edges read in it), since the relay's
+//!   cost follows frames rather than bytes.
 //! - A subscription **keeps up** when it stayed subscribed, received at least 90 % of the
 //!   fixture's media bitrate, its consumer never had to skip, and its frames' p99 age is at most
 //!   `--lag-limit-ms`. An edge keeps up when all its subscriptions do.
@@ -1015,6 +1017,15 @@ impl Report {
     }
 
     /// Relay hop from the histograms: edges' p50/p95 minus the relay's.
+    /// The relay's CPU per frame copy it sent: its CPU time over the window divided by the
+    /// frames the edges read in the window (each one copy sent by the relay). Its cost follows
+    /// frames, not bytes (BENCHMARKS.md, "Cluster link").
+    fn relay_us_per_copy(&self) -> Option<f64> {
+        let cores = self.relay.cpu_cores.filter(|c| *c > 0.0)?;
+        let copies = self.age.as_ref()?.samples;
+        (copies > 0).then(|| cores * self.window_s * 1e6 / copies as f64)
+    }
+
     fn hist_hop(&self) -> Option<(f64, f64)> {
         let r = self.relay.latency?;
         Some((self.edge_hist.p50? - r.p50?, self.edge_hist.p95? - r.p95?))
@@ -1068,6 +1079,7 @@ impl Report {
                 "out_mbps": self.relay.out_bps.map(|b| r1(b / 1e6)),
                 "in_mbps": self.relay.in_bps.map(|b| r1(b / 1e6)),
                 "gbps_per_core": self.relay.gbps_per_core().map(r3),
+                "us_per_frame_copy": self.relay_us_per_copy().map(r2),
                 "groups_reset": self.relay.groups_reset,
                 "subscriptions_down": self.relay.subscriptions_down,
                 "subscriptions_up": self.relay.subscriptions_up,
@@ -1173,6 +1185,9 @@ impl fmt::Display for Report {
             }
             if let Some(g) = r.gbps_per_core() {
                 write!(f, " = {g:.3} Gbit/s forwarded per core")?;
+            }
+            if let Some(us) = self.relay_us_per_copy() {
+                write!(f, "; {us:.2} us of relay CPU per frame copy")?;
             }
             writeln!(f)?;
         }
