@@ -52,6 +52,9 @@ pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const GROUP_STALL: Duration = Duration::from_millis(500);
 /// Bytes of frame headers (and config items) allocated at once on a group-sending path.
 const HEADER_ARENA: usize = 4096;
+/// Room left in that block below which a new one is taken: a frame header is at most 34 bytes
+/// (a config item that does not fit grows its own buffer).
+const HEADER_ROOM: usize = 64;
 /// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
 pub const LATENCY_BOUNDS_US: [u64; 12] = [
     250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
@@ -737,8 +740,9 @@ impl Link {
         let mut current: Option<SendStream> = None;
         let mut previous: Option<SendStream> = None;
         let mut group_start_dts = i64::MIN;
-        let mut header = BytesMut::with_capacity(64);
-        let mut arena = BytesMut::new();
+        // Frame headers are encoded into one shared block and handed to quinn as views of it:
+        // a block is allocated when the last one is used up, not per frame.
+        let mut header = BytesMut::new();
         loop {
             match consumer.read(&mut entries, 256) {
                 ReadOutcome::Ended => {
@@ -762,6 +766,9 @@ impl Link {
             }
             for e in entries.drain(..) {
                 header.clear();
+                if header.capacity() < HEADER_ROOM {
+                    header = BytesMut::with_capacity(HEADER_ARENA);
+                }
                 let payload = match &e.item {
                     Item::Config { track, info } if track.0 < 2 => {
                         video[usize::from(track.0)] = info.codec.kind() == TrackKind::Video;
@@ -813,13 +820,8 @@ impl Link {
                     continue;
                 };
                 // Header and payload in one write: one lock of the connection and one wake of
-                // its driver per frame. Headers are views into one shared block (a block is
-                // allocated when the last one is used up, not per frame).
-                if arena.capacity() - arena.len() < header.len() {
-                    arena = BytesMut::with_capacity(HEADER_ARENA);
-                }
-                arena.extend_from_slice(&header);
-                let mut chunks = [arena.split().freeze(), payload.unwrap_or_default()];
+                // its driver per frame.
+                let mut chunks = [header.split().freeze(), payload.unwrap_or_default()];
                 let len = (chunks[0].len() + chunks[1].len()) as u64;
                 let ok = stream.write_all_chunks(&mut chunks).await.is_ok();
                 if !ok {

@@ -1,9 +1,9 @@
 //! WebRTC with str0m: WHEP playback and WHIP ingest, every peer of the node on one UDP socket,
 //! ICE-lite, DTLS-SRTP.
 //!
-//! [`driver`] owns the socket and every peer's sans-IO `Rtc`, and sends through [`egress`]; [`signal`] is the HTTP side
-//! (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP publisher's frames into
-//! hub frames.
+//! [`driver`] owns the socket and every peer's sans-IO `Rtc`, and sends through [`egress`];
+//! [`signal`] is the HTTP side (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP
+//! publisher's frames into hub frames.
 //!
 //! Viewers' media does not go through str0m. str0m answers the offer and runs ICE and DTLS;
 //! [`keys`] takes the SRTP keys from the DTLS handshake. Then:
