@@ -113,10 +113,6 @@ impl Host {
         self.socket.local_addr().expect("addr")
     }
 
-    fn insert(&mut self, c: (ConnectionHandle, Connection)) {
-        insert(&mut self.conns, &mut self.dirty, c);
-    }
-
     /// Waits until the socket is readable or `deadline`, but no sooner than `gap` after the last
     /// wake: a gap lets ACKs from many connections gather into one receive pass.
     fn wait(&mut self, deadline: Instant) {
@@ -334,7 +330,7 @@ fn main() {
                         .endpoint
                         .connect(Instant::now(), client.clone(), relay_addr, "castnode")
                         .expect("connect");
-                    host.insert(c);
+                    insert(&mut host.conns, &mut host.dirty, c);
                 }
                 while !stop.load(Ordering::Relaxed) {
                     host.receive();
