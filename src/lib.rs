@@ -43,8 +43,10 @@
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.
-//! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec and the
-//!   quinn driver [`cluster::link`] (serve subscriptions, fetch on demand, fail over).
+//! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec, the
+//!   serving driver [`cluster::serve`] (castnode's own loop around quinn-proto, on its own
+//!   thread: subscriptions served from the hub, publications taken in) and [`cluster::link`]
+//!   on quinn (fetch on demand, fail over, publish upstream).
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and the reporter every node runs; the SQLite store (tokens, regions, node
 //!   groups), the autoscaler and the provisioners.

@@ -173,7 +173,13 @@ fn three_edges_one_relay_one_origin_subscription_and_linger() {
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
-    assert_eq!(relay.metric("castnode_cluster_subscriptions_down"), 3.0);
+    assert_eq!(
+        relay.metric("castnode_cluster_subscriptions_down"),
+        3.0,
+        "relay log:\n{}\norigin log:\n{}",
+        relay.log(),
+        origin.log()
+    );
     for r in readers.iter_mut() {
         assert!(
             r.wait_for(Duration::from_secs(20))
@@ -191,7 +197,16 @@ fn three_edges_one_relay_one_origin_subscription_and_linger() {
     let dropped = wait_until(Duration::from_secs(10), || {
         origin.metric("castnode_cluster_subscriptions_down") == 0.0
     });
-    assert!(dropped, "subscriptions not dropped:\n{}", relay.log());
+    assert!(
+        dropped,
+        "subscriptions not dropped; relay log:\n{}\nedge logs:\n{}",
+        relay.log(),
+        edges
+            .iter()
+            .map(|e| e.log())
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    );
     for e in &edges {
         assert_eq!(e.metric("castnode_cluster_subscriptions_up"), 0.0);
     }

@@ -1,14 +1,12 @@
-//! The cluster link's quinn driver: serving broadcasts to other nodes, and fetching them from
-//! upstream on demand.
+//! The node's end of the cluster link on quinn: fetching broadcasts from upstream on demand,
+//! and publishing local ones upstream. Serving other nodes is [`super::serve`]'s, on its own
+//! socket and thread; this module owns the configuration, counters and the [`Link`] handle both
+//! use.
 //!
 //! Guarantees:
 //! - A connection is used only after both ends proved the cluster token over its TLS exporter
-//!   (HELLO / HELLO_OK); a peer that fails is told why (ERROR) and closed, nothing else noticed.
-//! - Serving: every SUBSCRIBE becomes one hub consumer; each group of the broadcast (from one
-//!   keyframe of its source video to the next) goes on its own unidirectional stream, payloads
-//!   written without copies, newer groups at higher priority. When a group starts, the group two
-//!   back is reset if the peer has not received all of it yet, so a slow link drops old video
-//!   rather than growing its delay. A consumer the hub makes skip resets its current group.
+//!   (HELLO / HELLO_OK); an upstream that fails is told why (ERROR) and closed, nothing else
+//!   noticed.
 //! - Fetching: the first local subscriber of a broadcast the hub lacks makes one upstream
 //!   subscription (however many ask at once); its frames are written into the local hub with
 //!   their origin ingest times. It is dropped [`ClusterConfig::linger`] after the last local
@@ -29,10 +27,11 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use super::serve;
 use super::tls::{self, TlsFiles};
 use super::wire::{
-    self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, GroupHeader,
-    GroupSeq, ResetCode, Side, SubscriptionId,
+    self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, ResetCode, Side,
+    SubscriptionId,
 };
 use crate::config::ClusterConfig;
 use crate::manager::BoxFuture;
@@ -50,11 +49,6 @@ pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A group that made no progress for this long while a newer one is waiting is dropped by the
 /// receiver.
 pub const GROUP_STALL: Duration = Duration::from_millis(500);
-/// Bytes of frame headers (and config items) allocated at once on a group-sending path.
-const HEADER_ARENA: usize = 4096;
-/// Room left in that block below which a new one is taken: a frame header is at most 34 bytes
-/// (a config item that does not fit grows its own buffer).
-const HEADER_ROOM: usize = 64;
 /// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
 pub const LATENCY_BOUNDS_US: [u64; 12] = [
     250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
@@ -200,7 +194,10 @@ impl Peer {
 /// The node's end of the cluster link.
 pub struct Link {
     ctx: Arc<NodeContext>,
+    /// Connects to upstreams.
     endpoint: quinn::Endpoint,
+    /// Where [`super::serve`] listens.
+    served: Option<SocketAddr>,
     client: quinn::ClientConfig,
     token: Vec<u8>,
     node_id: String,
@@ -303,13 +300,23 @@ impl Link {
             ca: cfg.ca.as_deref(),
         };
         let client = tls::client_config(&files)?;
-        let endpoint = match cfg.listen {
-            Some(addr) => quinn::Endpoint::server(tls::server_config(&cfg.node_id, &files)?, addr)?,
-            None => quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?,
+        // Serving has its own socket and driver (`serve`); quinn's endpoint only connects out.
+        let serving = match cfg.listen {
+            Some(addr) => Some((
+                serve::bind(addr)?,
+                tls::server_config(&cfg.node_id, &files)?,
+            )),
+            None => None,
+        };
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        let served = match &serving {
+            Some((socket, _)) => Some(socket.local_addr()?),
+            None => None,
         };
         let link = Arc::new(Self {
             ctx,
             endpoint,
+            served,
             client,
             token: cfg.token.as_bytes().to_vec(),
             node_id: cfg.node_id.clone(),
@@ -323,10 +330,26 @@ impl Link {
             linger: cfg.linger,
             stats: ClusterStats::default(),
         });
-        if cfg.listen.is_some() {
-            tokio::spawn(link.clone().accept_loop());
+        if let Some((socket, config)) = serving {
+            serve::spawn(link.clone(), socket, config)?;
         }
         Ok(link)
+    }
+
+    pub(super) fn ctx(&self) -> &NodeContext {
+        &self.ctx
+    }
+
+    pub(super) fn has_upstreams(&self) -> bool {
+        self.upstreams.any()
+    }
+
+    pub(super) fn token(&self) -> &[u8] {
+        &self.token
+    }
+
+    pub(super) fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// Whether `name` is being fetched from upstream (not published here).
@@ -337,9 +360,9 @@ impl Link {
             .contains_key(name)
     }
 
-    /// The UDP address the link is bound to.
+    /// The UDP address the link serves on (else the one it connects from).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.endpoint.local_addr().ok()
+        self.served.or_else(|| self.endpoint.local_addr().ok())
     }
 
     /// A consumer of `name`: from the local hub, or fetched from upstream (waiting until the
@@ -464,265 +487,9 @@ impl Link {
         }
     }
 
-    // ---- serving ---------------------------------------------------------------------------
-
-    async fn accept_loop(self: Arc<Self>) {
-        while let Some(incoming) = self.endpoint.accept().await {
-            let link = self.clone();
-            tokio::spawn(async move {
-                let remote = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
-                        link.stats.peers_in.fetch_add(1, Relaxed);
-                        link.clone().serve(conn).await;
-                        link.stats.peers_in.fetch_sub(1, Relaxed);
-                    }
-                    Err(e) => debug!(%remote, error = %e, "cluster connection failed"),
-                }
-            });
-        }
-    }
-
-    /// Refuses a peer: ERROR, then close.
-    async fn refuse(&self, conn: &Connection, send: &mut SendStream, code: ErrorCode, why: &str) {
-        self.stats.refused.fetch_add(1, Relaxed);
-        warn!(remote = %conn.remote_address(), reason = why, "cluster peer refused");
-        let mut buf = BytesMut::new();
-        let msg = ControlMessage::Error {
-            code,
-            reason: why.to_owned(),
-        };
-        if wire::encode_control(&msg, &mut buf).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), send.write_all(&buf)).await;
-        }
-        let _ = send.finish();
-        // Give the ERROR a moment to leave before the close discards it.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        conn.close(varint(code.code()), why.as_bytes());
-    }
-
-    async fn serve(self: Arc<Self>, conn: Connection) {
-        let remote = conn.remote_address();
-        let Ok(Ok((mut send, mut recv))) =
-            tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
-        else {
-            self.stats.refused.fetch_add(1, Relaxed);
-            conn.close(
-                varint(ErrorCode::ProtocolViolation.code()),
-                b"no control stream",
-            );
-            return;
-        };
-        let mut decoder = ControlDecoder::new();
-        let mut buf = BytesMut::new();
-        let hello = tokio::time::timeout(
-            HELLO_TIMEOUT,
-            read_control(&mut recv, &mut decoder, &mut buf),
-        )
-        .await;
-        let exporter = tls::exporter(&conn).unwrap_or_default();
-        let peer_id = match hello {
-            Ok(Ok(Some(ControlMessage::Hello {
-                version,
-                token_proof,
-                node_id,
-                role,
-            }))) => {
-                if version != wire::VERSION {
-                    let why = format!("wire version {version} is not {}", wire::VERSION);
-                    self.refuse(&conn, &mut send, ErrorCode::UnsupportedVersion, &why)
-                        .await;
-                    return;
-                }
-                if !wire::verify_token_proof(&self.token, Side::Client, &exporter, &token_proof) {
-                    self.refuse(
-                        &conn,
-                        &mut send,
-                        ErrorCode::Unauthorized,
-                        "wrong cluster token",
-                    )
-                    .await;
-                    return;
-                }
-                info!(%remote, peer = %node_id, %role, "cluster peer connected");
-                node_id
-            }
-            Ok(Ok(Some(other))) => {
-                let why = format!("expected HELLO, got {}", other.name());
-                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, &why)
-                    .await;
-                return;
-            }
-            Ok(Err(e)) => {
-                let why = format!("malformed HELLO: {e}");
-                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, &why)
-                    .await;
-                return;
-            }
-            _ => {
-                self.refuse(&conn, &mut send, ErrorCode::ProtocolViolation, "no HELLO")
-                    .await;
-                return;
-            }
-        };
-        let ctl = control_writer(send);
-        let _ = ctl.send(ControlMessage::HelloOk {
-            node_id: self.node_id.clone(),
-            token_proof: wire::token_proof(&self.token, Side::Server, &exporter),
-        });
-        // Flows this end receives: the peer's publications.
-        let peer = Arc::new(Peer {
-            conn: conn.clone(),
-            addr: remote.to_string(),
-            ctl: ctl.clone(),
-            flows: Mutex::new(HashMap::new()),
-        });
-        spawn_group_acceptor(peer.clone());
-        let mut flows: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
-        loop {
-            let msg = match read_control(&mut recv, &mut decoder, &mut buf).await {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(ControlReadError::Stream(e)) => {
-                    info!(%remote, peer = %peer_id, error = %e, "cluster peer's control stream failed");
-                    break;
-                }
-                Err(ControlReadError::Malformed(e)) => {
-                    warn!(%remote, peer = %peer_id, error = %e, "malformed cluster control message; closing the connection");
-                    let _ = ctl.send(ControlMessage::Error {
-                        code: ErrorCode::ProtocolViolation,
-                        reason: e.clone(),
-                    });
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    conn.close(varint(ErrorCode::ProtocolViolation.code()), e.as_bytes());
-                    break;
-                }
-            };
-            flows.retain(|_, h| !h.is_finished());
-            match msg {
-                ControlMessage::Subscribe { id, broadcast } => {
-                    // Fetching from upstream (a relay) may take a moment: other requests of
-                    // this peer go on meanwhile.
-                    let (link, conn, ctl2, peer) =
-                        (self.clone(), conn.clone(), ctl.clone(), peer_id.clone());
-                    let task = tokio::spawn(async move {
-                        let Some(consumer) = link.subscribe(&broadcast).await else {
-                            debug!(%peer, %broadcast, "SUBSCRIBE: not found");
-                            let _ = ctl2.send(ControlMessage::SubscribeError {
-                                id,
-                                code: ErrorCode::NotFound,
-                                reason: format!("broadcast {broadcast} is not live here"),
-                            });
-                            return;
-                        };
-                        info!(%peer, %broadcast, id = id.0, "cluster subscription from downstream");
-                        link.send_flow(conn, id, consumer, ctl2).await;
-                    });
-                    if let Some(old) = flows.insert(id.0, task.abort_handle()) {
-                        old.abort();
-                    }
-                }
-                ControlMessage::Unsubscribe { id } => {
-                    if let Some(h) = flows.remove(&id.0) {
-                        h.abort();
-                    }
-                }
-                ControlMessage::Publish {
-                    id,
-                    broadcast,
-                    tracks,
-                    metadata,
-                } => {
-                    let mut producer = match self.ctx.hub.publish(&broadcast) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            info!(peer = %peer_id, %broadcast, "PUBLISH refused: {e}");
-                            let _ = ctl.send(ControlMessage::PublishError {
-                                id,
-                                code: ErrorCode::AlreadyLive,
-                                reason: e.to_string(),
-                            });
-                            continue;
-                        }
-                    };
-                    for (t, info) in tracks {
-                        producer.set_track(t, info);
-                    }
-                    producer.set_metadata(metadata);
-                    let (tx, mut rx) = mpsc::unbounded_channel();
-                    peer.flows
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(id.0, tx);
-                    let _ = ctl.send(ControlMessage::PublishOk { id });
-                    info!(peer = %peer_id, %broadcast, id = id.0, "broadcast published over the cluster link");
-                    let (link, peer2) = (self.clone(), peer.clone());
-                    let task = tokio::spawn(async move {
-                        link.stats.publications_in.fetch_add(1, Relaxed);
-                        let _guard = Gauge(&link.stats.publications_in);
-                        let mut sink = Sink {
-                            producer: Some(producer),
-                            last_dts: [i64::MIN; 2],
-                        };
-                        link.receive(&broadcast, &mut rx, &mut sink, Vec::new(), None)
-                            .await;
-                        peer2
-                            .flows
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&id.0);
-                        info!(%broadcast, "publication over the cluster link ended");
-                    });
-                    if let Some(old) = flows.insert(id.0, task.abort_handle()) {
-                        old.abort();
-                    }
-                }
-                ControlMessage::Ended { id } => {
-                    peer.route(id.0, FlowEvent::Control(ControlMessage::Ended { id }));
-                }
-                ControlMessage::GoAway | ControlMessage::Announce { .. } => {}
-                ControlMessage::Unannounce { .. } => {}
-                other => {
-                    let why = format!("{} is not a request this node takes", other.name());
-                    let _ = ctl.send(ControlMessage::Error {
-                        code: ErrorCode::ProtocolViolation,
-                        reason: why.clone(),
-                    });
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    conn.close(varint(ErrorCode::ProtocolViolation.code()), why.as_bytes());
-                    break;
-                }
-            }
-        }
-        for (_, h) in flows {
-            h.abort();
-        }
-        info!(%remote, peer = %peer_id, "cluster peer left");
-    }
-
-    /// Sends a subscription's groups until the broadcast ends, the peer unsubscribes or goes.
-    async fn send_flow(
-        self: Arc<Self>,
-        conn: Connection,
-        id: SubscriptionId,
-        mut consumer: BroadcastConsumer,
-        ctl: mpsc::UnboundedSender<ControlMessage>,
-    ) {
-        self.stats.subscriptions_down.fetch_add(1, Relaxed);
-        let _guard = Gauge(&self.stats.subscriptions_down);
-        let (tracks, metadata) = source_tracks(&consumer);
-        let _ = ctl.send(ControlMessage::SubscribeOk {
-            id,
-            tracks,
-            metadata,
-        });
-        if self.send_groups(&conn, id, &mut consumer).await {
-            let _ = ctl.send(ControlMessage::Ended { id });
-        }
-    }
-
     /// Sends `consumer`'s groups on `conn` as flow `id` until the broadcast ends (true) or the
-    /// connection goes (false).
+    /// connection goes (false). (A publication upstream; the serving side writes its groups in
+    /// [`super::serve`].)
     async fn send_groups(
         &self,
         conn: &Connection,
@@ -731,18 +498,12 @@ impl Link {
     ) -> bool {
         // Which source tracks are video, kept from the snapshot and the config items: the
         // broadcast's lock is not taken per frame.
-        let mut video = [false; 2];
-        for (t, info) in source_tracks(consumer).0 {
-            video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
-        }
+        let mut video = serve::video_tracks(consumer);
         let mut entries = Vec::with_capacity(64);
         let mut seq = 0u64;
         let mut current: Option<SendStream> = None;
         let mut previous: Option<SendStream> = None;
         let mut group_start_dts = i64::MIN;
-        // Frame headers are encoded into one shared block and handed to quinn as views of it:
-        // a block is allocated when the last one is used up, not per frame.
-        let mut header = BytesMut::new();
         loop {
             match consumer.read(&mut entries, 256) {
                 ReadOutcome::Ended => {
@@ -765,24 +526,22 @@ impl Link {
                 ReadOutcome::Read(_) => {}
             }
             for e in entries.drain(..) {
-                header.clear();
-                if header.capacity() < HEADER_ROOM {
-                    header = BytesMut::with_capacity(HEADER_ARENA);
-                }
+                let Some(encoding) = serve::encoded(&e).clone() else {
+                    continue;
+                };
                 let payload = match &e.item {
-                    Item::Config { track, info } if track.0 < 2 => {
-                        video[usize::from(track.0)] = info.codec.kind() == TrackKind::Video;
-                        if wire::encode_config_item(*track, info, &mut header).is_err() {
-                            continue;
-                        }
-                        None
+                    Item::Config { track, info } => {
+                        video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
+                        bytes::Bytes::new()
                     }
-                    Item::Frame { track, frame } if track.0 < 2 => {
-                        let starts = if video.contains(&true) {
-                            video[usize::from(track.0)] && frame.keyframe
-                        } else {
-                            frame.dts - group_start_dts >= 1_000_000
-                        };
+                    Item::Frame { track, frame } => {
+                        let starts = serve::starts_group(
+                            &video,
+                            *track,
+                            frame.keyframe,
+                            frame.dts,
+                            group_start_dts,
+                        );
                         if starts || current.is_none() {
                             if !starts {
                                 // Mid-group (a config came first, or after a skip): wait for
@@ -801,30 +560,23 @@ impl Link {
                                 let _ = s.finish();
                                 previous = Some(s);
                             }
-                            let bc = consumer.broadcast().clone();
-                            match self.open_group(conn, id, seq, &bc).await {
+                            match self.open_group(conn, id, seq, consumer.broadcast()).await {
                                 Some(s) => current = Some(s),
                                 None => return false,
                             }
                             seq += 1;
                         }
-                        let ingest = e.ingest_us.max(0) as u64;
-                        if wire::encode_frame_header(*track, frame, ingest, &mut header).is_err() {
-                            continue;
-                        }
-                        Some(frame.payload.clone())
+                        frame.payload.clone()
                     }
-                    _ => continue,
                 };
                 let Some(stream) = current.as_mut() else {
                     continue;
                 };
                 // Header and payload in one write: one lock of the connection and one wake of
                 // its driver per frame.
-                let mut chunks = [header.split().freeze(), payload.unwrap_or_default()];
+                let mut chunks = [encoding, payload];
                 let len = (chunks[0].len() + chunks[1].len()) as u64;
-                let ok = stream.write_all_chunks(&mut chunks).await.is_ok();
-                if !ok {
+                if stream.write_all_chunks(&mut chunks).await.is_err() {
                     // Reset by the peer (it dropped this group) or the connection is gone.
                     if conn.close_reason().is_some() {
                         return false;
@@ -837,8 +589,7 @@ impl Link {
         }
     }
 
-    /// Opens group `seq`: its header, then the current config of each source track (a config
-    /// change inside a dropped group is not lost).
+    /// Opens group `seq` with its opening ([`serve::group_opening`]).
     async fn open_group(
         &self,
         conn: &Connection,
@@ -849,22 +600,8 @@ impl Link {
         let mut s = conn.open_uni().await.ok()?;
         // Newer groups first.
         let _ = s.set_priority(seq.min(i32::MAX as u64) as i32);
-        let mut buf = BytesMut::with_capacity(24);
-        wire::encode_group_header(
-            &GroupHeader {
-                subscription: id,
-                sequence: GroupSeq(seq),
-            },
-            &mut buf,
-        )
-        .ok()?;
-        for t in 0..2 {
-            let track = crate::media::TrackId(t);
-            if let Some(info) = bc.track(track) {
-                let _ = wire::encode_config_item(track, &info, &mut buf);
-            }
-        }
-        s.write_all(&buf).await.ok()?;
+        let opening = serve::group_opening(id, seq, bc)?;
+        s.write_all(&opening).await.ok()?;
         self.stats.groups_out.fetch_add(1, Relaxed);
         Some(s)
     }
@@ -904,8 +641,12 @@ impl Link {
         None
     }
 
-    /// Marks `failed` as unusable: it is dropped and tried last for a while.
+    /// Marks `failed` as unusable: it is closed (so it stops sending what nobody reads; its
+    /// other flows fail over too) and tried last for a while.
     async fn upstream_failed(&self, failed: &Arc<Peer>) {
+        failed
+            .conn
+            .close(varint(wire::CLOSE_NO_ERROR), b"upstream failed");
         let mut peers = self.peers.lock().await;
         if peers
             .get(&failed.addr)
@@ -1019,10 +760,7 @@ impl Link {
     async fn fetch(self: Arc<Self>, name: String, state: watch::Sender<FetchState>) {
         self.stats.subscriptions_up.fetch_add(1, Relaxed);
         let _guard = Gauge(&self.stats.subscriptions_up);
-        let mut sink = Sink {
-            producer: None,
-            last_dts: [i64::MIN; 2],
-        };
+        let mut sink = Sink::new(None);
         let mut tries = 0;
         loop {
             let Some(peer) = self.upstream(&name).await else {
@@ -1174,7 +912,7 @@ impl Link {
                             if let Some((seq, g)) = current.as_mut() {
                                 g.buf.extend_from_slice(&chunk);
                                 let backlog = *first_group.get_or_insert(*seq) == *seq;
-                                if let Err(e) = sink.drain(g, &self.stats, backlog) {
+                                if let Err(e) = sink.drain(&mut g.decoder, &mut g.buf, &self.stats, backlog) {
                                     warn!(broadcast = %name, group = *seq, error = %e, "malformed group stream; dropped");
                                     let _ = g.stream.stop(varint(ResetCode::Cancelled.code()));
                                     done_below = *seq + 1;
@@ -1240,8 +978,8 @@ async fn read_group(current: &mut Option<(u64, IncomingGroup)>) -> GroupRead {
     }
 }
 
-/// Where a fetched broadcast goes: the local hub.
-struct Sink {
+/// Where a fetched (or published) broadcast goes: the local hub.
+pub(super) struct Sink {
     producer: Option<BroadcastProducer>,
     /// The newest dts written per track: after a failover, frames the hub already has are
     /// skipped.
@@ -1249,16 +987,26 @@ struct Sink {
 }
 
 impl Sink {
-    fn drain(
+    pub(super) fn new(producer: Option<BroadcastProducer>) -> Self {
+        Self {
+            producer,
+            last_dts: [i64::MIN; 2],
+        }
+    }
+
+    /// Writes the items `decoder` finds in `buf` into the hub; `backlog`: the frames are a
+    /// burst from the past, whose ages are not the link's latency.
+    pub(super) fn drain(
         &mut self,
-        g: &mut IncomingGroup,
+        decoder: &mut GroupDecoder,
+        buf: &mut BytesMut,
         stats: &ClusterStats,
         backlog: bool,
     ) -> Result<(), wire::WireError> {
         let Some(p) = self.producer.as_mut() else {
             return Ok(());
         };
-        while let Some(ev) = g.decoder.decode(&mut g.buf)? {
+        while let Some(ev) = decoder.decode(buf)? {
             match ev {
                 GroupEvent::Header(_) => {}
                 GroupEvent::Config { track, info } => p.set_track(track, info),
@@ -1318,7 +1066,7 @@ fn spawn_group_acceptor(peer: Arc<Peer>) {
 }
 
 /// A consumer's source tracks (0 and 1: renditions are made on every node) and metadata.
-fn source_tracks(
+pub(super) fn source_tracks(
     consumer: &BroadcastConsumer,
 ) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
     let (tracks, metadata) = consumer.snapshot();

@@ -13,9 +13,12 @@
 //! - [`wire`]: the sans-IO codec: control messages, group stream headers and items, token
 //!   proofs, error and reset codes.
 //! - [`tls`]: rustls/quinn configurations (self-signed + token, or the operator's CA).
-//! - [`link`]: the quinn driver: serving subscriptions from the hub, fetching broadcasts from
-//!   upstream on demand, failover between upstreams.
+//! - [`link`]: the node's end of the link: fetching broadcasts from upstream on demand (quinn),
+//!   failover between upstreams, publishing upstream.
+//! - [`serve`]: serving other nodes: castnode's own driver around quinn-proto, on its own
+//!   thread, writing subscriptions' groups from the hub.
 
 pub mod link;
+pub mod serve;
 pub mod tls;
 pub mod wire;

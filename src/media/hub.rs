@@ -373,6 +373,12 @@ impl Broadcast {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A receiver that wakes when the broadcast changes (an item appended, ended): one for a
+    /// driver serving many consumers of it.
+    pub fn watch(&self) -> watch::Receiver<()> {
+        self.notify.subscribe()
+    }
+
     /// Whether a publisher is live (not gone within the grace, not ended).
     pub fn is_live(&self) -> bool {
         matches!(self.lock().publisher, Publisher::Live(_))

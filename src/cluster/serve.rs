@@ -1,0 +1,1511 @@
+//! The serving side of the cluster link: castnode's own driver around quinn-proto's state
+//! machines. One thread (a single-threaded tokio runtime) owns the listening UDP socket, the
+//! QUIC endpoint and every connection other nodes make to this one; it reads the hub for the
+//! subscriptions it serves and writes their frames straight into the connections' streams.
+//!
+//! Why not quinn's async API, as the fetching side uses: a relay serving a broadcast to 100 edges
+//! paid one task wake, one connection lock and one connection-driver wake per frame copy there,
+//! and that cost twice what the QUIC state machine and the socket cost
+//! (`benches/quic_driver.rs`, BENCHMARKS.md "Cluster link"). Here a broadcast's new frames wake
+//! the driver once, every subscription of it is served in that pass, and each connection sends
+//! what it has in one GSO batch.
+//!
+//! Guarantees (the same protocol as [`super::link`]'s client side; `docs/cluster-protocol.md`):
+//! - A connection is used only after the peer proved the cluster token over the TLS exporter
+//!   (HELLO → HELLO_OK) within [`HELLO_TIMEOUT`]; a peer that fails is told why (ERROR) and
+//!   closed, nothing else noticed.
+//! - Every SUBSCRIBE becomes one hub consumer (fetched from upstream first on a relay, off this
+//!   thread); each group of the broadcast goes on its own unidirectional stream, newer groups at
+//!   higher priority. When a group starts, the group two back is reset if the peer has not
+//!   received all of it yet; a consumer the hub makes skip resets its current group. A stream
+//!   that is blocked (flow control, congestion) holds its subscription's reading until it is
+//!   writable again, so the hub (not this driver) decides what a slow peer skips.
+//! - A frame's header is encoded once per hub entry ([`CLUSTER_SLOT`]); copies share it and
+//!   the payload by reference count.
+//! - PUBLISH makes the peer's broadcast a local one: its groups are read in order, a group that
+//!   stalls for [`GROUP_STALL`] while a newer one waits is dropped, and frames go into the hub
+//!   with their origin ingest times.
+//! - Malformed control messages or group headers close only that connection; nothing here
+//!   panics on a peer's input.
+
+use std::cmp::Reverse;
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::io::IoSliceMut;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use quinn_proto::{
+    Connection, ConnectionHandle, DatagramEvent, Dir, Endpoint, EndpointConfig, Event,
+    ServerConfig, StreamEvent, StreamId, VarInt, WriteError,
+};
+use tokio::io::Interest;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::link::{GROUP_STALL, HELLO_TIMEOUT, Link, Sink, source_tracks};
+use super::wire::{
+    self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, GroupHeader,
+    GroupSeq, ResetCode, Side, SubscriptionId,
+};
+use crate::media::hub::Broadcast;
+use crate::media::{BroadcastConsumer, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind};
+
+/// Memo slot of an entry's encoding on a group stream (frame header or config item), shared by
+/// every subscription.
+pub const CLUSTER_SLOT: MemoSlot = MemoSlot(3);
+/// Datagrams read per receive call (each may be a GRO batch).
+const RECV_BATCH: usize = 32;
+/// Bytes of one receive buffer (a GRO batch of up to 64 KiB).
+const RECV_BUF: usize = 64 * 1024;
+/// Datagrams in one GSO send at most: 10 full-size QUIC packets stay under the 64 KiB a UDP
+/// send takes (the kernel offers up to 64 segments; a bigger batch fails whole). quinn uses 10.
+const MAX_SEGMENTS: usize = 10;
+/// Entries read from the hub at once for one subscription.
+const READ_MAX: usize = 256;
+/// How long an ERROR is given to leave before its connection is closed.
+const ERROR_LINGER: Duration = Duration::from_millis(50);
+
+/// The encoding of `e` on a group stream: a frame header (its payload follows) or a whole config
+/// item; `None` for a rendition track (each node makes its own) or what cannot be encoded.
+pub fn encoded(e: &Entry) -> &Option<Bytes> {
+    let ingest = e.ingest_us.max(0) as u64;
+    e.memo(CLUSTER_SLOT, |item| {
+        let mut buf = BytesMut::with_capacity(40);
+        let ok = match item {
+            Item::Config { track, info } if track.0 < 2 => {
+                wire::encode_config_item(*track, info, &mut buf).is_ok()
+            }
+            Item::Frame { track, frame } if track.0 < 2 => {
+                wire::encode_frame_header(*track, frame, ingest, &mut buf).is_ok()
+            }
+            _ => false,
+        };
+        ok.then(|| buf.freeze())
+    })
+}
+
+/// A group stream's opening: its header, then the current config of each source track (a config
+/// change inside a dropped group is not lost).
+pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(64);
+    let header = GroupHeader {
+        subscription: id,
+        sequence: GroupSeq(seq),
+    };
+    wire::encode_group_header(&header, &mut buf).ok()?;
+    for t in 0..2 {
+        let track = TrackId(t);
+        if let Some(info) = bc.track(track) {
+            let _ = wire::encode_config_item(track, &info, &mut buf);
+        }
+    }
+    Some(buf.freeze())
+}
+
+/// Whether a frame starts a new group: a keyframe of video when the broadcast has video, else
+/// every second.
+pub fn starts_group(
+    video: &[bool; 2],
+    track: TrackId,
+    keyframe: bool,
+    dts: i64,
+    start: i64,
+) -> bool {
+    if video.contains(&true) {
+        video[usize::from(track.0).min(1)] && keyframe
+    } else {
+        dts - start >= 1_000_000
+    }
+}
+
+/// Which source tracks of `consumer` are video.
+pub fn video_tracks(consumer: &BroadcastConsumer) -> [bool; 2] {
+    let mut video = [false; 2];
+    for (t, info) in source_tracks(consumer).0 {
+        video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
+    }
+    video
+}
+
+fn varint(v: u64) -> VarInt {
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
+}
+
+/// Binds the serving socket; the driver starts with [`spawn`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    socket.set_nonblocking(true)?;
+    // Room for a burst: many connections' copies of a keyframe.
+    let s2 = socket2::SockRef::from(&socket);
+    let _ = s2.set_recv_buffer_size(8 << 20);
+    let _ = s2.set_send_buffer_size(8 << 20);
+    Ok(socket)
+}
+
+/// Starts the driver on its own thread. It serves for as long as the process runs (it keeps
+/// `link` alive).
+pub fn spawn(
+    link: Arc<Link>,
+    socket: std::net::UdpSocket,
+    config: ServerConfig,
+) -> std::io::Result<()> {
+    let node = tokio::runtime::Handle::current();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+    std::thread::Builder::new()
+        .name("cluster-serve".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let socket = match tokio::net::UdpSocket::from_std(socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(error = %e, "cluster link: cannot register the serving socket");
+                        return;
+                    }
+                };
+                Driver::new(link, node, socket, udp, config).run().await;
+            });
+        })?;
+    Ok(())
+}
+
+/// A subscription's answer from the node runtime (a relay fetching from upstream first).
+struct Answer {
+    conn: usize,
+    generation: u64,
+    id: SubscriptionId,
+    broadcast: String,
+    consumer: Option<BroadcastConsumer>,
+}
+
+/// Where a connection stands.
+enum Phase {
+    /// Waiting for the control stream and HELLO until this.
+    Hello(Instant),
+    /// HELLO done: the peer's node id.
+    Ready(String),
+    /// Refused or failed: closed at this instant (after its ERROR left).
+    Closing(Instant, ErrorCode, String),
+    /// Closed; waiting to drain.
+    Closed,
+}
+
+/// A subscription this node serves.
+struct Flow {
+    id: SubscriptionId,
+    consumer: BroadcastConsumer,
+    /// The broadcast's key in [`Driver::watched`].
+    key: usize,
+    video: [bool; 2],
+    seq: u64,
+    current: Option<StreamId>,
+    previous: Option<StreamId>,
+    group_start_dts: i64,
+    /// Entries read from the hub, not written yet.
+    queue: VecDeque<Arc<Entry>>,
+    /// What is left of the item being written (group opening, header, payload).
+    pending: [Bytes; 3],
+    /// Waiting for its stream to be writable (or a stream to be available).
+    blocked: bool,
+}
+
+/// A broadcast a peer publishes here.
+struct Publication {
+    broadcast: String,
+    sink: Sink,
+    /// Group streams whose header was read, by sequence, waiting their turn.
+    waiting: BTreeMap<u64, StreamId>,
+    current: Option<(u64, StreamId)>,
+    done_below: u64,
+    /// The last time the current group made progress.
+    progress: Instant,
+    /// The first group: a burst from up to a GOP back, whose ages say nothing of the link.
+    first_group: Option<u64>,
+}
+
+/// A group stream the peer opened.
+struct InGroup {
+    decoder: GroupDecoder,
+    buf: BytesMut,
+    /// The publication and sequence, once the header was read.
+    route: Option<(u64, u64)>,
+}
+
+/// One connection from another node.
+struct Conn {
+    conn: Connection,
+    generation: u64,
+    remote: SocketAddr,
+    phase: Phase,
+    ctl: Option<StreamId>,
+    ctl_in: BytesMut,
+    ctl_decoder: ControlDecoder,
+    ctl_out: BytesMut,
+    flows: HashMap<u64, Flow>,
+    /// SUBSCRIBEs being answered on the node runtime.
+    asked: HashSet<u64>,
+    pubs: HashMap<u64, Publication>,
+    groups: HashMap<StreamId, InGroup>,
+    dirty: bool,
+    /// The deadline last put in the driver's heap.
+    timer: Option<Instant>,
+}
+
+/// A broadcast some flows read, and its watcher task.
+struct Watched {
+    flows: Vec<(usize, u64)>,
+    task: tokio::task::AbortHandle,
+}
+
+struct Driver {
+    link: Arc<Link>,
+    node: tokio::runtime::Handle,
+    socket: tokio::net::UdpSocket,
+    udp: quinn_udp::UdpSocketState,
+    endpoint: Endpoint,
+    conns: Vec<Option<Conn>>,
+    generations: u64,
+    dirty: Vec<usize>,
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    watched: HashMap<usize, Watched>,
+    wake_tx: mpsc::UnboundedSender<usize>,
+    wakes: mpsc::UnboundedReceiver<usize>,
+    answer_tx: mpsc::UnboundedSender<Answer>,
+    answers: mpsc::UnboundedReceiver<Answer>,
+    out: Vec<u8>,
+    recv: Vec<Vec<u8>>,
+    meta: Vec<quinn_udp::RecvMeta>,
+    entries: Vec<Arc<Entry>>,
+    /// Flows that ended in the current pass: (connection, flow id).
+    ended: Vec<(usize, u64)>,
+}
+
+impl Driver {
+    fn new(
+        link: Arc<Link>,
+        node: tokio::runtime::Handle,
+        socket: tokio::net::UdpSocket,
+        udp: quinn_udp::UdpSocketState,
+        config: ServerConfig,
+    ) -> Self {
+        let (wake_tx, wakes) = mpsc::unbounded_channel();
+        let (answer_tx, answers) = mpsc::unbounded_channel();
+        Self {
+            link,
+            node,
+            socket,
+            udp,
+            endpoint: Endpoint::new(
+                Arc::new(EndpointConfig::default()),
+                Some(Arc::new(config)),
+                true,
+                None,
+            ),
+            conns: Vec::new(),
+            generations: 0,
+            dirty: Vec::new(),
+            timers: BinaryHeap::new(),
+            watched: HashMap::new(),
+            wake_tx,
+            wakes,
+            answer_tx,
+            answers,
+            out: Vec::with_capacity(64 * 1024),
+            recv: (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF]).collect(),
+            meta: vec![quinn_udp::RecvMeta::default(); RECV_BATCH],
+            entries: Vec::with_capacity(READ_MAX),
+            ended: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) {
+        let mut sleep = pin!(tokio::time::sleep(Duration::from_secs(1)));
+        let mut armed: Option<Instant> = None;
+        loop {
+            let next = self.next_timer();
+            if next != armed || sleep.is_elapsed() {
+                armed = next;
+                let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                sleep.as_mut().reset(at.into());
+            }
+            tokio::select! {
+                biased;
+                r = self.socket.readable() => {
+                    if r.is_ok() {
+                        self.receive();
+                    }
+                }
+                Some(key) = self.wakes.recv() => {
+                    self.pump_broadcast(key);
+                    while let Ok(key) = self.wakes.try_recv() {
+                        self.pump_broadcast(key);
+                    }
+                }
+                Some(a) = self.answers.recv() => self.answered(a),
+                () = &mut sleep => {}
+            }
+            self.service().await;
+        }
+    }
+
+    // ---- socket ----------------------------------------------------------------------------
+
+    /// Reads every datagram waiting and feeds it to the endpoint and its connections.
+    fn receive(&mut self) {
+        loop {
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                self.recv.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let (socket, udp, meta) = (&self.socket, &self.udp, &mut self.meta);
+            let n = match socket.try_io(Interest::READABLE, || {
+                udp.recv(socket.into(), &mut bufs, meta)
+            }) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            drop(bufs);
+            let now = Instant::now();
+            for i in 0..n {
+                let meta = self.meta[i];
+                let stride = meta.stride.max(1);
+                // One allocation per GRO batch; its datagrams are views of it.
+                let mut data = BytesMut::from(&self.recv[i][..meta.len]);
+                while !data.is_empty() {
+                    let d = data.split_to(stride.min(data.len()));
+                    self.datagram(now, meta.addr, d);
+                }
+            }
+        }
+    }
+
+    fn datagram(&mut self, now: Instant, from: SocketAddr, data: BytesMut) {
+        self.out.clear();
+        match self
+            .endpoint
+            .handle(now, from, None, None, data, &mut self.out)
+        {
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                self.out.clear();
+                match self.endpoint.accept(incoming, now, &mut self.out, None) {
+                    Ok((ch, conn)) => self.insert(ch, conn, now),
+                    Err(e) => {
+                        debug!(remote = %from, error = %e.cause, "cluster connection refused");
+                        if let Some(t) = e.response {
+                            self.send_response(&t);
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(Some(c)) = self.conns.get_mut(ch.0) {
+                    c.conn.handle_event(ev);
+                    mark(&mut self.dirty, ch.0, c);
+                }
+            }
+            Some(DatagramEvent::Response(t)) => self.send_response(&t),
+            None => {}
+        }
+    }
+
+    /// An endpoint's own answer (version negotiation, stateless reset, refusal): best effort.
+    fn send_response(&mut self, t: &quinn_proto::Transmit) {
+        let transmit = quinn_udp::Transmit {
+            destination: t.destination,
+            ecn: None,
+            contents: &self.out[..t.size],
+            segment_size: t.segment_size,
+            src_ip: None,
+        };
+        let (socket, udp) = (&self.socket, &self.udp);
+        let _ = socket.try_io(Interest::WRITABLE, || udp.send(socket.into(), &transmit));
+    }
+
+    fn insert(&mut self, ch: ConnectionHandle, conn: Connection, now: Instant) {
+        if self.conns.len() <= ch.0 {
+            self.conns.resize_with(ch.0 + 1, || None);
+        }
+        self.generations += 1;
+        let remote = conn.remote_address();
+        self.link.stats.peers_in.fetch_add(1, Relaxed);
+        self.conns[ch.0] = Some(Conn {
+            conn,
+            generation: self.generations,
+            remote,
+            phase: Phase::Hello(now + HELLO_TIMEOUT),
+            ctl: None,
+            ctl_in: BytesMut::new(),
+            ctl_decoder: ControlDecoder::new(),
+            ctl_out: BytesMut::new(),
+            flows: HashMap::new(),
+            asked: HashSet::new(),
+            pubs: HashMap::new(),
+            groups: HashMap::new(),
+            dirty: true,
+            timer: None,
+        });
+        self.dirty.push(ch.0);
+    }
+
+    // ---- the service pass ------------------------------------------------------------------
+
+    /// The earliest deadline in the heap (stale entries dropped).
+    fn next_timer(&mut self) -> Option<Instant> {
+        loop {
+            let &Reverse((t, i)) = self.timers.peek()?;
+            match self.conns.get(i) {
+                Some(Some(c)) if c.timer == Some(t) => return Some(t),
+                _ => {
+                    self.timers.pop();
+                }
+            }
+        }
+    }
+
+    /// Due timers, then every connection touched since the last pass: its events, its
+    /// datagrams out, its next deadline.
+    async fn service(&mut self) {
+        let now = Instant::now();
+        while let Some(&Reverse((t, i))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(Some(c)) = self.conns.get_mut(i)
+                && c.timer == Some(t)
+            {
+                mark(&mut self.dirty, i, c);
+            }
+        }
+        let mut k = 0;
+        // Serving a connection may make it dirty again (a flow pumped); those wait for the next
+        // pass, which the loop's wake brings at once.
+        let dirty = std::mem::take(&mut self.dirty);
+        while k < dirty.len() {
+            let i = dirty[k];
+            k += 1;
+            if let Some(Some(c)) = self.conns.get_mut(i) {
+                c.dirty = false;
+            } else {
+                continue;
+            }
+            self.serve_conn(i, now);
+            self.transmit(i, now).await;
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                continue;
+            };
+            let timer = [c.conn.poll_timeout(), app_deadline(c)]
+                .into_iter()
+                .flatten()
+                .min();
+            if timer != c.timer {
+                c.timer = timer;
+                if let Some(t) = timer {
+                    self.timers.push(Reverse((t, i)));
+                }
+            }
+            if c.conn.is_drained() {
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Sends what connection `i` has to send, in GSO batches.
+    async fn transmit(&mut self, i: usize, now: Instant) {
+        let max = self.udp.max_gso_segments().min(MAX_SEGMENTS);
+        loop {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                return;
+            };
+            self.out.clear();
+            let Some(t) = c.conn.poll_transmit(now, max, &mut self.out) else {
+                return;
+            };
+            let transmit = quinn_udp::Transmit {
+                destination: t.destination,
+                ecn: None,
+                contents: &self.out[..t.size],
+                segment_size: t.segment_size,
+                src_ip: t.src_ip,
+            };
+            loop {
+                let (socket, udp) = (&self.socket, &self.udp);
+                match socket.try_io(Interest::WRITABLE, || udp.send(socket.into(), &transmit)) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if self.socket.writable().await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Connection `i`'s timers and events.
+    fn serve_conn(&mut self, i: usize, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if c.conn.poll_timeout().is_some_and(|t| t <= now) {
+            c.conn.handle_timeout(now);
+        }
+        match &c.phase {
+            Phase::Hello(deadline) if *deadline <= now => {
+                self.refuse(i, ErrorCode::ProtocolViolation, "no HELLO".into());
+            }
+            Phase::Closing(at, ..) if *at <= now => {
+                if let Phase::Closing(_, code, why) = std::mem::replace(&mut c.phase, Phase::Closed)
+                {
+                    c.conn
+                        .close(now, varint(code.code()), Bytes::from(why.into_bytes()));
+                }
+            }
+            _ => {}
+        }
+        self.stalls(i, now);
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        while let Some(ev) = c.conn.poll_endpoint_events() {
+            if let Some(back) = self.endpoint.handle_event(ConnectionHandle(i), ev) {
+                c.conn.handle_event(back);
+            }
+        }
+        let mut blocked_ready = false;
+        loop {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                return;
+            };
+            let Some(ev) = c.conn.poll() else { break };
+            match ev {
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    let mut control = false;
+                    while let Some(id) = c.conn.streams().accept(Dir::Bi) {
+                        if c.ctl.is_none() {
+                            // Answers go before any group's media.
+                            let _ = c.conn.send_stream(id).set_priority(i32::MAX);
+                            c.ctl = Some(id);
+                            control = true;
+                        } else {
+                            let _ = c.conn.recv_stream(id).stop(varint(0));
+                        }
+                    }
+                    if control {
+                        self.read_control(i, now);
+                    }
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                    let mut opened = Vec::new();
+                    while let Some(id) = c.conn.streams().accept(Dir::Uni) {
+                        c.groups.insert(
+                            id,
+                            InGroup {
+                                decoder: GroupDecoder::new(),
+                                buf: BytesMut::new(),
+                                route: None,
+                            },
+                        );
+                        opened.push(id);
+                    }
+                    for id in opened {
+                        self.read_group(i, id, now);
+                    }
+                }
+                Event::Stream(StreamEvent::Readable { id }) => {
+                    if c.ctl == Some(id) {
+                        self.read_control(i, now);
+                    } else {
+                        self.read_group(i, id, now);
+                    }
+                }
+                Event::Stream(StreamEvent::Writable { .. } | StreamEvent::Available { .. }) => {
+                    blocked_ready = true;
+                }
+                Event::Stream(StreamEvent::Finished { .. } | StreamEvent::Stopped { .. }) => {}
+                Event::ConnectionLost { reason } => {
+                    if let Phase::Ready(peer) = &c.phase {
+                        info!(remote = %c.remote, %peer, %reason, "cluster peer left");
+                    }
+                    self.end_conn(i);
+                }
+                Event::HandshakeDataReady
+                | Event::Connected
+                | Event::DatagramReceived
+                | Event::DatagramsUnblocked => {}
+            }
+        }
+        if blocked_ready {
+            self.flush_control(i);
+            self.pump_conn(i);
+        }
+    }
+
+    // ---- control ---------------------------------------------------------------------------
+
+    fn read_control(&mut self, i: usize, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(id) = c.ctl else { return };
+        let mut ended = false;
+        let mut failed = None;
+        if let Ok(mut chunks) = c.conn.recv_stream(id).read(true) {
+            loop {
+                match chunks.next(64 << 10) {
+                    Ok(Some(chunk)) => {
+                        if c.ctl_in.len() + chunk.bytes.len() > 2 * wire::MAX_CONTROL_MESSAGE {
+                            failed = Some("control stream overflow".to_owned());
+                            break;
+                        }
+                        c.ctl_in.extend_from_slice(&chunk.bytes);
+                    }
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(quinn_proto::ReadError::Blocked) => break,
+                    Err(quinn_proto::ReadError::Reset(code)) => {
+                        failed = Some(format!("control stream reset ({code})"));
+                        break;
+                    }
+                }
+            }
+            let _ = chunks.finalize();
+        }
+        loop {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                return;
+            };
+            if matches!(c.phase, Phase::Closing(..) | Phase::Closed) {
+                return;
+            }
+            match c.ctl_decoder.decode(&mut c.ctl_in) {
+                Ok(Some(m)) => self.control(i, m, now),
+                Ok(None) => break,
+                Err(e) => {
+                    let why = if matches!(c.phase, Phase::Hello(_)) {
+                        format!("malformed HELLO: {e}")
+                    } else {
+                        warn!(remote = %c.remote, error = %e, "malformed cluster control message; closing the connection");
+                        e.to_string()
+                    };
+                    self.refuse(i, ErrorCode::ProtocolViolation, why);
+                    return;
+                }
+            }
+        }
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if let Some(why) = failed {
+            info!(remote = %c.remote, error = %why, "cluster peer's control stream failed");
+            self.close(i, wire::CLOSE_NO_ERROR, &why);
+        } else if ended {
+            if let Phase::Hello(_) = c.phase {
+                self.refuse(i, ErrorCode::ProtocolViolation, "no HELLO".into());
+            } else {
+                self.close(i, wire::CLOSE_NO_ERROR, "control stream ended");
+            }
+        }
+    }
+
+    fn control(&mut self, i: usize, msg: ControlMessage, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if let Phase::Hello(_) = c.phase {
+            self.hello(i, msg);
+            return;
+        }
+        let peer = match &c.phase {
+            Phase::Ready(p) => p.clone(),
+            _ => return,
+        };
+        match msg {
+            ControlMessage::Subscribe { id, broadcast } => {
+                self.drop_flow(i, id.0);
+                if let Some(consumer) = self.link.ctx().hub.subscribe(&broadcast) {
+                    self.start_flow(i, id, &broadcast, consumer);
+                } else if self.link.has_upstreams() {
+                    // Fetching from upstream may take a moment: other requests of this peer go
+                    // on meanwhile.
+                    let Some(Some(c)) = self.conns.get_mut(i) else {
+                        return;
+                    };
+                    c.asked.insert(id.0);
+                    let (link, tx, generation) =
+                        (self.link.clone(), self.answer_tx.clone(), c.generation);
+                    self.node.spawn(async move {
+                        let consumer = link.subscribe(&broadcast).await;
+                        let _ = tx.send(Answer {
+                            conn: i,
+                            generation,
+                            id,
+                            broadcast,
+                            consumer,
+                        });
+                    });
+                } else {
+                    self.not_found(i, id, &broadcast);
+                }
+            }
+            ControlMessage::Unsubscribe { id } => {
+                let Some(Some(c)) = self.conns.get_mut(i) else {
+                    return;
+                };
+                c.asked.remove(&id.0);
+                self.drop_flow(i, id.0);
+            }
+            ControlMessage::Publish {
+                id,
+                broadcast,
+                tracks,
+                metadata,
+            } => {
+                let mut producer = match self.link.ctx().hub.publish(&broadcast) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        info!(%peer, %broadcast, "PUBLISH refused: {e}");
+                        self.send_control(
+                            i,
+                            &ControlMessage::PublishError {
+                                id,
+                                code: ErrorCode::AlreadyLive,
+                                reason: e.to_string(),
+                            },
+                        );
+                        return;
+                    }
+                };
+                for (t, info) in tracks {
+                    producer.set_track(t, info);
+                }
+                producer.set_metadata(metadata);
+                info!(%peer, %broadcast, id = id.0, "broadcast published over the cluster link");
+                self.link.stats.publications_in.fetch_add(1, Relaxed);
+                let publication = Publication {
+                    broadcast,
+                    sink: Sink::new(Some(producer)),
+                    waiting: BTreeMap::new(),
+                    current: None,
+                    done_below: 0,
+                    progress: now,
+                    first_group: None,
+                };
+                let Some(Some(c)) = self.conns.get_mut(i) else {
+                    return;
+                };
+                if let Some(old) = c.pubs.insert(id.0, publication) {
+                    self.publication_ended(old);
+                }
+                self.send_control(i, &ControlMessage::PublishOk { id });
+                // Group streams that overtook the PUBLISH.
+                let Some(Some(c)) = self.conns.get_mut(i) else {
+                    return;
+                };
+                let early: Vec<StreamId> = c
+                    .groups
+                    .iter()
+                    .filter(|(_, g)| g.route.is_some_and(|(p, _)| p == id.0))
+                    .map(|(s, _)| *s)
+                    .collect();
+                for s in early {
+                    self.read_group(i, s, now);
+                }
+            }
+            ControlMessage::Ended { id } => {
+                let Some(Some(c)) = self.conns.get_mut(i) else {
+                    return;
+                };
+                if let Some(p) = c.pubs.remove(&id.0) {
+                    self.publication_ended(p);
+                }
+            }
+            ControlMessage::GoAway
+            | ControlMessage::Announce { .. }
+            | ControlMessage::Unannounce { .. } => {}
+            other => {
+                let why = format!("{} is not a request this node takes", other.name());
+                warn!(%peer, reason = %why, "cluster peer sent a wrong request; closing the connection");
+                self.refuse(i, ErrorCode::ProtocolViolation, why);
+            }
+        }
+    }
+
+    fn hello(&mut self, i: usize, msg: ControlMessage) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let mut exporter = [0u8; wire::EXPORTER_LEN];
+        let have_exporter = c
+            .conn
+            .crypto_session()
+            .export_keying_material(&mut exporter, wire::EXPORTER_LABEL, b"")
+            .is_ok();
+        let ControlMessage::Hello {
+            version,
+            token_proof,
+            node_id,
+            role,
+        } = msg
+        else {
+            let why = format!("expected HELLO, got {}", msg.name());
+            self.refuse(i, ErrorCode::ProtocolViolation, why);
+            return;
+        };
+        if version != wire::VERSION {
+            let why = format!("wire version {version} is not {}", wire::VERSION);
+            self.refuse(i, ErrorCode::UnsupportedVersion, why);
+            return;
+        }
+        let token = self.link.token();
+        if !have_exporter || !wire::verify_token_proof(token, Side::Client, &exporter, &token_proof)
+        {
+            self.refuse(i, ErrorCode::Unauthorized, "wrong cluster token".into());
+            return;
+        }
+        info!(remote = %c.remote, peer = %node_id, %role, "cluster peer connected");
+        c.phase = Phase::Ready(node_id);
+        let answer = ControlMessage::HelloOk {
+            node_id: self.link.node_id().to_owned(),
+            token_proof: wire::token_proof(token, Side::Server, &exporter),
+        };
+        self.send_control(i, &answer);
+    }
+
+    /// Refuses (or gives up on) a peer: ERROR, then close after [`ERROR_LINGER`].
+    fn refuse(&mut self, i: usize, code: ErrorCode, why: String) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if matches!(c.phase, Phase::Closing(..) | Phase::Closed) {
+            return;
+        }
+        if let Phase::Hello(_) = c.phase {
+            self.link.stats.refused.fetch_add(1, Relaxed);
+            warn!(remote = %c.remote, reason = %why, "cluster peer refused");
+        }
+        let msg = ControlMessage::Error {
+            code,
+            reason: why.clone(),
+        };
+        self.send_control(i, &msg);
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if let Some(s) = c.ctl {
+            let _ = c.conn.send_stream(s).finish();
+        }
+        c.phase = Phase::Closing(Instant::now() + ERROR_LINGER, code, why);
+        self.end_conn(i);
+        if let Some(Some(c)) = self.conns.get_mut(i) {
+            mark(&mut self.dirty, i, c);
+        }
+    }
+
+    fn close(&mut self, i: usize, code: u64, why: &str) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        c.conn.close(
+            Instant::now(),
+            varint(code),
+            Bytes::copy_from_slice(why.as_bytes()),
+        );
+        c.phase = Phase::Closed;
+        self.end_conn(i);
+    }
+
+    fn send_control(&mut self, i: usize, msg: &ControlMessage) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if let Err(e) = wire::encode_control(msg, &mut c.ctl_out) {
+            warn!(error = %e, message = msg.name(), "cluster control message not encodable");
+            return;
+        }
+        self.flush_control(i);
+    }
+
+    fn flush_control(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(s) = c.ctl else { return };
+        if c.ctl_out.is_empty() {
+            return;
+        }
+        if let Ok(n) = c.conn.send_stream(s).write(&c.ctl_out) {
+            let _ = c.ctl_out.split_to(n);
+        }
+        mark(&mut self.dirty, i, c);
+    }
+
+    fn not_found(&mut self, i: usize, id: SubscriptionId, broadcast: &str) {
+        debug!(%broadcast, "SUBSCRIBE: not found");
+        let msg = ControlMessage::SubscribeError {
+            id,
+            code: ErrorCode::NotFound,
+            reason: format!("broadcast {broadcast} is not live here"),
+        };
+        self.send_control(i, &msg);
+    }
+
+    fn answered(&mut self, a: Answer) {
+        let Some(Some(c)) = self.conns.get_mut(a.conn) else {
+            return;
+        };
+        if c.generation != a.generation || !c.asked.remove(&a.id.0) {
+            return;
+        }
+        match a.consumer {
+            Some(consumer) => self.start_flow(a.conn, a.id, &a.broadcast, consumer),
+            None => self.not_found(a.conn, a.id, &a.broadcast),
+        }
+    }
+
+    // ---- serving subscriptions -------------------------------------------------------------
+
+    fn start_flow(
+        &mut self,
+        i: usize,
+        id: SubscriptionId,
+        broadcast: &str,
+        consumer: BroadcastConsumer,
+    ) {
+        let (tracks, metadata) = source_tracks(&consumer);
+        self.send_control(
+            i,
+            &ControlMessage::SubscribeOk {
+                id,
+                tracks,
+                metadata,
+            },
+        );
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if let Phase::Ready(peer) = &c.phase {
+            info!(%peer, %broadcast, id = id.0, "cluster subscription from downstream");
+        }
+        let bc = consumer.broadcast().clone();
+        let key = Arc::as_ptr(&bc) as usize;
+        let flow = Flow {
+            id,
+            video: video_tracks(&consumer),
+            consumer,
+            key,
+            seq: 0,
+            current: None,
+            previous: None,
+            group_start_dts: i64::MIN,
+            queue: VecDeque::new(),
+            pending: Default::default(),
+            blocked: false,
+        };
+        c.flows.insert(id.0, flow);
+        self.link.stats.subscriptions_down.fetch_add(1, Relaxed);
+        match self.watched.entry(key) {
+            MapEntry::Occupied(mut w) => w.get_mut().flows.push((i, id.0)),
+            MapEntry::Vacant(v) => {
+                let mut rx = bc.watch();
+                let tx = self.wake_tx.clone();
+                let task = tokio::spawn(async move {
+                    while rx.changed().await.is_ok() {
+                        if tx.send(key).is_err() {
+                            return;
+                        }
+                    }
+                });
+                v.insert(Watched {
+                    flows: vec![(i, id.0)],
+                    task: task.abort_handle(),
+                });
+            }
+        }
+        self.pump(i, id.0);
+        self.reap_ended();
+    }
+
+    /// Removes a flow (UNSUBSCRIBE, a replacing SUBSCRIBE, its connection gone): its current
+    /// group is reset.
+    fn drop_flow(&mut self, i: usize, id: u64) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(flow) = c.flows.remove(&id) else {
+            return;
+        };
+        for s in [flow.current, flow.previous].into_iter().flatten() {
+            let _ = c
+                .conn
+                .send_stream(s)
+                .reset(varint(ResetCode::Cancelled.code()));
+        }
+        mark(&mut self.dirty, i, c);
+        self.forget_flow(i, &flow);
+    }
+
+    fn forget_flow(&mut self, i: usize, flow: &Flow) {
+        self.link.stats.subscriptions_down.fetch_sub(1, Relaxed);
+        if let MapEntry::Occupied(mut w) = self.watched.entry(flow.key) {
+            w.get_mut().flows.retain(|&f| f != (i, flow.id.0));
+            if w.get().flows.is_empty() {
+                w.remove().task.abort();
+            }
+        }
+    }
+
+    /// Serves every flow of broadcast `key` that is not blocked.
+    fn pump_broadcast(&mut self, key: usize) {
+        let n = self.watched.get(&key).map_or(0, |w| w.flows.len());
+        for k in 0..n {
+            let Some(&(i, id)) = self.watched.get(&key).and_then(|w| w.flows.get(k)) else {
+                break;
+            };
+            self.pump(i, id);
+        }
+        self.reap_ended();
+    }
+
+    /// Serves connection `i`'s blocked flows (a stream became writable or available).
+    fn pump_conn(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let blocked: Vec<u64> = c
+            .flows
+            .iter()
+            .filter(|(_, f)| f.blocked)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in blocked {
+            if let Some(Some(c)) = self.conns.get_mut(i)
+                && let Some(f) = c.flows.get_mut(&id)
+            {
+                f.blocked = false;
+            }
+            self.pump(i, id);
+        }
+        self.reap_ended();
+    }
+
+    /// Flows whose broadcast ended: ENDED, and gone.
+    fn reap_ended(&mut self) {
+        while let Some((i, id)) = self.ended.pop() {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                continue;
+            };
+            let Some(flow) = c.flows.remove(&id) else {
+                continue;
+            };
+            self.forget_flow(i, &flow);
+            self.send_control(i, &ControlMessage::Ended { id: flow.id });
+        }
+    }
+
+    /// Writes flow `id` of connection `i` until it has nothing to write or its stream blocks.
+    fn pump(&mut self, i: usize, id: u64) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        if c.conn.is_closed() {
+            return;
+        }
+        let Some(flow) = c.flows.get_mut(&id) else {
+            return;
+        };
+        if flow.blocked {
+            return;
+        }
+        let stats = &self.link.stats;
+        let (mut bytes, mut groups, mut resets) = (0u64, 0u64, 0u64);
+        let outcome = loop {
+            // What is left of the last item.
+            if flow.pending.iter().any(|b| !b.is_empty()) {
+                let Some(s) = flow.current else {
+                    flow.pending = Default::default();
+                    continue;
+                };
+                match c.conn.send_stream(s).write_chunks(&mut flow.pending) {
+                    Ok(w) => {
+                        bytes += w.bytes as u64;
+                        if flow.pending.iter().any(|b| !b.is_empty()) {
+                            flow.blocked = true;
+                            break Pump::Blocked;
+                        }
+                    }
+                    Err(WriteError::Blocked) => {
+                        flow.blocked = true;
+                        break Pump::Blocked;
+                    }
+                    Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
+                        // The peer dropped this group (or it was reset): wait for the next.
+                        flow.current = None;
+                        flow.pending = Default::default();
+                    }
+                }
+                continue;
+            }
+            let Some(e) = flow.queue.pop_front() else {
+                self.entries.clear();
+                match flow.consumer.read(&mut self.entries, READ_MAX) {
+                    ReadOutcome::Ended => {
+                        if let Some(s) = flow.current.take() {
+                            let _ = c.conn.send_stream(s).finish();
+                        }
+                        break Pump::Ended;
+                    }
+                    ReadOutcome::Read(0) => break Pump::Idle,
+                    ReadOutcome::Skipped { .. } => {
+                        // The consumer jumped to the newest group: the current one is
+                        // incomplete.
+                        if let Some(s) = flow.current.take() {
+                            let _ = c
+                                .conn
+                                .send_stream(s)
+                                .reset(varint(ResetCode::GroupDropped.code()));
+                            resets += 1;
+                        }
+                    }
+                    ReadOutcome::Read(_) => {}
+                }
+                flow.queue.extend(self.entries.drain(..));
+                continue;
+            };
+            let Some(encoding) = encoded(&e).clone() else {
+                continue;
+            };
+            let payload = match &e.item {
+                Item::Config { track, info } => {
+                    flow.video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
+                    Bytes::new()
+                }
+                Item::Frame { track, frame } => {
+                    let starts = starts_group(
+                        &flow.video,
+                        *track,
+                        frame.keyframe,
+                        frame.dts,
+                        flow.group_start_dts,
+                    );
+                    if starts || flow.current.is_none() {
+                        if !starts {
+                            // Mid-group (a config came first, or after a skip): wait for the
+                            // next group start.
+                            continue;
+                        }
+                        let Some(s) = c.conn.streams().open(Dir::Uni) else {
+                            // No stream credit yet: wait for the peer to give some.
+                            flow.queue.push_front(e);
+                            flow.blocked = true;
+                            break Pump::Blocked;
+                        };
+                        flow.group_start_dts = frame.dts;
+                        // The group two back is dropped if still unsent; the previous one may
+                        // finish behind the new one.
+                        if let Some(old) = flow.previous.take()
+                            && c.conn
+                                .send_stream(old)
+                                .reset(varint(ResetCode::GroupDropped.code()))
+                                .is_ok()
+                        {
+                            debug!(id = flow.id.0, "older group reset (unfinished)");
+                        }
+                        if let Some(cur) = flow.current.take() {
+                            let _ = c.conn.send_stream(cur).finish();
+                            flow.previous = Some(cur);
+                        }
+                        let _ = c
+                            .conn
+                            .send_stream(s)
+                            .set_priority(flow.seq.min(i32::MAX as u64) as i32);
+                        let Some(opening) =
+                            group_opening(flow.id, flow.seq, flow.consumer.broadcast())
+                        else {
+                            let _ = c
+                                .conn
+                                .send_stream(s)
+                                .reset(varint(ResetCode::Cancelled.code()));
+                            continue;
+                        };
+                        flow.pending[0] = opening;
+                        flow.current = Some(s);
+                        flow.seq += 1;
+                        groups += 1;
+                    }
+                    frame.payload.clone()
+                }
+            };
+            if flow.current.is_none() {
+                continue;
+            }
+            flow.pending[1] = encoding;
+            flow.pending[2] = payload;
+        };
+        stats.bytes_out.fetch_add(bytes, Relaxed);
+        if groups > 0 {
+            stats.groups_out.fetch_add(groups, Relaxed);
+        }
+        if resets > 0 {
+            stats.groups_reset.fetch_add(resets, Relaxed);
+        }
+        if matches!(outcome, Pump::Ended) {
+            self.ended.push((i, id));
+        }
+        mark(&mut self.dirty, i, c);
+    }
+
+    // ---- receiving publications ------------------------------------------------------------
+
+    /// Reads group stream `s` of connection `i`: its header (to route it), then, when it is its
+    /// publication's current group, its frames into the hub.
+    fn read_group(&mut self, i: usize, s: StreamId, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(g) = c.groups.get_mut(&s) else {
+            return;
+        };
+        // A routed group that is not its publication's current one waits unread.
+        if let Some((p, seq)) = g.route
+            && c.pubs
+                .get(&p)
+                .is_some_and(|p| p.current.map(|c| c.0) != Some(seq))
+        {
+            return;
+        }
+        if g.route.is_none() && !matches!(c.phase, Phase::Ready(_)) {
+            let _ = c
+                .conn
+                .recv_stream(s)
+                .stop(varint(ResetCode::Cancelled.code()));
+            c.groups.remove(&s);
+            return;
+        }
+        let mut end = None;
+        let mut read = 0u64;
+        if let Ok(mut chunks) = c.conn.recv_stream(s).read(true) {
+            loop {
+                match chunks.next(256 << 10) {
+                    Ok(Some(chunk)) => {
+                        read += chunk.bytes.len() as u64;
+                        g.buf.extend_from_slice(&chunk.bytes);
+                        if g.route.is_none() {
+                            // Only the header is wanted now.
+                            break;
+                        }
+                    }
+                    Ok(None) => {
+                        end = Some(false);
+                        break;
+                    }
+                    Err(quinn_proto::ReadError::Blocked) => break,
+                    Err(quinn_proto::ReadError::Reset(_)) => {
+                        end = Some(true);
+                        break;
+                    }
+                }
+            }
+            let _ = chunks.finalize();
+        } else {
+            end = Some(true);
+        }
+        if !c.dirty {
+            c.dirty = true;
+            self.dirty.push(i);
+        }
+        self.link.stats.bytes_in.fetch_add(read, Relaxed);
+        if g.route.is_none() {
+            match g.decoder.decode(&mut g.buf) {
+                Ok(Some(GroupEvent::Header(h))) => {
+                    let (p, seq) = (h.subscription.0, h.sequence.0);
+                    g.route = Some((p, seq));
+                    let Some(publication) = c.pubs.get_mut(&p) else {
+                        // A PUBLISH this group overtook is taken up when it comes; a group of
+                        // no publication waits for it as long as its connection lasts.
+                        if end.is_some() {
+                            c.groups.remove(&s);
+                        }
+                        return;
+                    };
+                    if seq < publication.done_below
+                        || publication.current.is_some_and(|(c, _)| seq <= c)
+                    {
+                        let _ = c
+                            .conn
+                            .recv_stream(s)
+                            .stop(varint(ResetCode::GroupDropped.code()));
+                        c.groups.remove(&s);
+                        return;
+                    }
+                    publication.waiting.insert(seq, s);
+                    self.advance(i, p, now);
+                    return;
+                }
+                Ok(Some(_)) | Err(_) => {
+                    debug!(remote = %c.remote, "group stream without a header; dropped");
+                    let _ = c
+                        .conn
+                        .recv_stream(s)
+                        .stop(varint(ResetCode::Cancelled.code()));
+                    c.groups.remove(&s);
+                    return;
+                }
+                Ok(None) => {
+                    if end.is_some() {
+                        c.groups.remove(&s);
+                    }
+                    return;
+                }
+            }
+        }
+        let Some((p, seq)) = g.route else { return };
+        let Some(publication) = c.pubs.get_mut(&p) else {
+            return;
+        };
+        publication.progress = now;
+        let backlog = *publication.first_group.get_or_insert(seq) == seq;
+        let mut group = std::mem::take(&mut g.buf);
+        let drained = publication
+            .sink
+            .drain(&mut g.decoder, &mut group, &self.link.stats, backlog);
+        g.buf = group;
+        if let Err(e) = drained {
+            warn!(broadcast = %publication.broadcast, group = seq, error = %e, "malformed group stream; dropped");
+            let _ = c
+                .conn
+                .recv_stream(s)
+                .stop(varint(ResetCode::Cancelled.code()));
+            end = Some(false);
+        }
+        if let Some(reset) = end {
+            c.groups.remove(&s);
+            if reset {
+                self.link.stats.groups_reset.fetch_add(1, Relaxed);
+            }
+            publication.current = None;
+            publication.done_below = seq + 1;
+            self.advance(i, p, now);
+        }
+    }
+
+    /// Makes the next waiting group of publication `p` current, and reads it.
+    fn advance(&mut self, i: usize, p: u64, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some(publication) = c.pubs.get_mut(&p) else {
+            return;
+        };
+        if publication.current.is_some() {
+            return;
+        }
+        let Some((seq, s)) = publication.waiting.pop_first() else {
+            return;
+        };
+        publication.current = Some((seq, s));
+        publication.progress = now;
+        self.read_group(i, s, now);
+    }
+
+    /// Drops current groups that made no progress for [`GROUP_STALL`] while a newer one waits.
+    fn stalls(&mut self, i: usize, now: Instant) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let stalled: Vec<u64> = c
+            .pubs
+            .iter()
+            .filter(|(_, p)| stall_deadline(p).is_some_and(|t| t <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for p in stalled {
+            let Some(Some(c)) = self.conns.get_mut(i) else {
+                return;
+            };
+            let Some(publication) = c.pubs.get_mut(&p) else {
+                continue;
+            };
+            if let Some((seq, s)) = publication.current.take() {
+                let _ = c
+                    .conn
+                    .recv_stream(s)
+                    .stop(varint(ResetCode::GroupDropped.code()));
+                c.groups.remove(&s);
+                self.link.stats.groups_reset.fetch_add(1, Relaxed);
+                publication.done_below = seq + 1;
+            }
+            self.advance(i, p, now);
+        }
+    }
+
+    fn publication_ended(&self, p: Publication) {
+        self.link.stats.publications_in.fetch_sub(1, Relaxed);
+        info!(broadcast = %p.broadcast, "publication over the cluster link ended");
+    }
+
+    // ---- connection end --------------------------------------------------------------------
+
+    /// Ends everything connection `i` serves and receives (it is closing or lost).
+    fn end_conn(&mut self, i: usize) {
+        let Some(Some(c)) = self.conns.get_mut(i) else {
+            return;
+        };
+        let flows: Vec<Flow> = c.flows.drain().map(|(_, f)| f).collect();
+        let pubs: Vec<Publication> = c.pubs.drain().map(|(_, p)| p).collect();
+        c.asked.clear();
+        c.groups.clear();
+        for f in &flows {
+            self.forget_flow(i, f);
+        }
+        for p in pubs {
+            self.publication_ended(p);
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        self.end_conn(i);
+        if self.conns.get_mut(i).and_then(Option::take).is_some() {
+            self.link.stats.peers_in.fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+enum Pump {
+    Idle,
+    Blocked,
+    Ended,
+}
+
+/// Puts connection `i` on the dirty list once.
+fn mark(dirty: &mut Vec<usize>, i: usize, c: &mut Conn) {
+    if !c.dirty {
+        c.dirty = true;
+        dirty.push(i);
+    }
+}
+
+fn stall_deadline(p: &Publication) -> Option<Instant> {
+    (p.current.is_some() && !p.waiting.is_empty()).then_some(p.progress + GROUP_STALL)
+}
+
+/// The earliest of connection `c`'s own deadlines (HELLO, a close after ERROR, stalled groups).
+fn app_deadline(c: &Conn) -> Option<Instant> {
+    let phase = match c.phase {
+        Phase::Hello(t) | Phase::Closing(t, ..) => Some(t),
+        Phase::Ready(_) | Phase::Closed => None,
+    };
+    c.pubs
+        .values()
+        .filter_map(stall_deadline)
+        .chain(phase)
+        .min()
+}
