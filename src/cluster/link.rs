@@ -303,14 +303,14 @@ impl Link {
         // Serving has its own socket and driver (`serve`); quinn's endpoint only connects out.
         let serving = match cfg.listen {
             Some(addr) => Some((
-                serve::bind(addr)?,
-                tls::server_config(&cfg.node_id, &files)?,
+                serve::bind(addr, serve::default_threads())?,
+                Arc::new(tls::server_config(&cfg.node_id, &files)?),
             )),
             None => None,
         };
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-        let served = match &serving {
-            Some((socket, _)) => Some(socket.local_addr()?),
+        let served = match serving.as_ref().and_then(|(s, _)| s.first()) {
+            Some(socket) => Some(socket.local_addr()?),
             None => None,
         };
         let link = Arc::new(Self {
@@ -330,8 +330,10 @@ impl Link {
             linger: cfg.linger,
             stats: ClusterStats::default(),
         });
-        if let Some((socket, config)) = serving {
-            serve::spawn(link.clone(), socket, config)?;
+        if let Some((sockets, config)) = serving {
+            for (n, socket) in sockets.into_iter().enumerate() {
+                serve::spawn(link.clone(), socket, config.clone(), n)?;
+            }
         }
         Ok(link)
     }
@@ -675,6 +677,8 @@ impl Link {
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        // Requests and answers go before any group's media (docs/cluster-protocol.md).
+        let _ = send.set_priority(i32::MAX);
         let exporter = tls::exporter(&conn).ok_or("no TLS exporter")?;
         let mut buf = BytesMut::new();
         wire::encode_control(

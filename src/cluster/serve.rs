@@ -1,7 +1,9 @@
 //! The serving side of the cluster link: castnode's own driver around quinn-proto's state
-//! machines. One thread (a single-threaded tokio runtime) owns the listening UDP socket, the
-//! QUIC endpoint and every connection other nodes make to this one; it reads the hub for the
-//! subscriptions it serves and writes their frames straight into the connections' streams.
+//! machines. Each serving thread (a single-threaded tokio runtime; one per core, see
+//! [`default_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
+//! keeps each peer on one socket), a QUIC endpoint and the connections that reach it; it reads
+//! the hub for the subscriptions it serves and writes their frames straight into the
+//! connections' streams.
 //!
 //! Why not quinn's async API, as the fetching side uses: a relay serving a broadcast to 100 edges
 //! paid one task wake, one connection lock and one connection-driver wake per frame copy there,
@@ -136,23 +138,54 @@ fn varint(v: u64) -> VarInt {
     VarInt::from_u64(v).unwrap_or(VarInt::MAX)
 }
 
-/// Binds the serving socket; the driver starts with [`spawn`].
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let socket = std::net::UdpSocket::bind(addr)?;
-    socket.set_nonblocking(true)?;
-    // Room for a burst: many connections' copies of a keyframe.
-    let s2 = socket2::SockRef::from(&socket);
-    let _ = s2.set_recv_buffer_size(8 << 20);
-    let _ = s2.set_send_buffer_size(8 << 20);
-    Ok(socket)
+/// Serving threads: one per core the process may use, at most this many.
+pub const MAX_THREADS: usize = 16;
+
+/// Binds `threads` serving sockets to `addr` (SO_REUSEPORT: the kernel spreads peers over them
+/// by address, and keeps each peer on one); a driver per socket starts with [`spawn`].
+pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    if addr.port() != 0 {
+        // A port another process serves on (even a castnode with SO_REUSEPORT) is refused, as
+        // without SO_REUSEPORT, rather than shared.
+        drop(std::net::UdpSocket::bind(addr)?);
+    }
+    let mut sockets: Vec<std::net::UdpSocket> = Vec::with_capacity(threads);
+    for _ in 0..threads.max(1) {
+        // Port 0 is chosen by the first bind; the others share it.
+        let at = match sockets.first() {
+            Some(s) => s.local_addr()?,
+            None => addr,
+        };
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        // Room for a burst: many connections' copies of a keyframe.
+        let _ = s.set_recv_buffer_size(8 << 20);
+        let _ = s.set_send_buffer_size(8 << 20);
+        s.bind(&at.into())?;
+        sockets.push(s.into());
+    }
+    Ok(sockets)
 }
 
-/// Starts the driver on its own thread. It serves for as long as the process runs (it keeps
-/// `link` alive).
+/// How many serving threads a node runs: one per core it may use, up to [`MAX_THREADS`].
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(MAX_THREADS)
+}
+
+/// Starts a driver for `socket` on its own thread. It serves for as long as the process runs
+/// (it keeps `link` alive).
 pub fn spawn(
     link: Arc<Link>,
     socket: std::net::UdpSocket,
-    config: ServerConfig,
+    config: Arc<ServerConfig>,
+    n: usize,
 ) -> std::io::Result<()> {
     let node = tokio::runtime::Handle::current();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -160,7 +193,7 @@ pub fn spawn(
         .build()?;
     let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
     std::thread::Builder::new()
-        .name("cluster-serve".into())
+        .name(format!("cluster-serve-{n}"))
         .spawn(move || {
             rt.block_on(async move {
                 let socket = match tokio::net::UdpSocket::from_std(socket) {
@@ -293,7 +326,7 @@ impl Driver {
         node: tokio::runtime::Handle,
         socket: tokio::net::UdpSocket,
         udp: quinn_udp::UdpSocketState,
-        config: ServerConfig,
+        config: Arc<ServerConfig>,
     ) -> Self {
         let (wake_tx, wakes) = mpsc::unbounded_channel();
         let (answer_tx, answers) = mpsc::unbounded_channel();
@@ -304,7 +337,7 @@ impl Driver {
             udp,
             endpoint: Endpoint::new(
                 Arc::new(EndpointConfig::default()),
-                Some(Arc::new(config)),
+                Some(config),
                 true,
                 None,
             ),
@@ -343,9 +376,9 @@ impl Driver {
                     }
                 }
                 Some(key) = self.wakes.recv() => {
-                    self.pump_broadcast(key);
+                    self.pump_broadcast(key).await;
                     while let Ok(key) = self.wakes.try_recv() {
-                        self.pump_broadcast(key);
+                        self.pump_broadcast(key).await;
                     }
                 }
                 Some(a) = self.answers.recv() => self.answered(a),
@@ -482,35 +515,37 @@ impl Driver {
                 mark(&mut self.dirty, i, c);
             }
         }
-        let mut k = 0;
-        // Serving a connection may make it dirty again (a flow pumped); those wait for the next
-        // pass, which the loop's wake brings at once.
-        let dirty = std::mem::take(&mut self.dirty);
-        while k < dirty.len() {
-            let i = dirty[k];
-            k += 1;
-            if let Some(Some(c)) = self.conns.get_mut(i) {
-                c.dirty = false;
-            } else {
-                continue;
+        // Serving a connection may make it dirty again (an answer written after its transmit):
+        // one more round takes those.
+        for _ in 0..2 {
+            let dirty = std::mem::take(&mut self.dirty);
+            if dirty.is_empty() {
+                break;
             }
-            self.serve_conn(i, now);
-            self.transmit(i, now).await;
-            let Some(Some(c)) = self.conns.get_mut(i) else {
-                continue;
-            };
-            let timer = [c.conn.poll_timeout(), app_deadline(c)]
-                .into_iter()
-                .flatten()
-                .min();
-            if timer != c.timer {
-                c.timer = timer;
-                if let Some(t) = timer {
-                    self.timers.push(Reverse((t, i)));
+            for &i in &dirty {
+                if let Some(Some(c)) = self.conns.get_mut(i) {
+                    c.dirty = false;
+                } else {
+                    continue;
                 }
-            }
-            if c.conn.is_drained() {
-                self.remove(i);
+                self.serve_conn(i, now);
+                self.transmit(i, now).await;
+                let Some(Some(c)) = self.conns.get_mut(i) else {
+                    continue;
+                };
+                let timer = [c.conn.poll_timeout(), app_deadline(c)]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                if timer != c.timer {
+                    c.timer = timer;
+                    if let Some(t) = timer {
+                        self.timers.push(Reverse((t, i)));
+                    }
+                }
+                if c.conn.is_drained() {
+                    self.remove(i);
+                }
             }
         }
     }
@@ -1064,13 +1099,17 @@ impl Driver {
     }
 
     /// Serves every flow of broadcast `key` that is not blocked.
-    fn pump_broadcast(&mut self, key: usize) {
+    /// Each connection sends right after its flow was written, so the first peers do not wait
+    /// for the last ones' encryption.
+    async fn pump_broadcast(&mut self, key: usize) {
+        let now = Instant::now();
         let n = self.watched.get(&key).map_or(0, |w| w.flows.len());
         for k in 0..n {
             let Some(&(i, id)) = self.watched.get(&key).and_then(|w| w.flows.get(k)) else {
                 break;
             };
             self.pump(i, id);
+            self.transmit(i, now).await;
         }
         self.reap_ended();
     }
