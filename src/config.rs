@@ -153,6 +153,9 @@ pub struct NodeArgs {
     /// Seconds an upstream subscription outlives its last local viewer [default: 10].
     #[arg(long, env = "CASTNODE_LINGER")]
     pub linger: Option<f64>,
+    /// Cluster link: threads serving other nodes [default: one per 4 cores, at least 1].
+    #[arg(long, env = "CASTNODE_CLUSTER_THREADS")]
+    pub cluster_threads: Option<usize>,
     /// The stream manager this node registers with and reports its load to
     /// (`http://host:port`), or `embedded` (standalone's default: the manager runs in process).
     #[arg(long, env = "CASTNODE_MANAGER")]
@@ -299,6 +302,8 @@ pub struct ClusterConfig {
     pub ca: Option<PathBuf>,
     /// How long an upstream subscription outlives its last local viewer.
     pub linger: Duration,
+    /// Threads serving other nodes (each with its own socket on `listen`).
+    pub threads: usize,
 }
 
 fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration, ConfigError> {
@@ -619,6 +624,16 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         key,
         ca: a.cluster_ca.clone().or(file.cluster_ca.clone()),
         linger: seconds("linger", a.linger.or(file.linger), 10.0, 3600.0)?,
+        threads: match a.cluster_threads.or(file.cluster_threads) {
+            Some(n) if (1..=crate::cluster::serve::MAX_THREADS).contains(&n) => n,
+            Some(n) => {
+                return Err(bad(
+                    "cluster-threads",
+                    format!("{n} is outside 1..={}", crate::cluster::serve::MAX_THREADS),
+                ));
+            }
+            None => crate::cluster::serve::default_threads(),
+        },
     })
 }
 
@@ -667,5 +682,20 @@ mod tests {
                 .key,
             "max-message-bytes"
         );
+    }
+
+    #[test]
+    fn cluster_threads() {
+        let cfg = parse(&["--cluster-threads", "3"]).resolve().unwrap();
+        assert_eq!(cfg.cluster.threads, 3);
+        let cfg = parse(&[]).resolve().unwrap();
+        assert_eq!(
+            cfg.cluster.threads,
+            crate::cluster::serve::default_threads()
+        );
+        for bad in ["0", "17"] {
+            let err = parse(&["--cluster-threads", bad]).resolve().unwrap_err();
+            assert_eq!(err.key, "cluster-threads");
+        }
     }
 }

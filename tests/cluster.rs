@@ -18,22 +18,25 @@ fn origin() -> Server {
 }
 
 fn downstream(role: &str, upstreams: &[&Server]) -> Server {
+    downstream_with(role, upstreams, &[])
+}
+
+fn downstream_with(role: &str, upstreams: &[&Server], extra: &[&str]) -> Server {
     let list: Vec<String> = upstreams
         .iter()
         .map(|s| format!("127.0.0.1:{}", s.cluster_port))
         .collect();
     let list = list.join(",");
-    Server::start_role(
-        role,
-        &[
-            "--upstream",
-            &list,
-            "--cluster-token",
-            TOKEN,
-            "--linger",
-            "2",
-        ],
-    )
+    let mut args = vec![
+        "--upstream",
+        &list,
+        "--cluster-token",
+        TOKEN,
+        "--linger",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Server::start_role(role, &args)
 }
 
 /// Reads `seconds` of `server`'s `live/{key}` over HTTP-FLV (ffmpeg framemd5).
@@ -162,7 +165,8 @@ fn origin_two_relays_two_edges_byte_identical() {
 #[test]
 fn three_edges_one_relay_one_origin_subscription_and_linger() {
     let origin = origin();
-    let relay = downstream("relay", &[&origin]);
+    // Two serving threads: the edges' connections are spread over two sockets and drivers.
+    let relay = downstream_with("relay", &[&origin], &["--cluster-threads", "2"]);
     let edges: Vec<Server> = (0..3).map(|_| downstream("edge", &[&relay])).collect();
     let _publisher = ffmpeg_publish(&origin.rtmp_url("m"), &fixture("baseline.flv"), 0);
     origin.wait_live("live/m", Duration::from_secs(10));

@@ -303,7 +303,7 @@ impl Link {
         // Serving has its own socket and driver (`serve`); quinn's endpoint only connects out.
         let serving = match cfg.listen {
             Some(addr) => Some((
-                serve::bind(addr, serve::default_threads())?,
+                serve::bind(addr, cfg.threads)?,
                 Arc::new(tls::server_config(&cfg.node_id, &files)?),
             )),
             None => None,

@@ -1,6 +1,6 @@
 //! The serving side of the cluster link: castnode's own driver around quinn-proto's state
-//! machines. Each serving thread (a single-threaded tokio runtime; one per core, see
-//! [`default_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
+//! machines. Each serving thread (a single-threaded tokio runtime; `--cluster-threads`, by
+//! default [`default_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
 //! keeps each peer on one socket), a QUIC endpoint and the connections that reach it; it reads
 //! the hub for the subscriptions it serves and writes their frames straight into the
 //! connections' streams.
@@ -138,8 +138,12 @@ fn varint(v: u64) -> VarInt {
     VarInt::from_u64(v).unwrap_or(VarInt::MAX)
 }
 
-/// Serving threads: one per core the process may use, at most this many.
+/// Serving threads at most.
 pub const MAX_THREADS: usize = 16;
+/// Cores per serving thread by default. One thread serves a frame's copies more cheaply than two
+/// (BENCHMARKS.md, "Cluster link": 11–12 µs against 13–15 µs per copy on 2 cores), and a relay
+/// of many cores still spreads its peers.
+pub const CORES_PER_THREAD: usize = 4;
 
 /// Binds `threads` serving sockets to `addr` (SO_REUSEPORT: the kernel spreads peers over them
 /// by address, and keeps each peer on one); a driver per socket starts with [`spawn`].
@@ -172,11 +176,11 @@ pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std::net::U
     Ok(sockets)
 }
 
-/// How many serving threads a node runs: one per core it may use, up to [`MAX_THREADS`].
+/// How many serving threads a node runs unless told (`--cluster-threads`): one per
+/// [`CORES_PER_THREAD`] cores it may use, at least 1, at most [`MAX_THREADS`].
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, usize::from)
-        .min(MAX_THREADS)
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / CORES_PER_THREAD).clamp(1, MAX_THREADS)
 }
 
 /// Starts a driver for `socket` on its own thread. It serves for as long as the process runs
