@@ -24,8 +24,6 @@
 //!   (`/proc/thread-self/schedstat`) per frame copy, and frame bytes per CPU second; the edges'
 //!   received bytes are checked against what was sent.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
@@ -34,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use castnode::cluster::serve::Timers;
 use castnode::cluster::tls::{TlsFiles, client_config, server_config};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 #[path = "common/quic.rs"]
@@ -70,8 +69,9 @@ struct Host {
     conns: Vec<Option<Conn>>,
     /// Connections with something to do: datagrams in, frames written, a timer due.
     dirty: Vec<usize>,
-    /// Connections' timers, earliest first; an entry is stale when the connection's timer moved.
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connections' timers (the serving driver's heap).
+    timers: Timers,
+    due: Vec<usize>,
     buf: Vec<u8>,
     recv: Vec<Vec<u8>>,
     meta: Vec<quinn_udp::RecvMeta>,
@@ -99,7 +99,8 @@ impl Host {
             endpoint: Endpoint::new(Arc::new(EndpointConfig::default()), server, true, None),
             conns: Vec::new(),
             dirty: Vec::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
+            due: Vec::new(),
             buf: Vec::with_capacity(64 * 1024),
             recv: (0..BATCH).map(|_| vec![0u8; 64 * 1024]).collect(),
             meta: vec![quinn_udp::RecvMeta::default(); BATCH],
@@ -180,13 +181,11 @@ impl Host {
     /// datagrams out. Returns the earliest timer.
     fn service(&mut self) -> Option<Instant> {
         let now = Instant::now();
-        while let Some(&Reverse((t, i))) = self.timers.peek() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
+        let conns = &self.conns;
+        self.timers
+            .pop_due(now, |i| timer_of(conns, i), &mut self.due);
+        for i in self.due.drain(..) {
             if let Some(Some(c)) = self.conns.get_mut(i)
-                && c.timer == Some(t)
                 && !c.dirty
             {
                 c.dirty = true;
@@ -225,26 +224,14 @@ impl Host {
                 }
             }
             let timer = c.conn.poll_timeout();
-            if timer != c.timer {
-                c.timer = timer;
-                if let Some(t) = timer {
-                    self.timers.push(Reverse((t, i)));
-                }
-            }
+            self.timers.set(i, &mut c.timer, timer);
         }
         dirty.clear();
         // Connections made dirty while serving (none today) wait for the next pass.
         dirty.append(&mut self.dirty);
         self.dirty = dirty;
-        loop {
-            let &Reverse((t, i)) = self.timers.peek()?;
-            match self.conns.get(i) {
-                Some(Some(c)) if c.timer == Some(t) => return Some(t),
-                _ => {
-                    self.timers.pop();
-                }
-            }
-        }
+        let conns = &self.conns;
+        self.timers.next(|i| timer_of(conns, i))
     }
 
     /// Writes one frame on every established connection's group stream; returns the copies.
@@ -274,6 +261,10 @@ impl Host {
         }
         copies
     }
+}
+
+fn timer_of(conns: &[Option<Conn>], i: usize) -> Option<Instant> {
+    conns.get(i).and_then(|c| c.as_ref()).and_then(|c| c.timer)
 }
 
 fn insert(

@@ -213,6 +213,53 @@ pub fn spawn(
     Ok(())
 }
 
+/// The deadlines of many connections in one heap. An entry is stale, and skipped, when its
+/// connection's deadline moved after it was pushed: callers keep each connection's current
+/// deadline and pass a lookup of it.
+#[derive(Default)]
+pub struct Timers(BinaryHeap<Reverse<(Instant, usize)>>);
+
+impl Timers {
+    /// Connection `i`'s deadline is now `new`; `current` holds its last one.
+    pub fn set(&mut self, i: usize, current: &mut Option<Instant>, new: Option<Instant>) {
+        if new != *current {
+            *current = new;
+            if let Some(t) = new {
+                self.0.push(Reverse((t, i)));
+            }
+        }
+    }
+
+    /// Appends to `due` the connections whose deadline passed by `now`.
+    pub fn pop_due(
+        &mut self,
+        now: Instant,
+        current: impl Fn(usize) -> Option<Instant>,
+        due: &mut Vec<usize>,
+    ) {
+        while let Some(&Reverse((t, i))) = self.0.peek() {
+            if t > now {
+                break;
+            }
+            self.0.pop();
+            if current(i) == Some(t) {
+                due.push(i);
+            }
+        }
+    }
+
+    /// The earliest deadline still current.
+    pub fn next(&mut self, current: impl Fn(usize) -> Option<Instant>) -> Option<Instant> {
+        loop {
+            let &Reverse((t, i)) = self.0.peek()?;
+            if current(i) == Some(t) {
+                return Some(t);
+            }
+            self.0.pop();
+        }
+    }
+}
+
 /// A subscription's answer from the node runtime (a relay fetching from upstream first).
 struct Answer {
     conn: usize,
@@ -310,7 +357,9 @@ struct Driver {
     conns: Vec<Option<Conn>>,
     generations: u64,
     dirty: Vec<usize>,
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    timers: Timers,
+    /// Scratch: connections whose timer fired.
+    due: Vec<usize>,
     watched: HashMap<usize, Watched>,
     wake_tx: mpsc::UnboundedSender<usize>,
     wakes: mpsc::UnboundedReceiver<usize>,
@@ -348,7 +397,8 @@ impl Driver {
             conns: Vec::new(),
             generations: 0,
             dirty: Vec::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
+            due: Vec::new(),
             watched: HashMap::new(),
             wake_tx,
             wakes,
@@ -491,31 +541,21 @@ impl Driver {
 
     // ---- the service pass ------------------------------------------------------------------
 
-    /// The earliest deadline in the heap (stale entries dropped).
+    /// The earliest deadline of any connection.
     fn next_timer(&mut self) -> Option<Instant> {
-        loop {
-            let &Reverse((t, i)) = self.timers.peek()?;
-            match self.conns.get(i) {
-                Some(Some(c)) if c.timer == Some(t) => return Some(t),
-                _ => {
-                    self.timers.pop();
-                }
-            }
-        }
+        let conns = &self.conns;
+        self.timers.next(|i| conn_timer(conns, i))
     }
 
     /// Due timers, then every connection touched since the last pass: its events, its
     /// datagrams out, its next deadline.
     async fn service(&mut self) {
         let now = Instant::now();
-        while let Some(&Reverse((t, i))) = self.timers.peek() {
-            if t > now {
-                break;
-            }
-            self.timers.pop();
-            if let Some(Some(c)) = self.conns.get_mut(i)
-                && c.timer == Some(t)
-            {
+        let conns = &self.conns;
+        self.timers
+            .pop_due(now, |i| conn_timer(conns, i), &mut self.due);
+        for i in self.due.drain(..) {
+            if let Some(Some(c)) = self.conns.get_mut(i) {
                 mark(&mut self.dirty, i, c);
             }
         }
@@ -541,12 +581,7 @@ impl Driver {
                     .into_iter()
                     .flatten()
                     .min();
-                if timer != c.timer {
-                    c.timer = timer;
-                    if let Some(t) = timer {
-                        self.timers.push(Reverse((t, i)));
-                    }
-                }
+                self.timers.set(i, &mut c.timer, timer);
                 if c.conn.is_drained() {
                     self.remove(i);
                 }
@@ -1326,11 +1361,7 @@ impl Driver {
             return;
         }
         if g.route.is_none() && !matches!(c.phase, Phase::Ready(_)) {
-            let _ = c
-                .conn
-                .recv_stream(s)
-                .stop(varint(ResetCode::Cancelled.code()));
-            c.groups.remove(&s);
+            drop_group(c, s, ResetCode::Cancelled);
             return;
         }
         let mut end = None;
@@ -1382,11 +1413,7 @@ impl Driver {
                     if seq < publication.done_below
                         || publication.current.is_some_and(|(c, _)| seq <= c)
                     {
-                        let _ = c
-                            .conn
-                            .recv_stream(s)
-                            .stop(varint(ResetCode::GroupDropped.code()));
-                        c.groups.remove(&s);
+                        drop_group(c, s, ResetCode::GroupDropped);
                         return;
                     }
                     publication.waiting.insert(seq, s);
@@ -1395,11 +1422,7 @@ impl Driver {
                 }
                 Ok(Some(_)) | Err(_) => {
                     debug!(remote = %c.remote, "group stream without a header; dropped");
-                    let _ = c
-                        .conn
-                        .recv_stream(s)
-                        .stop(varint(ResetCode::Cancelled.code()));
-                    c.groups.remove(&s);
+                    drop_group(c, s, ResetCode::Cancelled);
                     return;
                 }
                 Ok(None) => {
@@ -1478,13 +1501,9 @@ impl Driver {
                 continue;
             };
             if let Some((seq, s)) = publication.current.take() {
-                let _ = c
-                    .conn
-                    .recv_stream(s)
-                    .stop(varint(ResetCode::GroupDropped.code()));
-                c.groups.remove(&s);
-                self.link.stats.groups_reset.fetch_add(1, Relaxed);
                 publication.done_below = seq + 1;
+                drop_group(c, s, ResetCode::GroupDropped);
+                self.link.stats.groups_reset.fetch_add(1, Relaxed);
             }
             self.advance(i, p, now);
         }
@@ -1526,6 +1545,16 @@ enum Pump {
     Idle,
     Blocked,
     Ended,
+}
+
+fn conn_timer(conns: &[Option<Conn>], i: usize) -> Option<Instant> {
+    conns.get(i).and_then(|c| c.as_ref()).and_then(|c| c.timer)
+}
+
+/// Stops group stream `s` (STOP_SENDING `code`) and forgets it.
+fn drop_group(c: &mut Conn, s: StreamId, code: ResetCode) {
+    let _ = c.conn.recv_stream(s).stop(varint(code.code()));
+    c.groups.remove(&s);
 }
 
 /// Puts connection `i` on the dirty list once.
