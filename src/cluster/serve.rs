@@ -62,6 +62,8 @@ use crate::media::{BroadcastConsumer, Entry, Item, MemoSlot, ReadOutcome, TrackI
 pub const CLUSTER_SLOT: MemoSlot = MemoSlot(3);
 /// Datagrams read per receive call (each may be a GRO batch).
 const RECV_BATCH: usize = 32;
+/// Receive calls in one pass at most, so that a flood of datagrams does not hold up sending.
+const RECV_PASSES: usize = 16;
 /// Bytes of one receive buffer (a GRO batch of up to 64 KiB).
 const RECV_BUF: usize = 64 * 1024;
 /// Datagrams in one GSO send at most: 10 full-size QUIC packets stay under the 64 KiB a UDP
@@ -422,13 +424,10 @@ impl Driver {
                 let at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
                 sleep.as_mut().reset(at.into());
             }
+            // Media and answers first: they come at most once per broadcast change or request,
+            // while datagrams may keep coming (a pass reads at most RECV_PASSES batches).
             tokio::select! {
                 biased;
-                r = self.socket.readable() => {
-                    if r.is_ok() {
-                        self.receive();
-                    }
-                }
                 Some(key) = self.wakes.recv() => {
                     self.pump_broadcast(key).await;
                     while let Ok(key) = self.wakes.try_recv() {
@@ -436,6 +435,11 @@ impl Driver {
                     }
                 }
                 Some(a) = self.answers.recv() => self.answered(a),
+                r = self.socket.readable() => {
+                    if r.is_ok() {
+                        self.receive();
+                    }
+                }
                 () = &mut sleep => {}
             }
             self.service().await;
@@ -444,9 +448,10 @@ impl Driver {
 
     // ---- socket ----------------------------------------------------------------------------
 
-    /// Reads every datagram waiting and feeds it to the endpoint and its connections.
+    /// Reads the datagrams waiting (at most [`RECV_PASSES`] batches) and feeds them to the
+    /// endpoint and its connections.
     fn receive(&mut self) {
-        loop {
+        for _ in 0..RECV_PASSES {
             let mut bufs: Vec<IoSliceMut<'_>> =
                 self.recv.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             let (socket, udp, meta) = (&self.socket, &self.udp, &mut self.meta);
@@ -573,7 +578,7 @@ impl Driver {
                     continue;
                 }
                 self.serve_conn(i, now);
-                self.transmit(i, now).await;
+                self.transmit(i).await;
                 let Some(Some(c)) = self.conns.get_mut(i) else {
                     continue;
                 };
@@ -589,9 +594,11 @@ impl Driver {
         }
     }
 
-    /// Sends what connection `i` has to send, in GSO batches.
-    async fn transmit(&mut self, i: usize, now: Instant) {
+    /// Sends what connection `i` has to send, in GSO batches (paced as of now: a pass over
+    /// many connections takes a while).
+    async fn transmit(&mut self, i: usize) {
         let max = self.udp.max_gso_segments().min(MAX_SEGMENTS);
+        let now = Instant::now();
         loop {
             let Some(Some(c)) = self.conns.get_mut(i) else {
                 return;
@@ -1141,14 +1148,13 @@ impl Driver {
     /// Each connection sends right after its flow was written, so the first peers do not wait
     /// for the last ones' encryption.
     async fn pump_broadcast(&mut self, key: usize) {
-        let now = Instant::now();
         let n = self.watched.get(&key).map_or(0, |w| w.flows.len());
         for k in 0..n {
             let Some(&(i, id)) = self.watched.get(&key).and_then(|w| w.flows.get(k)) else {
                 break;
             };
             self.pump(i, id);
-            self.transmit(i, now).await;
+            self.transmit(i).await;
         }
         self.reap_ended();
     }
