@@ -359,6 +359,8 @@ struct Driver {
     conns: Vec<Option<Conn>>,
     generations: u64,
     dirty: Vec<usize>,
+    /// The dirty list being served (kept for its capacity).
+    listed: Vec<usize>,
     timers: Timers,
     /// Scratch: connections whose timer fired.
     due: Vec<usize>,
@@ -399,6 +401,7 @@ impl Driver {
             conns: Vec::new(),
             generations: 0,
             dirty: Vec::new(),
+            listed: Vec::new(),
             timers: Timers::default(),
             due: Vec::new(),
             watched: HashMap::new(),
@@ -566,8 +569,11 @@ impl Driver {
         }
         // Serving a connection may make it dirty again (an answer written after its transmit):
         // one more round takes those.
+        // The two lists swap, so neither is allocated again per pass.
+        let mut dirty = std::mem::take(&mut self.listed);
         for _ in 0..2 {
-            let dirty = std::mem::take(&mut self.dirty);
+            dirty.clear();
+            std::mem::swap(&mut dirty, &mut self.dirty);
             if dirty.is_empty() {
                 break;
             }
@@ -592,6 +598,8 @@ impl Driver {
                 }
             }
         }
+        dirty.clear();
+        self.listed = dirty;
     }
 
     /// Sends what connection `i` has to send, in GSO batches (paced as of now: a pass over
@@ -1445,11 +1453,9 @@ impl Driver {
         };
         publication.progress = now;
         let backlog = *publication.first_group.get_or_insert(seq) == seq;
-        let mut group = std::mem::take(&mut g.buf);
         let drained = publication
             .sink
-            .drain(&mut g.decoder, &mut group, &self.link.stats, backlog);
-        g.buf = group;
+            .drain(&mut g.decoder, &mut g.buf, &self.link.stats, backlog);
         if let Err(e) = drained {
             warn!(broadcast = %publication.broadcast, group = seq, error = %e, "malformed group stream; dropped");
             let _ = c
