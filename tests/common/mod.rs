@@ -132,6 +132,10 @@ impl Server {
     /// Stops the node as an operator would (SIGTERM) and waits up to `limit` for it to exit;
     /// whether it did (it is killed otherwise).
     pub fn stop(&mut self, limit: Duration) -> bool {
+        if let Ok(Some(_)) = self.proc.0.try_wait() {
+            // Already ended (and reaped): its PID may belong to another process by now.
+            return true;
+        }
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
