@@ -370,8 +370,8 @@ struct Driver {
     answer_tx: mpsc::UnboundedSender<Answer>,
     answers: mpsc::UnboundedReceiver<Answer>,
     out: Vec<u8>,
-    recv: Vec<Vec<u8>>,
-    meta: Vec<quinn_udp::RecvMeta>,
+    recv: Box<[Vec<u8>; RECV_BATCH]>,
+    meta: [quinn_udp::RecvMeta; RECV_BATCH],
     entries: Vec<Arc<Entry>>,
     /// Flows that ended in the current pass: (connection, flow id).
     ended: Vec<(usize, u64)>,
@@ -410,8 +410,8 @@ impl Driver {
             answer_tx,
             answers,
             out: Vec::with_capacity(64 * 1024),
-            recv: (0..RECV_BATCH).map(|_| vec![0u8; RECV_BUF]).collect(),
-            meta: vec![quinn_udp::RecvMeta::default(); RECV_BATCH],
+            recv: Box::new(std::array::from_fn(|_| vec![0u8; RECV_BUF])),
+            meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
             entries: Vec::with_capacity(READ_MAX),
             ended: Vec::new(),
         }
@@ -455,8 +455,8 @@ impl Driver {
     /// endpoint and its connections.
     fn receive(&mut self) {
         for _ in 0..RECV_PASSES {
-            let mut bufs: Vec<IoSliceMut<'_>> =
-                self.recv.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            // On the stack: no allocation per read.
+            let mut bufs = self.recv.each_mut().map(|b| IoSliceMut::new(b));
             let (socket, udp, meta) = (&self.socket, &self.udp, &mut self.meta);
             let n = match socket.try_io(Interest::READABLE, || {
                 udp.recv(socket.into(), &mut bufs, meta)
@@ -464,7 +464,6 @@ impl Driver {
                 Ok(n) => n,
                 Err(_) => return,
             };
-            drop(bufs);
             let now = Instant::now();
             for i in 0..n {
                 let meta = self.meta[i];
@@ -510,13 +509,7 @@ impl Driver {
 
     /// An endpoint's own answer (version negotiation, stateless reset, refusal): best effort.
     fn send_response(&mut self, t: &quinn_proto::Transmit) {
-        let transmit = quinn_udp::Transmit {
-            destination: t.destination,
-            ecn: None,
-            contents: &self.out[..t.size],
-            segment_size: t.segment_size,
-            src_ip: None,
-        };
+        let transmit = udp_transmit(t, &self.out);
         let (socket, udp) = (&self.socket, &self.udp);
         let _ = socket.try_io(Interest::WRITABLE, || udp.send(socket.into(), &transmit));
     }
@@ -615,13 +608,7 @@ impl Driver {
             let Some(t) = c.conn.poll_transmit(now, max, &mut self.out) else {
                 return;
             };
-            let transmit = quinn_udp::Transmit {
-                destination: t.destination,
-                ecn: None,
-                contents: &self.out[..t.size],
-                segment_size: t.segment_size,
-                src_ip: t.src_ip,
-            };
+            let transmit = udp_transmit(&t, &self.out);
             loop {
                 let (socket, udp) = (&self.socket, &self.udp);
                 match socket.try_io(Interest::WRITABLE, || udp.send(socket.into(), &transmit)) {
@@ -1570,6 +1557,17 @@ fn drop_group(c: &mut Conn, s: StreamId, code: ResetCode) {
 }
 
 /// Puts connection `i` on the dirty list once.
+/// What quinn-proto built into `buf`, as quinn-udp sends it.
+fn udp_transmit<'a>(t: &quinn_proto::Transmit, buf: &'a [u8]) -> quinn_udp::Transmit<'a> {
+    quinn_udp::Transmit {
+        destination: t.destination,
+        ecn: None,
+        contents: &buf[..t.size],
+        segment_size: t.segment_size,
+        src_ip: t.src_ip,
+    }
+}
+
 fn mark(dirty: &mut Vec<usize>, i: usize, c: &mut Conn) {
     if !c.dirty {
         c.dirty = true;
