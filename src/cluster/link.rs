@@ -194,6 +194,10 @@ impl Peer {
 /// The node's end of the cluster link.
 pub struct Link {
     ctx: Arc<NodeContext>,
+    /// Where the link's tasks (and quinn's endpoint and connection drivers) run: the first
+    /// serving thread's runtime on a node that serves, so a frame fetched from upstream is
+    /// served on the thread that received it with no wake across threads; else the node's.
+    rt: tokio::runtime::Handle,
     /// Connects to upstreams.
     endpoint: quinn::Endpoint,
     /// Where [`super::serve`] listens.
@@ -302,19 +306,40 @@ impl Link {
         let client = tls::client_config(&files)?;
         // Serving has its own socket and driver (`serve`); quinn's endpoint only connects out.
         let serving = match cfg.listen {
-            Some(addr) => Some((
-                serve::bind(addr, cfg.threads)?,
-                Arc::new(tls::server_config(&cfg.node_id, &files)?),
-            )),
+            Some(addr) => {
+                let sockets = serve::bind(addr, cfg.threads)?;
+                let runtimes = sockets
+                    .iter()
+                    .map(|_| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some((
+                    sockets,
+                    runtimes,
+                    Arc::new(tls::server_config(&cfg.node_id, &files)?),
+                ))
+            }
             None => None,
         };
-        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-        let served = match serving.as_ref().and_then(|(s, _)| s.first()) {
+        let rt = match serving.as_ref().and_then(|(_, r, _)| r.first()) {
+            Some(first) => first.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        };
+        let endpoint = {
+            // quinn spawns its endpoint driver on the runtime entered here.
+            let _in = rt.enter();
+            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?
+        };
+        let served = match serving.as_ref().and_then(|(s, ..)| s.first()) {
             Some(socket) => Some(socket.local_addr()?),
             None => None,
         };
         let link = Arc::new(Self {
             ctx,
+            rt,
             endpoint,
             served,
             client,
@@ -330,12 +355,17 @@ impl Link {
             linger: cfg.linger,
             stats: ClusterStats::default(),
         });
-        if let Some((sockets, config)) = serving {
-            for (n, socket) in sockets.into_iter().enumerate() {
-                serve::spawn(link.clone(), socket, config.clone(), n)?;
+        if let Some((sockets, runtimes, config)) = serving {
+            for (n, (socket, rt)) in sockets.into_iter().zip(runtimes).enumerate() {
+                serve::spawn(link.clone(), socket, config.clone(), n, rt)?;
             }
         }
         Ok(link)
+    }
+
+    /// Where the link's tasks run.
+    pub(super) fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.rt
     }
 
     pub(super) fn ctx(&self) -> &NodeContext {
@@ -383,7 +413,7 @@ impl Link {
                 _ => {
                     let (tx, rx) = watch::channel(FetchState::Waiting);
                     fetches.insert(name.to_owned(), rx.clone());
-                    tokio::spawn(self.clone().fetch(name.to_owned(), tx));
+                    self.rt.spawn(self.clone().fetch(name.to_owned(), tx));
                     rx
                 }
             }
@@ -421,7 +451,7 @@ impl Link {
             if !bc.is_live() || fetched.iter().any(|f| f == name) || publishing.contains_key(name) {
                 continue;
             }
-            let task = tokio::spawn(self.clone().publish(name.to_owned()));
+            let task = self.rt.spawn(self.clone().publish(name.to_owned()));
             publishing.insert(name.to_owned(), task);
         }
     }

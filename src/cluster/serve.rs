@@ -192,11 +192,8 @@ pub fn spawn(
     socket: std::net::UdpSocket,
     config: Arc<ServerConfig>,
     n: usize,
+    rt: tokio::runtime::Runtime,
 ) -> std::io::Result<()> {
-    let node = tokio::runtime::Handle::current();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
     std::thread::Builder::new()
         .name(format!("cluster-serve-{n}"))
@@ -209,7 +206,7 @@ pub fn spawn(
                         return;
                     }
                 };
-                Driver::new(link, node, socket, udp, config).run().await;
+                Driver::new(link, socket, udp, config).run().await;
             });
         })?;
     Ok(())
@@ -352,7 +349,6 @@ struct Watched {
 
 struct Driver {
     link: Arc<Link>,
-    node: tokio::runtime::Handle,
     socket: tokio::net::UdpSocket,
     udp: quinn_udp::UdpSocketState,
     endpoint: Endpoint,
@@ -380,7 +376,6 @@ struct Driver {
 impl Driver {
     fn new(
         link: Arc<Link>,
-        node: tokio::runtime::Handle,
         socket: tokio::net::UdpSocket,
         udp: quinn_udp::UdpSocketState,
         config: Arc<ServerConfig>,
@@ -389,7 +384,6 @@ impl Driver {
         let (answer_tx, answers) = mpsc::unbounded_channel();
         Self {
             link,
-            node,
             socket,
             udp,
             endpoint: Endpoint::new(
@@ -818,7 +812,7 @@ impl Driver {
                     c.asked.insert(id.0);
                     let (link, tx, generation) =
                         (self.link.clone(), self.answer_tx.clone(), c.generation);
-                    self.node.spawn(async move {
+                    self.link.runtime().spawn(async move {
                         let consumer = link.subscribe(&broadcast).await;
                         let _ = tx.send(Answer {
                             conn: i,
