@@ -917,6 +917,8 @@ impl Link {
         // say nothing about the link's latency.
         let mut first_group: Option<u64> = None;
         let mut check = tokio::time::interval(Duration::from_millis(250));
+        // A frame comes as several chunks (one per packet): they are taken together.
+        let mut chunks: [bytes::Bytes; READ_CHUNKS] = Default::default();
         loop {
             if current.is_none()
                 && let Some((seq, g)) = waiting.pop_first()
@@ -938,13 +940,18 @@ impl Link {
                     Some(FlowEvent::Control(_)) => {}
                     None => return FlowEnd::Lost,
                 },
-                r = read_group(&mut current) => {
+                r = read_group(&mut current, &mut chunks) => {
                     progress = Instant::now();
                     match r {
-                        GroupRead::Data(chunk) => {
-                            self.stats.bytes_in.fetch_add(chunk.len() as u64, Relaxed);
+                        GroupRead::Data(n) => {
                             if let Some((seq, g)) = current.as_mut() {
-                                g.buf.extend_from_slice(&chunk);
+                                let mut read = 0;
+                                for c in &mut chunks[..n] {
+                                    read += c.len() as u64;
+                                    g.buf.extend_from_slice(c);
+                                    *c = bytes::Bytes::new();
+                                }
+                                self.stats.bytes_in.fetch_add(read, Relaxed);
                                 let backlog = *first_group.get_or_insert(*seq) == *seq;
                                 if let Err(e) = sink.drain(&mut g.decoder, &mut g.buf, &self.stats, backlog) {
                                     warn!(broadcast = %name, group = *seq, error = %e, "malformed group stream; dropped");
@@ -995,18 +1002,25 @@ enum FlowEnd {
 }
 
 enum GroupRead {
-    Data(bytes::Bytes),
+    /// This many chunks were read.
+    Data(usize),
     End,
     Reset,
 }
 
-/// The next chunk of the current group; never resolves when there is none.
-async fn read_group(current: &mut Option<(u64, IncomingGroup)>) -> GroupRead {
+/// Chunks of a group read at once.
+const READ_CHUNKS: usize = 32;
+
+/// The next chunks of the current group, into `chunks`; never resolves when there is none.
+async fn read_group(
+    current: &mut Option<(u64, IncomingGroup)>,
+    chunks: &mut [bytes::Bytes],
+) -> GroupRead {
     let Some((_, g)) = current.as_mut() else {
         return std::future::pending().await;
     };
-    match g.stream.read_chunk(256 << 10, true).await {
-        Ok(Some(c)) => GroupRead::Data(c.bytes),
+    match g.stream.read_chunks(chunks).await {
+        Ok(Some(n)) => GroupRead::Data(n),
         Ok(None) => GroupRead::End,
         Err(_) => GroupRead::Reset,
     }
