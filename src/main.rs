@@ -4,6 +4,12 @@ use castnode::config::{Cli, LogFormat};
 use clap::Parser;
 use clap::error::ErrorKind;
 
+/// mimalloc instead of glibc's malloc: media buffers of 1–64 KiB are allocated per frame and
+/// held for seconds in the hub (two groups per broadcast), a pattern on which glibc's large-bin
+/// searches cost a relay a tenth of its CPU (BENCHMARKS.md, "Cluster link").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
