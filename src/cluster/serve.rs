@@ -3,7 +3,9 @@
 //! default [`default_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
 //! keeps each peer on one socket), a QUIC endpoint and the connections that reach it; it reads
 //! the hub for the subscriptions it serves and writes their frames straight into the
-//! connections' streams.
+//! connections' streams. The first thread's runtime also runs [`super::link`]'s tasks (fetching
+//! and publishing upstream on quinn), so on a relay a frame received from upstream reaches the
+//! hub and is served on one thread, with no wake across threads.
 //!
 //! Why not quinn's async API, as the fetching side uses: a relay serving a broadcast to 100 edges
 //! paid one task wake, one connection lock and one connection-driver wake per frame copy there,
@@ -16,9 +18,9 @@
 //! - A connection is used only after the peer proved the cluster token over the TLS exporter
 //!   (HELLO → HELLO_OK) within [`HELLO_TIMEOUT`]; a peer that fails is told why (ERROR) and
 //!   closed, nothing else noticed.
-//! - Every SUBSCRIBE becomes one hub consumer (fetched from upstream first on a relay, off this
-//!   thread); each group of the broadcast goes on its own unidirectional stream, newer groups at
-//!   higher priority. When a group starts, the group two back is reset if the peer has not
+//! - Every SUBSCRIBE becomes one hub consumer (fetched from upstream first on a relay, in a task
+//!   beside this driver); each group of the broadcast goes on its own unidirectional stream,
+//!   newer groups at higher priority. When a group starts, the group two back is reset if the peer has not
 //!   received all of it yet; a consumer the hub makes skip resets its current group. A stream
 //!   that is blocked (flow control, congestion) holds its subscription's reading until it is
 //!   writable again, so the hub (not this driver) decides what a slow peer skips.
