@@ -329,9 +329,19 @@ impl Link {
             None => tokio::runtime::Handle::current(),
         };
         let endpoint = {
+            // Fetched media arrives here in bursts (a relay takes every broadcast it serves
+            // through this socket): room for them while the thread is busy sending, as the
+            // serving sockets have.
+            let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
+            let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(serve::SOCKET_BUFFER);
             // quinn spawns its endpoint driver on the runtime entered here.
             let _in = rt.enter();
-            quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))?
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )?
         };
         let served = match serving.as_ref().and_then(|(s, ..)| s.first()) {
             Some(socket) => Some(socket.local_addr()?),

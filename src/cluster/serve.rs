@@ -142,6 +142,9 @@ fn varint(v: u64) -> VarInt {
     VarInt::from_u64(v).unwrap_or(VarInt::MAX)
 }
 
+/// Socket buffers asked for, each way (the kernel caps them at `net.core.rmem_max` /
+/// `wmem_max`).
+pub(super) const SOCKET_BUFFER: usize = 8 << 20;
 /// Serving threads at most.
 pub const MAX_THREADS: usize = 16;
 /// Cores per serving thread by default. One thread serves a frame's copies more cheaply than two
@@ -172,8 +175,8 @@ pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std::net::U
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
         // Room for a burst: many connections' copies of a keyframe.
-        let _ = s.set_recv_buffer_size(8 << 20);
-        let _ = s.set_send_buffer_size(8 << 20);
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
         s.bind(&at.into())?;
         sockets.push(s.into());
     }
