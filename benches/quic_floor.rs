@@ -12,7 +12,10 @@
 //! - `quic_floor/udp_loopback/{10kb_gso,300b}`: the kernel's part, one `sendmsg` on 127.0.0.1
 //!   (quinn-udp, as quinn sends): 10 KB as 1,400-byte GSO segments, or one small datagram, to a
 //!   socket with GRO that a thread drains. On loopback this includes the receive path that the
-//!   sender's softirq runs.
+//!   sender's softirq runs. `…/recv_{10kb_gro,300b}`: the receiving node's `recvmsg` of the same.
+//! - `quic_floor/proto_receive/{10kb,300b}`: the receiver's quinn-proto side of those frames
+//!   (decrypting, reassembling, reading the stream, sending its ACKs): what a relay pays per
+//!   frame it takes in from upstream before it sends the frame on.
 //!
 //! A relay's frame copy at 2.5 Mbit/s is on average 30 video frames of ≈ 10 KB and 47 audio
 //! frames of ≈ 300 bytes per second: (30 × (proto 10kb + udp 10kb) + 47 × (proto 300b + udp
@@ -194,8 +197,9 @@ impl Pair {
         }
     }
 
-    /// Sends one frame; returns the time the sender spent on it (write, packets, the ACKs).
-    fn frame(&mut self, header: &Bytes, payload: &Bytes) -> Duration {
+    /// Sends one frame; returns the time the sender spent on it (write, packets, the ACKs) and
+    /// the time the receiver spent (taking the packets, reading the stream, sending its ACKs).
+    fn frame(&mut self, header: &Bytes, payload: &Bytes) -> (Duration, Duration) {
         let start = Instant::now();
         let conn = self.tx.conn();
         if self.sent.is_multiple_of(FRAMES_PER_GROUP) {
@@ -215,10 +219,12 @@ impl Pair {
         self.tx.transmit(&mut self.buf, &mut self.datagrams);
         let mut spent = start.elapsed();
         // The receiver takes the packets and answers (not the sender's cost).
+        let start = Instant::now();
         self.rx
             .receive(self.tx.addr, &mut self.datagrams, &mut self.buf);
         self.received += self.rx.drain_streams(&mut self.rx_streams);
         self.rx.transmit(&mut self.buf, &mut self.datagrams);
+        let received = start.elapsed();
         // The sender processes the ACKs (and sends whatever they release).
         let start = Instant::now();
         self.tx
@@ -228,19 +234,31 @@ impl Pair {
         // Anything the sender sent in answer goes to the receiver (not timed).
         self.rx
             .receive(self.tx.addr, &mut self.datagrams, &mut self.buf);
-        spent
+        (spent, received)
     }
 }
 
+/// `quic_floor/proto/…`: the sender's side of a frame copy; `quic_floor/proto_receive/…`: the
+/// receiver's side of the same frames (what a relay pays per frame it takes in from upstream).
 fn proto(c: &mut Criterion) {
-    let mut g = c.benchmark_group("quic_floor/proto");
+    proto_side(c, "quic_floor/proto", false);
+    proto_side(c, "quic_floor/proto_receive", true);
+}
+
+fn proto_side(c: &mut Criterion, group: &str, receiver: bool) {
+    let mut g = c.benchmark_group(group);
     let header = Bytes::from(vec![0x5a; 30]);
-    for (name, size, conns) in [
-        ("10kb", 10_000, 1),
-        ("300b", 300, 1),
-        ("10kb_100_connections", 10_000, 100),
-        ("300b_100_connections", 300, 100),
-    ] {
+    let cases: &[(&str, usize, usize)] = if receiver {
+        &[("10kb", 10_000, 1), ("300b", 300, 1)]
+    } else {
+        &[
+            ("10kb", 10_000, 1),
+            ("300b", 300, 1),
+            ("10kb_100_connections", 10_000, 100),
+            ("300b_100_connections", 300, 100),
+        ]
+    };
+    for &(name, size, conns) in cases {
         let payload = Bytes::from(vec![0xa5; size]);
         let mut pairs: Vec<Pair> = (0..conns).map(|_| Pair::new()).collect();
         let mut next = 0;
@@ -250,7 +268,8 @@ fn proto(c: &mut Criterion) {
                 (0..iters)
                     .map(|_| {
                         next = (next + 1) % pairs.len();
-                        pairs[next].frame(&header, &payload)
+                        let (sent, received) = pairs[next].frame(&header, &payload);
+                        if receiver { received } else { sent }
                     })
                     .sum::<Duration>()
             })
@@ -306,9 +325,47 @@ fn udp(c: &mut Criterion) {
             })
         });
     }
-    g.finish();
     stop.store(true, Ordering::Relaxed);
     let _ = drain.join();
+    // The receiving side: one `recvmsg` (quinn-udp, GRO) of what was just sent; the send and the
+    // loopback delivery (the sender's softirq) are not timed.
+    let rx = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind");
+    let rx_state = quinn_udp::UdpSocketState::new((&rx).into()).expect("udp state (GRO)");
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let to = rx.local_addr().expect("addr");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut meta = [quinn_udp::RecvMeta::default()];
+    for (name, size, segment) in [
+        ("recv_10kb_gro", 10_000, Some(1_400)),
+        ("recv_300b", 300, None),
+    ] {
+        let data = vec![0x3c; size];
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = quinn_udp::Transmit {
+                        destination: to,
+                        ecn: None,
+                        contents: &data,
+                        segment_size: segment,
+                        src_ip: None,
+                    };
+                    tx_state.send((&tx).into(), &t).expect("send");
+                    let start = Instant::now();
+                    let mut bufs = [std::io::IoSliceMut::new(&mut buf)];
+                    let n = rx_state
+                        .recv((&rx).into(), &mut bufs, &mut meta)
+                        .expect("recv");
+                    spent += start.elapsed();
+                    assert!(n == 1 && meta[0].len == size, "one whole datagram batch");
+                }
+                spent
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, proto, udp);
