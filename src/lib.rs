@@ -45,8 +45,9 @@
 //!   H.264), written back into the hub as extra tracks.
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec, the
 //!   serving driver [`cluster::serve`] (castnode's own loop around quinn-proto, on its own
-//!   thread: subscriptions served from the hub, publications taken in) and [`cluster::link`]
-//!   on quinn (fetch on demand, fail over, publish upstream).
+//!   threads: subscriptions served from the hub, publications taken in) and [`cluster::link`]
+//!   on quinn (fetch on demand, fail over, publish upstream; on the first serving thread when
+//!   the node serves).
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and the reporter every node runs; the SQLite store (tokens, regions, node
 //!   groups), the autoscaler and the provisioners.
