@@ -314,14 +314,7 @@ fn udp(c: &mut Criterion) {
         let data = vec![0x3c; size];
         g.bench_function(name, |b| {
             b.iter(|| {
-                let t = quinn_udp::Transmit {
-                    destination: to,
-                    ecn: None,
-                    contents: &data,
-                    segment_size: segment,
-                    src_ip: None,
-                };
-                let _ = tx_state.send((&tx).into(), &t);
+                let _ = tx_state.send((&tx).into(), &datagrams(to, &data, segment));
             })
         });
     }
@@ -345,14 +338,9 @@ fn udp(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut spent = Duration::ZERO;
                 for _ in 0..iters {
-                    let t = quinn_udp::Transmit {
-                        destination: to,
-                        ecn: None,
-                        contents: &data,
-                        segment_size: segment,
-                        src_ip: None,
-                    };
-                    tx_state.send((&tx).into(), &t).expect("send");
+                    tx_state
+                        .send((&tx).into(), &datagrams(to, &data, segment))
+                        .expect("send");
                     let start = Instant::now();
                     let mut bufs = [std::io::IoSliceMut::new(&mut buf)];
                     let n = rx_state
@@ -366,6 +354,21 @@ fn udp(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// `data` to `to` as one datagram, or as GSO segments of `segment` bytes.
+fn datagrams<'a>(
+    to: SocketAddr,
+    data: &'a [u8],
+    segment: Option<usize>,
+) -> quinn_udp::Transmit<'a> {
+    quinn_udp::Transmit {
+        destination: to,
+        ecn: None,
+        contents: data,
+        segment_size: segment,
+        src_ip: None,
+    }
 }
 
 criterion_group!(benches, proto, udp);
