@@ -27,7 +27,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use super::serve;
+use super::serve::{self, GroupCursor, Retire, Step};
 use super::tls::{self, TlsFiles};
 use super::wire::{
     self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, ResetCode, Side,
@@ -36,9 +36,7 @@ use super::wire::{
 use crate::config::ClusterConfig;
 use crate::manager::BoxFuture;
 use crate::media::hub::wall_clock_us;
-use crate::media::{
-    BroadcastConsumer, BroadcastProducer, Item, ReadOutcome, TrackId, TrackInfo, TrackKind,
-};
+use crate::media::{BroadcastConsumer, BroadcastProducer, ReadOutcome, TrackId, TrackInfo};
 use crate::metrics::Histogram;
 use crate::node::NodeContext;
 
@@ -538,18 +536,12 @@ impl Link {
         id: SubscriptionId,
         consumer: &mut BroadcastConsumer,
     ) -> bool {
-        // Which source tracks are video, kept from the snapshot and the config items: the
-        // broadcast's lock is not taken per frame.
-        let mut video = serve::video_tracks(consumer);
+        let mut groups: GroupCursor<SendStream> = GroupCursor::new(consumer);
         let mut entries = Vec::with_capacity(64);
-        let mut seq = 0u64;
-        let mut current: Option<SendStream> = None;
-        let mut previous: Option<SendStream> = None;
-        let mut group_start_dts = i64::MIN;
         loop {
             match consumer.read(&mut entries, 256) {
                 ReadOutcome::Ended => {
-                    if let Some(mut s) = current.take() {
+                    if let Some(mut s) = groups.take_current() {
                         let _ = s.finish();
                     }
                     return true;
@@ -560,7 +552,7 @@ impl Link {
                 }
                 ReadOutcome::Skipped { .. } => {
                     // The consumer jumped to the newest group: the current one is incomplete.
-                    if let Some(mut s) = current.take() {
+                    if let Some(mut s) = groups.take_current() {
                         let _ = s.reset(varint(ResetCode::GroupDropped.code()));
                         self.stats.groups_reset.fetch_add(1, Relaxed);
                     }
@@ -568,50 +560,30 @@ impl Link {
                 ReadOutcome::Read(_) => {}
             }
             for e in entries.drain(..) {
-                let Some(encoding) = serve::encoded(&e).clone() else {
-                    continue;
-                };
-                let payload = match &e.item {
-                    Item::Config { track, info } => {
-                        video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
-                        bytes::Bytes::new()
-                    }
-                    Item::Frame { track, frame } => {
-                        let starts = serve::starts_group(
-                            &video,
-                            *track,
-                            frame.keyframe,
-                            frame.dts,
-                            group_start_dts,
-                        );
-                        if starts || current.is_none() {
-                            if !starts {
-                                // Mid-group (a config came first, or after a skip): wait for
-                                // the next group start.
-                                continue;
+                let (encoding, payload) = match groups.step(&e) {
+                    Step::Skip => continue,
+                    Step::Write(encoding, payload) => (encoding, payload),
+                    Step::Start(dts, encoding, payload) => {
+                        let Some(s) = self
+                            .open_group(conn, id, groups.seq(), consumer.broadcast())
+                            .await
+                        else {
+                            return false;
+                        };
+                        groups.begin(s, dts, |old, retire| match retire {
+                            Retire::Reset => {
+                                if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
+                                    debug!(id = id.0, "older group reset (unfinished)");
+                                }
                             }
-                            group_start_dts = frame.dts;
-                            // The group two back is dropped if still unsent; the previous
-                            // one may finish behind the new one.
-                            if let Some(mut old) = previous.take()
-                                && old.reset(varint(ResetCode::GroupDropped.code())).is_ok()
-                            {
-                                debug!(id = id.0, "older group reset (unfinished)");
+                            Retire::Finish => {
+                                let _ = old.finish();
                             }
-                            if let Some(mut s) = current.take() {
-                                let _ = s.finish();
-                                previous = Some(s);
-                            }
-                            match self.open_group(conn, id, seq, consumer.broadcast()).await {
-                                Some(s) => current = Some(s),
-                                None => return false,
-                            }
-                            seq += 1;
-                        }
-                        frame.payload.clone()
+                        });
+                        (encoding, payload)
                     }
                 };
-                let Some(stream) = current.as_mut() else {
+                let Some(stream) = groups.current() else {
                     continue;
                 };
                 // Header and payload in one write: one lock of the connection and one wake of
@@ -623,7 +595,7 @@ impl Link {
                     if conn.close_reason().is_some() {
                         return false;
                     }
-                    current = None;
+                    groups.take_current();
                     continue;
                 }
                 self.stats.bytes_out.fetch_add(len, Relaxed);

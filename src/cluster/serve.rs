@@ -115,22 +115,134 @@ pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Byt
 
 /// Whether a frame starts a new group: a keyframe of video when the broadcast has video, else
 /// every second.
-pub fn starts_group(
-    video: &[bool; 2],
-    track: TrackId,
-    keyframe: bool,
-    dts: i64,
-    start: i64,
-) -> bool {
+fn starts_group(video: &[bool; 2], track: TrackId, keyframe: bool, dts: i64, start: i64) -> bool {
     if video.contains(&true) {
         video[usize::from(track.0).min(1)] && keyframe
     } else {
-        dts - start >= 1_000_000
+        // `start` is i64::MIN before the first group.
+        dts.saturating_sub(start) >= 1_000_000
+    }
+}
+
+/// Where a sender of one subscription's groups stands, and the policy every sender of groups
+/// follows (serving here, publishing upstream in [`super::link`]), over its kind of stream
+/// handle `S`: which entries go out, when a group starts, which streams are finished or reset.
+pub struct GroupCursor<S> {
+    /// Which source tracks are video, kept from the snapshot and the config items: the
+    /// broadcast's lock is not taken per frame.
+    video: [bool; 2],
+    group_start_dts: i64,
+    seq: u64,
+    current: Option<S>,
+    previous: Option<S>,
+}
+
+/// What to do with a hub entry.
+pub enum Step {
+    /// Nothing: not sent on the link, or the middle of a group this sender has not started.
+    Skip,
+    /// Write this (an encoded header or config item, then its payload) on the current group.
+    Write(Bytes, Bytes),
+    /// A frame that starts a group: open a stream, write the group's opening, hand the stream
+    /// to [`GroupCursor::begin`] with the frame's dts, then write this.
+    Start(i64, Bytes, Bytes),
+}
+
+/// What becomes of a group stream that a new group replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retire {
+    /// The group two back: dropped if still unsent (reset with `GroupDropped`).
+    Reset,
+    /// The group before: it may finish behind the new one.
+    Finish,
+}
+
+impl<S> GroupCursor<S> {
+    /// A sender of `consumer`'s groups, before its first group.
+    pub fn new(consumer: &BroadcastConsumer) -> Self {
+        Self {
+            video: video_tracks(consumer),
+            group_start_dts: i64::MIN,
+            seq: 0,
+            current: None,
+            previous: None,
+        }
+    }
+
+    /// What to do with `e`, the next entry read from the hub.
+    pub fn step(&mut self, e: &Entry) -> Step {
+        let Some(encoding) = encoded(e).clone() else {
+            return Step::Skip;
+        };
+        match &e.item {
+            Item::Config { track, info } => {
+                self.video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
+                if self.current.is_none() {
+                    // The next group's opening carries it.
+                    return Step::Skip;
+                }
+                Step::Write(encoding, Bytes::new())
+            }
+            Item::Frame { track, frame } => {
+                if starts_group(
+                    &self.video,
+                    *track,
+                    frame.keyframe,
+                    frame.dts,
+                    self.group_start_dts,
+                ) {
+                    Step::Start(frame.dts, encoding, frame.payload.clone())
+                } else if self.current.is_none() {
+                    // Mid-group (a config came first, or after a skip): wait for the next start.
+                    Step::Skip
+                } else {
+                    Step::Write(encoding, frame.payload.clone())
+                }
+            }
+        }
+    }
+
+    /// The sequence number the next group gets.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The group of [`Self::seq`] began on `stream` with a frame at `dts`; the streams it
+    /// replaces go through `retire` (the one two back to be reset, the last one to be finished).
+    pub fn begin(&mut self, stream: S, dts: i64, mut retire: impl FnMut(&mut S, Retire)) {
+        self.group_start_dts = dts;
+        if let Some(mut old) = self.previous.take() {
+            retire(&mut old, Retire::Reset);
+        }
+        if let Some(mut cur) = self.current.take() {
+            retire(&mut cur, Retire::Finish);
+            self.previous = Some(cur);
+        }
+        self.current = Some(stream);
+        self.seq += 1;
+    }
+
+    /// The current group's stream.
+    pub fn current(&mut self) -> Option<&mut S> {
+        self.current.as_mut()
+    }
+
+    /// Gives up the current group (it was reset, stopped by the peer, skipped, or the
+    /// broadcast ended): the caller resets or finishes what is returned.
+    pub fn take_current(&mut self) -> Option<S> {
+        self.current.take()
+    }
+
+    /// Every stream still held (the current and the previous group), for a sender that stops.
+    pub fn take_all(&mut self) -> impl Iterator<Item = S> {
+        [self.current.take(), self.previous.take()]
+            .into_iter()
+            .flatten()
     }
 }
 
 /// Which source tracks of `consumer` are video.
-pub fn video_tracks(consumer: &BroadcastConsumer) -> [bool; 2] {
+fn video_tracks(consumer: &BroadcastConsumer) -> [bool; 2] {
     let mut video = [false; 2];
     for (t, info) in source_tracks(consumer).0 {
         video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
@@ -291,11 +403,7 @@ struct Flow {
     consumer: BroadcastConsumer,
     /// The broadcast's key in [`Driver::watched`].
     key: usize,
-    video: [bool; 2],
-    seq: u64,
-    current: Option<StreamId>,
-    previous: Option<StreamId>,
-    group_start_dts: i64,
+    groups: GroupCursor<StreamId>,
     /// Entries read from the hub, not written yet.
     queue: VecDeque<Arc<Entry>>,
     /// What is left of the item being written (group opening, header, payload).
@@ -1074,13 +1182,9 @@ impl Driver {
         let key = Arc::as_ptr(&bc) as usize;
         let flow = Flow {
             id,
-            video: video_tracks(&consumer),
+            groups: GroupCursor::new(&consumer),
             consumer,
             key,
-            seq: 0,
-            current: None,
-            previous: None,
-            group_start_dts: i64::MIN,
             queue: VecDeque::new(),
             pending: Default::default(),
             blocked: false,
@@ -1115,10 +1219,10 @@ impl Driver {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
-        let Some(flow) = c.flows.remove(&id) else {
+        let Some(mut flow) = c.flows.remove(&id) else {
             return;
         };
-        for s in [flow.current, flow.previous].into_iter().flatten() {
+        for s in flow.groups.take_all() {
             let _ = c
                 .conn
                 .send_stream(s)
@@ -1208,7 +1312,7 @@ impl Driver {
         let outcome = loop {
             // What is left of the last item.
             if flow.pending.iter().any(|b| !b.is_empty()) {
-                let Some(s) = flow.current else {
+                let Some(&mut s) = flow.groups.current() else {
                     flow.pending = Default::default();
                     continue;
                 };
@@ -1226,7 +1330,7 @@ impl Driver {
                     }
                     Err(WriteError::Stopped(_) | WriteError::ClosedStream) => {
                         // The peer dropped this group (or it was reset): wait for the next.
-                        flow.current = None;
+                        flow.groups.take_current();
                         flow.pending = Default::default();
                     }
                 }
@@ -1236,7 +1340,7 @@ impl Driver {
                 self.entries.clear();
                 match flow.consumer.read(&mut self.entries, READ_MAX) {
                     ReadOutcome::Ended => {
-                        if let Some(s) = flow.current.take() {
+                        if let Some(s) = flow.groups.take_current() {
                             let _ = c.conn.send_stream(s).finish();
                         }
                         break Pump::Ended;
@@ -1245,7 +1349,7 @@ impl Driver {
                     ReadOutcome::Skipped { .. } => {
                         // The consumer jumped to the newest group: the current one is
                         // incomplete.
-                        if let Some(s) = flow.current.take() {
+                        if let Some(s) = flow.groups.take_current() {
                             let _ = c
                                 .conn
                                 .send_stream(s)
@@ -1258,73 +1362,48 @@ impl Driver {
                 flow.queue.extend(self.entries.drain(..));
                 continue;
             };
-            let Some(encoding) = encoded(&e).clone() else {
-                continue;
-            };
-            let payload = match &e.item {
-                Item::Config { track, info } => {
-                    flow.video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
-                    Bytes::new()
-                }
-                Item::Frame { track, frame } => {
-                    let starts = starts_group(
-                        &flow.video,
-                        *track,
-                        frame.keyframe,
-                        frame.dts,
-                        flow.group_start_dts,
-                    );
-                    if starts || flow.current.is_none() {
-                        if !starts {
-                            // Mid-group (a config came first, or after a skip): wait for the
-                            // next group start.
-                            continue;
-                        }
-                        let Some(s) = c.conn.streams().open(Dir::Uni) else {
-                            // No stream credit yet: wait for the peer to give some.
-                            flow.queue.push_front(e);
-                            flow.blocked = true;
-                            break Pump::Blocked;
-                        };
-                        flow.group_start_dts = frame.dts;
-                        // The group two back is dropped if still unsent; the previous one may
-                        // finish behind the new one.
-                        if let Some(old) = flow.previous.take()
-                            && c.conn
-                                .send_stream(old)
-                                .reset(varint(ResetCode::GroupDropped.code()))
-                                .is_ok()
-                        {
-                            debug!(id = flow.id.0, "older group reset (unfinished)");
-                        }
-                        if let Some(cur) = flow.current.take() {
-                            let _ = c.conn.send_stream(cur).finish();
-                            flow.previous = Some(cur);
-                        }
+            let (encoding, payload) = match flow.groups.step(&e) {
+                Step::Skip => continue,
+                Step::Write(encoding, payload) => (encoding, payload),
+                Step::Start(dts, encoding, payload) => {
+                    let Some(s) = c.conn.streams().open(Dir::Uni) else {
+                        // No stream credit yet: wait for the peer to give some.
+                        flow.queue.push_front(e);
+                        flow.blocked = true;
+                        break Pump::Blocked;
+                    };
+                    let seq = flow.groups.seq();
+                    let _ = c
+                        .conn
+                        .send_stream(s)
+                        .set_priority(seq.min(i32::MAX as u64) as i32);
+                    let Some(opening) = group_opening(flow.id, seq, flow.consumer.broadcast())
+                    else {
                         let _ = c
                             .conn
                             .send_stream(s)
-                            .set_priority(flow.seq.min(i32::MAX as u64) as i32);
-                        let Some(opening) =
-                            group_opening(flow.id, flow.seq, flow.consumer.broadcast())
-                        else {
-                            let _ = c
-                                .conn
-                                .send_stream(s)
-                                .reset(varint(ResetCode::Cancelled.code()));
-                            continue;
-                        };
-                        flow.pending[0] = opening;
-                        flow.current = Some(s);
-                        flow.seq += 1;
-                        groups += 1;
-                    }
-                    frame.payload.clone()
+                            .reset(varint(ResetCode::Cancelled.code()));
+                        continue;
+                    };
+                    let id = flow.id.0;
+                    flow.groups.begin(s, dts, |old, retire| {
+                        let mut old = c.conn.send_stream(*old);
+                        match retire {
+                            Retire::Reset => {
+                                if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
+                                    debug!(id, "older group reset (unfinished)");
+                                }
+                            }
+                            Retire::Finish => {
+                                let _ = old.finish();
+                            }
+                        }
+                    });
+                    flow.pending[0] = opening;
+                    groups += 1;
+                    (encoding, payload)
                 }
             };
-            if flow.current.is_none() {
-                continue;
-            }
             flow.pending[1] = encoding;
             flow.pending[2] = payload;
         };
@@ -1589,4 +1668,144 @@ fn app_deadline(c: &Conn) -> Option<Instant> {
         .filter_map(stall_deadline)
         .chain(phase)
         .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::hub::Hub;
+    use crate::media::{Codec, Frame, TrackInfo};
+
+    fn info(codec: Codec) -> TrackInfo {
+        TrackInfo {
+            codec,
+            config: Some(Bytes::from_static(b"cfg")),
+            video: None,
+            audio: None,
+        }
+    }
+
+    fn frame(ms: i64, key: bool) -> Frame {
+        Frame {
+            pts: ms * 1000,
+            dts: ms * 1000,
+            keyframe: key,
+            payload: Bytes::from(vec![7u8; 10]),
+        }
+    }
+
+    /// What a sender does with each entry, as letters: S(kip), W(rite), N(ew group) with the
+    /// streams it retires, in order.
+    fn steps(cursor: &mut GroupCursor<u32>, entries: &[Arc<Entry>], next: &mut u32) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in entries {
+            match cursor.step(e) {
+                Step::Skip => out.push("S".to_owned()),
+                Step::Write(h, _) => {
+                    assert!(!h.is_empty());
+                    out.push("W".to_owned());
+                }
+                Step::Start(dts, h, _) => {
+                    assert!(!h.is_empty());
+                    let mut retired = String::new();
+                    *next += 1;
+                    cursor.begin(*next, dts, |s, r| {
+                        retired.push_str(&format!(
+                            "{}{s}",
+                            if r == Retire::Reset { "r" } else { "f" }
+                        ))
+                    });
+                    out.push(format!("N{next}{retired}"));
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn groups_start_at_video_keyframes_and_retire_the_two_before() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/g").unwrap();
+        p.set_track(TrackId(0), info(Codec::H264));
+        p.set_track(TrackId(1), info(Codec::Aac));
+        let mut consumer = hub.subscribe("live/g").unwrap();
+        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        // Audio before the first keyframe (not handed out), a group with audio and a config
+        // change, two more groups; read as they come (a consumer that reads late joins at the
+        // newest group).
+        let mut entries = Vec::new();
+        for (track, ms, key) in [
+            (1, 0, true),
+            (0, 10, false),
+            (0, 20, true),
+            (1, 21, true),
+            (9, 0, false),
+            (0, 30, false),
+            (0, 40, true),
+            (0, 50, true),
+        ] {
+            if track == 9 {
+                let mut changed = info(Codec::Aac);
+                changed.config = Some(Bytes::from_static(b"new"));
+                p.set_track(TrackId(1), changed);
+            } else {
+                p.push(TrackId(track), frame(ms, key));
+            }
+            consumer.read(&mut entries, 64);
+        }
+        let mut next = 0;
+        let got = steps(&mut cursor, &entries, &mut next);
+        // Group 1 from the keyframe: its audio, the config change and a frame written on it;
+        // group 2 finishes group 1; group 3 resets group 1 (two back) and finishes group 2.
+        assert_eq!(got, ["N1", "W", "W", "W", "N2f1", "N3r1f2"], "{got:?}");
+        assert!(matches!(entries[2].item, Item::Config { .. }));
+        assert_eq!(cursor.seq(), 3);
+        assert_eq!(cursor.current().copied(), Some(3));
+        // A sender that stops holds the current and the previous group.
+        let all: Vec<u32> = cursor.take_all().collect();
+        assert_eq!(all, [3, 2]);
+    }
+
+    #[test]
+    fn audio_only_groups_last_a_second_and_renditions_never_travel() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(1), info(Codec::Aac));
+        let mut consumer = hub.subscribe("live/a").unwrap();
+        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        let bc = p.broadcast().clone();
+        let mut r = bc.add_rendition(&hub, info(Codec::Opus));
+        let mut entries = Vec::new();
+        for ms in (0..2500).step_by(500) {
+            p.push(TrackId(1), frame(ms, true));
+            r.push(frame(ms, true));
+            consumer.read(&mut entries, 64);
+        }
+        let mut next = 0;
+        let got = steps(&mut cursor, &entries, &mut next);
+        let audio: Vec<&str> = got
+            .iter()
+            .zip(&entries)
+            .filter(|(_, e)| {
+                matches!(
+                    e.item,
+                    Item::Frame {
+                        track: TrackId(1),
+                        ..
+                    }
+                )
+            })
+            .map(|(s, _)| s.as_str())
+            .collect();
+        // 0 starts, 500 writes, 1000 starts (a second later), 1500 writes, 2000 starts.
+        assert_eq!(audio, ["N1", "W", "N2f1", "W", "N3r1f2"], "{got:?}");
+        let rendition = got
+            .iter()
+            .zip(&entries)
+            .filter(|(_, e)| {
+                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if track.0 >= 2)
+            })
+            .map(|(s, _)| s.as_str());
+        assert!(rendition.clone().count() > 0 && rendition.into_iter().all(|s| s == "S"));
+    }
 }
