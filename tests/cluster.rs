@@ -1,7 +1,8 @@
 //! The cluster link with real `castnode` processes on 127.0.0.1: origin → relays → edges over
 //! QUIC, fetched on demand; packets read on edges are byte-identical to the published ones; one
 //! upstream subscription per relay whatever the number of edges; losing the relay in use costs an
-//! edge's reader less than a second; nodes without the token get nothing.
+//! edge's reader less than a second; nodes without the token get nothing; audio-only broadcasts
+//! travel too.
 
 mod common;
 
@@ -523,6 +524,48 @@ fn publish_to_an_edge_plays_everywhere() {
     assert!(video >= 90, "{video} video packets");
     let foreign = got.iter().filter(|p| !source_md5.contains(&p.md5)).count();
     assert_eq!(foreign, 0, "packets differ from the published ones");
+}
+
+/// A broadcast without video (an audio-only stream: radio, a podcast) travels too: its groups
+/// are cut every second instead of at keyframes.
+#[test]
+fn audio_only_broadcast_reaches_an_edge() {
+    let dir = temp_dir("audio-only");
+    let src = dir.join("audio.flv");
+    let made = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-loglevel", "error", "-y", "-i"])
+        .arg(fixture("obs-like.flv"))
+        .args(["-vn", "-c:a", "copy", "-f", "flv"])
+        .arg(&src)
+        .status()
+        .expect("run ffmpeg");
+    assert!(made.success(), "could not make the audio-only fixture");
+    let source_md5: HashSet<String> = source_packets(&src).into_iter().map(|p| p.md5).collect();
+    let origin = origin();
+    let edge = downstream("edge", &[&origin]);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("radio"), &src, 3);
+    origin.wait_live("live/radio", Duration::from_secs(10));
+    let mut reader = read_flv(&edge, "radio", 3.0, "audio-only");
+    assert!(
+        reader
+            .wait_for(Duration::from_secs(30))
+            .is_some_and(|s| s.success()),
+        "reader failed:\n{}\n{}",
+        edge.log(),
+        origin.log()
+    );
+    let got = packets("audio-only");
+    let audio = got.iter().filter(|p| p.stream == 0).count();
+    println!("edge reading an audio-only broadcast: {audio} audio packets in 3 s");
+    // AAC at 48 kHz is 47 frames a second.
+    assert!(audio >= 100, "{audio} audio packets: {got:?}");
+    assert!(
+        got.iter().all(|p| p.stream == 0),
+        "only one stream expected"
+    );
+    let foreign = got.iter().filter(|p| !source_md5.contains(&p.md5)).count();
+    assert_eq!(foreign, 0, "packets differ from the published ones");
+    assert!(origin.metric("castnode_cluster_groups_out_total") >= 2.0);
 }
 
 /// Operator certificates (`--cluster-cert`, `--cluster-key`, `--cluster-ca`), made with the
