@@ -53,17 +53,26 @@ fn packets(name: &str) -> Vec<Packet> {
     parse_framemd5(&std::fs::read_to_string(path).unwrap_or_default())
 }
 
+/// Waits up to `limit` for `reader` (output `name`) to finish; the packets it read. A reader
+/// that fails ends the test with the logs of `servers`.
+fn finished(reader: &mut Proc, name: &str, limit: Duration, servers: &[&Server]) -> Vec<Packet> {
+    let ok = reader.wait_for(limit).is_some_and(|s| s.success());
+    assert!(
+        ok,
+        "reader failed:\n{}",
+        servers
+            .iter()
+            .map(|s| s.log())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    packets(name)
+}
+
 /// Waits for `reader` (of `edge`, output `name`) to finish; its video dts, and the largest gap
 /// between two of them (ms).
 fn video_timeline(reader: &mut Proc, edge: &Server, name: &str) -> (Vec<i64>, i64) {
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(40))
-            .is_some_and(|s| s.success()),
-        "reader failed:\n{}",
-        edge.log()
-    );
-    let video: Vec<i64> = packets(name)
+    let video: Vec<i64> = finished(reader, name, Duration::from_secs(40), &[edge])
         .iter()
         .filter(|p| p.stream == 0)
         .map(|p| p.dts)
@@ -511,14 +520,12 @@ fn publish_to_an_edge_plays_everywhere() {
     assert_eq!(edge_in.metric("castnode_cluster_publications_out"), 1.0);
     assert_eq!(relay.metric("castnode_cluster_publications_out"), 1.0);
     let mut reader = read_flv(&edge_out, "p", 4.0, "published");
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(30))
-            .is_some_and(|s| s.success()),
-        "reader failed:\n{}",
-        edge_out.log()
+    let got = finished(
+        &mut reader,
+        "published",
+        Duration::from_secs(30),
+        &[&edge_out],
     );
-    let got = packets("published");
     let video = got.iter().filter(|p| p.stream == 0).count();
     println!("edge reading a broadcast published to another edge: {video} video packets");
     assert!(video >= 90, "{video} video packets");
@@ -546,15 +553,12 @@ fn audio_only_broadcast_reaches_an_edge() {
     let _publisher = ffmpeg_publish(&origin.rtmp_url("radio"), &src, 3);
     origin.wait_live("live/radio", Duration::from_secs(10));
     let mut reader = read_flv(&edge, "radio", 3.0, "audio-only");
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(30))
-            .is_some_and(|s| s.success()),
-        "reader failed:\n{}\n{}",
-        edge.log(),
-        origin.log()
+    let got = finished(
+        &mut reader,
+        "audio-only",
+        Duration::from_secs(30),
+        &[&edge, &origin],
     );
-    let got = packets("audio-only");
     let audio = got.iter().filter(|p| p.stream == 0).count();
     println!("edge reading an audio-only broadcast: {audio} audio packets in 3 s");
     // AAC at 48 kHz is 47 frames a second.
@@ -666,14 +670,8 @@ fn operator_certificates() {
     let _publisher = ffmpeg_publish(&origin.rtmp_url("t"), &fixture("baseline.flv"), 2);
     origin.wait_live("live/t", Duration::from_secs(10));
     let mut reader = read_flv(&trusting, "t", 2.0, "certs");
-    assert!(
-        reader
-            .wait_for(Duration::from_secs(30))
-            .is_some_and(|s| s.success()),
-        "{}",
-        trusting.log()
-    );
-    assert!(packets("certs").iter().filter(|p| p.stream == 0).count() >= 40);
+    let got = finished(&mut reader, "certs", Duration::from_secs(30), &[&trusting]);
+    assert!(got.iter().filter(|p| p.stream == 0).count() >= 40);
     let (status, _, _) = stranger.get("/live/t.flv");
     assert_eq!(status, 404);
     // The log comes through a pipe: it may trail the 404 by a moment.

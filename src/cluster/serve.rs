@@ -1673,26 +1673,9 @@ fn app_deadline(c: &Conn) -> Option<Instant> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::Codec;
     use crate::media::hub::Hub;
-    use crate::media::{Codec, Frame, TrackInfo};
-
-    fn info(codec: Codec) -> TrackInfo {
-        TrackInfo {
-            codec,
-            config: Some(Bytes::from_static(b"cfg")),
-            video: None,
-            audio: None,
-        }
-    }
-
-    fn frame(ms: i64, key: bool) -> Frame {
-        Frame {
-            pts: ms * 1000,
-            dts: ms * 1000,
-            keyframe: key,
-            payload: Bytes::from(vec![7u8; 10]),
-        }
-    }
+    use crate::media::hub::testing::{frame, track as info};
 
     /// What a sender does with each entry, as letters: S(kip), W(rite), N(ew group) with the
     /// streams it retires, in order.

@@ -947,28 +947,43 @@ impl Drop for BroadcastConsumer {
     }
 }
 
+/// Tracks and frames for unit tests of the hub and of what reads it.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::{Frame, TrackInfo};
     use crate::media::Codec;
     use bytes::Bytes;
 
-    fn video() -> TrackInfo {
+    /// A track of `codec` with a 3-byte config.
+    pub(crate) fn track(codec: Codec) -> TrackInfo {
         TrackInfo {
-            codec: Codec::H264,
+            codec,
             config: Some(Bytes::from_static(b"cfg")),
             video: None,
             audio: None,
         }
     }
 
-    fn frame(ms: i64, key: bool) -> Frame {
+    /// A 10-byte frame at `ms` (pts = dts).
+    pub(crate) fn frame(ms: i64, key: bool) -> Frame {
         Frame {
             pts: ms * 1000,
             dts: ms * 1000,
             keyframe: key,
             payload: Bytes::from(vec![0u8; 10]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::frame;
+    use super::*;
+    use crate::media::Codec;
+    use bytes::Bytes;
+
+    fn video() -> TrackInfo {
+        super::testing::track(Codec::H264)
     }
 
     fn frames(out: &[Arc<Entry>]) -> Vec<i64> {
