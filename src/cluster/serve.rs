@@ -484,6 +484,8 @@ struct Driver {
     entries: Vec<Arc<Entry>>,
     /// Flows that ended in the current pass: (connection, flow id).
     ended: Vec<(usize, u64)>,
+    /// Scratch: a connection's blocked flows (kept for its capacity).
+    unblocked: Vec<u64>,
 }
 
 impl Driver {
@@ -521,6 +523,7 @@ impl Driver {
             meta: [quinn_udp::RecvMeta::default(); RECV_BATCH],
             entries: Vec::with_capacity(READ_MAX),
             ended: Vec::new(),
+            unblocked: Vec::new(),
         }
     }
 
@@ -1262,20 +1265,17 @@ impl Driver {
         let Some(Some(c)) = self.conns.get_mut(i) else {
             return;
         };
-        let blocked: Vec<u64> = c
-            .flows
-            .iter()
-            .filter(|(_, f)| f.blocked)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in blocked {
-            if let Some(Some(c)) = self.conns.get_mut(i)
-                && let Some(f) = c.flows.get_mut(&id)
-            {
-                f.blocked = false;
-            }
+        // Unblocked first, then pumped (pumping needs the driver); no allocation per event.
+        let mut unblocked = std::mem::take(&mut self.unblocked);
+        unblocked.clear();
+        for (id, f) in c.flows.iter_mut().filter(|(_, f)| f.blocked) {
+            f.blocked = false;
+            unblocked.push(*id);
+        }
+        for &id in &unblocked {
             self.pump(i, id);
         }
+        self.unblocked = unblocked;
         self.reap_ended();
     }
 
