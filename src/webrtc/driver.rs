@@ -7,6 +7,11 @@
 //! - Datagrams are routed by source address (learned from the first STUN check a peer's `Rtc`
 //!   accepts); a datagram no session accepts (garbage, spoofed STUN, stray DTLS) is dropped and
 //!   disturbs nothing.
+//! - Bound to a wildcard address (`0.0.0.0`, `[::]`, the default), the socket offers every
+//!   address of the host as a candidate, and every datagram to a peer leaves from the local
+//!   address that peer's datagrams arrived at (read with `IP_PKTINFO` / `IPV6_PKTINFO`, set on
+//!   send by [`Egress`]): a host with several addresses answers each peer from the one it
+//!   reached. Received GRO batches are split into their datagrams.
 //! - A session whose ICE/DTLS has not connected within [`CONNECT_TIMEOUT`] is reaped; so is one
 //!   whose ICE disconnects.
 //! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
@@ -21,16 +26,19 @@
 //!   than every [`KEYFRAME_REQUEST_INTERVAL`].
 
 use std::collections::HashMap;
+use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use quinn_udp::{RecvMeta, UdpSocketState};
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -71,6 +79,10 @@ pub const MEDIA_TICK: Duration = Duration::from_millis(10);
 pub const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
 /// The shortest interval between two keyframe requests to one publisher.
 pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// Receive buffers read by one system call (`recvmmsg`).
+const RECV_BATCH: usize = 8;
+/// One receive buffer: a GRO batch of up to 64 datagrams fits (a single datagram needs 1,500).
+const RECV_BUFFER: usize = 64 << 10;
 
 enum Command {
     Whep {
@@ -98,8 +110,8 @@ pub struct Webrtc {
 
 impl Webrtc {
     /// Binds `addr` and starts the task. `public_ips` are the addresses handed to peers as
-    /// candidates (with the bound port); empty means the bound address, or this host's primary
-    /// address and 127.0.0.1 when bound to all interfaces.
+    /// candidates (with the bound port); empty means the bound address, or every address of
+    /// this host (primary first) when bound to all interfaces.
     pub async fn start(
         addr: SocketAddr,
         public_ips: &[IpAddr],
@@ -110,8 +122,8 @@ impl Webrtc {
         let mut ips = public_ips.to_vec();
         if ips.is_empty() {
             if local.ip().is_unspecified() {
-                ips.extend(primary_ip());
-                ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                let dual = local.is_ipv6() && !socket2::SockRef::from(&socket).only_v6()?;
+                ips = host_ips(local.is_ipv4() || dual, local.is_ipv6());
             } else {
                 ips.push(local.ip());
             }
@@ -215,8 +227,8 @@ fn parse_offer(offer: &str) -> Result<SdpOffer, WebrtcError> {
     })
 }
 
-/// This host's address on its default route, found without sending anything (a UDP connect
-/// only selects a route).
+/// This host's IPv4 address on its default route, found without sending anything (a UDP
+/// connect only selects a route).
 fn primary_ip() -> Option<IpAddr> {
     let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
     s.connect("192.0.2.1:9").ok()?;
@@ -224,6 +236,87 @@ fn primary_ip() -> Option<IpAddr> {
         .ok()
         .map(|a| a.ip())
         .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// The addresses of this host's interfaces that are up (IPv4 when `v4`, IPv6 when `v6`; no
+/// link-local IPv6, which needs a scope a candidate cannot carry): the primary address first,
+/// loopback last.
+fn host_ips(v4: bool, v6: bool) -> Vec<IpAddr> {
+    use nix::net::if_::InterfaceFlags;
+    let mut ips: Vec<IpAddr> = Vec::new();
+    if v4 {
+        ips.extend(primary_ip());
+    }
+    if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
+        for a in addrs.filter(|a| a.flags.contains(InterfaceFlags::IFF_UP)) {
+            let Some(addr) = a.address else { continue };
+            let ip = if let Some(sin) = addr.as_sockaddr_in() {
+                IpAddr::V4(sin.ip())
+            } else if let Some(sin6) = addr.as_sockaddr_in6() {
+                IpAddr::V6(sin6.ip())
+            } else {
+                continue;
+            };
+            let wanted = match ip {
+                IpAddr::V4(_) => v4,
+                IpAddr::V6(ip) => v6 && !ip.is_unicast_link_local() && !ip.is_loopback(),
+            };
+            if wanted && !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    if ips.is_empty() && v4 {
+        ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    // Loopback last: a browser on another host tries it in vain.
+    ips.sort_by_key(|ip| ip.is_loopback());
+    ips
+}
+
+/// `addr` with an IPv4-mapped IPv6 address written as IPv4 (a dual-stack socket reports IPv4
+/// peers that way; SDP candidates and ICE name them as IPv4).
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The local candidate a datagram that arrived at `ip` (on the bound `port`) was sent to, as
+/// str0m's ICE agent knows it: the candidate with that address, or (behind a 1:1 NAT, where the
+/// candidates are `--webrtc-public-ip` addresses) the first one of the same family.
+fn ice_destination(candidates: &[SocketAddr], ip: IpAddr, port: u16) -> SocketAddr {
+    let addr = SocketAddr::new(ip, port);
+    if candidates.contains(&addr) {
+        return addr;
+    }
+    candidates
+        .iter()
+        .find(|c| c.is_ipv4() == addr.is_ipv4())
+        .or(candidates.first())
+        .copied()
+        .unwrap_or(addr)
+}
+
+/// Reads up to [`RECV_BATCH`] datagrams (or GRO batches) in one system call: their number;
+/// `metas` says where each came from, where it arrived and its length and stride.
+async fn recv_batch(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    bufs: &mut [u8],
+    metas: &mut [RecvMeta; RECV_BATCH],
+) -> std::io::Result<usize> {
+    loop {
+        socket.readable().await?;
+        let mut chunks = bufs.chunks_mut(RECV_BUFFER);
+        // `bufs` holds RECV_BATCH buffers (see `run`): every slot gets one.
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+        match socket.try_io(Interest::READABLE, || {
+            state.recv(socket.into(), &mut slices, metas)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
 }
 
 struct Session {
@@ -236,6 +329,11 @@ struct Session {
     deadline: Instant,
     /// Where str0m last sent to: the peer's address on the selected ICE pair.
     peer: Option<SocketAddr>,
+    /// The local address `peer`'s datagrams arrive at: what everything to it leaves from.
+    local: Option<IpAddr>,
+    /// Each remote address this peer's datagrams came from, and the local address they arrived
+    /// at (a few: one per ICE pair the peer checked).
+    locals: Vec<(SocketAddr, Option<IpAddr>)>,
     role: Role,
 }
 
@@ -283,6 +381,8 @@ struct Lite {
     viewer: Box<Viewer>,
     consent: Consent,
     peer: SocketAddr,
+    /// The local address the peer's datagrams arrive at.
+    local: Option<IpAddr>,
     broadcast: Arc<str>,
     created: Instant,
     /// Ended by a DELETE.
@@ -294,6 +394,7 @@ impl Lite {
         let mut to = To {
             egress,
             peer: self.peer,
+            src: self.local,
         };
         self.viewer
             .serve(None, self.id, self.created, now, &mut to, ctx);
@@ -306,12 +407,13 @@ impl Lite {
             let mut to = To {
                 egress,
                 peer: self.peer,
+                src: self.local,
             };
             return self.viewer.rtcp(data, &mut to);
         }
         let start = egress.buf.len();
         if self.consent.handle(data, self.peer, now, &mut egress.buf) {
-            egress.commit(self.peer, start);
+            egress.commit(self.peer, self.local, start);
             return true;
         }
         false
@@ -415,11 +517,14 @@ impl Session {
             }
             match self.rtc.poll_output() {
                 Ok(Output::Transmit(t)) => {
-                    self.peer = Some(t.destination);
+                    if self.peer != Some(t.destination) {
+                        self.peer = Some(t.destination);
+                        self.local = self.local_for(t.destination);
+                    }
                     // A viewer's RTP and RTCP are the MediaSender's; str0m's (reports about
                     // streams it never sent on) would only confuse the receiver.
                     if !(matches!(self.role, Role::Viewer(_)) && is_rtp(&t.contents)) {
-                        egress.push(t.destination, &t.contents);
+                        egress.push(t.destination, self.local, &t.contents);
                     }
                 }
                 Ok(Output::Timeout(t)) => {
@@ -482,7 +587,11 @@ impl Session {
         match &mut self.role {
             Role::Viewer(v) => {
                 let Some(peer) = self.peer else { return };
-                let mut to = To { egress, peer };
+                let mut to = To {
+                    egress,
+                    peer,
+                    src: self.local,
+                };
                 v.serve(
                     Some(&mut self.rtc),
                     self.id,
@@ -749,6 +858,8 @@ fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
 struct To<'a> {
     egress: &'a mut Egress,
     peer: SocketAddr,
+    /// The local address the peer's datagrams arrive at.
+    src: Option<IpAddr>,
 }
 
 impl Sink for To<'_> {
@@ -757,7 +868,7 @@ impl Sink for To<'_> {
     }
 
     fn commit(&mut self, start: usize) {
-        self.egress.commit(self.peer, start);
+        self.egress.commit(self.peer, self.src, start);
     }
 }
 
@@ -775,6 +886,11 @@ async fn run(
     node: tokio::runtime::Handle,
 ) {
     let mut egress = Egress::new(socket);
+    let Some(state) = egress.state.take() else {
+        warn!("WebRTC socket refused its options (GRO, PKTINFO); WebRTC is off");
+        return;
+    };
+    let state = &state;
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     // Connected viewers handed over from their Rtc (see `HANDOVER_AFTER`).
     let mut lite: HashMap<u64, Lite> = HashMap::new();
@@ -785,7 +901,8 @@ async fn run(
     let mut keyframe_wanted: Vec<Arc<str>> = Vec::new();
     let mut next_id = 1u64;
     let mut last_reap = Instant::now();
-    let mut buf = vec![0u8; 2048];
+    let mut bufs = vec![0u8; RECV_BATCH * RECV_BUFFER];
+    let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut tick = tokio::time::interval(MEDIA_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut next_deadline;
@@ -799,47 +916,64 @@ async fn run(
             .unwrap_or(now + Duration::from_millis(100))
             .max(now);
         tokio::select! {
-            r = egress.socket.recv_from(&mut buf) => {
-                let Ok((n, source)) = r else { continue };
-                if let Some(l) = by_source.get(&source).and_then(|id| lite.get_mut(id)) {
-                    if !l.input(&buf[..n], Instant::now(), &mut egress) {
-                        ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+            r = recv_batch(&egress.socket, state, &mut bufs, &mut metas) => {
+                let n = match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        debug!(error = %e, "WebRTC receive failed");
+                        continue;
                     }
-                    egress.flush();
-                    continue;
-                }
-                // A viewer's SRTCP (NACK, PLI, reports) goes to its media sender.
-                if is_rtp(&buf[..n])
-                    && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
-                    && let Role::Viewer(v) = &mut s.role
-                    && v.sender.is_some()
-                {
-                    let mut to = To { egress: &mut egress, peer: source };
-                    if !v.rtcp(&buf[..n], &mut to) {
-                        ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                    }
-                    egress.flush();
-                    continue;
-                }
+                };
                 let now = Instant::now();
-                let Ok(contents) = buf[..n].try_into() else {
-                    ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                    continue;
-                };
-                let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination: local, contents });
-                let id = by_source.get(&source).copied().filter(|id| sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)))
-                    .or_else(|| sessions.values().find(|s| s.rtc.accepts(&input)).map(|s| s.id));
-                let Some(id) = id else {
-                    ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                    continue;
-                };
-                by_source.insert(source, id);
-                if let Some(s) = sessions.get_mut(&id) {
-                    if let Err(e) = s.rtc.handle_input(input) {
-                        debug!(session = id, error = %e, "WebRTC input rejected");
+                for (meta, buf) in metas[..n].iter().zip(bufs.chunks(RECV_BUFFER)) {
+                    let source = canonical(meta.addr);
+                    // Where the datagram arrived: what the answer leaves from, and the local
+                    // candidate it names for ICE.
+                    let local_ip = meta.dst_ip.map(|ip| ip.to_canonical());
+                    let destination = ice_destination(&candidates, local_ip.unwrap_or(local.ip()), local.port());
+                    // A GRO batch holds datagrams of `stride` bytes (the last may be shorter).
+                    for data in buf[..meta.len].chunks(meta.stride.max(1)) {
+                        if let Some(l) = by_source.get(&source).and_then(|id| lite.get_mut(id)) {
+                            l.local = local_ip;
+                            if !l.input(data, now, &mut egress) {
+                                ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                            }
+                            continue;
+                        }
+                        // A viewer's SRTCP (NACK, PLI, reports) goes to its media sender.
+                        if is_rtp(data)
+                            && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
+                            && let Role::Viewer(v) = &mut s.role
+                            && v.sender.is_some()
+                        {
+                            let mut to = To { egress: &mut egress, peer: source, src: local_ip };
+                            if !v.rtcp(data, &mut to) {
+                                ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                            }
+                            continue;
+                        }
+                        let Ok(contents) = data.try_into() else {
+                            ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                            continue;
+                        };
+                        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
+                        let id = by_source.get(&source).copied().filter(|id| sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)))
+                            .or_else(|| sessions.values().find(|s| s.rtc.accepts(&input)).map(|s| s.id));
+                        let Some(id) = id else {
+                            ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
+                            continue;
+                        };
+                        by_source.insert(source, id);
+                        if let Some(s) = sessions.get_mut(&id) {
+                            s.heard(source, local_ip);
+                            if let Err(e) = s.rtc.handle_input(input) {
+                                debug!(session = id, error = %e, "WebRTC input rejected");
+                            }
+                            s.deadline = s.drain(&mut egress, &ctx);
+                        }
                     }
-                    s.deadline = s.drain(&mut egress, &ctx);
                 }
+                egress.flush();
             }
             cmd = rx.recv() => match cmd {
                 None => return,
@@ -971,6 +1105,7 @@ async fn run(
                         viewer,
                         consent: Consent::new(&creds.ufrag, &creds.pass, now),
                         peer,
+                        local: s.local,
                         broadcast: s.broadcast,
                         created: s.created,
                         closed: false,
@@ -1063,8 +1198,33 @@ impl Session {
             created: now,
             deadline: now,
             peer: None,
+            local: None,
+            locals: Vec::new(),
             role,
         }
+    }
+
+    /// A datagram the session accepted came from `remote` and arrived at `local`.
+    fn heard(&mut self, remote: SocketAddr, local: Option<IpAddr>) {
+        let known = self.locals.len();
+        match self.locals.iter_mut().find(|(r, _)| *r == remote) {
+            Some((_, l)) if *l == local => return,
+            Some((_, l)) => *l = local,
+            // Bounded: a peer checks one pair per local candidate and remote address.
+            None if known < 32 => self.locals.push((remote, local)),
+            None => return,
+        }
+        if self.peer == Some(remote) {
+            self.local = local;
+        }
+    }
+
+    /// The local address `remote`'s datagrams arrived at.
+    fn local_for(&self, remote: SocketAddr) -> Option<IpAddr> {
+        self.locals
+            .iter()
+            .find(|(r, _)| *r == remote)
+            .and_then(|(_, l)| *l)
     }
 }
 

@@ -10,12 +10,19 @@
 //!   Order is kept: per peer, datagrams leave in the order they were committed.
 //! - A full socket buffer drops datagrams, which peers recover from like any loss: nothing here
 //!   waits on the socket.
+//! - Every datagram leaves from the local address it is given (the address its peer's packets
+//!   arrived at, `IP_PKTINFO` / `IPV6_PKTINFO`), so a socket bound to a wildcard address answers
+//!   from the address a peer reached, not from whichever one the kernel's route prefers: ICE
+//!   drops answers from any other. A batch and a `sendmmsg` run share one source address.
 //! - Without GSO (an old kernel), every datagram is sent on its own.
+//! - On an IPv6 socket (`[::]`, dual stack), IPv4 peers and sources are written as IPv4-mapped
+//!   addresses; callers always pass plain IPv4 ones.
 
 use std::io::IoSlice;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
+use nix::libc;
 use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
 use tokio::net::UdpSocket;
 use tracing::debug;
@@ -31,6 +38,7 @@ const SOCKET_BUFFER: usize = 8 << 20;
 /// A GSO batch waiting in the buffer.
 struct Queued {
     dest: SocketAddr,
+    src: Option<IpAddr>,
     start: usize,
     end: usize,
     segment: usize,
@@ -40,14 +48,20 @@ struct Queued {
 pub struct Egress {
     /// The node's WebRTC socket (the driver receives on it too).
     pub socket: UdpSocket,
+    /// quinn-udp's view of the socket (it turned on GRO and `IP_PKTINFO` / `IPV6_RECVPKTINFO`):
+    /// what the driver receives with. `None` where the platform refused it.
+    pub state: Option<quinn_udp::UdpSocketState>,
     gso: bool,
     max_segments: usize,
+    /// The socket is IPv6: IPv4 addresses are sent as IPv4-mapped ones.
+    v6: bool,
     /// Datagrams to send: the queued batches, then the open one. Senders append a datagram at
     /// the end and [`Egress::commit`] it.
     pub buf: Vec<u8>,
     queued: Vec<Queued>,
-    /// The open batch: destination, first byte, segment size, datagrams.
+    /// The open batch: destination, source, first byte, segment size, datagrams.
     dest: Option<SocketAddr>,
+    src: Option<IpAddr>,
     start: usize,
     segment: usize,
     count: usize,
@@ -66,13 +80,17 @@ impl Egress {
         }
         let max_segments = state.as_ref().map_or(1, |s| s.max_gso_segments()).max(1);
         debug!(max_segments, "WebRTC egress");
+        let v6 = socket.local_addr().is_ok_and(|a| a.is_ipv6());
         Self {
             socket,
+            state,
             gso: max_segments > 1,
             max_segments,
+            v6,
             buf: Vec::with_capacity(SEND_AT + (64 << 10)),
             queued: Vec::with_capacity(MMSG),
             dest: None,
+            src: None,
             start: 0,
             segment: 0,
             count: 0,
@@ -81,20 +99,22 @@ impl Egress {
         }
     }
 
-    /// Appends one datagram to `dest`.
-    pub fn push(&mut self, dest: SocketAddr, data: &[u8]) {
+    /// Appends one datagram to `dest`, to leave from `src` (`None`: the address the kernel
+    /// picks).
+    pub fn push(&mut self, dest: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
         let start = self.buf.len();
         self.buf.extend_from_slice(data);
-        self.commit(dest, start);
+        self.commit(dest, src, start);
     }
 
     /// The datagram written at the end of the buffer from `start` on is complete: it joins the
     /// open batch, or starts the next one (queuing the open one, and sending the queue when it
-    /// is full).
-    pub fn commit(&mut self, dest: SocketAddr, start: usize) {
+    /// is full). It leaves from `src` (`None`: the address the kernel picks).
+    pub fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize) {
         let len = self.buf.len() - start;
         let fits = self.count > 0
             && self.dest == Some(dest)
+            && self.src == src
             && !self.closed
             && len <= self.segment
             && self.count < self.max_segments
@@ -109,6 +129,7 @@ impl Egress {
                 start = 0;
             }
             self.dest = Some(dest);
+            self.src = src;
             self.start = start;
             self.segment = len;
         }
@@ -130,6 +151,7 @@ impl Egress {
         {
             self.queued.push(Queued {
                 dest,
+                src: self.src,
                 start: self.start,
                 end,
                 segment: self.segment,
@@ -139,34 +161,34 @@ impl Egress {
         self.closed = false;
     }
 
-    /// Sends the queued batches: runs of the same segment size in one `sendmmsg` each.
+    /// Sends the queued batches: runs of the same segment size (with GSO) and source address
+    /// in one `sendmmsg` each.
     fn send_queued(&mut self) {
         let Self {
             socket,
             buf,
             queued,
             addrs,
+            gso,
+            v6,
             ..
         } = self;
-        if !self.gso {
-            for q in queued.iter() {
-                for d in buf[q.start..q.end].chunks(q.segment.max(1)) {
-                    let _ = socket.try_send_to(d, q.dest);
-                }
-            }
-            queued.clear();
-            return;
-        }
+        let (gso, v6) = (*gso, *v6);
         let fd = socket.as_raw_fd();
         // Not kept in `self`: it holds raw pointers, and the driver's future must be `Send`.
         // Three allocations per call of up to MMSG batches.
-        let mut headers =
-            MultiHeaders::<SockaddrStorage>::preallocate(MMSG, Some(nix::cmsg_space!(u16)));
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
+            MMSG,
+            Some(nix::cmsg_space!(u16, libc::in6_pktinfo)),
+        );
         let mut i = 0;
         while i < queued.len() {
-            let segment = queued[i].segment;
+            let (segment, src) = (queued[i].segment, queued[i].src);
+            // Without GSO every batch is one datagram (`max_segments` is 1): only the source
+            // has to match.
+            let same = |q: &Queued| q.src == src && (!gso || q.segment == segment);
             let mut j = i + 1;
-            while j < queued.len() && j - i < MMSG && queued[j].segment == segment {
+            while j < queued.len() && j - i < MMSG && same(&queued[j]) {
                 j += 1;
             }
             let run = &queued[i..j];
@@ -175,24 +197,77 @@ impl Egress {
                 .map(|q| [IoSlice::new(&buf[q.start..q.end])])
                 .collect();
             addrs.clear();
-            addrs.extend(run.iter().map(|q| Some(SockaddrStorage::from(q.dest))));
+            addrs.extend(
+                run.iter()
+                    .map(|q| Some(SockaddrStorage::from(socket_addr(q.dest, v6)))),
+            );
             let segment = u16::try_from(segment).unwrap_or(u16::MAX);
-            let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+            let info = src.map(|ip| PacketInfo::new(ip, v6));
+            let mut cmsgs = Vec::with_capacity(2);
+            if gso {
+                cmsgs.push(ControlMessage::UdpGsoSegments(&segment));
+            }
+            match &info {
+                Some(PacketInfo::V4(pi)) => cmsgs.push(ControlMessage::Ipv4PacketInfo(pi)),
+                Some(PacketInfo::V6(pi)) => cmsgs.push(ControlMessage::Ipv6PacketInfo(pi)),
+                None => {}
+            }
             // A full socket (EAGAIN) drops what was not sent, as a lossy network would.
             if let Err(e) = sendmmsg(
                 fd,
                 &mut headers,
                 &slices,
                 &*addrs,
-                cmsgs,
+                &cmsgs,
                 MsgFlags::MSG_DONTWAIT,
             ) && e != nix::errno::Errno::EAGAIN
             {
-                debug!(error = %e, batches = run.len(), "WebRTC send failed");
+                debug!(error = %e, batches = run.len(), ?src, "WebRTC send failed");
             }
             i = j;
         }
         queued.clear();
+    }
+}
+
+/// `addr` as the socket's family needs it: IPv4-mapped on an IPv6 socket.
+fn socket_addr(addr: SocketAddr, v6: bool) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if v6 => SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port()),
+        a => a,
+    }
+}
+
+/// The source-address control message of one send.
+enum PacketInfo {
+    V4(libc::in_pktinfo),
+    V6(libc::in6_pktinfo),
+}
+
+impl PacketInfo {
+    /// Datagrams that leave from `ip` (on an IPv6 socket when `v6`).
+    fn new(ip: IpAddr, v6: bool) -> Self {
+        match ip {
+            IpAddr::V4(ip) if !v6 => PacketInfo::V4(libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(ip.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            }),
+            ip => {
+                let ip = match ip {
+                    IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+                    IpAddr::V6(ip) => ip,
+                };
+                PacketInfo::V6(libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: ip.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                })
+            }
+        }
     }
 }
 
@@ -246,11 +321,11 @@ mod tests {
         for round in 0..ROUNDS {
             for (p, addr) in addrs.iter().enumerate() {
                 for k in 0..6 {
-                    egress.push(*addr, &datagram(round, p, k));
+                    egress.push(*addr, None, &datagram(round, p, k));
                 }
             }
             for (p, addr) in addrs.iter().enumerate() {
-                egress.push(*addr, &datagram(round, p, 6));
+                egress.push(*addr, None, &datagram(round, p, 6));
             }
             if round == 20 {
                 egress.flush();

@@ -46,16 +46,18 @@ pub struct Server {
     pub udp_port: u16,
     pub rtmp_port: u16,
     pub http_port: u16,
+    /// The address the test reaches the node at (127.0.0.1 unless started with
+    /// [`Server::start_at`]).
+    pub host: String,
     log: Arc<Mutex<String>>,
 }
 
+/// The port of the `NAME=ADDR:PORT` field `scheme` (`"rtmp="`) of a log line, whatever the
+/// address (`127.0.0.1`, `0.0.0.0`, `[::]`).
 fn port_after(line: &str, scheme: &str) -> Option<u16> {
     let rest = &line[line.find(scheme)? + scheme.len()..];
-    let rest = rest.strip_prefix("127.0.0.1:")?;
-    rest.split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    let field = rest.split(char::is_whitespace).next()?;
+    field.rsplit_once(':')?.1.parse().ok()
 }
 
 impl Server {
@@ -67,14 +69,27 @@ impl Server {
     /// Starts `castnode ROLE` on 127.0.0.1 ports the kernel picks (plus `extra` flags); waits
     /// for its "node started" log line and reads the bound ports from it.
     pub fn start_role(role: &str, extra: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_castnode"));
+        Server::start_at(&[], "127.0.0.1", role, extra)
+    }
+
+    /// [`Server::start_role`] run through `wrapper` (say `ip netns exec NS`; empty: none), the
+    /// test reaching it at `host`.
+    pub fn start_at(wrapper: &[&str], host: &str, role: &str, extra: &[&str]) -> Server {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_castnode"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_castnode")),
+        };
         cmd.arg(role);
         for flag in ["--rtmp", "--http", "--webrtc-udp"] {
             if !extra.contains(&flag) {
                 cmd.args([flag, "127.0.0.1:0"]);
             }
         }
-        cmd.args(["--public-host", "127.0.0.1"]);
+        cmd.args(["--public-host", host]);
         if matches!(role, "origin" | "relay") && !extra.contains(&"--cluster") {
             cmd.args(["--cluster", "127.0.0.1:0"]);
         }
@@ -120,6 +135,7 @@ impl Server {
             http_port: field("http"),
             cluster_port: field("cluster"),
             udp_port: field("webrtc_udp"),
+            host: host.to_owned(),
             log,
         }
     }
@@ -151,11 +167,11 @@ impl Server {
     }
 
     pub fn rtmp_url(&self, key: &str) -> String {
-        format!("rtmp://127.0.0.1:{}/live/{key}", self.rtmp_port)
+        format!("rtmp://{}:{}/live/{key}", self.host, self.rtmp_port)
     }
 
     pub fn flv_url(&self, key: &str) -> String {
-        format!("http://127.0.0.1:{}/live/{key}.flv", self.http_port)
+        format!("http://{}:{}/live/{key}.flv", self.host, self.http_port)
     }
 
     /// Everything the server logged so far.
@@ -175,7 +191,7 @@ impl Server {
 
     /// A blocking `GET` on the node's HTTP port: (status, headers, body).
     pub fn get(&self, path: &str) -> (u16, String, String) {
-        http_get(self.http_port, path)
+        http_request_at(&self.host, self.http_port, "GET", path, None, None, b"")
     }
 
     /// Waits until `name` is live with video (the publisher has sent a keyframe).
@@ -244,7 +260,20 @@ pub fn http_request_with(
     bearer: Option<&str>,
     body: &[u8],
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect HTTP");
+    http_request_at("127.0.0.1", port, method, path, ctype, bearer, body)
+}
+
+/// [`http_request_with`] to `host`.
+pub fn http_request_at(
+    host: &str,
+    port: u16,
+    method: &str,
+    path: &str,
+    ctype: Option<&str>,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect((host, port)).expect("connect HTTP");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let ctype = ctype
         .map(|c| format!("Content-Type: {c}\r\nContent-Length: {}\r\n", body.len()))
