@@ -1174,7 +1174,9 @@ mod tests {
         p.push(TrackId(0), frame(0, true));
         let c = hub.subscribe("live/f").unwrap();
         // Watched: the producer comes back, still live.
-        let mut p = p.end_if_unwatched().err().expect("a consumer is attached");
+        let Err(mut p) = p.end_if_unwatched() else {
+            panic!("ended with a consumer attached");
+        };
         assert!(p.broadcast().is_live());
         p.push(TrackId(0), frame(33, false));
         drop(c);
