@@ -279,3 +279,45 @@ fn a_viewer_arriving_during_a_failover_gets_a_live_stream() {
     assert!(edge.metric("castnode_cluster_failovers_total") >= 1.0);
     assert!(!edge.log().contains("panicked"));
 }
+
+/// A WHEP viewer (headless Chromium) arriving on an edge after its linger ran out but within
+/// what was the publish grace of the broadcast let go of (scaled: `--linger 2`,
+/// `--publish-grace 8`; the viewer's offer comes 4–6 s after the last viewer left, where the
+/// defaults' window is 10–15 s) decodes the live stream.
+#[test]
+fn a_whep_viewer_arriving_while_the_edge_lets_go_gets_a_live_stream() {
+    if !has_chromium() {
+        return;
+    }
+    let origin = node("origin", &[], &[]);
+    let relay = node("relay", &[&origin], &[]);
+    let edge = node(
+        "edge",
+        &[&relay],
+        &["--linger", "2", "--publish-grace", "8"],
+    );
+    let _publishers = publish_all(&origin, "w", 1);
+    let first = watch(edge.http_port, edge.rtmp_port, "w0", Player::Flv);
+    assert!(first >= MIN_FRAMES, "first viewer: {first} video frames");
+    std::thread::sleep(Duration::from_secs(3));
+    let whep = format!("http://127.0.0.1:{}/whep/live/w0", edge.http_port);
+    let (port, reports) = serve_page(whep_viewers_page(&whep, 1));
+    let profile = temp_dir("chromium-profile-linger");
+    let _browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
+    let report = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the page reported within 60 s");
+    println!("WHEP viewer arriving while the edge let go: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let viewer = &v
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}\n{}", edge.log()))[0];
+    let fps = viewer["fps"].as_f64().unwrap_or(0.0);
+    assert!(fps >= 25.0, "{viewer}\nedge log:\n{}", edge.log());
+    assert!(
+        edge.log()
+            .contains("no local viewers: upstream subscription dropped"),
+        "the edge never let go:\n{}",
+        edge.log()
+    );
+}
