@@ -12,6 +12,12 @@
 //!   their origin ingest times. It is dropped [`ClusterConfig::linger`] after the last local
 //!   subscriber leaves. When its upstream fails, it re-subscribes through the next one; frames
 //!   the hub already has are skipped, so local players see no repeat and keep their sessions.
+//! - A local subscriber is always fed from upstream, whenever it arrives: a fetched broadcast is
+//!   in the hub only while its fetch runs. When a fetch ends (dropped unwatched, ended upstream,
+//!   no upstream left) its broadcast ends at once, with no publish grace; dropping it unwatched
+//!   is decided atomically with subscribers attaching (`Fetches`), so one that arrives as the
+//!   fetch lets go either keeps it going or starts a new one. The same holds for the serving
+//!   side's subscriptions from downstream nodes (they are local subscribers).
 //! - Only a broadcast's own tracks (0 and 1) travel; each node makes its own on-demand
 //!   renditions (Opus, B-frame-free video) from them.
 //! - Errors in one connection, subscription or stream close only that; they never panic.
@@ -35,6 +41,7 @@ use super::wire::{
 };
 use crate::config::ClusterConfig;
 use crate::manager::BoxFuture;
+use crate::media::hub::Hub;
 use crate::media::hub::wall_clock_us;
 use crate::media::{BroadcastConsumer, BroadcastProducer, ReadOutcome, TrackId, TrackInfo};
 use crate::metrics::Histogram;
@@ -145,6 +152,112 @@ enum FetchState {
     Gone,
 }
 
+/// A fetch's entry in [`Fetches`].
+struct FetchEntry {
+    /// Which fetch: a later one of the same broadcast has another.
+    serial: u64,
+    state: watch::Receiver<FetchState>,
+}
+
+/// The fetch task's end of its entry in [`Fetches`].
+struct FetchHandle {
+    name: String,
+    serial: u64,
+    state: watch::Sender<FetchState>,
+}
+
+/// What a local subscriber gets from [`Fetches::attach`].
+enum Attach {
+    /// The broadcast is in the hub: published here, or fed by a running fetch.
+    Consumer(BroadcastConsumer),
+    /// A fetch of it is starting: wait for its answer, then attach again.
+    Wait(watch::Receiver<FetchState>),
+    /// Nothing fetches it: run this fetch, wait for its answer, then attach again.
+    Start(FetchHandle, watch::Receiver<FetchState>),
+}
+
+/// The broadcasts being fetched from upstream.
+///
+/// A subscriber attaches ([`Fetches::attach`]) and a fetch lets go of its broadcast
+/// ([`Fetches::let_go`]) under this registry's lock, and the hub decides an unwatched end
+/// atomically with its consumers attaching ([`BroadcastProducer::end_if_unwatched`]). So a
+/// fetched broadcast is in the hub only while its fetch runs: a subscriber either attaches to a
+/// broadcast whose fetch goes on (and then keeps it going), or finds none and starts a fetch;
+/// never one that nothing feeds.
+#[derive(Default)]
+struct Fetches {
+    map: Mutex<HashMap<String, FetchEntry>>,
+    serials: AtomicU64,
+}
+
+impl Fetches {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, FetchEntry>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A consumer of `name` from `hub`, else the fetch to wait for (started by the caller when
+    /// it is new).
+    fn attach(&self, hub: &Hub, name: &str) -> Attach {
+        let mut map = self.lock();
+        if let Some(c) = hub.subscribe(name) {
+            return Attach::Consumer(c);
+        }
+        if let Some(f) = map.get(name)
+            && *f.state.borrow() != FetchState::Gone
+        {
+            return Attach::Wait(f.state.clone());
+        }
+        let (state, rx) = watch::channel(FetchState::Waiting);
+        let serial = self.serials.fetch_add(1, Relaxed);
+        map.insert(
+            name.to_owned(),
+            FetchEntry {
+                serial,
+                state: rx.clone(),
+            },
+        );
+        let fetch = FetchHandle {
+            name: name.to_owned(),
+            serial,
+            state,
+        };
+        Attach::Start(fetch, rx)
+    }
+
+    /// Ends `fetch`: its broadcast (`producer`, when it has one) ends at once, its waiters hear
+    /// [`FetchState::Gone`] and its entry goes. With `unwatched_only`, only while no consumer
+    /// is attached; else the producer comes back and the fetch goes on.
+    fn let_go(
+        &self,
+        fetch: &FetchHandle,
+        producer: Option<BroadcastProducer>,
+        unwatched_only: bool,
+    ) -> Result<(), BroadcastProducer> {
+        let mut map = self.lock();
+        match producer {
+            Some(p) if unwatched_only => p.end_if_unwatched()?,
+            Some(p) => p.end(),
+            None => {}
+        }
+        fetch.state.send_replace(FetchState::Gone);
+        if map
+            .get(&fetch.name)
+            .is_some_and(|f| f.serial == fetch.serial)
+        {
+            map.remove(&fetch.name);
+        }
+        Ok(())
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+}
+
 /// What a subscription's receiver hears about.
 enum FlowEvent {
     Control(ControlMessage),
@@ -209,7 +322,7 @@ pub struct Link {
     peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
     /// Upstreams that failed, and when: tried last for [`FAILED_UPSTREAM_BACKOFF`].
     failed: Mutex<HashMap<String, Instant>>,
-    fetches: Mutex<HashMap<String, watch::Receiver<FetchState>>>,
+    fetches: Fetches,
     /// Local broadcasts being published upstream.
     publishing: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     next_id: AtomicU64,
@@ -357,7 +470,7 @@ impl Link {
             upstreams,
             peers: tokio::sync::Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
-            fetches: Mutex::new(HashMap::new()),
+            fetches: Fetches::default(),
             publishing: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             linger: cfg.linger,
@@ -394,10 +507,7 @@ impl Link {
 
     /// Whether `name` is being fetched from upstream (not published here).
     pub fn fetches(&self, name: &str) -> bool {
-        self.fetches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(name)
+        self.fetches.contains(name)
     }
 
     /// The UDP address the link serves on (else the one it connects from).
@@ -407,34 +517,34 @@ impl Link {
 
     /// A consumer of `name`: from the local hub, or fetched from upstream (waiting until the
     /// upstream answered). `None` when nobody has it.
+    ///
+    /// Whenever it is called — even while a fetch of `name` is letting go of it — the consumer
+    /// it returns is fed by a running fetch (or a local publisher): see `Fetches`.
     pub async fn subscribe(self: &Arc<Self>, name: &str) -> Option<BroadcastConsumer> {
-        if let Some(c) = self.ctx.hub.subscribe(name) {
-            return Some(c);
-        }
         if !self.upstreams.any() {
-            return None;
+            return self.ctx.hub.subscribe(name);
         }
-        let mut rx = {
-            let mut fetches = self.fetches.lock().unwrap_or_else(|p| p.into_inner());
-            match fetches.get(name) {
-                Some(rx) if *rx.borrow() != FetchState::Gone => rx.clone(),
-                _ => {
-                    let (tx, rx) = watch::channel(FetchState::Waiting);
-                    fetches.insert(name.to_owned(), rx.clone());
-                    self.rt.spawn(self.clone().fetch(name.to_owned(), tx));
+        let deadline = tokio::time::Instant::now() + SUBSCRIBE_TIMEOUT * 2;
+        // A fetch that answered and ended before this subscriber attached (the upstream ended
+        // the broadcast just then) sends it round again, to a new fetch; a few rounds at most.
+        for _ in 0..4 {
+            let mut rx = match self.fetches.attach(&self.ctx.hub, name) {
+                Attach::Consumer(c) => return Some(c),
+                Attach::Wait(rx) => rx,
+                Attach::Start(fetch, rx) => {
+                    self.rt.spawn(self.clone().fetch(fetch));
                     rx
                 }
+            };
+            let ready =
+                tokio::time::timeout_at(deadline, rx.wait_for(|s| *s != FetchState::Waiting))
+                    .await
+                    .is_ok_and(|s| s.is_ok_and(|s| *s == FetchState::Ready));
+            if !ready {
+                return None;
             }
-        };
-        let ready = tokio::time::timeout(
-            SUBSCRIBE_TIMEOUT * 2,
-            rx.wait_for(|s| *s != FetchState::Waiting),
-        )
-        .await;
-        match ready {
-            Ok(Ok(s)) if *s == FetchState::Ready => self.ctx.hub.subscribe(name),
-            _ => None,
         }
+        None
     }
 
     /// Publishes this node's own broadcasts upstream (PUBLISH): every live broadcast of the hub
@@ -445,13 +555,7 @@ impl Link {
         if !self.upstreams.any() {
             return;
         }
-        let fetched: Vec<String> = self
-            .fetches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let fetched = self.fetches.names();
         let mut publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         publishing.retain(|_, h| !h.is_finished());
         for bc in self.ctx.hub.broadcasts() {
@@ -772,8 +876,10 @@ impl Link {
         Ok(peer)
     }
 
-    /// Fetches `name` from upstream into the local hub until it ends or lingers unwatched.
-    async fn fetch(self: Arc<Self>, name: String, state: watch::Sender<FetchState>) {
+    /// Fetches a broadcast from upstream into the local hub until it ends or lingers unwatched;
+    /// then its broadcast ends in the hub at once ([`Fetches::let_go`]).
+    async fn fetch(self: Arc<Self>, fetch: FetchHandle) {
+        let name = fetch.name.clone();
         self.stats.subscriptions_up.fetch_add(1, Relaxed);
         let _guard = Gauge(&self.stats.subscriptions_up);
         let mut sink = Sink::new(None);
@@ -827,7 +933,7 @@ impl Link {
                         }
                         p.set_metadata(metadata);
                     }
-                    let _ = state.send(FetchState::Ready);
+                    fetch.state.send_replace(FetchState::Ready);
                     tries = 0;
                 }
                 Ok(Some(FlowEvent::Control(ControlMessage::SubscribeError {
@@ -852,9 +958,7 @@ impl Link {
                     continue;
                 }
             }
-            let end = self
-                .receive(&name, &mut rx, &mut sink, early, Some(self.linger))
-                .await;
+            let end = self.receive(&fetch, &mut rx, &mut sink, early).await;
             peer.flows
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -862,11 +966,12 @@ impl Link {
             match end {
                 FlowEnd::Ended => break,
                 FlowEnd::Unwatched => {
+                    // The broadcast has already ended here (`receive` let go of it).
                     let _ = peer.ctl.send(ControlMessage::Unsubscribe {
                         id: SubscriptionId(id),
                     });
                     info!(broadcast = %name, "no local viewers: upstream subscription dropped");
-                    break;
+                    return;
                 }
                 FlowEnd::Lost => {
                     warn!(broadcast = %name, upstream = %peer.addr, "upstream lost; re-subscribing");
@@ -874,22 +979,21 @@ impl Link {
                 }
             }
         }
-        let _ = state.send(FetchState::Gone);
-        self.fetches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&name);
+        // Nobody will feed the broadcast any more: it ends now, not after a publish grace in
+        // which new local subscribers would attach to it.
+        let _ = self.fetches.let_go(&fetch, sink.producer.take(), false);
     }
 
-    /// Reads a subscription's groups in order into `sink` until it ends.
+    /// Reads a subscription's groups in order into `sink` until it ends, or until the broadcast
+    /// has had no local consumer for the linger and `fetch` let go of it.
     async fn receive(
         &self,
-        name: &str,
+        fetch: &FetchHandle,
         rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
         sink: &mut Sink,
         early: Vec<(u64, IncomingGroup)>,
-        linger: Option<Duration>,
     ) -> FlowEnd {
+        let name = fetch.name.as_str();
         let mut waiting: BTreeMap<u64, IncomingGroup> = early.into_iter().collect();
         let mut current: Option<(u64, IncomingGroup)> = None;
         let mut done_below = 0u64;
@@ -966,10 +1070,18 @@ impl Link {
                         .producer
                         .as_ref()
                         .is_some_and(|p| p.broadcast().stats.players.load(Relaxed) > 0);
-                    if watched || linger.is_none() {
+                    if watched {
                         unwatched_since = None;
-                    } else if linger.is_some_and(|l| unwatched_since.get_or_insert_with(Instant::now).elapsed() >= l) {
-                        return FlowEnd::Unwatched;
+                    } else if unwatched_since.get_or_insert_with(Instant::now).elapsed() >= self.linger {
+                        // Still nobody? Decided where consumers attach: one that came meanwhile
+                        // keeps the fetch going.
+                        match self.fetches.let_go(fetch, sink.producer.take(), true) {
+                            Ok(()) => return FlowEnd::Unwatched,
+                            Err(p) => {
+                                sink.producer = Some(p);
+                                unwatched_since = None;
+                            }
+                        }
                     }
                 }
             }
@@ -1112,5 +1224,93 @@ struct Gauge<'a>(&'a AtomicU64);
 impl Drop for Gauge<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::Codec;
+    use crate::media::hub::testing::{frame, track};
+
+    /// What a fetch does once its upstream answered: the broadcast in the hub, with a group.
+    fn fetched(hub: &Hub, fetch: &FetchHandle) -> BroadcastProducer {
+        let mut p = hub.publish(&fetch.name).unwrap();
+        p.set_track(TrackId(0), track(Codec::H264));
+        p.push(TrackId(0), frame(0, true));
+        fetch.state.send_replace(FetchState::Ready);
+        p
+    }
+
+    fn started(a: Attach) -> (FetchHandle, watch::Receiver<FetchState>) {
+        match a {
+            Attach::Start(f, rx) => (f, rx),
+            Attach::Wait(_) => panic!("waits for a fetch"),
+            Attach::Consumer(_) => panic!("got a consumer"),
+        }
+    }
+
+    #[test]
+    fn concurrent_subscribers_share_one_fetch() {
+        let (hub, fetches) = (Hub::default(), Fetches::default());
+        let (fetch, _rx) = started(fetches.attach(&hub, "live/a"));
+        let Attach::Wait(rx) = fetches.attach(&hub, "live/a") else {
+            panic!("a second fetch");
+        };
+        let _p = fetched(&hub, &fetch);
+        assert_eq!(*rx.borrow(), FetchState::Ready);
+        assert!(matches!(
+            fetches.attach(&hub, "live/a"),
+            Attach::Consumer(_)
+        ));
+    }
+
+    /// The fetch's linger ran out: a subscriber that attached before keeps it going; once it
+    /// let go, the next one starts a new fetch, never attaching to the broadcast let go of.
+    #[test]
+    fn a_subscriber_arriving_as_the_fetch_lets_go_gets_a_fed_broadcast() {
+        let (hub, fetches) = (Hub::default(), Fetches::default());
+        let (fetch, rx) = started(fetches.attach(&hub, "live/a"));
+        let p = fetched(&hub, &fetch);
+        let Attach::Consumer(c) = fetches.attach(&hub, "live/a") else {
+            panic!("no consumer of a fetched broadcast");
+        };
+        let Err(p) = fetches.let_go(&fetch, Some(p), true) else {
+            panic!("watched, yet let go of");
+        };
+        assert!(p.broadcast().is_live() && fetches.contains("live/a"));
+        assert_eq!(*rx.borrow(), FetchState::Ready);
+        drop(c);
+        let old = p.broadcast().clone();
+        assert!(fetches.let_go(&fetch, Some(p), true).is_ok());
+        assert_eq!(*rx.borrow(), FetchState::Gone);
+        assert!(!fetches.contains("live/a") && !old.is_live());
+        let (again, _) = started(fetches.attach(&hub, "live/a"));
+        let p = fetched(&hub, &again);
+        assert!(!Arc::ptr_eq(p.broadcast(), &old));
+        // The old fetch, late, cannot remove the new one's entry.
+        assert!(fetches.let_go(&fetch, None, false).is_ok());
+        assert!(fetches.contains("live/a"));
+        assert!(matches!(
+            fetches.attach(&hub, "live/a"),
+            Attach::Consumer(c) if Arc::ptr_eq(c.broadcast(), p.broadcast())
+        ));
+    }
+
+    /// A fetch that ends (the upstream ended the broadcast, or every upstream is gone) ends its
+    /// broadcast at once: its consumers read Ended, a new subscriber starts a new fetch.
+    #[test]
+    fn an_ended_fetch_leaves_nothing_to_attach_to() {
+        let (hub, fetches) = (Hub::default(), Fetches::default());
+        let (fetch, _rx) = started(fetches.attach(&hub, "live/a"));
+        let p = fetched(&hub, &fetch);
+        let Attach::Consumer(mut c) = fetches.attach(&hub, "live/a") else {
+            panic!("no consumer");
+        };
+        assert!(fetches.let_go(&fetch, Some(p), false).is_ok());
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(1));
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Ended);
+        started(fetches.attach(&hub, "live/a"));
     }
 }

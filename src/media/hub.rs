@@ -12,6 +12,11 @@
 //! - A publisher that comes back under the same name within [`HubConfig::reconnect_grace`]
 //!   continues the broadcast: its timeline is rebased to follow on, consumers resume at its first
 //!   keyframe without reconnecting. After the grace, consumers read [`ReadOutcome::Ended`].
+//! - A producer nobody comes back for (a fetch from upstream) ends its broadcast at once
+//!   ([`BroadcastProducer::end`]), or only while no consumer is attached
+//!   ([`BroadcastProducer::end_if_unwatched`], atomic with [`Hub::subscribe`]); an ended
+//!   broadcast takes no new consumer, so a consumer never attaches to a broadcast that nothing
+//!   feeds any more.
 //!
 //! A group here spans all tracks of a broadcast (one GOP of the video track and the audio
 //! interleaved with it), so the publisher's interleaving is kept for muxed outputs.
@@ -616,12 +621,19 @@ impl Hub {
     }
 
     /// A consumer of `name`, or `None` when nothing is published under it.
+    ///
+    /// The consumer is counted in the broadcast's `players` under the broadcast's lock, where
+    /// [`BroadcastProducer::end_if_unwatched`] looks: a broadcast is never ended as unwatched
+    /// with a consumer attached, and a consumer never attaches to one so ended.
     pub fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
         let bc = self.map().get(name)?.clone();
-        if bc.lock().publisher == Publisher::Ended {
+        let st = bc.lock();
+        if st.publisher == Publisher::Ended {
             return None;
         }
-        Some(BroadcastConsumer::new(self.clone(), bc))
+        let consumer = BroadcastConsumer::new(self.clone(), bc.clone());
+        drop(st);
+        Some(consumer)
     }
 
     /// All broadcasts, sorted by name.
@@ -727,6 +739,48 @@ impl BroadcastProducer {
         self.bc.stats.frames_in.fetch_add(1, Relaxed);
         self.hub.inner.stats.bytes_in.fetch_add(len, Relaxed);
         self.bc.notify.send_replace(());
+    }
+}
+
+impl BroadcastProducer {
+    /// Ends the broadcast now, without the reconnect grace: for a producer nobody comes back
+    /// for (a broadcast fetched from upstream whose fetch ended). Its consumers read what is
+    /// logged, then [`ReadOutcome::Ended`]; [`Hub::subscribe`] finds nothing under the name
+    /// from now on, and [`Hub::publish`] starts a new broadcast under it.
+    pub fn end(self) {
+        // Only an unwatched end can be refused.
+        let _ = self.end_when(false);
+    }
+
+    /// [`BroadcastProducer::end`] when no consumer is attached; else the producer back, still
+    /// live. Decided under the broadcast's lock, where [`Hub::subscribe`] counts a consumer in:
+    /// a consumer that attached first keeps the broadcast (and its producer), one that comes
+    /// after finds nothing under the name.
+    pub fn end_if_unwatched(self) -> Result<(), Self> {
+        self.end_when(true)
+    }
+
+    fn end_when(self, unwatched_only: bool) -> Result<(), Self> {
+        let mut map = self.hub.map();
+        let mut st = self.bc.lock();
+        if unwatched_only && self.bc.stats.players.load(Relaxed) > 0 {
+            drop(st);
+            drop(map);
+            return Err(self);
+        }
+        if st.publisher == Publisher::Live(self.id) {
+            st.publisher = Publisher::Ended;
+        }
+        drop(st);
+        if map
+            .get(&self.bc.name)
+            .is_some_and(|b| Arc::ptr_eq(b, &self.bc))
+        {
+            map.remove(&self.bc.name);
+        }
+        drop(map);
+        // Dropping `self` wakes the consumers.
+        Ok(())
     }
 }
 
@@ -1104,6 +1158,98 @@ mod tests {
         hub.reap(Instant::now() + Duration::from_secs(6));
         assert_eq!(c.read(&mut out, 100), ReadOutcome::Ended);
         assert!(hub.subscribe("live/a").is_none());
+    }
+
+    /// A fetched broadcast's producer (nobody comes back for it): ended as unwatched only while
+    /// no consumer is attached, then gone at once, without the grace; a consumer that comes
+    /// after finds nothing (so its node fetches again), and a new producer starts afresh.
+    #[test]
+    fn a_broadcast_whose_fetch_stopped_takes_no_new_consumer() {
+        let hub = Hub::new(HubConfig {
+            reconnect_grace: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let mut p = hub.publish("live/f").unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, true));
+        let c = hub.subscribe("live/f").unwrap();
+        // Watched: the producer comes back, still live.
+        let Err(mut p) = p.end_if_unwatched() else {
+            panic!("ended with a consumer attached");
+        };
+        assert!(p.broadcast().is_live());
+        p.push(TrackId(0), frame(33, false));
+        drop(c);
+        let old = p.broadcast().clone();
+        assert!(p.end_if_unwatched().is_ok());
+        assert!(!old.is_live());
+        // No grace: nothing to attach to, at once.
+        assert!(hub.subscribe("live/f").is_none());
+        assert!(hub.broadcasts().is_empty());
+        // A new fetch makes a new broadcast, not a resumption of the old one.
+        let mut p = hub.publish("live/f").unwrap();
+        assert!(!Arc::ptr_eq(p.broadcast(), &old));
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, true));
+        let mut c = hub.subscribe("live/f").unwrap();
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(1));
+        assert_eq!(frames(&out), vec![0]);
+    }
+
+    /// A fetch that ends for good (its upstream ended the broadcast): its consumers read what
+    /// is logged, then Ended, at once; no new consumer attaches.
+    #[test]
+    fn ending_a_broadcast_skips_the_grace() {
+        let hub = Hub::new(HubConfig {
+            reconnect_grace: Duration::from_secs(5),
+            ..Default::default()
+        });
+        let mut p = hub.publish("live/e").unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, true));
+        let mut c = hub.subscribe("live/e").unwrap();
+        p.push(TrackId(0), frame(33, false));
+        p.end();
+        assert!(hub.subscribe("live/e").is_none());
+        let mut out = Vec::new();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(2));
+        assert_eq!(frames(&out), vec![0, 33]);
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Ended);
+    }
+
+    /// Attaching and ending as unwatched at the same moment: either the consumer attached first
+    /// and the producer comes back, or the consumer finds nothing; never a consumer of a
+    /// broadcast that was ended.
+    #[test]
+    fn attaching_while_the_fetch_lets_go() {
+        for _ in 0..500 {
+            let hub = Hub::default();
+            let mut p = hub.publish("live/r").unwrap();
+            p.set_track(TrackId(0), video());
+            let bc = p.broadcast().clone();
+            let start = Arc::new(std::sync::Barrier::new(2));
+            let (h, s) = (hub.clone(), start.clone());
+            let attacher = std::thread::spawn(move || {
+                s.wait();
+                h.subscribe("live/r")
+            });
+            start.wait();
+            let ended = p.end_if_unwatched();
+            let consumer = attacher.join().unwrap();
+            match (consumer, ended) {
+                (Some(c), Err(p)) => {
+                    assert!(Arc::ptr_eq(c.broadcast(), &bc));
+                    assert!(p.broadcast().is_live());
+                }
+                (None, Ok(())) => assert!(!bc.is_live()),
+                (c, e) => panic!(
+                    "consumer {} while the end was {}",
+                    c.is_some(),
+                    if e.is_ok() { "done" } else { "refused" }
+                ),
+            }
+        }
     }
 
     #[test]
