@@ -466,7 +466,11 @@ impl Link {
 
     /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
     async fn publish(self: Arc<Self>, name: String) {
-        let Some(mut consumer) = self.ctx.hub.subscribe(&name) else {
+        let Some(mut consumer) = self
+            .ctx
+            .hub
+            .subscribe_as(&name, crate::media::ConsumerKind::Internal)
+        else {
             return;
         };
         self.stats.publications_out.fetch_add(1, Relaxed);
@@ -965,7 +969,7 @@ impl Link {
                     let watched = sink
                         .producer
                         .as_ref()
-                        .is_some_and(|p| p.broadcast().stats.players.load(Relaxed) > 0);
+                        .is_some_and(|p| p.broadcast().stats.consumers.load(Relaxed) > 0);
                     if watched || linger.is_none() {
                         unwatched_since = None;
                     } else if linger.is_some_and(|l| unwatched_since.get_or_insert_with(Instant::now).elapsed() >= l) {
