@@ -385,4 +385,10 @@ fn a_node_subscription_is_not_a_viewer() {
         origin.metric("castnode_broadcast_players{broadcast=\"live/v\"}"),
         0.0
     );
+    // Their first pages list it too.
+    for server in [&origin, &edge] {
+        let (status, _, page) = server.get("/");
+        assert_eq!(status, 200);
+        assert!(page.contains("live/v"), "{page}");
+    }
 }

@@ -47,6 +47,7 @@ pub struct Server {
     pub rtmp_port: u16,
     pub http_port: u16,
     log: Arc<Mutex<String>>,
+    printed: Arc<Mutex<String>>,
 }
 
 fn port_after(line: &str, scheme: &str) -> Option<u16> {
@@ -107,9 +108,17 @@ impl Server {
                 l.push('\n');
             }
         });
-        // Keep draining stdout so the process never blocks on it.
+        // Keep draining stdout so the process never blocks on it (kept for `printed`).
         let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        let printed = Arc::new(Mutex::new(String::new()));
+        let out = printed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
         let line = started
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("castnode {role} did not start:\n{}", log.lock().unwrap()));
@@ -121,6 +130,7 @@ impl Server {
             cluster_port: field("cluster"),
             udp_port: field("webrtc_udp"),
             log,
+            printed,
         }
     }
 
@@ -161,6 +171,11 @@ impl Server {
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Everything the node printed on stdout so far (its banner).
+    pub fn printed(&self) -> String {
+        self.printed.lock().unwrap().clone()
     }
 
     /// Waits until the log contains `needle`.
