@@ -36,6 +36,7 @@ fn cluster(nodes: usize) -> Registry {
             .map(|b| BroadcastLoad {
                 name: format!("live/{}", (i + b) % 200),
                 viewers: 10,
+                node_subscriptions: 0,
                 publishing: role == NodeRole::Origin,
             })
             .collect();
@@ -72,6 +73,7 @@ fn bench(c: &mut Criterion) {
             .map(|b| BroadcastLoad {
                 name: format!("live/{b}"),
                 viewers: 3,
+                node_subscriptions: 0,
                 publishing: false,
             })
             .collect(),

@@ -296,8 +296,14 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
     metric(
         "castnode_broadcast_players",
         "gauge",
-        "Players of a broadcast.",
+        "Players of a broadcast (people: RTMP, HTTP-FLV, WebRTC).",
         &per(&|b| b.stats.players.load(Relaxed) as f64),
+    );
+    metric(
+        "castnode_broadcast_node_subscriptions",
+        "gauge",
+        "Other nodes reading a broadcast over the cluster link.",
+        &per(&|b| b.stats.node_subscriptions.load(Relaxed) as f64),
     );
     metric(
         "castnode_broadcast_bytes_in_total",

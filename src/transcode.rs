@@ -18,7 +18,8 @@ use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
 use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
 use crate::media::{
-    AudioInfo, BroadcastConsumer, Codec, Entry, Hub, Item, ReadOutcome, TrackId, TrackInfo,
+    AudioInfo, BroadcastConsumer, Codec, ConsumerKind, Entry, Hub, Item, ReadOutcome, TrackId,
+    TrackInfo,
 };
 
 /// A running transcoder; dropping the last handle stops it.
@@ -122,7 +123,7 @@ async fn run_video(
     source: TrackInfo,
     declared: Arc<OnceLock<TrackId>>,
 ) {
-    let Some(mut consumer) = hub.subscribe(bc.name()) else {
+    let Some(mut consumer) = hub.subscribe_as(bc.name(), ConsumerKind::Internal) else {
         return;
     };
     let mut reencoder = match Reencoder::new() {
@@ -261,7 +262,7 @@ async fn run_audio(
     to: Codec,
     track: Arc<OnceLock<TrackId>>,
 ) {
-    let Some(mut consumer) = hub.subscribe(bc.name()) else {
+    let Some(mut consumer) = hub.subscribe_as(bc.name(), ConsumerKind::Internal) else {
         return;
     };
     let (from, to_name) = (source.codec.name(), to.name());

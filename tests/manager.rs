@@ -332,3 +332,63 @@ fn standalone_embeds_the_manager() {
         format!("http://127.0.0.1:{}/whep/live/e", server.http_port)
     );
 }
+
+/// Viewers are people: one HTTP-FLV player on an edge is one viewer of the broadcast in the
+/// manager's figures and on the nodes; the edge's subscription to the origin over the cluster
+/// link is reported apart, as a node subscription.
+#[test]
+fn a_node_subscription_is_not_a_viewer() {
+    let manager = Server::start_role("manager", &["--cluster-token", TOKEN]);
+    let origin = node(&manager, "origin", "a", &["--node-id", "origin-v"]);
+    let upstream = format!("127.0.0.1:{}", origin.cluster_port);
+    let edge = node(
+        &manager,
+        "edge",
+        "a",
+        &["--node-id", "edge-v", "--upstream", &upstream],
+    );
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("v"), &fixture("baseline.flv"), 20);
+    origin.wait_live("live/v", Duration::from_secs(10));
+    let out = temp_dir("manager-viewers").join("flv.md5");
+    let _viewer = ffmpeg_framemd5(&edge.flv_url("v"), Some(20.0), &out);
+    let find = |v: &serde_json::Value| -> serde_json::Value {
+        v["broadcasts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|b| b["name"] == "live/v").cloned())
+            .unwrap_or_default()
+    };
+    let settled = wait_until(Duration::from_secs(15), || {
+        let b = find(&json(&manager, "/api/v1/broadcasts").1);
+        b["viewers"] == 1 && b["node_subscriptions"] == 1
+    });
+    let (_, all) = json(&manager, "/api/v1/broadcasts");
+    assert!(settled, "{all}");
+    let b = find(&all);
+    let carrier = |id: &str| {
+        b["nodes"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["id"] == id).cloned())
+            .unwrap_or_default()
+    };
+    let figures = |n: serde_json::Value| (n["viewers"].as_u64(), n["node_subscriptions"].as_u64());
+    assert_eq!(figures(carrier("origin-v")), (Some(0), Some(1)), "{all}");
+    assert_eq!(figures(carrier("edge-v")), (Some(1), Some(0)), "{all}");
+    // The nodes' own broadcast lists say the same.
+    let local = |server: &Server| {
+        let (_, v) = json(server, "/api/v1/broadcasts");
+        let b = find(&v);
+        (b["players"].as_u64(), b["node_subscriptions"].as_u64())
+    };
+    assert_eq!(local(&origin), (Some(0), Some(1)));
+    assert_eq!(local(&edge), (Some(1), Some(0)));
+    assert_eq!(
+        origin.metric("castnode_broadcast_players{broadcast=\"live/v\"}"),
+        0.0
+    );
+    // Their first pages list it too.
+    for server in [&origin, &edge] {
+        let (status, _, page) = server.get("/");
+        assert_eq!(status, 200);
+        assert!(page.contains("live/v"), "{page}");
+    }
+}

@@ -130,3 +130,73 @@ fn the_console_shows_the_cluster() {
     );
     assert!(!element(&dom, "nodes").contains("origin-eu-1"));
 }
+
+/// `castnode standalone` serves the same console at `/console`, working against its embedded
+/// manager with the admin token it printed at start.
+#[test]
+fn standalone_serves_the_console() {
+    let server = Server::start(&["--node-id", "solo-1"]);
+    let (status, head, page) = server.get("/console");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_lowercase().contains("text/html"), "{head}");
+    assert!(page.contains("castnode console"));
+    const PREFIX: &str = "admin token (generated; shown only now): ";
+    assert!(
+        wait_until(Duration::from_secs(5), || server.printed().contains(PREFIX)),
+        "no admin token printed:\n{}",
+        server.printed()
+    );
+    let printed = server.printed();
+    let token = printed[printed.find(PREFIX).unwrap() + PREFIX.len()..]
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let _publisher = ffmpeg_publish(&server.rtmp_url("solo"), &fixture("baseline.flv"), 3);
+    server.wait_live("live/solo", Duration::from_secs(10));
+    let get = |path: &str, token: &str| {
+        let (status, _, body) =
+            http_request_with(server.http_port, "GET", path, None, Some(token), b"");
+        (
+            status,
+            serde_json::from_str::<serde_json::Value>(&body).unwrap_or_default(),
+        )
+    };
+    // What the console reads, as it reads it.
+    let (status, v) = get("/api/v1/nodes", &token);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["nodes"][0]["id"], "solo-1", "{v}");
+    let (status, v) = get("/api/v1/regions", &token);
+    assert_eq!(status, 200, "{v}");
+    assert!(v["regions"].is_array(), "{v}");
+    let shown = wait_until(Duration::from_secs(5), || {
+        let (status, v) = get("/api/v1/broadcasts", &token);
+        status == 200
+            && v["broadcasts"].as_array().is_some_and(|a| {
+                a.iter().any(|b| {
+                    b["name"] == "live/solo"
+                        && b["viewers"] == 0
+                        && b["publishers"][0] == "solo-1"
+                        && b["nodes"][0]["id"] == "solo-1"
+                })
+            })
+    });
+    assert!(shown, "{}", get("/api/v1/broadcasts", &token).1);
+    assert_eq!(get("/api/v1/nodes", "not-a-token-of-this-node").0, 401);
+    if !has_chromium() {
+        eprintln!(
+            "SKIPPED (browser part): chromium is not installed (./setup.sh test installs it)"
+        );
+        return;
+    }
+    let dom = console_dom(&server, &token, "console-standalone");
+    assert!(element(&dom, "nodes").contains("solo-1"), "{dom}");
+    assert!(element(&dom, "broadcasts").contains("live/solo"), "{dom}");
+    assert!(element(&dom, "summary").contains("1 live nodes"), "{dom}");
+    assert!(
+        element(&dom, "msg").contains("></div>"),
+        "an error shows: {}",
+        element(&dom, "msg")
+    );
+}

@@ -110,3 +110,71 @@ fn api_metrics_and_flv_headers() {
     );
     assert!(server.log().contains("player limit reached"));
 }
+
+/// `GET /` with a `Host` header of the caller's choice: (status, head, body).
+fn first_page(port: u16, host: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+/// The first page a person opens: `/` shows the OBS settings (even when nothing is live, which
+/// it says), then every live broadcast with its browser, HTTP-FLV and RTMP links; HTTP links
+/// name the host the page was asked from, RTMP links the node's public host and RTMP port.
+#[test]
+fn the_first_page_lists_broadcasts_and_obs_settings() {
+    let server = Server::start(&[]);
+    let host = format!("127.0.0.1:{}", server.http_port);
+    let obs_server = format!("rtmp://127.0.0.1:{}/live", server.rtmp_port);
+    let (status, head, page) = first_page(server.http_port, &host);
+    assert_eq!(status, 200, "{head}");
+    assert!(head.to_lowercase().contains("text/html"), "{head}");
+    assert!(page.contains("Nothing is live"), "{page}");
+    assert!(page.contains(&obs_server), "{page}");
+    for link in [
+        "/console",
+        "/api/v1/broadcasts",
+        "/metrics",
+        "/publish/live/",
+    ] {
+        assert!(
+            page.contains(&format!("http://{host}{link}")),
+            "no {link} in {page}"
+        );
+    }
+
+    let _publisher = ffmpeg_publish(&server.rtmp_url("first"), &fixture("baseline.flv"), 2);
+    server.wait_live("live/first", Duration::from_secs(10));
+    let (status, _, page) = first_page(server.http_port, &host);
+    assert_eq!(status, 200);
+    assert!(!page.contains("Nothing is live"), "{page}");
+    for link in [
+        format!("http://{host}/play/live/first"),
+        format!("http://{host}/live/first.flv"),
+        server.rtmp_url("first"),
+        obs_server.clone(),
+        "<code>first</code>".to_owned(),
+    ] {
+        assert!(page.contains(&link), "no {link} in {page}");
+    }
+    // Another Host header (a proxy, a DNS name): the HTTP links follow it.
+    let (_, _, page) = first_page(server.http_port, "media.example.test:8443");
+    assert!(
+        page.contains("http://media.example.test:8443/play/live/first"),
+        "{page}"
+    );
+}

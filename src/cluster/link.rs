@@ -570,7 +570,11 @@ impl Link {
 
     /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
     async fn publish(self: Arc<Self>, name: String) {
-        let Some(mut consumer) = self.ctx.hub.subscribe(&name) else {
+        let Some(mut consumer) = self
+            .ctx
+            .hub
+            .subscribe_as(&name, crate::media::ConsumerKind::Internal)
+        else {
             return;
         };
         self.stats.publications_out.fetch_add(1, Relaxed);
@@ -1069,7 +1073,7 @@ impl Link {
                     let watched = sink
                         .producer
                         .as_ref()
-                        .is_some_and(|p| p.broadcast().stats.players.load(Relaxed) > 0);
+                        .is_some_and(|p| p.broadcast().stats.consumers.load(Relaxed) > 0);
                     if watched {
                         unwatched_since = None;
                     } else if unwatched_since.get_or_insert_with(Instant::now).elapsed() >= self.linger {

@@ -57,7 +57,9 @@ use super::wire::{
     GroupSeq, ResetCode, Side, SubscriptionId,
 };
 use crate::media::hub::Broadcast;
-use crate::media::{BroadcastConsumer, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind};
+use crate::media::{
+    BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind,
+};
 
 /// Memo slot of an entry's encoding on a group stream (frame header or config item), shared by
 /// every subscription.
@@ -917,7 +919,8 @@ impl Driver {
         match msg {
             ControlMessage::Subscribe { id, broadcast } => {
                 self.drop_flow(i, id.0);
-                if let Some(consumer) = self.link.ctx().hub.subscribe(&broadcast) {
+                let hub = &self.link.ctx().hub;
+                if let Some(consumer) = hub.subscribe_as(&broadcast, ConsumerKind::Node) {
                     self.start_flow(i, id, &broadcast, consumer);
                 } else if self.link.has_upstreams() {
                     // Fetching from upstream may take a moment: other requests of this peer go
@@ -929,7 +932,10 @@ impl Driver {
                     let (link, tx, generation) =
                         (self.link.clone(), self.answer_tx.clone(), c.generation);
                     self.link.runtime().spawn(async move {
-                        let consumer = link.subscribe(&broadcast).await;
+                        let consumer = link.subscribe(&broadcast).await.map(|mut c| {
+                            c.set_kind(ConsumerKind::Node);
+                            c
+                        });
                         let _ = tx.send(Answer {
                             conn: i,
                             generation,

@@ -499,7 +499,7 @@ async fn preflight() -> Response {
 
 /// The management console: one page of plain HTML/JS on the REST API (nodes with live load,
 /// broadcasts with a preview and the broadcaster's URLs, node groups, regions, load charts).
-async fn console() -> Response {
+pub async fn console() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),

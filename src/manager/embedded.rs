@@ -68,8 +68,11 @@ pub struct NodeView {
 pub struct BroadcastView {
     /// `app/key`.
     pub name: String,
-    /// Viewers on every node together.
+    /// Viewers on every node together (people, not nodes).
     pub viewers: u64,
+    /// Node subscriptions on every node together: nodes fetching it from another node over
+    /// the cluster link (an edge's one subscription, whatever its viewers).
+    pub node_subscriptions: u64,
     /// The nodes that have its publisher.
     pub publishers: Vec<String>,
     /// Every live node that carries it, with its viewers there.
@@ -83,6 +86,8 @@ pub struct CarrierView {
     pub id: String,
     /// Its viewers of the broadcast.
     pub viewers: u64,
+    /// Other nodes reading the broadcast from it.
+    pub node_subscriptions: u64,
 }
 
 /// A region as the API lists it.
@@ -358,12 +363,14 @@ impl Embedded {
                     ..BroadcastView::default()
                 });
                 v.viewers += b.viewers;
+                v.node_subscriptions += b.node_subscriptions;
                 if b.publishing {
                     v.publishers.push(n.info.id.clone());
                 }
                 v.nodes.push(CarrierView {
                     id: n.info.id.clone(),
                     viewers: b.viewers,
+                    node_subscriptions: b.node_subscriptions,
                 });
             }
         }

@@ -128,9 +128,9 @@ pub struct LoadReport {
     pub bandwidth_out: f64,
     /// Connections (publishers, players, WebRTC sessions, cluster peers).
     pub connections: u64,
-    /// Viewers now (players + WebRTC viewers).
+    /// Viewers now (players + WebRTC viewers: people, not other nodes).
     pub viewers: u64,
-    /// Broadcasts the node carries, with their viewers there.
+    /// Broadcasts the node carries, with their viewers and node subscriptions there.
     pub broadcasts: Vec<BroadcastLoad>,
 }
 
@@ -139,8 +139,11 @@ pub struct LoadReport {
 pub struct BroadcastLoad {
     /// `app/key`.
     pub name: String,
-    /// Its viewers on the node.
+    /// Its viewers on the node (people: RTMP, HTTP-FLV and WebRTC players).
     pub viewers: u64,
+    /// Other nodes reading it from this node over the cluster link (not viewers).
+    #[serde(default)]
+    pub node_subscriptions: u64,
     /// The node has its publisher.
     pub publishing: bool,
 }

@@ -569,6 +569,7 @@ mod tests {
                 .map(|(n, p)| BroadcastLoad {
                     name: (*n).into(),
                     viewers: 0,
+                    node_subscriptions: 0,
                     publishing: *p,
                 })
                 .collect(),

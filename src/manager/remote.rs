@@ -407,6 +407,7 @@ fn collect(ctx: &NodeContext, last: &mut Sample) -> LoadReport {
         .map(|b| BroadcastLoad {
             name: b.name().to_owned(),
             viewers: b.stats.players.load(Relaxed),
+            node_subscriptions: b.stats.node_subscriptions.load(Relaxed),
             publishing: b.is_live() && !cluster.is_some_and(|l| l.fetches(b.name())),
         })
         .collect();

@@ -136,8 +136,36 @@ pub struct BroadcastStats {
     pub frames_in: AtomicU64,
     /// Frames players skipped because they fell behind.
     pub frames_skipped: AtomicU64,
-    /// Players currently attached.
+    /// Players attached now: people's RTMP, HTTP-FLV and WebRTC sessions
+    /// ([`ConsumerKind::Player`]).
     pub players: AtomicU64,
+    /// Other nodes reading it over the cluster link now ([`ConsumerKind::Node`]).
+    pub node_subscriptions: AtomicU64,
+    /// Every consumer attached now, whatever its kind (players, nodes, this node's transcoders
+    /// and its publication upstream): whether anything still reads the broadcast.
+    pub consumers: AtomicU64,
+}
+
+/// Who reads a broadcast, for its counts ([`BroadcastStats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerKind {
+    /// A person's player (RTMP, HTTP-FLV, a WebRTC viewer): what [`Hub::subscribe`] gives.
+    Player,
+    /// Another node fetching the broadcast over the cluster link.
+    Node,
+    /// This node's own work: a transcoder, the publication upstream.
+    Internal,
+}
+
+impl ConsumerKind {
+    /// The counter of this kind, if it has one (every kind also counts in `consumers`).
+    fn counter(self, stats: &BroadcastStats) -> Option<&AtomicU64> {
+        match self {
+            ConsumerKind::Player => Some(&stats.players),
+            ConsumerKind::Node => Some(&stats.node_subscriptions),
+            ConsumerKind::Internal => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -428,6 +456,7 @@ impl Broadcast {
             publishing: matches!(st.publisher, Publisher::Live(_)),
             tracks,
             players: self.stats.players.load(Relaxed),
+            node_subscriptions: self.stats.node_subscriptions.load(Relaxed),
             uptime_s: round2(self.created.elapsed().as_secs_f64()),
             bytes_in: self.stats.bytes_in.load(Relaxed),
             bytes_out: self.stats.bytes_out.load(Relaxed),
@@ -481,8 +510,10 @@ pub struct BroadcastInfo {
     pub publishing: bool,
     /// Tracks with measured figures.
     pub tracks: Vec<TrackSummary>,
-    /// Attached players.
+    /// Players attached now (people: RTMP, HTTP-FLV, WebRTC viewers).
     pub players: u64,
+    /// Other nodes reading it over the cluster link now (not players).
+    pub node_subscriptions: u64,
     /// Seconds since the broadcast started.
     pub uptime_s: f64,
     /// Payload bytes in.
@@ -620,18 +651,23 @@ impl Hub {
         })
     }
 
-    /// A consumer of `name`, or `None` when nothing is published under it.
+    /// A player's consumer of `name`, or `None` when nothing is published under it.
+    pub fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
+        self.subscribe_as(name, ConsumerKind::Player)
+    }
+
+    /// A consumer of `name` counted as `kind`, or `None` when nothing is published under it.
     ///
-    /// The consumer is counted in the broadcast's `players` under the broadcast's lock, where
+    /// The consumer is counted in the broadcast's `consumers` under the broadcast's lock, where
     /// [`BroadcastProducer::end_if_unwatched`] looks: a broadcast is never ended as unwatched
     /// with a consumer attached, and a consumer never attaches to one so ended.
-    pub fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
+    pub fn subscribe_as(&self, name: &str, kind: ConsumerKind) -> Option<BroadcastConsumer> {
         let bc = self.map().get(name)?.clone();
         let st = bc.lock();
         if st.publisher == Publisher::Ended {
             return None;
         }
-        let consumer = BroadcastConsumer::new(self.clone(), bc.clone());
+        let consumer = BroadcastConsumer::new(self.clone(), bc.clone(), kind);
         drop(st);
         Some(consumer)
     }
@@ -763,7 +799,7 @@ impl BroadcastProducer {
     fn end_when(self, unwatched_only: bool) -> Result<(), Self> {
         let mut map = self.hub.map();
         let mut st = self.bc.lock();
-        if unwatched_only && self.bc.stats.players.load(Relaxed) > 0 {
+        if unwatched_only && self.bc.stats.consumers.load(Relaxed) > 0 {
             drop(st);
             drop(map);
             return Err(self);
@@ -880,14 +916,20 @@ pub struct BroadcastConsumer {
     /// The last read stopped at its `max`: more entries are waiting.
     more: bool,
     rx: watch::Receiver<()>,
+    /// Who reads, for the broadcast's counts.
+    kind: ConsumerKind,
 }
 
 impl BroadcastConsumer {
-    fn new(hub: Hub, bc: Arc<Broadcast>) -> Self {
-        bc.stats.players.fetch_add(1, Relaxed);
+    fn new(hub: Hub, bc: Arc<Broadcast>, kind: ConsumerKind) -> Self {
+        bc.stats.consumers.fetch_add(1, Relaxed);
+        if let Some(c) = kind.counter(&bc.stats) {
+            c.fetch_add(1, Relaxed);
+        }
         let rx = bc.notify.subscribe();
         Self {
             hub,
+            kind,
             bc,
             cursor: 0,
             resync: true,
@@ -895,6 +937,21 @@ impl BroadcastConsumer {
             more: false,
             rx,
         }
+    }
+
+    /// Counts this consumer as `kind` from now on (a consumer obtained for a player that turns
+    /// out to serve another node).
+    pub fn set_kind(&mut self, kind: ConsumerKind) {
+        if kind == self.kind {
+            return;
+        }
+        if let Some(c) = self.kind.counter(&self.bc.stats) {
+            c.fetch_sub(1, Relaxed);
+        }
+        if let Some(c) = kind.counter(&self.bc.stats) {
+            c.fetch_add(1, Relaxed);
+        }
+        self.kind = kind;
     }
 
     /// The broadcast being read.
@@ -997,7 +1054,10 @@ impl BroadcastConsumer {
 
 impl Drop for BroadcastConsumer {
     fn drop(&mut self) {
-        self.bc.stats.players.fetch_sub(1, Relaxed);
+        self.bc.stats.consumers.fetch_sub(1, Relaxed);
+        if let Some(c) = self.kind.counter(&self.bc.stats) {
+            c.fetch_sub(1, Relaxed);
+        }
     }
 }
 
@@ -1274,6 +1334,30 @@ mod tests {
         }
         assert_eq!(frames(&out)[0], 180 * 33);
         assert_eq!(hub.stats().frames_skipped.load(Relaxed), 179);
+    }
+
+    #[test]
+    fn consumers_count_by_kind() {
+        let hub = Hub::default();
+        let _p = hub.publish("live/k").unwrap();
+        let stats = |h: &Hub| {
+            let bc = h.broadcasts()[0].clone();
+            let s = &bc.stats;
+            [&s.players, &s.node_subscriptions, &s.consumers].map(|c| c.load(Relaxed))
+        };
+        let player = hub.subscribe("live/k").unwrap();
+        let mut fetched = hub.subscribe("live/k").unwrap();
+        let internal = hub.subscribe_as("live/k", ConsumerKind::Internal).unwrap();
+        assert_eq!(stats(&hub), [2, 0, 3]);
+        fetched.set_kind(ConsumerKind::Node);
+        assert_eq!(stats(&hub), [1, 1, 3]);
+        let info = hub.broadcasts()[0].describe();
+        assert_eq!((info.players, info.node_subscriptions), (1, 1));
+        drop(fetched);
+        drop(internal);
+        assert_eq!(stats(&hub), [1, 0, 1]);
+        drop(player);
+        assert_eq!(stats(&hub), [0, 0, 0]);
     }
 
     mod random_ops {

@@ -13,6 +13,6 @@ pub use frame::{
     AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo,
 };
 pub use hub::{
-    BroadcastConsumer, BroadcastProducer, Entry, Hub, HubConfig, MemoSlot, PublishError,
-    ReadOutcome,
+    BroadcastConsumer, BroadcastProducer, ConsumerKind, Entry, Hub, HubConfig, MemoSlot,
+    PublishError, ReadOutcome,
 };

@@ -153,6 +153,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             println!("  Upstream: {}", cluster.upstream.join(", "));
         }
         println!("  Cluster link (QUIC): {cluster_addr}");
+        println!("  Start page (what is live, with play links): http://{host}:{http_port}/");
         if role == "edge" {
             println!("  Watch in a browser: http://{host}:{http_port}/play/live/mystream");
             println!("  Watch (HTTP-FLV): http://{host}:{http_port}/live/mystream.flv");
@@ -169,11 +170,25 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             &cluster_addr,
         );
     }
+    if embedded.is_some() {
+        println!(
+            "  Console (embedded stream manager): http://{host}:{http_port}/console   (give it the admin token)"
+        );
+    }
     if let Some(secret) = admin_secret {
         println!("  Manager API admin token (generated; shown only now): {secret}");
     }
-    let extra = embedded.map(|(m, _)| crate::manager::api::api_routes(m));
-    serve(ctx, rtmp, http, webrtc, extra).await
+    let facts = crate::http::NodeFacts {
+        role: role.to_owned(),
+        node_id: cluster.node_id.clone(),
+        public_host: host.clone(),
+        http_port,
+        rtmp_port: (rtmp_port != 0).then_some(rtmp_port),
+        webrtc_udp: webrtc.as_ref().map(|w| w.local_addr().to_string()),
+        console: embedded.is_some(),
+    };
+    let manager = embedded.map(|(m, _)| m);
+    serve(ctx, rtmp, http, webrtc, facts, manager).await
 }
 
 fn print_banner(
@@ -185,6 +200,7 @@ fn print_banner(
     cluster_addr: &str,
 ) {
     println!("castnode {role} is running.");
+    println!("  Start page (what is live, with play links): http://{host}:{http_port}/");
     println!("  OBS: Settings > Stream > Service: Custom");
     println!("       Server:     rtmp://{host}:{rtmp_port}/live");
     println!("       Stream key: mystream   (any key; the broadcast is live/<key>)");
@@ -223,7 +239,8 @@ async fn serve(
     rtmp: Option<TcpListener>,
     http: TcpListener,
     webrtc: Option<Arc<Webrtc>>,
-    extra: Option<axum::Router>,
+    facts: crate::http::NodeFacts,
+    manager: Option<Arc<crate::manager::embedded::Embedded>>,
 ) -> anyhow::Result<()> {
     if let Some(rtmp) = rtmp {
         tokio::spawn(crate::rtmp::driver::serve(rtmp, ctx.clone()));
@@ -241,12 +258,12 @@ async fn serve(
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;
-    let mut routes = crate::http::router(ctx.clone());
+    let mut routes = crate::http::router(ctx.clone(), facts, manager.clone());
     if let Some(webrtc) = webrtc {
         routes = routes.merge(crate::webrtc::signal::router(ctx, webrtc));
     }
-    if let Some(extra) = extra {
-        routes = routes.merge(extra);
+    if let Some(m) = manager {
+        routes = routes.merge(crate::manager::api::api_routes(m));
     }
     axum::serve(
         http,

@@ -50,6 +50,7 @@ pub struct Server {
     /// [`Server::start_at`]).
     pub host: String,
     log: Arc<Mutex<String>>,
+    printed: Arc<Mutex<String>>,
 }
 
 /// The port of the `NAME=ADDR:PORT` field `scheme` (`"rtmp="`) of a log line, whatever the
@@ -122,9 +123,17 @@ impl Server {
                 l.push('\n');
             }
         });
-        // Keep draining stdout so the process never blocks on it.
+        // Keep draining stdout so the process never blocks on it (kept for `printed`).
         let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || for _ in BufReader::new(stdout).lines() {});
+        let printed = Arc::new(Mutex::new(String::new()));
+        let out = printed.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut o = out.lock().unwrap();
+                o.push_str(&line);
+                o.push('\n');
+            }
+        });
         let line = started
             .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("castnode {role} did not start:\n{}", log.lock().unwrap()));
@@ -137,6 +146,7 @@ impl Server {
             udp_port: field("webrtc_udp"),
             host: host.to_owned(),
             log,
+            printed,
         }
     }
 
@@ -177,6 +187,11 @@ impl Server {
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// Everything the node printed on stdout so far (its banner).
+    pub fn printed(&self) -> String {
+        self.printed.lock().unwrap().clone()
     }
 
     /// Waits until the log contains `needle`.
