@@ -130,3 +130,35 @@ fn toml_file_is_read_and_checked() {
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
+
+/// The repository stands on its own: no tracked file points outside it.
+#[test]
+fn no_tracked_file_points_outside_the_repository() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let Ok(out) = Command::new("git")
+        .args(["-C", root, "ls-files", "-z"])
+        .output()
+    else {
+        eprintln!("SKIPPED: git is not installed");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!("SKIPPED: not a git checkout");
+        return;
+    }
+    let needle = concat!("..", "/shared").as_bytes();
+    let bad: Vec<String> = out
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .filter(|p| {
+            std::fs::read(std::path::Path::new(root).join(p))
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "files that point outside the repository: {bad:?}"
+    );
+}

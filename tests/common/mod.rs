@@ -534,7 +534,7 @@ pub fn publish_paced(
     (t0, handle)
 }
 
-// --- headless Chromium (see ../shared/TESTING.md) ---
+// --- headless Chromium (see docs/testing.md) ---
 
 /// Whether Debian's `chromium` is installed (tests that need it skip, saying so, where not).
 pub fn has_chromium() -> bool {
@@ -673,7 +673,7 @@ pub fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
-/// Headless Chromium with the flags these tests need (see ../shared/TESTING.md), on its own
+/// Headless Chromium with the flags these tests need (see docs/testing.md), on its own
 /// profile; the caller adds what it opens.
 pub fn chromium_command(profile: &std::path::Path) -> Command {
     let mut c = Command::new("chromium");
@@ -695,7 +695,7 @@ pub fn chromium_command(profile: &std::path::Path) -> Command {
     c
 }
 
-/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see TESTING.md).
+/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see docs/testing.md).
 pub fn chromium(url: &str, profile: &std::path::Path) -> Proc {
     Proc(
         chromium_command(profile)
