@@ -67,6 +67,12 @@ impl Server {
     /// Starts `castnode ROLE` on 127.0.0.1 ports the kernel picks (plus `extra` flags); waits
     /// for its "node started" log line and reads the bound ports from it.
     pub fn start_role(role: &str, extra: &[&str]) -> Server {
+        Server::start_role_with(role, extra, |_| {})
+    }
+
+    /// [`Server::start_role`], with `setup` applied to the command last (working directory,
+    /// environment).
+    pub fn start_role_with(role: &str, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_castnode"));
         cmd.arg(role);
         for flag in ["--rtmp", "--http", "--webrtc-udp"] {
@@ -79,20 +85,18 @@ impl Server {
             cmd.args(["--cluster", "127.0.0.1:0"]);
         }
         if role == "manager" {
-            if !extra.contains(&"--db") {
-                cmd.args(["--db", ":memory:"]);
-            }
+            // In memory unless the test says otherwise (a flag, or removing the variable).
+            cmd.env("CASTNODE_DB", ":memory:");
             if !extra.contains(&"--admin-token") {
                 cmd.args(["--admin-token", ADMIN_TOKEN]);
             }
         }
-        let mut child = cmd
-            .args(extra)
+        cmd.args(extra)
             .env("RUST_LOG", "info,castnode=debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start castnode");
+            .stderr(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().expect("start castnode");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
