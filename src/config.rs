@@ -350,19 +350,31 @@ pub fn command() -> clap::Command {
                 "HTTP listen address, HOST:PORT: the API, console and WHIP/WHEP redirects; \
                  heartbeats on the same port over UDP [default: 0.0.0.0:5080]",
             );
-            help(
+            let s = help(
                 s,
                 "db",
                 "The SQLite database keeping tokens, regions and node groups (`:memory:` keeps \
                  nothing) [default: manager.db in --data-dir]",
+            );
+            help(
+                s,
+                "data_dir",
+                "Where the manager keeps its state (manager.db); created at start \
+                 [default: $XDG_DATA_HOME/castnode, or ~/.local/share/castnode]",
             )
         })
         .mut_subcommand("standalone", |s| {
-            help(
+            let s = help(
                 s,
                 "db",
                 "The embedded manager's SQLite database of tokens, regions and node groups \
                  [default: in memory, or manager.db in --data-dir when one is given]",
+            );
+            help(
+                s,
+                "data_dir",
+                "Where the embedded manager keeps its state (manager.db); created at start \
+                 [default: none, the state is in memory]",
             )
         })
         .mut_subcommands(|s| {
