@@ -48,7 +48,14 @@ if ! command -v cargo >/dev/null; then
 fi
 
 if [ "$mode" = standalone ]; then
+  if [ -x target/release/castnode ]; then
+    echo "==> cargo build --release: bringing target/release/castnode up to date"
+  else
+    echo "==> cargo build --release: building castnode (optimized, a few hundred crates)."
+    echo "    The first build takes minutes: about 11 on a busy 2-core machine; later ones seconds."
+  fi
   cargo build --release --locked --bin castnode
+  echo "==> starting target/release/castnode standalone $*"
   exec ./target/release/castnode standalone "$@"
 fi
 

@@ -3,11 +3,13 @@
 //!
 //! A bad value is a [`ConfigError`] naming the key; `main` exits with status 64 (EX_USAGE).
 
-use std::net::{IpAddr, SocketAddr};
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 /// castnode: a live-streaming cluster in one binary.
@@ -63,6 +65,87 @@ pub enum LogFormat {
     Json,
 }
 
+/// A listen address as given: `HOST:PORT`, the host an IP address (`[…]` around IPv6) or a
+/// name. Names are resolved when the configuration is resolved, before anything is bound.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct ListenAddr {
+    host: String,
+    port: u16,
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr {
+                host: a.ip().to_string(),
+                port: a.port(),
+            });
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("{s:?} is not HOST:PORT (the port is a number up to 65535)"))?;
+        let name_ok = !host.is_empty()
+            && host.len() <= 253
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+        if !name_ok {
+            return Err(format!(
+                "{s:?} is not HOST:PORT (HOST: an IP address or a host name)"
+            ));
+        }
+        Ok(ListenAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl TryFrom<String> for ListenAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl ListenAddr {
+    /// The address to bind: the IP address given, or what the host name resolves to (its first
+    /// IPv4 address when it has one, so `localhost` is 127.0.0.1, else its first address).
+    /// `key` names the setting in the error.
+    pub fn resolve(&self, key: &str) -> Result<SocketAddr, ConfigError> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| bad(key, format!("{self}: cannot resolve {}: {e}", self.host)))?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| bad(key, format!("{self}: {} has no address", self.host)))
+    }
+}
+
 /// Settings of a media node. Every field can come from a flag, an environment variable or the
 /// TOML file (same names as the flags, e.g. `max-message-bytes = 1048576`).
 #[derive(Args, Debug, Default, Clone, Deserialize)]
@@ -72,12 +155,13 @@ pub struct NodeArgs {
     #[arg(long, env = "CASTNODE_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// RTMP listen address [default: 0.0.0.0:1935].
+    /// RTMP listen address, HOST:PORT (an IP address or a host name) [default: 0.0.0.0:1935].
     #[arg(long, env = "CASTNODE_RTMP")]
-    pub rtmp: Option<SocketAddr>,
-    /// HTTP listen address: HTTP-FLV, API, health, metrics [default: 0.0.0.0:8080].
+    pub rtmp: Option<ListenAddr>,
+    /// HTTP listen address, HOST:PORT: HTTP-FLV, API, health, metrics [default: 0.0.0.0:8080;
+    /// manager: 0.0.0.0:5080].
     #[arg(long, env = "CASTNODE_HTTP")]
-    pub http: Option<SocketAddr>,
+    pub http: Option<ListenAddr>,
     /// Log format [default: text].
     #[arg(long, env = "CASTNODE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -108,9 +192,9 @@ pub struct NodeArgs {
     /// Seconds a player may block a write before it is disconnected [default: 10].
     #[arg(long, env = "CASTNODE_STALL_TIMEOUT")]
     pub stall_timeout: Option<f64>,
-    /// WebRTC media: the one UDP address every peer uses [default: 0.0.0.0:8189].
+    /// WebRTC media: the one UDP address every peer uses, HOST:PORT [default: 0.0.0.0:8189].
     #[arg(long, env = "CASTNODE_WEBRTC_UDP")]
-    pub webrtc_udp: Option<SocketAddr>,
+    pub webrtc_udp: Option<ListenAddr>,
     /// Address handed to WebRTC peers as a candidate (repeatable; comma-separated in the
     /// environment) [default: the bound address, or this host's primary address and 127.0.0.1].
     #[arg(long, env = "CASTNODE_WEBRTC_PUBLIC_IP", value_delimiter = ',')]
@@ -125,10 +209,10 @@ pub struct NodeArgs {
     /// This node's name in the cluster [default: <role>-<host name>-<pid>].
     #[arg(long, env = "CASTNODE_NODE_ID")]
     pub node_id: Option<String>,
-    /// Cluster link: the UDP address this node serves other nodes on over QUIC [default for
-    /// origin and relay: 0.0.0.0:4443; others serve none unless given].
+    /// Cluster link: the UDP address this node serves other nodes on over QUIC, HOST:PORT
+    /// [default for origin and relay: 0.0.0.0:4443; others serve none unless given].
     #[arg(long, env = "CASTNODE_CLUSTER")]
-    pub cluster: Option<SocketAddr>,
+    pub cluster: Option<ListenAddr>,
     /// Cluster link: upstream nodes to fetch broadcasts from, tried in order (HOST:PORT;
     /// repeatable; comma-separated).
     #[arg(long, env = "CASTNODE_UPSTREAM", value_delimiter = ',')]
@@ -172,10 +256,15 @@ pub struct NodeArgs {
     /// The node group this node belongs to (set by the provisioner that starts it).
     #[arg(long, env = "CASTNODE_NODE_GROUP")]
     pub node_group: Option<String>,
-    /// Manager: the SQLite database keeping tokens, regions and node groups [manager default:
-    /// castnode-manager.db; standalone: in memory].
+    /// Manager: the SQLite database keeping tokens, regions and node groups (`:memory:` keeps
+    /// nothing) [manager default: manager.db in --data-dir; standalone: in memory, or
+    /// manager.db in --data-dir when one is given].
     #[arg(long, env = "CASTNODE_DB")]
     pub db: Option<PathBuf>,
+    /// Where the manager keeps its state (the database) [default: $XDG_DATA_HOME/castnode, or
+    /// ~/.local/share/castnode; standalone: none, state in memory].
+    #[arg(long, env = "CASTNODE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Manager: an admin API token (stored hashed; at least 16 characters). Without one and
     /// with none stored, a token is generated and printed once.
     #[arg(long, env = "CASTNODE_ADMIN_TOKEN", hide_env_values = true)]
@@ -199,19 +288,177 @@ pub struct NodeArgs {
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid configuration: {key}: {reason}")]
+#[error("invalid configuration: {}: {reason}", self.from.as_deref().unwrap_or(&self.key))]
 pub struct ConfigError {
     /// The key (flag name without dashes, as in the TOML file).
     pub key: String,
     /// What is wrong.
     pub reason: String,
+    /// Where the value came from, as the user gave it (`--max-viewers`, `CASTNODE_MAX_VIEWERS`),
+    /// when known ([`ConfigError::located`]); the message names it instead of the key.
+    pub from: Option<String>,
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         key: key.into(),
         reason: reason.into(),
+        from: None,
     }
+}
+
+impl ConfigError {
+    /// Names where the bad value came from, as `matches` (the role's) tell: the flag, or the
+    /// environment variable. A value from the `--config` file keeps its key, the TOML key.
+    pub fn located(mut self, matches: &ArgMatches, role: &str) -> Self {
+        let id = self.key.replace('-', "_");
+        if !matches.ids().any(|i| i.as_str() == id) {
+            return self;
+        }
+        self.from = match matches.value_source(&id) {
+            Some(ValueSource::CommandLine) => Some(format!("--{}", self.key)),
+            Some(ValueSource::EnvVariable) => role_arg(role, &id).and_then(|a| {
+                let env = a.get_env()?.to_string_lossy().into_owned();
+                Some(format!("{env} (--{})", self.key))
+            }),
+            _ => None,
+        };
+        self
+    }
+}
+
+/// The argument `id` of `role`'s command line.
+fn role_arg(role: &str, id: &str) -> Option<clap::Arg> {
+    command()
+        .find_subcommand(role)?
+        .get_arguments()
+        .find(|a| a.get_id() == id)
+        .cloned()
+}
+
+/// The command line, with the help of each role telling that role's defaults.
+pub fn command() -> clap::Command {
+    let help = |s: clap::Command, id: &str, text: &str| {
+        let text = text.to_owned();
+        s.mut_arg(id, |a| a.help(text.clone()).long_help(text))
+    };
+    Cli::command()
+        .mut_subcommand("manager", |s| {
+            let s = help(
+                s,
+                "http",
+                "HTTP listen address, HOST:PORT: the API, console and WHIP/WHEP redirects; \
+                 heartbeats on the same port over UDP [default: 0.0.0.0:5080]",
+            );
+            let s = help(
+                s,
+                "db",
+                "The SQLite database keeping tokens, regions and node groups (`:memory:` keeps \
+                 nothing) [default: manager.db in --data-dir]",
+            );
+            help(
+                s,
+                "data_dir",
+                "Where the manager keeps its state (manager.db); created at start \
+                 [default: $XDG_DATA_HOME/castnode, or ~/.local/share/castnode]",
+            )
+        })
+        .mut_subcommand("standalone", |s| {
+            let s = help(
+                s,
+                "db",
+                "The embedded manager's SQLite database of tokens, regions and node groups \
+                 [default: in memory, or manager.db in --data-dir when one is given]",
+            );
+            help(
+                s,
+                "data_dir",
+                "Where the embedded manager keeps its state (manager.db); created at start \
+                 [default: none, the state is in memory]",
+            )
+        })
+        .mut_subcommands(|s| {
+            let name = s.get_name().to_owned();
+            if name == "manager" {
+                return s;
+            }
+            let s = help(
+                s,
+                "http",
+                "HTTP listen address, HOST:PORT: HTTP-FLV, API, health, metrics \
+                 [default: 0.0.0.0:8080]",
+            );
+            match name.as_str() {
+                "origin" | "relay" => help(
+                    s,
+                    "cluster",
+                    "Cluster link: the UDP address this node serves other nodes on over QUIC, \
+                     HOST:PORT [default: 0.0.0.0:4443]",
+                ),
+                _ => help(
+                    s,
+                    "cluster",
+                    "Cluster link: the UDP address this node serves other nodes on over QUIC, \
+                     HOST:PORT [default: none, it serves no other node]",
+                ),
+            }
+        })
+}
+
+/// What `main` prints for a value clap refused (`e`, while parsing `args`), when the value came
+/// from an environment variable: clap names the flag whatever the source, this names the
+/// variable. `None` when the value was on the command line, or `e` is about something else.
+pub fn env_value_error(e: &clap::Error, args: &[OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.split_whitespace().next()?.strip_prefix("--")?;
+    let on_command_line = args.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a.strip_prefix("--")
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    if on_command_line {
+        return None;
+    }
+    let cmd = command();
+    let env = cmd
+        .get_subcommands()
+        .flat_map(|s| s.get_arguments())
+        .find(|a| a.get_long() == Some(long))?
+        .get_env()?
+        .to_string_lossy()
+        .into_owned();
+    std::env::var_os(&env)?;
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => format!(" {v:?}"),
+        _ => String::new(),
+    };
+    let why = std::error::Error::source(e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
+    Some(format!(
+        "invalid configuration: {env}: invalid value{value} for --{long}{why}"
+    ))
+}
+
+/// The platform's data directory for castnode: `$XDG_DATA_HOME/castnode` (when it is an
+/// absolute path), else `$HOME/.local/share/castnode`.
+pub fn default_data_dir(
+    xdg_data_home: Option<OsString>,
+    home: Option<OsString>,
+) -> Option<PathBuf> {
+    let absolute = |v: Option<OsString>| v.map(PathBuf::from).filter(|p| p.is_absolute());
+    absolute(xdg_data_home)
+        .or_else(|| absolute(home).map(|h| h.join(".local/share")))
+        .map(|d| d.join("castnode"))
 }
 
 /// A media node's validated settings.
@@ -271,6 +518,9 @@ pub struct ManagerConfig {
     pub node_group: Option<String>,
     /// Manager: the database (None: in memory).
     pub db: Option<PathBuf>,
+    /// The data directory the database is in, when the database was placed there (created at
+    /// start).
+    pub data_dir: Option<PathBuf>,
     /// Manager: an admin token to make sure of.
     pub admin_token: Option<String>,
     /// Manager: placement lookups need a token.
@@ -346,6 +596,29 @@ impl NodeArgs {
         };
         let a = self.clone();
         let cluster = cluster_config(role, &a, &file)?;
+        // The manager's state: --db, else manager.db in the data directory (the manager's, or
+        // standalone's when it is given one); never the working directory.
+        let data_dir = a.data_dir.clone().or(file.data_dir.clone());
+        let (db, db_in_data_dir) = match a.db.clone().or(file.db.clone()) {
+            Some(db) => (Some(db), None),
+            None if role == "manager" || (role == "standalone" && data_dir.is_some()) => {
+                let dir = match data_dir {
+                    Some(d) => d,
+                    None => default_data_dir(
+                        std::env::var_os("XDG_DATA_HOME"),
+                        std::env::var_os("HOME"),
+                    )
+                    .ok_or_else(|| {
+                        bad(
+                            "data-dir",
+                            "neither XDG_DATA_HOME nor HOME is set: give --data-dir",
+                        )
+                    })?,
+                };
+                (Some(dir.join("manager.db")), Some(dir))
+            }
+            None => (None, None),
+        };
         let manager = ManagerConfig {
             embedded: match a.manager.as_deref().or(file.manager.as_deref()) {
                 Some("embedded") if role != "standalone" => {
@@ -398,11 +671,8 @@ impl NodeArgs {
                 }
                 g => g,
             },
-            db: a
-                .db
-                .clone()
-                .or(file.db.clone())
-                .or_else(|| (role == "manager").then(|| "castnode-manager.db".into())),
+            db: db.clone(),
+            data_dir: db_in_data_dir,
             admin_token: match a.admin_token.clone().or(file.admin_token.clone()) {
                 Some(t) if t.len() < 16 || t.chars().any(char::is_whitespace) => {
                     return Err(bad("admin-token", "at least 16 characters, no spaces"));
@@ -483,17 +753,23 @@ impl NodeArgs {
                 format!("{public_host:?} is not a host name"),
             ));
         }
+        let rtmp = match a.rtmp.or(file.rtmp) {
+            Some(l) => l.resolve("rtmp")?,
+            None => "0.0.0.0:1935".parse().expect("literal address"),
+        };
+        let http = match a.http.or(file.http) {
+            Some(l) => l.resolve("http")?,
+            None => default_http.parse().expect("literal address"),
+        };
+        let webrtc_udp = match a.webrtc_udp.or(file.webrtc_udp) {
+            Some(l) => l.resolve("webrtc-udp")?,
+            None => "0.0.0.0:8189".parse().expect("literal address"),
+        };
         Ok(NodeConfig {
             cluster,
             manager,
-            rtmp: a
-                .rtmp
-                .or(file.rtmp)
-                .unwrap_or_else(|| "0.0.0.0:1935".parse().expect("literal address")),
-            http: a
-                .http
-                .or(file.http)
-                .unwrap_or_else(|| default_http.parse().expect("literal address")),
+            rtmp,
+            http,
             log_format: a.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             max_message_bytes,
             max_connections,
@@ -519,10 +795,7 @@ impl NodeArgs {
                 3600.0,
             )?,
             public_host,
-            webrtc_udp: a
-                .webrtc_udp
-                .or(file.webrtc_udp)
-                .unwrap_or_else(|| "0.0.0.0:8189".parse().expect("literal address")),
+            webrtc_udp,
             webrtc_public_ip: if a.webrtc_public_ip.is_empty() {
                 file.webrtc_public_ip
             } else {
@@ -553,10 +826,10 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         ));
     }
     let serves = matches!(role, "origin" | "relay");
-    let listen = a
-        .cluster
-        .or(file.cluster)
-        .or_else(|| serves.then(|| "0.0.0.0:4443".parse().expect("literal address")));
+    let listen = match a.cluster.clone().or(file.cluster.clone()) {
+        Some(l) => Some(l.resolve("cluster")?),
+        None => serves.then(|| "0.0.0.0:4443".parse().expect("literal address")),
+    };
     let upstream = if a.upstream.is_empty() {
         file.upstream.clone()
     } else {
@@ -682,6 +955,60 @@ mod tests {
                 .key,
             "max-message-bytes"
         );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        for ok in [
+            "0.0.0.0:1935",
+            "[::1]:80",
+            "localhost:0",
+            "my-host.example:8080",
+        ] {
+            assert!(ok.parse::<ListenAddr>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "nowhere",
+            "host:",
+            ":80",
+            "host:99999",
+            "a b:1",
+            "http://x:1",
+        ] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad}");
+        }
+        let l: ListenAddr = "[::1]:80".parse().unwrap();
+        assert_eq!(l.to_string(), "[::1]:80");
+        assert_eq!(l.resolve("http").unwrap(), "[::1]:80".parse().unwrap());
+        let l: ListenAddr = "localhost:7".parse().unwrap();
+        assert_eq!(l.resolve("rtmp").unwrap(), "127.0.0.1:7".parse().unwrap());
+        let err = "no-such-host.invalid:7"
+            .parse::<ListenAddr>()
+            .unwrap()
+            .resolve("rtmp")
+            .unwrap_err();
+        assert_eq!(err.key, "rtmp");
+    }
+
+    #[test]
+    fn data_dir() {
+        let d = |x: Option<&str>, h: Option<&str>| {
+            default_data_dir(x.map(Into::into), h.map(Into::into))
+        };
+        assert_eq!(d(Some("/x"), Some("/h")), Some("/x/castnode".into()));
+        assert_eq!(d(None, Some("/h")), Some("/h/.local/share/castnode".into()));
+        // A relative XDG_DATA_HOME is ignored (XDG Base Directory specification).
+        assert_eq!(
+            d(Some("rel"), Some("/h")),
+            Some("/h/.local/share/castnode".into())
+        );
+        assert_eq!(d(None, None), None);
+        let cfg = parse(&["--data-dir", "/var/lib/castnode"])
+            .resolve()
+            .unwrap();
+        assert_eq!(cfg.manager.db, Some("/var/lib/castnode/manager.db".into()));
+        let cfg = parse(&[]).resolve().unwrap();
+        assert_eq!(cfg.manager.db, None);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ```text
 //!  OBS / ffmpeg ──RTMP──> rtmp::driver ──> rtmp::conn (sans-IO) ──> rtmp::flv (tag → Item)
 //!  browser ─────WHIP────> webrtc::driver (str0m) ──> webrtc::ingest (access unit → Item)
+//!  upstream node ─QUIC──> cluster::link (quinn; cluster::wire frames → Item, fetched on demand)
 //!                                              │ BroadcastProducer::push
 //!                                              ▼
 //!                         media::hub  (per broadcast: log of groups, shared Arc<Entry>)
@@ -21,6 +22,24 @@
 //!                           8 phase tasks; one vectored write per turn)
 //!                           │                       │
 //!                     RTMP players           HTTP-FLV players
+//! ```
+//!
+//! The hub also feeds the cluster link: nodes pass broadcasts to each other over QUIC
+//! (`docs/cluster-protocol.md`), origin → relays → edges, fetched only where someone watches.
+//!
+//! ```text
+//!  origin:  RTMP / WHIP ingest ──> media::hub ──> cluster::serve (quinn-proto, own threads)
+//!                                                        │ QUIC (cluster::wire: a control
+//!                                                        ▼  stream, a QUIC stream per group)
+//!  relay:   cluster::link (quinn) ──> media::hub ──> cluster::serve
+//!                                                        │ QUIC
+//!                                                        ▼
+//!  edge:    cluster::link ──> media::hub ──> RTMP / HTTP-FLV / WHEP players (as above)
+//!
+//!  An edge subscribes upstream on its first viewer and drops the subscription --linger seconds
+//!  after its last; on a dead upstream it fails over to the next --upstream. A broadcast
+//!  published to a relay or an edge is published up the same link to the origin
+//!  (cluster::link → the upstream's cluster::serve).
 //! ```
 //!
 //! # Module map
@@ -49,8 +68,8 @@
 //!   on quinn (fetch on demand, fail over, publish upstream; on the first serving thread when
 //!   the node serves).
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
-//!   its HTTP API and the reporter every node runs; the SQLite store (tokens, regions, node
-//!   groups), the autoscaler and the provisioners.
+//!   its HTTP API and web console, the reporter every node runs and its UDP heartbeats; the
+//!   SQLite store (tokens, regions, node groups), the autoscaler and the provisioners.
 //! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`) in
 //!   [`role::standalone`], the stream manager in [`role::manager`]; transcoder and mixer are not
 //!   built yet.

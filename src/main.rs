@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use castnode::config::{Cli, LogFormat};
-use clap::Parser;
+use clap::FromArgMatches;
 use clap::error::ErrorKind;
 
 /// mimalloc instead of glibc's malloc: media buffers of 1–64 KiB are allocated per frame and
@@ -11,20 +11,23 @@ use clap::error::ErrorKind;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = match castnode::config::command().try_get_matches_from(&argv) {
+        Ok(m) => m,
+        Err(e) => return clap_exit(&e, &argv),
+    };
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return match e.kind() {
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
-                _ => ExitCode::from(64),
-            };
-        }
+        Err(e) => return clap_exit(&e, &argv),
     };
     let (role, args) = cli.role.parts();
     let cfg = match args.resolve_for(role) {
         Ok(c) => c,
         Err(e) => {
+            let e = match matches.subcommand_matches(role) {
+                Some(m) => e.located(m, role),
+                None => e,
+            };
             eprintln!("castnode: {e}");
             return ExitCode::from(64);
         }
@@ -66,6 +69,26 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("castnode: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reports what clap refused (naming the environment variable when the value came from one);
+/// help and version exit 0, anything else 64 (EX_USAGE).
+fn clap_exit(e: &clap::Error, argv: &[std::ffi::OsString]) -> ExitCode {
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        _ => {
+            match castnode::config::env_value_error(e, argv) {
+                Some(msg) => eprintln!("castnode: {msg}"),
+                None => {
+                    let _ = e.print();
+                }
+            }
+            ExitCode::from(64)
         }
     }
 }

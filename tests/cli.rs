@@ -130,3 +130,159 @@ fn toml_file_is_read_and_checked() {
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
 }
+
+#[test]
+fn help_gives_each_role_its_own_defaults() {
+    let (code, out, _) = castnode(&["manager", "--help"], &[]);
+    assert_eq!(code, 0);
+    let http = out
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("--http"))
+        .take(3)
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        http.contains("0.0.0.0:5080") && !http.contains("8080"),
+        "manager --help, --http:\n{http}"
+    );
+    let (code, out, _) = castnode(&["standalone", "--help"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("0.0.0.0:8080") && !out.contains("5080"),
+        "{out}"
+    );
+}
+
+#[test]
+fn listen_addresses_take_host_names() {
+    let name = ["--http", "localhost:0", "--rtmp", "localhost:0"];
+    let udp = ["--webrtc-udp", "localhost:0"];
+    let mut node = common::Server::start_role("standalone", &[&name[..], &udp[..]].concat());
+    assert!(node.rtmp_port > 0 && node.http_port > 0, "{}", node.log());
+    assert_eq!(node.get("/healthz").0, 200);
+    assert!(std::net::TcpStream::connect(("127.0.0.1", node.rtmp_port)).is_ok());
+    assert!(node.stop(std::time::Duration::from_secs(10)));
+    // The manager's --http, and --cluster.
+    let token = ["--cluster-token", "0123456789abcdef"];
+    let manager = common::Server::start_role("manager", &[&token[..], &name[..2]].concat());
+    assert_eq!(manager.get("/healthz").0, 200, "{}", manager.log());
+    let origin = common::Server::start_role(
+        "origin",
+        &[&token[..], &["--cluster", "localhost:0"]].concat(),
+    );
+    assert!(origin.cluster_port > 0, "{}", origin.log());
+    // A name that does not resolve is refused before anything is bound, naming the flag.
+    for flag in ["--rtmp", "--http", "--webrtc-udp", "--cluster"] {
+        let (code, _, err) = castnode(
+            &[
+                "origin",
+                token[0],
+                token[1],
+                flag,
+                "no-such-host.invalid:1935",
+            ],
+            &[],
+        );
+        assert_eq!(code, 64, "{flag}: {err}");
+        assert!(
+            err.contains(flag) && err.contains("no-such-host.invalid"),
+            "{flag}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_value_names_where_it_came_from() {
+    let (code, _, err) = castnode(&["standalone"], &[("CASTNODE_MAX_VIEWERS", "abc")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("CASTNODE_MAX_VIEWERS"), "{err}");
+    let (code, _, err) = castnode(&["standalone", "--max-viewers", "abc"], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("--max-viewers") && !err.contains("CASTNODE_MAX_VIEWERS"),
+        "{err}"
+    );
+    // Values that parse but are refused by the checks after parsing.
+    let (code, _, err) = castnode(&["standalone"], &[("CASTNODE_MAX_MESSAGE_BYTES", "12")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("CASTNODE_MAX_MESSAGE_BYTES"), "{err}");
+    let dir = common::temp_dir("cli-source");
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "max-viewers = \"abc\"\n").unwrap();
+    let (code, _, err) = castnode(&["standalone", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("max-viewers") && err.contains("bad.toml"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `role` in an empty working directory with `home` as HOME and `XDG_DATA_HOME` unset,
+/// stops it, and returns what it left in the working directory.
+fn left_in_cwd(role: &str, extra: &[&str], home: &std::path::Path) -> Vec<String> {
+    let cwd = home.join("cwd");
+    std::fs::create_dir_all(&cwd).unwrap();
+    let mut node = common::Server::start_role_with(role, extra, |c| {
+        c.current_dir(&cwd)
+            .env("HOME", home)
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("CASTNODE_DB")
+            .env_remove("CASTNODE_DATA_DIR");
+    });
+    assert_eq!(node.get("/healthz").0, 200, "{}", node.log());
+    assert!(
+        node.stop(std::time::Duration::from_secs(10)),
+        "{}",
+        node.log()
+    );
+    std::fs::read_dir(&cwd)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[test]
+fn nothing_is_left_in_the_working_directory() {
+    let home = common::temp_dir("cli-home");
+    let left = left_in_cwd("standalone", &[], &home);
+    assert!(left.is_empty(), "standalone left {left:?}");
+    let left = left_in_cwd("manager", &["--cluster-token", "0123456789abcdef"], &home);
+    assert!(left.is_empty(), "manager left {left:?}");
+    // The manager's state is in the platform's data directory.
+    let db = home.join(".local/share/castnode/manager.db");
+    assert!(db.exists(), "no {}", db.display());
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+/// The repository stands on its own: no tracked file points outside it.
+#[test]
+fn no_tracked_file_points_outside_the_repository() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let Ok(out) = Command::new("git")
+        .args(["-C", root, "ls-files", "-z"])
+        .output()
+    else {
+        eprintln!("SKIPPED: git is not installed");
+        return;
+    };
+    if !out.status.success() {
+        eprintln!("SKIPPED: not a git checkout");
+        return;
+    }
+    let needle = concat!("..", "/shared").as_bytes();
+    let bad: Vec<String> = out
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|p| !p.is_empty())
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .filter(|p| {
+            std::fs::read(std::path::Path::new(root).join(p))
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "files that point outside the repository: {bad:?}"
+    );
+}

@@ -167,6 +167,7 @@ fn viewer_reaching_the_second_address_plays() {
             "--webrtc-udp",
             "0.0.0.0:0",
         ],
+        |_| {},
     );
     plays_in_chromium(&server, "second");
     drop(server);

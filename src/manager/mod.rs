@@ -1,4 +1,4 @@
-//! The stream manager: the one seam between media nodes and placement (DESIGN §4).
+//! The stream manager: the one seam between media nodes and placement (`docs/manager-api.md`).
 //!
 //! Nodes register (id, role, region, public addresses, capacity) and report their load every
 //! second; broadcasters and players ask where to publish and where to watch. [`StreamManager`]
@@ -16,8 +16,8 @@
 //! - [`scale`]: the autoscaler (pure: groups and nodes in, actions out).
 //! - [`provision`]: the provisioner trait and the local-process provisioner.
 //!
-//! Not built yet (see the stream manager issue): the console, a Kubernetes provisioner, a
-//! shared store for several managers.
+//! The web console (`console.html`) is served by [`api`]. Not built yet: a Kubernetes
+//! provisioner, a shared store for several managers.
 
 pub mod api;
 pub mod embedded;

@@ -144,6 +144,8 @@ impl Provisioner for ProcessProvisioner {
                 .args(["--public-host", &self.host])
                 .args(["--http", &any, "--rtmp", &any, "--webrtc-udp", &any])
                 .env("CASTNODE_CLUSTER_TOKEN", &self.token)
+                // Anything a node writes lands next to its log, not in the manager's directory.
+                .current_dir(&self.dir)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);

@@ -18,6 +18,18 @@ use crate::manager::store::Store;
 
 /// Serves the manager until SIGINT/SIGTERM.
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    if let Some(dir) = &cfg.manager.data_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        // Before the data directory, the database's default was the working directory.
+        if std::path::Path::new("castnode-manager.db").exists() {
+            tracing::warn!(
+                data_dir = %dir.display(),
+                "castnode-manager.db in the working directory is no longer read (the state is \
+                 in the data directory now): move it to <data dir>/manager.db, or pass --db"
+            );
+        }
+    }
     let store = Store::open(cfg.manager.db.as_deref()).with_context(|| {
         format!(
             "opening the database {}",

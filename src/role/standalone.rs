@@ -52,6 +52,10 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             let token: String = (0..32)
                 .map(|_| rand::random_range(b'a'..=b'z') as char)
                 .collect();
+            if let Some(dir) = &ctx.cfg.manager.data_dir {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating the data directory {}", dir.display()))?;
+            }
             let store = crate::manager::store::Store::open(ctx.cfg.manager.db.as_deref())
                 .context("opening the manager database")?;
             let m = Arc::new(crate::manager::embedded::Embedded::new(

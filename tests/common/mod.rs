@@ -70,12 +70,24 @@ impl Server {
     /// Starts `castnode ROLE` on 127.0.0.1 ports the kernel picks (plus `extra` flags); waits
     /// for its "node started" log line and reads the bound ports from it.
     pub fn start_role(role: &str, extra: &[&str]) -> Server {
-        Server::start_at(&[], "127.0.0.1", role, extra)
+        Server::start_at(&[], "127.0.0.1", role, extra, |_| {})
     }
 
-    /// [`Server::start_role`] run through `wrapper` (say `ip netns exec NS`; empty: none), the
-    /// test reaching it at `host`.
-    pub fn start_at(wrapper: &[&str], host: &str, role: &str, extra: &[&str]) -> Server {
+    /// [`Server::start_role`], with `setup` applied to the command last (working directory,
+    /// environment).
+    pub fn start_role_with(role: &str, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Server {
+        Server::start_at(&[], "127.0.0.1", role, extra, setup)
+    }
+
+    /// [`Server::start_role_with`] run through `wrapper` (say `ip netns exec NS`; empty: none),
+    /// the test reaching it at `host`.
+    pub fn start_at(
+        wrapper: &[&str],
+        host: &str,
+        role: &str,
+        extra: &[&str],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
@@ -95,20 +107,18 @@ impl Server {
             cmd.args(["--cluster", "127.0.0.1:0"]);
         }
         if role == "manager" {
-            if !extra.contains(&"--db") {
-                cmd.args(["--db", ":memory:"]);
-            }
+            // In memory unless the test says otherwise (a flag, or removing the variable).
+            cmd.env("CASTNODE_DB", ":memory:");
             if !extra.contains(&"--admin-token") {
                 cmd.args(["--admin-token", ADMIN_TOKEN]);
             }
         }
-        let mut child = cmd
-            .args(extra)
+        cmd.args(extra)
             .env("RUST_LOG", "info,castnode=debug")
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start castnode");
+            .stderr(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().expect("start castnode");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
@@ -578,7 +588,7 @@ pub fn publish_paced(
     (t0, handle)
 }
 
-// --- headless Chromium (see ../shared/TESTING.md) ---
+// --- headless Chromium (see docs/testing.md) ---
 
 /// Whether Debian's `chromium` is installed (tests that need it skip, saying so, where not).
 pub fn has_chromium() -> bool {
@@ -717,7 +727,7 @@ pub fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
-/// Headless Chromium with the flags these tests need (see ../shared/TESTING.md), on its own
+/// Headless Chromium with the flags these tests need (see docs/testing.md), on its own
 /// profile; the caller adds what it opens.
 pub fn chromium_command(profile: &std::path::Path) -> Command {
     let mut c = Command::new("chromium");
@@ -739,7 +749,7 @@ pub fn chromium_command(profile: &std::path::Path) -> Command {
     c
 }
 
-/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see TESTING.md).
+/// Headless Chromium on `url` with the flags WebRTC on loopback needs (see docs/testing.md).
 pub fn chromium(url: &str, profile: &std::path::Path) -> Proc {
     Proc(
         chromium_command(profile)
