@@ -175,12 +175,11 @@ impl Egress {
         } = self;
         let (gso, v6) = (*gso, *v6);
         let fd = socket.as_raw_fd();
-        // Not kept in `self`: it holds raw pointers, and the driver's future must be `Send`.
-        // Three allocations per call of up to MMSG batches.
-        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(
-            MMSG,
-            Some(nix::cmsg_space!(u16, libc::in6_pktinfo)),
-        );
+        // Not kept in `self`: they hold raw pointers, and the driver's future must be `Send`.
+        // Three allocations per kind of control messages used in a call of up to MMSG batches.
+        // One set per kind: the kernel reads a message's whole control buffer, so it must hold
+        // exactly the messages sent (trailing space reads as a malformed one: EINVAL).
+        let mut headers: [Option<MultiHeaders<SockaddrStorage>>; 6] = Default::default();
         let mut i = 0;
         while i < queued.len() {
             let (segment, src) = (queued[i].segment, queued[i].src);
@@ -203,6 +202,22 @@ impl Egress {
             );
             let segment = u16::try_from(segment).unwrap_or(u16::MAX);
             let info = src.map(|ip| PacketInfo::new(ip, v6));
+            let kind = match &info {
+                None => 0,
+                Some(PacketInfo::V4(_)) => 2,
+                Some(PacketInfo::V6(_)) => 4,
+            } + usize::from(gso);
+            let headers = headers[kind].get_or_insert_with(|| {
+                let space = match kind {
+                    1 => nix::cmsg_space!(u16),
+                    2 => nix::cmsg_space!(libc::in_pktinfo),
+                    3 => nix::cmsg_space!(u16, libc::in_pktinfo),
+                    4 => nix::cmsg_space!(libc::in6_pktinfo),
+                    5 => nix::cmsg_space!(u16, libc::in6_pktinfo),
+                    _ => Vec::new(),
+                };
+                MultiHeaders::preallocate(MMSG, (!space.is_empty()).then_some(space))
+            });
             let mut cmsgs = Vec::with_capacity(2);
             if gso {
                 cmsgs.push(ControlMessage::UdpGsoSegments(&segment));
@@ -215,7 +230,7 @@ impl Egress {
             // A full socket (EAGAIN) drops what was not sent, as a lossy network would.
             if let Err(e) = sendmmsg(
                 fd,
-                &mut headers,
+                headers,
                 &slices,
                 &*addrs,
                 &cmsgs,
@@ -334,6 +349,38 @@ mod tests {
         egress.flush();
         for r in readers {
             r.await.unwrap();
+        }
+    }
+
+    /// From a wildcard socket (IPv4, and dual-stack IPv6 sending to an IPv4 peer), datagrams
+    /// with a source address leave from it, batched (GSO) or not; without one they arrive too.
+    #[tokio::test]
+    async fn datagrams_leave_from_the_source_given() {
+        for bind in ["0.0.0.0:0", "[::]:0"] {
+            let Ok(tx) = UdpSocket::bind(bind).await else {
+                continue;
+            };
+            let port = tx.local_addr().unwrap().port();
+            let mut egress = Egress::new(tx);
+            let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let to = peer.local_addr().unwrap();
+            let src = Some(IpAddr::from([127, 0, 0, 1]));
+            for (i, len) in [1000usize, 1000, 1000, 300, 40].into_iter().enumerate() {
+                egress.push(to, if i < 4 { src } else { None }, &vec![i as u8; len]);
+            }
+            egress.flush();
+            let mut buf = [0u8; 2048];
+            for (i, len) in [1000usize, 1000, 1000, 300, 40].into_iter().enumerate() {
+                let (n, from) = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    peer.recv_from(&mut buf),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("{bind}: datagram {i} missing"))
+                .unwrap();
+                assert_eq!((n, buf[0]), (len, i as u8), "{bind}: datagram {i}");
+                assert_eq!(from, SocketAddr::new(src.unwrap(), port), "{bind}");
+            }
         }
     }
 }
