@@ -11,6 +11,17 @@ use bytes::Bytes;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TrackId(pub u8);
 
+impl TrackId {
+    /// Tracks 0 and 1 are the broadcast's own (what its publisher sent); higher ids are
+    /// renditions made on this node.
+    pub const SOURCE_TRACKS: u8 = 2;
+
+    /// Whether this is one of the broadcast's own tracks, not a rendition.
+    pub fn is_source(self) -> bool {
+        self.0 < Self::SOURCE_TRACKS
+    }
+}
+
 /// What a track carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrackKind {

@@ -3,7 +3,7 @@
 //! Guarantees:
 //! - Fan-out is zero-copy: every consumer reads the same `Arc<Entry>`; derived serializations
 //!   (an RTMP chunk stream, an FLV tag) are computed once per entry in a [`MemoSlot`] and shared.
-//! - A new consumer starts at the newest group (a video keyframe), after the tracks' configs.
+//! - A new consumer starts at the newest group (a keyframe of the source's video), after the tracks' configs.
 //! - The publisher never waits for a consumer. A consumer that falls behind by more than
 //!   [`HubConfig::max_lag`], or whose position was evicted, skips ahead to the newest group; the
 //!   skipped frames are counted.
@@ -312,7 +312,10 @@ impl State {
     fn push_frame(&mut self, track: TrackId, frame: Frame, video: bool, cfg: &HubConfig) {
         self.last_dts = self.last_dts.max(frame.dts);
         let group_start = if video {
-            frame.keyframe
+            // Groups follow the source's keyframes only: a rendition's keyframe a few frames
+            // later would start a group in the middle of the source's GOP, where players of
+            // the source track would start on frames they cannot decode.
+            frame.keyframe && track.is_source()
         } else if !self.has_video() {
             // Audio-only: a group per second keeps late joiners and skips cheap.
             let last_start = self
@@ -1147,6 +1150,36 @@ mod tests {
         drop(r1);
         let r2 = bc.add_rendition(&hub, opus());
         assert_ne!(r2.track(), id1);
+    }
+
+    /// A video rendition's keyframes (the B-frame-free re-encode's, a few frames after the
+    /// source's) start no group: a consumer that arrives after one still starts on the source's
+    /// keyframe, which players of the source track can decode from.
+    #[test]
+    fn rendition_keyframes_start_no_group() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/a").unwrap();
+        p.set_track(TrackId(0), video());
+        let bc = p.broadcast().clone();
+        let mut r = bc.add_rendition(&hub, video());
+        for i in 0..10 {
+            p.push(TrackId(0), frame(i * 33, i == 0));
+            if i >= 3 {
+                // The rendition's IDR for the source's keyframe comes 3 frames later.
+                r.push(frame((i - 3) * 33, i == 3));
+            }
+        }
+        let mut c = hub.subscribe("live/a").unwrap();
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        let first = out
+            .iter()
+            .find_map(|e| match &e.item {
+                Item::Frame { track, frame } => Some((*track, frame.keyframe)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(first, (TrackId(0), true), "started on {first:?}");
     }
 
     #[test]
