@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::codec::h264;
 use crate::ffmpeg::FfmpegError;
 use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
+use crate::ffmpeg::log::Scope;
 use crate::ffmpeg::video::Reencoder;
 use crate::media::hub::Broadcast;
 use crate::media::{
@@ -136,8 +137,12 @@ async fn run_video(
     let mut config = source.config.clone();
     let mut rendition = None;
     info!(broadcast = %bc.name(), "B-frame re-encode for WebRTC started");
+    let name: Arc<str> = bc.name().into();
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4);
+    // The decoder starts on a keyframe (with its SPS and PPS in band): frames before it refer to
+    // parameter sets and pictures it never got.
+    let mut started = false;
     while next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
             match &e.item {
@@ -145,8 +150,13 @@ async fn run_video(
                     config = info.config.clone()
                 }
                 Item::Frame { track, frame } if *track == source_track => {
+                    started |= frame.keyframe;
+                    if !started {
+                        continue;
+                    }
                     // Re-encoding is CPU work: keep it off the runtime's I/O threads.
                     let r = tokio::task::block_in_place(|| {
+                        let _scope = Scope::enter(&name);
                         reencoder.push(frame, config.as_deref(), &mut out)
                     });
                     if let Err(err) = r {
@@ -276,6 +286,7 @@ async fn run_audio(
     let mut rendition = bc.add_rendition(&hub, info);
     let _ = track.set(rendition.track());
     info!(broadcast = %bc.name(), track = rendition.track().0, "{from} → {to_name} transcoder started");
+    let name: Arc<str> = bc.name().into();
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(8);
     while next_entries(&mut consumer, &mut entries).await {
@@ -286,7 +297,11 @@ async fn run_audio(
             if track.0 >= 2 || bc.track(*track).is_none_or(|t| t.codec != source.codec) {
                 continue;
             }
-            if let Err(err) = transcoder.push(frame, &mut out) {
+            let r = {
+                let _scope = Scope::enter(&name);
+                transcoder.push(frame, &mut out)
+            };
+            if let Err(err) = r {
                 warn!(broadcast = %bc.name(), error = %err, "{from} → {to_name} failed; stopping the transcoder");
                 return;
             }

@@ -3,6 +3,7 @@
 //! tasks that feed them from the hub live in [`crate::transcode`].
 
 pub mod audio;
+pub mod log;
 pub mod video;
 
 /// Why a transcoder could not be built or failed.
@@ -24,6 +25,6 @@ pub fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = ffmpeg_next::init();
-        ffmpeg_next::util::log::set_level(ffmpeg_next::util::log::Level::Error);
+        log::install();
     });
 }
