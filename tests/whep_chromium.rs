@@ -78,10 +78,16 @@ fn watch_in_chromium(clip: &str) -> Option<Server> {
             let n = viewer[kind].as_u64().unwrap_or(0);
             assert!(n >= 5, "{n} {kind} read by the browser: {viewer}");
         }
+        let ms = |k: &str| viewer[k].as_f64().unwrap_or(-1.0);
         println!(
-            "{clip}: viewer {}: time to first frame {:.0} ms, {fps} fps",
+            "{clip}: viewer {}: time to first frame {:.0} ms (answer {:.0}, connected {:.0}, \
+             first video packet {:.0}, first frame presented {:.0}), {fps} fps",
             viewer["i"],
-            viewer["ttff"].as_f64().unwrap_or(-1.0)
+            ms("ttff"),
+            ms("answerMs"),
+            ms("connectedMs"),
+            ms("firstPacketMs"),
+            ms("ttff"),
         );
     }
     assert!(server.metric("castnode_webrtc_connected_total") >= VIEWERS as f64);

@@ -364,9 +364,9 @@ mod tests {
             let mut egress = Egress::new(tx);
             let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
             let to = peer.local_addr().unwrap();
-            let src = Some(IpAddr::from([127, 0, 0, 1]));
+            let src = IpAddr::from([127, 0, 0, 1]);
             for (i, len) in [1000usize, 1000, 1000, 300, 40].into_iter().enumerate() {
-                egress.push(to, if i < 4 { src } else { None }, &vec![i as u8; len]);
+                egress.push(to, (i < 4).then_some(src), &vec![i as u8; len]);
             }
             egress.flush();
             let mut buf = [0u8; 2048];
@@ -379,7 +379,7 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{bind}: datagram {i} missing"))
                 .unwrap();
                 assert_eq!((n, buf[0]), (len, i as u8), "{bind}: datagram {i}");
-                assert_eq!(from, SocketAddr::new(src.unwrap(), port), "{bind}");
+                assert_eq!(from, SocketAddr::new(src, port), "{bind}");
             }
         }
     }

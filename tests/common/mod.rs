@@ -622,11 +622,27 @@ async function viewer(i) {{
     setTimeout(r, 2000);
   }});
   const t0 = performance.now();
+  // When the connection came up, for the breakdown of the time to first frame.
+  const connected = new Promise((r) => {{
+    pc.onconnectionstatechange = () => pc.connectionState === "connected" && r(performance.now() - t0);
+  }});
   const res = await fetch(WHEP, {{ method: "POST", headers: {{ "Content-Type": "application/sdp" }}, body: pc.localDescription.sdp }});
   if (res.status !== 201) throw new Error("WHEP answered " + res.status + ": " + await res.text());
   const location = res.headers.get("Location");
+  const answerMs = performance.now() - t0;
   await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
+  // First packet of video, first decoded frame, first presented frame.
+  const firstPacket = (async () => {{
+    while (true) {{
+      let n = 0;
+      (await pc.getStats()).forEach((s) => {{ if (s.type === "inbound-rtp" && s.kind === "video") n = s.packetsReceived || 0; }});
+      if (n > 0) return performance.now() - t0;
+      await new Promise((r) => setTimeout(r, 5));
+    }}
+  }})();
   const ttff = await new Promise((r) => video.requestVideoFrameCallback(() => r(performance.now() - t0)));
+  const connectedMs = await connected;
+  const firstPacketMs = await firstPacket;
   // The fixtures' frame counter: 16 cells of 20x16 pixels at the top left, cell i white when
   // bit i of the frame number is set. Counted on every presented frame; a clip loops every 300.
   const canvas = document.createElement("canvas");
@@ -673,7 +689,7 @@ async function viewer(i) {{
     if (s.type === "transport") srtpCipher = s.srtpCipher || null;
   }});
   counter.done = true;
-  return {{ i, location, ttff, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
+  return {{ i, location, ttff, answerMs, connectedMs, firstPacketMs, fps: (b.framesDecoded - a.framesDecoded) / 10, framesDecoded: b.framesDecoded,
            freezeCount: b.freezeCount - (a.freezeCount || 0), freezesAtStart: a.freezeCount || 0, packetsLost: b.packetsLost,
            totalFreezesMs: Math.round((b.totalFreezesDuration - (a.totalFreezesDuration || 0)) * 1000), keyFrames: b.keyFramesDecoded, pli: b.pliCount, nack: b.nackCount, width: b.frameWidth, height: b.frameHeight,
            audioSamples: audio.totalSamplesReceived || 0, audioPackets: audio.packetsReceived || 0,
