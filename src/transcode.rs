@@ -127,7 +127,7 @@ async fn run_video(
     let Some(mut consumer) = hub.subscribe_as(bc.name(), ConsumerKind::Internal) else {
         return;
     };
-    let mut reencoder = match Reencoder::new() {
+    let mut reencoder = match Reencoder::new(bc.fps(source_track)) {
         Ok(r) => r,
         Err(e) => {
             warn!(broadcast = %bc.name(), error = %e, "cannot re-encode video; WebRTC viewers get it with B-frames");

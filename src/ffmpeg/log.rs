@@ -156,7 +156,7 @@ mod tests {
             .with_max_level(tracing::Level::TRACE)
             .finish();
         tracing::subscriber::with_default(subscriber, || {
-            let mut reencoder = Reencoder::new().unwrap();
+            let mut reencoder = Reencoder::new(None).unwrap();
             let name: Arc<str> = "live/mid-gop".into();
             let _scope = Scope::enter(&name);
             // A non-IDR slice (NAL type 1) of PPS 0: first_mb 0, slice_type P, pps_id 0.

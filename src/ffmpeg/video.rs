@@ -22,11 +22,14 @@ pub struct Reencoder {
     pub config: Option<Bytes>,
     /// Frames FFmpeg could not decode.
     pub errors: u64,
+    /// The source's frame rate (frames per second), for the encoder's rate control and level.
+    fps: u32,
 }
 
 impl Reencoder {
-    /// A re-encoder; the encoder opens on the first decoded picture (its size comes from it).
-    pub fn new() -> Result<Self, FfmpegError> {
+    /// A re-encoder for a source of about `fps` frames a second (30 when not known yet); the
+    /// encoder opens on the first decoded picture (its size comes from it).
+    pub fn new(fps: Option<f64>) -> Result<Self, FfmpegError> {
         super::init();
         let codec = ff::decoder::find(ff::codec::Id::H264)
             .ok_or(FfmpegError::MissingCodec("H.264 decoder"))?;
@@ -39,6 +42,7 @@ impl Reencoder {
             decoded: ff::frame::Video::empty(),
             config: None,
             errors: 0,
+            fps: fps.map_or(30, |f| f.round().clamp(1.0, 240.0) as u32),
         })
     }
 
@@ -52,6 +56,9 @@ impl Reencoder {
         enc.set_height(self.decoded.height());
         enc.set_format(ff::format::Pixel::YUV420P);
         enc.set_time_base((1, 1_000_000));
+        // Without it x264 takes the time base for the frame rate (a million a second): a wrong
+        // level in the SPS and rate control for the wrong rate.
+        enc.set_frame_rate(Some((self.fps as i32, 1)));
         enc.set_max_b_frames(0);
         enc.set_gop(60);
         let mut opts = ff::Dictionary::new();

@@ -485,6 +485,15 @@ impl Broadcast {
             .is_some_and(|f| f.b_frames)
     }
 
+    /// A video track's frame rate as measured at ingest (`None` before a second's worth).
+    pub fn fps(&self, track: TrackId) -> Option<f64> {
+        self.lock()
+            .figures
+            .get(usize::from(track.0))
+            .map(|f| f.fps)
+            .filter(|&fps| fps > 0.0)
+    }
+
     /// One track's description.
     pub fn track(&self, track: TrackId) -> Option<TrackInfo> {
         self.lock()

@@ -10,6 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Once, mpsc};
 use std::time::{Duration, Instant};
 
+/// The `castnode` binary the tests start: this build's, or `CASTNODE_TEST_BIN` (say a release
+/// build, to see the figures a test prints as a user's build gives them).
+pub fn castnode_bin() -> std::ffi::OsString {
+    std::env::var_os("CASTNODE_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_castnode").into())
+}
+
 /// A child process killed on drop.
 pub struct Proc(pub Child);
 
@@ -91,10 +97,10 @@ impl Server {
         let mut cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(env!("CARGO_BIN_EXE_castnode"));
+                c.args(args).arg(castnode_bin());
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_castnode")),
+            None => Command::new(castnode_bin()),
         };
         cmd.arg(role);
         for flag in ["--rtmp", "--http", "--webrtc-udp"] {
