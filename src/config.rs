@@ -663,7 +663,7 @@ impl NodeArgs {
                 600.0,
             )?,
             node_group: match a.node_group.clone().or(file.node_group.clone()) {
-                Some(g) if !crate::manager::store::name_ok(&g) => {
+                Some(g) if !crate::names::name_ok(&g) => {
                     return Err(bad(
                         "node-group",
                         format!("{g:?}: 1 to 128 printable characters, no spaces"),
@@ -898,16 +898,30 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         ca: a.cluster_ca.clone().or(file.cluster_ca.clone()),
         linger: seconds("linger", a.linger.or(file.linger), 10.0, 3600.0)?,
         threads: match a.cluster_threads.or(file.cluster_threads) {
-            Some(n) if (1..=crate::cluster::serve::MAX_THREADS).contains(&n) => n,
+            Some(n) if (1..=MAX_CLUSTER_THREADS).contains(&n) => n,
             Some(n) => {
                 return Err(bad(
                     "cluster-threads",
-                    format!("{n} is outside 1..={}", crate::cluster::serve::MAX_THREADS),
+                    format!("{n} is outside 1..={}", MAX_CLUSTER_THREADS),
                 ));
             }
-            None => crate::cluster::serve::default_threads(),
+            None => default_cluster_threads(),
         },
     })
+}
+
+/// Cluster serving threads at most (`--cluster-threads`).
+pub const MAX_CLUSTER_THREADS: usize = 16;
+/// Cores per cluster serving thread by default. One thread serves a frame's copies more cheaply
+/// than two (BENCHMARKS.md, "Cluster link": 11–12 µs against 13–15 µs per copy on 2 cores), and
+/// a relay of many cores still spreads its peers.
+pub const CORES_PER_CLUSTER_THREAD: usize = 4;
+
+/// How many cluster serving threads a node runs unless told (`--cluster-threads`): one per
+/// [`CORES_PER_CLUSTER_THREAD`] cores it may use, at least 1, at most [`MAX_CLUSTER_THREADS`].
+pub fn default_cluster_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / CORES_PER_CLUSTER_THREAD).clamp(1, MAX_CLUSTER_THREADS)
 }
 
 #[cfg(test)]
@@ -1016,10 +1030,7 @@ mod tests {
         let cfg = parse(&["--cluster-threads", "3"]).resolve().unwrap();
         assert_eq!(cfg.cluster.threads, 3);
         let cfg = parse(&[]).resolve().unwrap();
-        assert_eq!(
-            cfg.cluster.threads,
-            crate::cluster::serve::default_threads()
-        );
+        assert_eq!(cfg.cluster.threads, default_cluster_threads());
         for bad in ["0", "17"] {
             let err = parse(&["--cluster-threads", bad]).resolve().unwrap_err();
             assert_eq!(err.key, "cluster-threads");

@@ -44,17 +44,22 @@
 //!
 //! # Module map
 //!
-//! - [`config`]: flags + `CASTNODE_*` env + TOML, validated before binding.
-//! - [`media`]: the protocol-agnostic model ([`media::frame`]), the [`media::hub`] and the
+//! - [`config`]: flags + `CASTNODE_*` env + TOML, validated before binding; [`names`]: the
+//!   name rule of nodes, regions and the manager's records (shared with the manager). Both sit
+//!   below every protocol and the manager.
+//! - [`media`]: the protocol-agnostic model ([`media::frame`]), the [`media::hub`] (which holds
+//!   every protocol's broadcasts to one name rule, [`media::valid_name`]) and the
 //!   per-player [`media::feed`]; [`media::pace`], the write clock whose few tasks take the
 //!   players' turns.
 //! - [`codec`]: bitstream parsers (H.264 SPS, AAC AudioSpecificConfig).
 //! - [`rtmp`]: handshake, chunk stream, AMF0, server and client sessions (sans-IO), FLV tag
 //!   conversions, muxers, and the tokio driver.
-//! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum) and HTTP-FLV ([`http::flv`]).
+//! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum), the client address handlers
+//!   see ([`http::ClientAddr`]) and HTTP-FLV ([`http::flv`]).
 //! - [`player`]: the player shared by RTMP and HTTP-FLV (one turn: read input, read the feed,
 //!   write).
-//! - [`metrics`], [`node`], [`shutdown`]: counters, shared node state, signals.
+//! - [`metrics`], [`node`], [`shutdown`]: counters (the cluster link's too), shared node state,
+//!   signals.
 //! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; str0m does SDP,
 //!   ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
 //!   [`webrtc::sender`], [`webrtc::srtp`], [`webrtc::rtcp`]); a WHIP publisher's frames enter
@@ -88,6 +93,7 @@ pub mod http;
 pub mod manager;
 pub mod media;
 pub mod metrics;
+pub mod names;
 pub mod node;
 pub mod player;
 pub mod role;

@@ -1,4 +1,5 @@
-//! Node counters and their Prometheus text rendering.
+//! Node counters (the node's own and the cluster link's, [`ClusterStats`]) and their Prometheus text
+//! rendering.
 //!
 //! Counters are plain atomics owned by the node (drivers add to them); per-broadcast figures are
 //! read from the hub when `/metrics` is scraped, so an ended broadcast leaves no stale series.
@@ -42,13 +43,66 @@ pub struct NodeStats {
     pub webrtc_keyframe_requests_sent: AtomicU64,
 }
 
+/// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
+pub const LATENCY_BOUNDS_US: [u64; 12] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+];
+
+/// The cluster link's counters.
+#[derive(Debug)]
+pub struct ClusterStats {
+    /// Connections from other nodes now.
+    pub peers_in: AtomicU64,
+    /// Connections refused (bad token, bad HELLO).
+    pub refused: AtomicU64,
+    /// Subscriptions other nodes hold on this one now.
+    pub subscriptions_down: AtomicU64,
+    /// Subscriptions this node holds upstream now.
+    pub subscriptions_up: AtomicU64,
+    /// Broadcasts other nodes publish to this one now.
+    pub publications_in: AtomicU64,
+    /// Local broadcasts this node publishes upstream now.
+    pub publications_out: AtomicU64,
+    /// Upstream failovers (a subscription moved to another upstream).
+    pub failovers: AtomicU64,
+    /// Bytes sent on group streams.
+    pub bytes_out: AtomicU64,
+    /// Bytes received on group streams.
+    pub bytes_in: AtomicU64,
+    /// Groups started for downstream nodes.
+    pub groups_out: AtomicU64,
+    /// Groups reset (sender) or dropped (receiver) because they fell behind.
+    pub groups_reset: AtomicU64,
+    /// Frames received; their age since origin ingest goes into `latency`.
+    pub latency: Histogram,
+}
+
+impl Default for ClusterStats {
+    fn default() -> Self {
+        Self {
+            peers_in: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            subscriptions_down: AtomicU64::new(0),
+            subscriptions_up: AtomicU64::new(0),
+            publications_in: AtomicU64::new(0),
+            publications_out: AtomicU64::new(0),
+            failovers: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            groups_out: AtomicU64::new(0),
+            groups_reset: AtomicU64::new(0),
+            latency: Histogram::new(&LATENCY_BOUNDS_US),
+        }
+    }
+}
+
 /// The cluster link's figures (zeros on a node without one).
 fn render_cluster(
     ctx: &crate::node::NodeContext,
     metric: &mut impl FnMut(&str, &str, &str, &[(String, f64)]),
 ) {
-    let none = crate::cluster::link::ClusterStats::default();
-    let c = ctx.link.get().map_or(&none, |l| &l.stats);
+    let none = ClusterStats::default();
+    let c = ctx.cluster_stats().unwrap_or(&none);
     let g = |a: &AtomicU64| vec![(String::new(), a.load(Relaxed) as f64)];
     let figures: [(&str, &str, &str, &AtomicU64); 11] = [
         (

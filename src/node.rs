@@ -24,7 +24,7 @@ pub struct NodeContext {
     /// every frame at once; many get frames merged, because each write costs the kernel about
     /// the same whatever its size.
     pub pacer: Arc<crate::media::pace::Pacer>,
-    /// The cluster link, on nodes that have one.
+    /// The cluster link, on nodes that have one (it holds the hub, not this context).
     pub link: std::sync::OnceLock<Arc<crate::cluster::link::Link>>,
 }
 
@@ -54,6 +54,11 @@ impl NodeContext {
             Some(link) => link.subscribe(name).await,
             None => self.hub.subscribe(name),
         }
+    }
+
+    /// The cluster link's counters, on nodes that have a link.
+    pub fn cluster_stats(&self) -> Option<&crate::metrics::ClusterStats> {
+        self.link.get().map(|l| &l.stats)
     }
 
     /// Registers a player of `counter` if the node has room; the guard unregisters it.

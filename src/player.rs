@@ -31,12 +31,27 @@ use crate::media::hub::Broadcast;
 use crate::media::pace::Turn;
 use crate::node::NodeContext;
 
+/// Why a player ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum PlayerError {
+    /// The client broke its playback protocol (the protocol's own error).
+    #[error(transparent)]
+    Protocol(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl PlayerError {
+    /// A protocol violation by the client.
+    pub fn protocol(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Protocol(Box::new(e))
+    }
+}
+
 /// What differs between playback protocols once the media flows.
 pub trait PlayerProtocol: Send + 'static {
     /// Protocol name for logs ("RTMP", "HTTP-FLV").
     const NAME: &'static str;
     /// Bytes the client sent; `Ok(false)` when the client asked to stop.
-    fn handle_input(&mut self, data: &[u8]) -> Result<bool, String>;
+    fn handle_input(&mut self, data: &[u8]) -> Result<bool, PlayerError>;
     /// Control bytes to send before the next batch.
     fn poll_transmit(&mut self) -> Option<Bytes>;
     /// Wraps a batch of media buffers for the wire (e.g. HTTP chunked framing).
@@ -62,7 +77,7 @@ pub async fn play<M, P>(
     proto: P,
     peer: SocketAddr,
     ctx: &Arc<NodeContext>,
-) -> Result<(), String>
+) -> Result<(), PlayerError>
 where
     M: Muxer + Send + 'static,
     P: PlayerProtocol,
@@ -105,7 +120,7 @@ struct Player<M, P> {
     pending_since: Option<Instant>,
     /// The end of the stream is in `out`: finished once it is written.
     ended: bool,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<oneshot::Sender<Result<(), PlayerError>>>,
 }
 
 impl<M: Muxer + Send + 'static, P: PlayerProtocol> Turn for Player<M, P> {
@@ -124,7 +139,7 @@ impl<M: Muxer + Send + 'static, P: PlayerProtocol> Turn for Player<M, P> {
 
 impl<M: Muxer, P: PlayerProtocol> Player<M, P> {
     /// One turn; `Ok(false)` when the player is finished.
-    fn step(&mut self, now: Instant) -> Result<bool, String> {
+    fn step(&mut self, now: Instant) -> Result<bool, PlayerError> {
         if !self.read_input()? {
             return Ok(false);
         }
@@ -173,7 +188,7 @@ impl<M: Muxer, P: PlayerProtocol> Player<M, P> {
     }
 
     /// Reads and handles what the client sent; `Ok(false)` when it left or asked to stop.
-    fn read_input(&mut self) -> Result<bool, String> {
+    fn read_input(&mut self) -> Result<bool, PlayerError> {
         loop {
             self.input.reserve(512);
             match self.sock.try_read_buf(&mut self.input) {

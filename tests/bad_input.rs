@@ -96,6 +96,15 @@ fn bad_input_closes_only_its_own_connection() {
         Some("NetStream.Publish.BadName"),
         "second publisher not refused"
     );
+    // A valid key in an application that makes a bad broadcast name ("li ve/x") is refused by
+    // the hub with NetStream.Publish.BadName.
+    let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let refused = RtmpClient::try_open_app(sock, "li ve", "x", true).err();
+    assert_eq!(
+        refused.as_deref(),
+        Some("NetStream.Publish.BadName"),
+        "publisher of a bad name not refused"
+    );
     // A handshake that stalls is dropped within 10 s.
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let took = expect_closed(s, &[3, 1, 2, 3], Duration::from_secs(12));

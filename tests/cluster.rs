@@ -682,3 +682,89 @@ fn operator_certificates() {
         stranger.log()
     );
 }
+
+/// A PUBLISH over the cluster link is held to the broadcast name rule, as RTMP and WHIP are: a
+/// bad name is refused (PUBLISH_ERROR ProtocolViolation) and nothing goes live; a good one on
+/// the same connection is taken.
+#[test]
+fn publish_of_a_bad_name_over_the_link_is_refused() {
+    use castnode::cluster::{tls, wire};
+    use wire::{ControlMessage, ErrorCode, Side, SubscriptionId};
+    let origin = origin();
+    let port = origin.cluster_port;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = rt.block_on(async move {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(tls::client_config(&Default::default()).unwrap());
+        let conn = endpoint
+            .connect(format!("127.0.0.1:{port}").parse().unwrap(), "castnode")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let exporter = tls::exporter(&conn).unwrap();
+        let mut out = bytes::BytesMut::new();
+        let mut decoder = wire::ControlDecoder::new();
+        let mut buf = bytes::BytesMut::new();
+        let mut answers = Vec::new();
+        let messages = [
+            ControlMessage::Hello {
+                version: wire::VERSION,
+                token_proof: wire::token_proof(TOKEN.as_bytes(), Side::Client, &exporter),
+                node_id: "raw".into(),
+                role: "edge".into(),
+            },
+            ControlMessage::Publish {
+                id: SubscriptionId(1),
+                broadcast: "live/../x".into(),
+                tracks: Vec::new(),
+                metadata: Default::default(),
+            },
+            ControlMessage::Publish {
+                id: SubscriptionId(2),
+                broadcast: "live/raw".into(),
+                tracks: Vec::new(),
+                metadata: Default::default(),
+            },
+        ];
+        for m in &messages {
+            out.clear();
+            wire::encode_control(m, &mut out).unwrap();
+            send.write_all(&out).await.unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    if let Some(m) = decoder.decode(&mut buf).unwrap() {
+                        return m;
+                    }
+                    let chunk = recv.read_chunk(64 << 10, true).await.unwrap().unwrap();
+                    buf.extend_from_slice(&chunk.bytes);
+                }
+            })
+            .await
+            .expect("an answer");
+            answers.push(answer);
+        }
+        answers
+    });
+    println!("answers: {answers:?}");
+    assert!(matches!(answers[0], ControlMessage::HelloOk { .. }));
+    assert!(
+        matches!(
+            &answers[1],
+            ControlMessage::PublishError { id: SubscriptionId(1), code: ErrorCode::ProtocolViolation, reason }
+                if reason.contains("not a valid broadcast name")
+        ),
+        "{:?}",
+        answers[1]
+    );
+    assert!(matches!(
+        answers[2],
+        ControlMessage::PublishOk {
+            id: SubscriptionId(2)
+        }
+    ));
+    assert!(!origin.log().contains("panicked"));
+}

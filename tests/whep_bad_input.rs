@@ -174,7 +174,7 @@ fn whip_refusals_and_resource_lifecycle() {
     // The recorded offer turned around: it sends video and audio.
     let offer = OFFER.replace("a=recvonly", "a=sendonly");
     let no_h264 = offer.replace("H264", "VP8").replace("h264", "vp8");
-    let cases: [(&str, &str, &[u8], u16, &str); 5] = [
+    let cases: [(&str, &str, &[u8], u16, &str); 6] = [
         (
             "/whip/live/c",
             "text/plain",
@@ -203,6 +203,14 @@ fn whip_refusals_and_resource_lifecycle() {
             offer.as_bytes(),
             409,
             "already has a live publisher",
+        ),
+        // A name the hub refuses (live/..): 400, before any WebRTC session is made.
+        (
+            "/whip/live/%2E%2E",
+            "application/sdp",
+            offer.as_bytes(),
+            400,
+            "not a valid broadcast name",
         ),
     ];
     for (path, ctype, body, status, reason) in cases {

@@ -1,7 +1,8 @@
 //! The node's end of the cluster link on quinn: fetching broadcasts from upstream on demand,
 //! and publishing local ones upstream. Serving other nodes is [`super::serve`]'s, on its own
-//! socket and thread; this module owns the configuration, counters and the [`Link`] handle both
-//! use.
+//! socket and thread; this module owns the [`Link`] handle both use (its counters are
+//! [`crate::metrics::ClusterStats`]). A link holds the node's [`Hub`], not the node's context,
+//! which holds the link.
 //!
 //! Guarantees:
 //! - A connection is used only after both ends proved the cluster token over its TLS exporter
@@ -44,8 +45,7 @@ use crate::manager::BoxFuture;
 use crate::media::hub::Hub;
 use crate::media::hub::wall_clock_us;
 use crate::media::{BroadcastConsumer, BroadcastProducer, ReadOutcome, TrackId, TrackInfo};
-use crate::metrics::Histogram;
-use crate::node::NodeContext;
+use crate::metrics::ClusterStats;
 
 /// How long a peer has to finish HELLO.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,11 +54,6 @@ pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A group that made no progress for this long while a newer one is waiting is dropped by the
 /// receiver.
 pub const GROUP_STALL: Duration = Duration::from_millis(500);
-/// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
-pub const LATENCY_BOUNDS_US: [u64; 12] = [
-    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
-];
-
 /// Chooses the upstream nodes a broadcast is fetched from (or published to), in the order they
 /// are tried: the `--upstream` list ([`StaticUpstreams`]), or the stream manager's answer
 /// ([`crate::manager::remote::ManagerUpstreams`]).
@@ -84,54 +79,6 @@ impl UpstreamChoice for StaticUpstreams {
 
 /// An upstream that failed is tried last for this long.
 pub const FAILED_UPSTREAM_BACKOFF: Duration = Duration::from_secs(10);
-
-/// The cluster link's counters.
-#[derive(Debug)]
-pub struct ClusterStats {
-    /// Connections from other nodes now.
-    pub peers_in: AtomicU64,
-    /// Connections refused (bad token, bad HELLO).
-    pub refused: AtomicU64,
-    /// Subscriptions other nodes hold on this one now.
-    pub subscriptions_down: AtomicU64,
-    /// Subscriptions this node holds upstream now.
-    pub subscriptions_up: AtomicU64,
-    /// Broadcasts other nodes publish to this one now.
-    pub publications_in: AtomicU64,
-    /// Local broadcasts this node publishes upstream now.
-    pub publications_out: AtomicU64,
-    /// Upstream failovers (a subscription moved to another upstream).
-    pub failovers: AtomicU64,
-    /// Bytes sent on group streams.
-    pub bytes_out: AtomicU64,
-    /// Bytes received on group streams.
-    pub bytes_in: AtomicU64,
-    /// Groups started for downstream nodes.
-    pub groups_out: AtomicU64,
-    /// Groups reset (sender) or dropped (receiver) because they fell behind.
-    pub groups_reset: AtomicU64,
-    /// Frames received; their age since origin ingest goes into `latency`.
-    pub latency: Histogram,
-}
-
-impl Default for ClusterStats {
-    fn default() -> Self {
-        Self {
-            peers_in: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
-            subscriptions_down: AtomicU64::new(0),
-            subscriptions_up: AtomicU64::new(0),
-            publications_in: AtomicU64::new(0),
-            publications_out: AtomicU64::new(0),
-            failovers: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
-            bytes_in: AtomicU64::new(0),
-            groups_out: AtomicU64::new(0),
-            groups_reset: AtomicU64::new(0),
-            latency: Histogram::new(&LATENCY_BOUNDS_US),
-        }
-    }
-}
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -304,7 +251,8 @@ impl Peer {
 
 /// The node's end of the cluster link.
 pub struct Link {
-    ctx: Arc<NodeContext>,
+    /// The node's broadcasts: what is fetched goes in, what is published here goes up.
+    hub: Hub,
     /// Where the link's tasks (and quinn's endpoint and connection drivers) run: the first
     /// serving thread's runtime on a node that serves, so a frame fetched from upstream is
     /// served on the thread that received it with no wake across threads; else the node's.
@@ -332,26 +280,63 @@ pub struct Link {
 }
 
 /// Why a control stream could not be read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum ControlReadError {
     /// The peer sent bytes the codec refuses.
-    Malformed(String),
+    #[error(transparent)]
+    Malformed(#[from] wire::WireError),
     /// The stream or its connection failed (reset, closed, lost): nothing to answer.
-    Stream(String),
+    #[error(transparent)]
+    Stream(#[from] quinn::ReadError),
 }
 
-impl std::fmt::Display for ControlReadError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Malformed(e) | Self::Stream(e) => f.write_str(e),
-        }
-    }
-}
-
-impl From<ControlReadError> for String {
-    fn from(e: ControlReadError) -> Self {
-        e.to_string()
-    }
+/// Why an upstream could not be connected to (logged; the next candidate is tried).
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    /// The upstream's name did not resolve.
+    #[error(transparent)]
+    Resolve(std::io::Error),
+    /// The upstream's name resolved to no address.
+    #[error("no address")]
+    NoAddress,
+    /// quinn refused to start the connection.
+    #[error(transparent)]
+    Start(#[from] quinn::ConnectError),
+    /// The QUIC handshake did not finish within [`HELLO_TIMEOUT`].
+    #[error("timed out")]
+    Timeout,
+    /// The connection failed (handshake, or opening the control stream).
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    /// The TLS session gave no exporter to prove the token over.
+    #[error("no TLS exporter")]
+    NoExporter,
+    /// HELLO could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] wire::WireError),
+    /// HELLO could not be sent.
+    #[error(transparent)]
+    Write(#[from] quinn::WriteError),
+    /// No answer to HELLO within [`HELLO_TIMEOUT`].
+    #[error("no HELLO_OK")]
+    NoHelloOk,
+    /// The answer to HELLO could not be read.
+    #[error(transparent)]
+    Control(#[from] ControlReadError),
+    /// HELLO_OK's token proof is wrong.
+    #[error("the upstream does not hold the cluster token")]
+    WrongProof,
+    /// The upstream answered HELLO with ERROR.
+    #[error("refused ({code:?}): {reason}")]
+    Refused {
+        /// Its code.
+        code: ErrorCode,
+        /// Its reason.
+        reason: String,
+    },
+    /// The upstream answered HELLO with something else (shown as it was decoded).
+    #[error("unexpected answer to HELLO: {0}")]
+    Unexpected(String),
 }
 
 /// Reads the next control message from `recv`; `Ok(None)` at a clean end.
@@ -360,18 +345,17 @@ async fn read_control(
     decoder: &mut ControlDecoder,
     buf: &mut BytesMut,
 ) -> Result<Option<ControlMessage>, ControlReadError> {
-    let malformed = |e: wire::WireError| ControlReadError::Malformed(e.to_string());
     loop {
-        if let Some(m) = decoder.decode(buf).map_err(malformed)? {
+        if let Some(m) = decoder.decode(buf)? {
             return Ok(Some(m));
         }
         match recv.read_chunk(64 << 10, true).await {
             Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             Ok(None) => {
-                decoder.finish(buf).map_err(malformed)?;
+                decoder.finish(buf)?;
                 return Ok(None);
             }
-            Err(e) => return Err(ControlReadError::Stream(e.to_string())),
+            Err(e) => return Err(ControlReadError::Stream(e)),
         }
     }
 }
@@ -404,7 +388,7 @@ impl Link {
     /// Starts the link of a `role` node: serving on `cfg.listen` when set, fetching from
     /// `upstreams`.
     pub fn start(
-        ctx: Arc<NodeContext>,
+        hub: Hub,
         cfg: &ClusterConfig,
         role: &str,
         upstreams: Box<dyn UpstreamChoice>,
@@ -459,7 +443,7 @@ impl Link {
             None => None,
         };
         let link = Arc::new(Self {
-            ctx,
+            hub,
             rt,
             endpoint,
             served,
@@ -489,8 +473,9 @@ impl Link {
         &self.rt
     }
 
-    pub(super) fn ctx(&self) -> &NodeContext {
-        &self.ctx
+    /// The node's broadcasts.
+    pub(super) fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     pub(super) fn has_upstreams(&self) -> bool {
@@ -522,13 +507,13 @@ impl Link {
     /// it returns is fed by a running fetch (or a local publisher): see `Fetches`.
     pub async fn subscribe(self: &Arc<Self>, name: &str) -> Option<BroadcastConsumer> {
         if !self.upstreams.any() {
-            return self.ctx.hub.subscribe(name);
+            return self.hub.subscribe(name);
         }
         let deadline = tokio::time::Instant::now() + SUBSCRIBE_TIMEOUT * 2;
         // A fetch that answered and ended before this subscriber attached (the upstream ended
         // the broadcast just then) sends it round again, to a new fetch; a few rounds at most.
         for _ in 0..4 {
-            let mut rx = match self.fetches.attach(&self.ctx.hub, name) {
+            let mut rx = match self.fetches.attach(&self.hub, name) {
                 Attach::Consumer(c) => return Some(c),
                 Attach::Wait(rx) => rx,
                 Attach::Start(fetch, rx) => {
@@ -558,7 +543,7 @@ impl Link {
         let fetched = self.fetches.names();
         let mut publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         publishing.retain(|_, h| !h.is_finished());
-        for bc in self.ctx.hub.broadcasts() {
+        for bc in self.hub.broadcasts() {
             let name = bc.name();
             if !bc.is_live() || fetched.iter().any(|f| f == name) || publishing.contains_key(name) {
                 continue;
@@ -571,7 +556,6 @@ impl Link {
     /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
     async fn publish(self: Arc<Self>, name: String) {
         let Some(mut consumer) = self
-            .ctx
             .hub
             .subscribe_as(&name, crate::media::ConsumerKind::Internal)
         else {
@@ -782,24 +766,22 @@ impl Link {
             .insert(failed.addr.clone(), Instant::now());
     }
 
-    async fn connect(&self, addr: &str) -> Result<Arc<Peer>, String> {
+    async fn connect(&self, addr: &str) -> Result<Arc<Peer>, ConnectError> {
         let sa = tokio::net::lookup_host(addr)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(ConnectError::Resolve)?
             .next()
-            .ok_or("no address")?;
+            .ok_or(ConnectError::NoAddress)?;
         let connecting = self
             .endpoint
-            .connect_with(self.client.clone(), sa, "castnode")
-            .map_err(|e| e.to_string())?;
+            .connect_with(self.client.clone(), sa, "castnode")?;
         let conn = tokio::time::timeout(HELLO_TIMEOUT, connecting)
             .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            .map_err(|_| ConnectError::Timeout)??;
+        let (mut send, mut recv) = conn.open_bi().await?;
         // Requests and answers go before any group's media (docs/cluster-protocol.md).
         let _ = send.set_priority(i32::MAX);
-        let exporter = tls::exporter(&conn).ok_or("no TLS exporter")?;
+        let exporter = tls::exporter(&conn).ok_or(ConnectError::NoExporter)?;
         let mut buf = BytesMut::new();
         wire::encode_control(
             &ControlMessage::Hello {
@@ -809,9 +791,8 @@ impl Link {
                 role: self.role.clone(),
             },
             &mut buf,
-        )
-        .map_err(|e| e.to_string())?;
-        send.write_all(&buf).await.map_err(|e| e.to_string())?;
+        )?;
+        send.write_all(&buf).await?;
         let mut decoder = ControlDecoder::new();
         let mut buf = BytesMut::new();
         let answer = tokio::time::timeout(
@@ -819,7 +800,7 @@ impl Link {
             read_control(&mut recv, &mut decoder, &mut buf),
         )
         .await
-        .map_err(|_| "no HELLO_OK".to_string())??;
+        .map_err(|_| ConnectError::NoHelloOk)??;
         match answer {
             Some(ControlMessage::HelloOk {
                 node_id,
@@ -829,12 +810,12 @@ impl Link {
             }
             Some(ControlMessage::HelloOk { .. }) => {
                 conn.close(varint(ErrorCode::Unauthorized.code()), b"wrong token proof");
-                return Err("the upstream does not hold the cluster token".into());
+                return Err(ConnectError::WrongProof);
             }
             Some(ControlMessage::Error { code, reason }) => {
-                return Err(format!("refused ({code:?}): {reason}"));
+                return Err(ConnectError::Refused { code, reason });
             }
-            other => return Err(format!("unexpected answer to HELLO: {other:?}")),
+            other => return Err(ConnectError::Unexpected(format!("{other:?}"))),
         }
         let peer = Arc::new(Peer {
             conn: conn.clone(),
@@ -920,10 +901,10 @@ impl Link {
                     ..
                 }))) => {
                     if sink.producer.is_none() {
-                        match self.ctx.hub.publish(&name) {
+                        match self.hub.publish(&name) {
                             Ok(p) => sink.producer = Some(p),
                             Err(e) => {
-                                warn!(broadcast = %name, error = %e, "cannot fetch: published here");
+                                warn!(broadcast = %name, error = %e, "cannot fetch into the hub");
                                 break;
                             }
                         }

@@ -1,6 +1,6 @@
 //! The serving side of the cluster link: castnode's own driver around quinn-proto's state
 //! machines. Each serving thread (a single-threaded tokio runtime; `--cluster-threads`, by
-//! default [`default_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
+//! default [`crate::config::default_cluster_threads`]) owns one UDP socket on the listening address (SO_REUSEPORT: the kernel
 //! keeps each peer on one socket), a QUIC endpoint and the connections that reach it; it reads
 //! the hub for the subscriptions it serves and writes their frames straight into the
 //! connections' streams. The first thread's runtime also runs [`super::link`]'s tasks (fetching
@@ -58,7 +58,8 @@ use super::wire::{
 };
 use crate::media::hub::Broadcast;
 use crate::media::{
-    BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind,
+    BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, PublishError, ReadOutcome, TrackId,
+    TrackKind,
 };
 
 /// Memo slot of an entry's encoding on a group stream (frame header or config item), shared by
@@ -259,12 +260,6 @@ fn varint(v: u64) -> VarInt {
 /// Socket buffers asked for, each way (the kernel caps them at `net.core.rmem_max` /
 /// `wmem_max`).
 pub(super) const SOCKET_BUFFER: usize = 8 << 20;
-/// Serving threads at most.
-pub const MAX_THREADS: usize = 16;
-/// Cores per serving thread by default. One thread serves a frame's copies more cheaply than two
-/// (BENCHMARKS.md, "Cluster link": 11–12 µs against 13–15 µs per copy on 2 cores), and a relay
-/// of many cores still spreads its peers.
-pub const CORES_PER_THREAD: usize = 4;
 
 /// Binds `threads` serving sockets to `addr` (SO_REUSEPORT: the kernel spreads peers over them
 /// by address, and keeps each peer on one); a driver per socket starts with [`spawn`].
@@ -295,13 +290,6 @@ pub fn bind(addr: SocketAddr, threads: usize) -> std::io::Result<Vec<std::net::U
         sockets.push(s.into());
     }
     Ok(sockets)
-}
-
-/// How many serving threads a node runs unless told (`--cluster-threads`): one per
-/// [`CORES_PER_THREAD`] cores it may use, at least 1, at most [`MAX_THREADS`].
-pub fn default_threads() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (cores / CORES_PER_THREAD).clamp(1, MAX_THREADS)
 }
 
 /// Starts a driver for `socket` on its own thread. It serves for as long as the process runs
@@ -919,7 +907,7 @@ impl Driver {
         match msg {
             ControlMessage::Subscribe { id, broadcast } => {
                 self.drop_flow(i, id.0);
-                let hub = &self.link.ctx().hub;
+                let hub = &self.link.hub();
                 if let Some(consumer) = hub.subscribe_as(&broadcast, ConsumerKind::Node) {
                     self.start_flow(i, id, &broadcast, consumer);
                 } else if self.link.has_upstreams() {
@@ -961,7 +949,7 @@ impl Driver {
                 tracks,
                 metadata,
             } => {
-                let mut producer = match self.link.ctx().hub.publish(&broadcast) {
+                let mut producer = match self.link.hub().publish(&broadcast) {
                     Ok(p) => p,
                     Err(e) => {
                         info!(%peer, %broadcast, "PUBLISH refused: {e}");
@@ -969,7 +957,10 @@ impl Driver {
                             i,
                             &ControlMessage::PublishError {
                                 id,
-                                code: ErrorCode::AlreadyLive,
+                                code: match e {
+                                    PublishError::AlreadyLive(_) => ErrorCode::AlreadyLive,
+                                    PublishError::BadName(_) => ErrorCode::ProtocolViolation,
+                                },
                                 reason: e.to_string(),
                             },
                         );

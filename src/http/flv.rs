@@ -20,9 +20,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::media::feed::Feed;
+use crate::media::valid_name;
 use crate::node::NodeContext;
 use crate::player::{self, PlayerProtocol};
-use crate::rtmp::conn::valid_key;
 use crate::rtmp::mux::FlvMuxer;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,18 +71,6 @@ impl axum::serve::Listener for HttpListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         Ok(self.local)
-    }
-}
-
-/// A client's address as handlers see it (`ConnectInfo<ClientAddr>`) on a node's HTTP port.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, HttpListener>>
-    for ClientAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, HttpListener>) -> Self {
-        ClientAddr(*stream.remote_addr())
     }
 }
 
@@ -165,7 +153,7 @@ async fn serve(mut sock: TcpStream, peer: SocketAddr, path: &str, ctx: &Arc<Node
         return;
     }
     let name = path.trim_start_matches('/').trim_end_matches(".flv");
-    if !name.contains('/') || !valid_key(name) {
+    if !name.contains('/') || !valid_name(name) {
         respond(&mut sock, "404 Not Found", "not found\n").await;
         return;
     }
@@ -212,7 +200,7 @@ struct FlvPlayer {
 impl PlayerProtocol for FlvPlayer {
     const NAME: &'static str = "HTTP-FLV";
 
-    fn handle_input(&mut self, _data: &[u8]) -> Result<bool, String> {
+    fn handle_input(&mut self, _data: &[u8]) -> Result<bool, player::PlayerError> {
         Ok(true)
     }
 

@@ -6,6 +6,7 @@
 pub mod flv;
 pub mod page;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -17,6 +18,19 @@ use axum::routing::get;
 use crate::manager::embedded::Embedded;
 use crate::node::NodeContext;
 pub use page::NodeFacts;
+
+/// A client's address as handlers see it (`ConnectInfo<ClientAddr>`) on a node's HTTP port
+/// (served through [`flv::HttpListener`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, flv::HttpListener>>
+    for ClientAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, flv::HttpListener>) -> Self {
+        ClientAddr(*stream.remote_addr())
+    }
+}
 
 /// What the node's pages and broadcasts list need.
 #[derive(Clone)]

@@ -139,7 +139,7 @@ fn client_ip(ext: &Extensions) -> Option<IpAddr> {
     ext.get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .or_else(|| {
-            ext.get::<ConnectInfo<crate::http::flv::ClientAddr>>()
+            ext.get::<ConnectInfo<crate::http::ClientAddr>>()
                 .map(|c| c.0.0.ip())
         })
 }

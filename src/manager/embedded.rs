@@ -13,12 +13,11 @@ use rand::Rng;
 
 use super::heartbeat;
 use super::registry::{NodeEntry, NodeStatus, Registry};
-use super::store::{
-    Access, NodeGroup, RegionRecord, Store, TokenRecord, hash_secret, name_ok, new_secret,
-};
+use super::store::{Access, NodeGroup, RegionRecord, Store, TokenRecord, hash_secret, new_secret};
 use super::{
     BoxFuture, Hint, LoadReport, ManagerError, NodeInfo, Placement, ReportReply, StreamManager,
 };
+use crate::names::name_ok;
 
 /// The in-process manager.
 pub struct Embedded {

@@ -30,7 +30,7 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use super::store::name_ok;
+use crate::names::name_ok;
 
 /// The datagrams' first bytes.
 pub const MAGIC: &[u8; 4] = b"CNH1";

@@ -39,14 +39,25 @@ pub struct NodeSpec {
     pub capacity: Option<u64>,
 }
 
+/// Why a node could not be created or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// Node groups start edges, relays or origins, never a standalone node.
+    #[error("node groups start edges, relays or origins")]
+    Role,
+    /// A directory, log file or process could not be made.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Creates and removes nodes.
 pub trait Provisioner: Send + Sync {
     /// Its name, for logs.
     fn name(&self) -> &'static str;
     /// Starts a node; it registers with the manager by itself.
-    fn create<'a>(&'a self, spec: &'a NodeSpec) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn create<'a>(&'a self, spec: &'a NodeSpec) -> BoxFuture<'a, Result<(), ProvisionError>>;
     /// Ends a node (it has drained, failed, or passed its drain deadline).
-    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<()>>;
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProvisionError>>;
 }
 
 /// Starts local `castnode` processes.
@@ -68,7 +79,7 @@ impl ProcessProvisioner {
         token: &str,
         host: &str,
         dir: PathBuf,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ProvisionError> {
         std::fs::create_dir_all(&dir)?;
         Ok(Self {
             exe,
@@ -119,13 +130,13 @@ impl Provisioner for ProcessProvisioner {
         "process"
     }
 
-    fn create<'a>(&'a self, spec: &'a NodeSpec) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn create<'a>(&'a self, spec: &'a NodeSpec) -> BoxFuture<'a, Result<(), ProvisionError>> {
         Box::pin(async move {
             let role = match spec.role {
                 NodeRole::Edge => "edge",
                 NodeRole::Relay => "relay",
                 NodeRole::Origin => "origin",
-                NodeRole::Standalone => anyhow::bail!("node groups start edges, relays or origins"),
+                NodeRole::Standalone => return Err(ProvisionError::Role),
             };
             let log = std::fs::File::create(self.dir.join(format!("{}.log", spec.id)))?;
             let any = format!("{}:0", self.host);
@@ -162,7 +173,7 @@ impl Provisioner for ProcessProvisioner {
         })
     }
 
-    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, anyhow::Result<()>> {
+    fn remove<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ProvisionError>> {
         Box::pin(async move {
             let child = self.children().remove(id);
             if let Some(mut child) = child {

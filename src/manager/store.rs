@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{ManagerError, NodeRole};
+use crate::names::name_ok;
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,11 +123,6 @@ pub struct NodeGroup {
 /// Most nodes one group may hold.
 pub const MAX_GROUP_NODES: u32 = 1000;
 
-/// A node id, region or record name: 1 to 128 printable ASCII characters, no spaces.
-pub fn name_ok(s: &str) -> bool {
-    (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
-}
-
 impl NodeGroup {
     /// Why the group cannot be used, if it cannot.
     pub fn check(&self) -> Result<(), ManagerError> {
@@ -179,6 +175,17 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed: opening the file, setting its modes, or creating the schema.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database's schema is newer than this castnode's.
+    #[error("the database was written by a newer castnode (schema {0})")]
+    NewerSchema(i64),
+}
+
 /// The database.
 pub struct Store {
     conn: Mutex<Connection>,
@@ -191,7 +198,7 @@ fn db_error(e: rusqlite::Error) -> ManagerError {
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one (None, or the
     /// path `:memory:`).
-    pub fn open(path: Option<&Path>) -> anyhow::Result<Self> {
+    pub fn open(path: Option<&Path>) -> Result<Self, StoreError> {
         let path = path.filter(|p| p.as_os_str() != ":memory:");
         let conn = match path {
             Some(p) => Connection::open(p)?,
@@ -203,7 +210,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
         if version > 1 {
-            anyhow::bail!("the database was written by a newer castnode (schema {version})");
+            return Err(StoreError::NewerSchema(version));
         }
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS tokens (

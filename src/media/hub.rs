@@ -1,6 +1,8 @@
 //! The in-node hub: live broadcasts, their publishers and their consumers.
 //!
 //! Guarantees:
+//! - Every broadcast's name passes [`valid_name`], whatever protocol published it: [`Hub::publish`]
+//!   refuses any other ([`PublishError::BadName`]).
 //! - Fan-out is zero-copy: every consumer reads the same `Arc<Entry>`; derived serializations
 //!   (an RTMP chunk stream, an FLV tag) are computed once per entry in a [`MemoSlot`] and shared.
 //! - A new consumer starts at the newest group (a keyframe of the source's video), after the tracks' configs.
@@ -69,6 +71,21 @@ pub enum PublishError {
     /// Another publisher is live under this name.
     #[error("broadcast {0} already has a live publisher")]
     AlreadyLive(String),
+    /// The name breaks the broadcast name rule ([`valid_name`]).
+    #[error("{0:?} is not a valid broadcast name (printable ASCII; no empty, . or .. parts)")]
+    BadName(String),
+}
+
+/// The broadcast name rule, for every protocol (a stream key, a URL path, a cluster PUBLISH):
+/// printable ASCII without `\`, at most 256 bytes, no empty, `.` or `..` part between `/`s.
+/// So a name goes into a URL path, a log line or a file name as it is.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 256
+        && !name
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+        && name.chars().all(|c| c.is_ascii_graphic() && c != '\\')
 }
 
 /// One item of a broadcast's log.
@@ -632,8 +649,12 @@ impl Hub {
         &self.inner.cfg
     }
 
-    /// Start publishing `name`, or continue it when its publisher left within the grace.
+    /// Start publishing `name`, or continue it when its publisher left within the grace. A name
+    /// that breaks [`valid_name`] is refused, whatever protocol brought it.
     pub fn publish(&self, name: &str) -> Result<BroadcastProducer, PublishError> {
+        if !valid_name(name) {
+            return Err(PublishError::BadName(name.to_owned()));
+        }
         let id = self.inner.next_id.fetch_add(1, Relaxed);
         let mut map = self.map();
         if let Some(bc) = map.get(name) {
@@ -1228,6 +1249,28 @@ mod tests {
         assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(2));
         assert_eq!(frames(&out), vec![264, 297]);
         assert!(matches!(&out[0].item, Item::Frame { frame, .. } if frame.keyframe));
+    }
+
+    /// Every protocol publishes through `Hub::publish`: a name that breaks the rule is refused
+    /// there, and nothing is left in the hub.
+    #[test]
+    fn bad_names_are_refused() {
+        let hub = Hub::default();
+        let long = "a".repeat(257);
+        for bad in [
+            "", "/a", "a/", "a//b", "live/..", "../x", "live/./a", "a b", "a\\b", "é", &long,
+        ] {
+            assert_eq!(
+                hub.publish(bad).err(),
+                Some(PublishError::BadName(bad.into())),
+                "{bad:?}"
+            );
+            assert!(hub.subscribe(bad).is_none());
+        }
+        assert!(hub.broadcasts().is_empty());
+        for good in ["live/a", "a", "abc-1_2/x.y~z", &"a".repeat(256)] {
+            assert!(hub.publish(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

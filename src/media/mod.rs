@@ -14,5 +14,5 @@ pub use frame::{
 };
 pub use hub::{
     BroadcastConsumer, BroadcastProducer, ConsumerKind, Entry, Hub, HubConfig, MemoSlot,
-    PublishError, ReadOutcome,
+    PublishError, ReadOutcome, valid_name,
 };

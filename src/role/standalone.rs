@@ -94,7 +94,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             }),
             _ => Box::new(StaticUpstreams(cluster.upstream.clone())),
         };
-        let link = Link::start(ctx.clone(), &cluster, role, upstreams)
+        let link = Link::start(ctx.hub.clone(), &cluster, role, upstreams)
             .context("starting the cluster link")?;
         let _ = ctx.link.set(link.clone());
         Some(link)
@@ -271,7 +271,7 @@ async fn serve(
     }
     axum::serve(
         http,
-        routes.into_make_service_with_connect_info::<crate::http::flv::ClientAddr>(),
+        routes.into_make_service_with_connect_info::<crate::http::ClientAddr>(),
     )
     .with_graceful_shutdown(crate::shutdown::signal())
     .await

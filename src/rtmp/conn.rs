@@ -302,7 +302,7 @@ impl ServerConn {
                     .ok_or(RtmpError::BadMessage("publish or play before connect"))?;
                 let full = arg(3);
                 let key = full.split('?').next().unwrap_or_default().to_owned();
-                if !valid_key(&key) {
+                if !crate::media::valid_name(&key) {
                     let (code, what) = if name == "publish" {
                         ("NetStream.Publish.BadName", "publish")
                     } else {
@@ -435,16 +435,6 @@ impl ServerConn {
     }
 }
 
-/// A stream key names a broadcast: printable, no path traversal, bounded length.
-pub fn valid_key(key: &str) -> bool {
-    !key.is_empty()
-        && key.len() <= 256
-        && !key
-            .split('/')
-            .any(|s| s.is_empty() || s == "." || s == "..")
-        && key.chars().all(|c| c.is_ascii_graphic() && c != '\\')
-}
-
 impl From<ChunkError> for RtmpError {
     fn from(e: ChunkError) -> Self {
         RtmpError::Chunk(e)
@@ -558,9 +548,9 @@ mod tests {
 
     #[test]
     fn keys() {
-        assert!(valid_key("abc-1_2"));
-        assert!(!valid_key(""));
-        assert!(!valid_key("../x"));
-        assert!(!valid_key("a b"));
+        assert!(crate::media::valid_name("abc-1_2"));
+        assert!(!crate::media::valid_name(""));
+        assert!(!crate::media::valid_name("../x"));
+        assert!(!crate::media::valid_name("a b"));
     }
 }

@@ -22,9 +22,9 @@ use super::flv::{self, Tag};
 use super::message::kind;
 use super::mux::RtmpMuxer;
 use crate::media::feed::Feed;
-use crate::media::{BroadcastProducer, Codec, TrackId, TrackInfo, TrackKind};
+use crate::media::{BroadcastProducer, Codec, PublishError, TrackId, TrackInfo, TrackKind};
 use crate::node::NodeContext;
-use crate::player::{self, PlayerProtocol};
+use crate::player::{self, PlayerError, PlayerProtocol};
 
 /// Accepts RTMP connections until the listener fails.
 pub async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
@@ -65,12 +65,15 @@ pub async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
 /// Why a session ended early.
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
+    /// The client broke the RTMP protocol.
     #[error(transparent)]
     Rtmp(#[from] RtmpError),
+    /// The socket failed.
     #[error("socket: {0}")]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
-    Player(String),
+    /// The session's player ended in error.
+    #[error(transparent)]
+    Player(#[from] PlayerError),
 }
 
 async fn flush(sock: &mut TcpStream, conn: &mut ServerConn) -> std::io::Result<()> {
@@ -136,7 +139,13 @@ async fn session(
                         }
                         Err(e) => {
                             warn!(%peer, broadcast = %name, "publish refused: {e}");
-                            conn.reject_publish(stream_id, "Stream already publishing.");
+                            conn.reject_publish(
+                                stream_id,
+                                match e {
+                                    PublishError::AlreadyLive(_) => "Stream already publishing.",
+                                    PublishError::BadName(_) => "Invalid stream name.",
+                                },
+                            );
                         }
                     }
                 }
@@ -274,8 +283,10 @@ struct RtmpPlayer {
 impl PlayerProtocol for RtmpPlayer {
     const NAME: &'static str = "RTMP";
 
-    fn handle_input(&mut self, data: &[u8]) -> Result<bool, String> {
-        self.conn.handle_input(data).map_err(|e| e.to_string())?;
+    fn handle_input(&mut self, data: &[u8]) -> Result<bool, PlayerError> {
+        self.conn
+            .handle_input(data)
+            .map_err(PlayerError::protocol)?;
         while let Some(ev) = self.conn.poll_event() {
             if ev == Event::StreamClosed {
                 return Ok(false);

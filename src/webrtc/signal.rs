@@ -22,8 +22,8 @@ use tracing::{debug, info};
 use super::WebrtcError;
 use super::driver::Webrtc;
 use crate::http::cors;
+use crate::media::{PublishError, valid_name};
 use crate::node::NodeContext;
-use crate::rtmp::conn::valid_key;
 
 /// Largest offer accepted.
 pub const MAX_OFFER: usize = 64 << 10;
@@ -136,7 +136,7 @@ async fn whep(
         Ok(sdp) => sdp,
         Err((status, reason)) => return refuse(status, reason),
     };
-    if !valid_key(&name) {
+    if !valid_name(&name) {
         return refuse(StatusCode::NOT_FOUND, format!("no broadcast {name}"));
     }
     if st.ctx.stats.webrtc_viewers.load(Relaxed) >= st.ctx.cfg.max_viewers as u64 {
@@ -167,16 +167,9 @@ async fn whip(
         Ok(sdp) => sdp,
         Err((status, reason)) => return refuse(status, reason),
     };
-    if !valid_key(&name) {
-        return refuse(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{name:?} is not a valid broadcast name (printable ASCII; no empty, . or .. parts)"
-            ),
-        );
-    }
     let producer = match st.ctx.hub.publish(&name) {
         Ok(p) => p,
+        Err(e @ PublishError::BadName(_)) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => {
             info!(broadcast = %name, error = %e, "WHIP publisher refused");
             return refuse(StatusCode::CONFLICT, e.to_string());

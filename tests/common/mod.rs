@@ -491,6 +491,16 @@ impl RtmpClient {
 
     /// Connects and waits until publishing/playing has started; the status code on refusal.
     pub fn try_open(sock: TcpStream, key: &str, publish: bool) -> Result<RtmpClient, String> {
+        Self::try_open_app(sock, "live", key, publish)
+    }
+
+    /// [`RtmpClient::try_open`] in RTMP application `app`.
+    pub fn try_open_app(
+        sock: TcpStream,
+        app: &str,
+        key: &str,
+        publish: bool,
+    ) -> Result<RtmpClient, String> {
         use castnode::rtmp::client::{ClientConn, ClientEvent, Mode};
         let port = sock.peer_addr().unwrap().port();
         let mode = if publish {
@@ -498,7 +508,7 @@ impl RtmpClient {
         } else {
             Mode::Play(key.into())
         };
-        let conn = ClientConn::new("live", &format!("rtmp://127.0.0.1:{port}/live"), mode, 9);
+        let conn = ClientConn::new(app, &format!("rtmp://127.0.0.1:{port}/{app}"), mode, 9);
         sock.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         sock.set_nodelay(true).unwrap();

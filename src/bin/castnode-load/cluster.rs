@@ -133,7 +133,7 @@ fn start_link(node_id: &str, upstream: &str, token: &str) -> anyhow::Result<Arc<
     let cluster = cfg.cluster.clone();
     let ctx = NodeContext::new(cfg);
     let link = Link::start(
-        ctx.clone(),
+        ctx.hub.clone(),
         &cluster,
         "edge",
         Box::new(StaticUpstreams(vec![upstream.to_owned()])),
