@@ -15,6 +15,16 @@ use std::time::Duration;
 
 use common::*;
 
+/// RTMP, HTTP and WebRTC on the IPv4 wildcard address, as the defaults bind them (free ports).
+const WILDCARD_V4: [&str; 6] = [
+    "--rtmp",
+    "0.0.0.0:0",
+    "--http",
+    "0.0.0.0:0",
+    "--webrtc-udp",
+    "0.0.0.0:0",
+];
+
 /// Publishes the OBS-like clip to `server` (reached at `host`), opens one WHEP viewer of it in
 /// headless Chromium (page and browser on this host) and checks it decodes video.
 fn plays_in_chromium(server: &Server, name: &str) {
@@ -51,14 +61,7 @@ fn wildcard_ipv4_binds_play_in_chromium() {
     if !has_chromium() {
         return;
     }
-    let server = Server::start(&[
-        "--rtmp",
-        "0.0.0.0:0",
-        "--http",
-        "0.0.0.0:0",
-        "--webrtc-udp",
-        "0.0.0.0:0",
-    ]);
+    let server = Server::start(&WILDCARD_V4);
     plays_in_chromium(&server, "wild4");
 }
 
@@ -159,14 +162,7 @@ fn viewer_reaching_the_second_address_plays() {
         &["ip", "netns", "exec", &ns.name],
         &second,
         "standalone",
-        &[
-            "--rtmp",
-            "0.0.0.0:0",
-            "--http",
-            "0.0.0.0:0",
-            "--webrtc-udp",
-            "0.0.0.0:0",
-        ],
+        &WILDCARD_V4,
         |_| {},
     );
     plays_in_chromium(&server, "second");

@@ -125,16 +125,15 @@ async fn publish_page() -> impl IntoResponse {
     )
 }
 
+/// The node's broadcasts, described as the API and the first page show them.
+fn described(ctx: &NodeContext) -> Vec<crate::media::hub::BroadcastInfo> {
+    ctx.hub.broadcasts().iter().map(|b| b.describe()).collect()
+}
+
 /// The first page ([`page`]): live broadcasts with their play links, OBS settings, links.
 async fn first_page(State(p): State<Pages>, headers: HeaderMap, uri: Uri) -> impl IntoResponse {
     let host = page::request_host(&headers, &uri, &p.facts);
-    let list: Vec<_> = p
-        .ctx
-        .hub
-        .broadcasts()
-        .iter()
-        .map(|b| b.describe())
-        .collect();
+    let list = described(&p.ctx);
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -148,13 +147,7 @@ async fn first_page(State(p): State<Pages>, headers: HeaderMap, uri: Uri) -> imp
 /// manager's figures for it, as `castnode manager` lists them (`viewers`, `publishers`,
 /// `nodes`), so that the console reads this list on both.
 async fn broadcasts(State(p): State<Pages>) -> impl IntoResponse {
-    let list: Vec<_> = p
-        .ctx
-        .hub
-        .broadcasts()
-        .iter()
-        .map(|b| b.describe())
-        .collect();
+    let list = described(&p.ctx);
     let Some(m) = &p.manager else {
         return axum::Json(serde_json::json!({ "broadcasts": list }));
     };

@@ -304,19 +304,24 @@ pub fn http_request_at(
     bearer: Option<&str>,
     body: &[u8],
 ) -> (u16, String, String) {
-    let mut s = TcpStream::connect((host, port)).expect("connect HTTP");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let ctype = ctype
         .map(|c| format!("Content-Type: {c}\r\nContent-Length: {}\r\n", body.len()))
         .unwrap_or_default();
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(
-        s,
+    let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{ctype}{auth}Connection: close\r\n\r\n"
-    )
-    .unwrap();
+    );
+    http_exchange(host, port, &head, body)
+}
+
+/// Sends one request (`head` with its blank line, then `body`) to `host:port` and reads the
+/// answer to the end: (status, head, body).
+pub fn http_exchange(host: &str, port: u16, head: &str, body: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect((host, port)).expect("connect HTTP");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
     let _ = s.write_all(body);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
