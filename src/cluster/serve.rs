@@ -24,7 +24,7 @@
 //!   received all of it yet; a consumer the hub makes skip resets its current group. A stream
 //!   that is blocked (flow control, congestion) holds its subscription's reading until it is
 //!   writable again, so the hub (not this driver) decides what a slow peer skips.
-//! - A frame's header is encoded once per hub entry ([`CLUSTER_SLOT`]); copies share it and
+//! - A frame's header is encoded once per hub entry ([`MemoSlot::Cluster`]); copies share it and
 //!   the payload by reference count.
 //! - PUBLISH makes the peer's broadcast a local one: its groups are read in order, a group that
 //!   stalls for [`GROUP_STALL`] while a newer one waits is dropped, and frames go into the hub
@@ -61,9 +61,6 @@ use crate::media::{
     BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind,
 };
 
-/// Memo slot of an entry's encoding on a group stream (frame header or config item), shared by
-/// every subscription.
-pub const CLUSTER_SLOT: MemoSlot = MemoSlot(3);
 /// Datagrams read per receive call (each may be a GRO batch).
 const RECV_BATCH: usize = 32;
 /// Receive calls in one pass at most, so that a flood of datagrams does not hold up sending.
@@ -80,9 +77,10 @@ const ERROR_LINGER: Duration = Duration::from_millis(50);
 
 /// The encoding of `e` on a group stream: a frame header (its payload follows) or a whole config
 /// item; `None` for a rendition track (each node makes its own) or what cannot be encoded.
+/// Memoized in the entry ([`MemoSlot::Cluster`]), shared by every subscription.
 pub fn encoded(e: &Entry) -> &Option<Bytes> {
     let ingest = e.ingest_us.max(0) as u64;
-    e.memo(CLUSTER_SLOT, |item| {
+    e.memo(MemoSlot::Cluster, |item| {
         let mut buf = BytesMut::with_capacity(40);
         let ok = match item {
             Item::Config { track, info } if track.0 < 2 => {

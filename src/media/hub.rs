@@ -3,6 +3,8 @@
 //! Guarantees:
 //! - Fan-out is zero-copy: every consumer reads the same `Arc<Entry>`; derived serializations
 //!   (an RTMP chunk stream, an FLV tag) are computed once per entry in a [`MemoSlot`] and shared.
+//!   The slots are one list ([`MemoSlot`]) that also sizes the memo: each output format has its
+//!   own, and none lies past the end.
 //! - A new consumer starts at the newest group (a keyframe of the source's video), after the tracks' configs.
 //! - The publisher never waits for a consumer. A consumer that falls behind by more than
 //!   [`HubConfig::max_lag`], or whose position was evicted, skips ahead to the newest group; the
@@ -32,12 +34,32 @@ use tokio::sync::watch;
 
 use super::frame::{Frame, Item, Metadata, TrackId, TrackInfo, TrackKind};
 
-/// How many derived serializations an entry can memoize.
-const MEMO_SLOTS: usize = 4;
+/// Declares [`MemoSlot`] and sizes every entry's memo from the same list: a slot added here
+/// gets its storage, so no output format can index past the end or share another's slot.
+macro_rules! memo_slots {
+    ($($(#[$doc:meta])* $slot:ident,)+) => {
+        /// A slot for one derived serialization of entries: one per output format, each always
+        /// storing the same type ([`Entry::memo`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum MemoSlot {
+            $($(#[$doc])* $slot,)+
+        }
 
-/// A slot for one derived serialization of entries (one per output format).
-#[derive(Clone, Copy, Debug)]
-pub struct MemoSlot(pub usize);
+        /// How many derived serializations an entry can memoize: one per [`MemoSlot`].
+        const MEMO_SLOTS: usize = [$(MemoSlot::$slot),+].len();
+    };
+}
+
+memo_slots! {
+    /// An RTMP chunk stream's message of the entry (`rtmp::mux::RtmpMuxer`).
+    Rtmp,
+    /// An FLV tag of the entry (`rtmp::mux::FlvMuxer`, HTTP-FLV).
+    Flv,
+    /// A frame's RTP payloads (`webrtc::packetize::RtpFrame`, WHEP viewers).
+    Rtp,
+    /// The entry's encoding on a cluster group stream (`cluster::serve::encoded`).
+    Cluster,
+}
 
 /// Hub tuning.
 #[derive(Clone, Debug)]
@@ -113,7 +135,7 @@ impl Entry {
         slot: MemoSlot,
         encode: impl FnOnce(&Item) -> T,
     ) -> &T {
-        let v = self.memo[slot.0].get_or_init(|| Box::new(encode(&self.item)));
+        let v = self.memo[slot as usize].get_or_init(|| Box::new(encode(&self.item)));
         v.downcast_ref::<T>().expect("a memo slot holds one type")
     }
 
