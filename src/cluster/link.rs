@@ -18,8 +18,8 @@
 //!   is decided atomically with subscribers attaching (`Fetches`), so one that arrives as the
 //!   fetch lets go either keeps it going or starts a new one. The same holds for the serving
 //!   side's subscriptions from downstream nodes (they are local subscribers).
-//! - Only a broadcast's own tracks (0 and 1) travel; each node makes its own on-demand
-//!   renditions (Opus, B-frame-free video) from them.
+//! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel; each node makes its own
+//!   on-demand renditions (Opus, B-frame-free video) from them.
 //! - Errors in one connection, subscription or stream close only that; they never panic.
 
 use std::collections::{BTreeMap, HashMap};
@@ -1127,16 +1127,16 @@ async fn read_group(
 /// Where a fetched (or published) broadcast goes: the local hub.
 pub(super) struct Sink {
     producer: Option<BroadcastProducer>,
-    /// The newest dts written per track: after a failover, frames the hub already has are
-    /// skipped.
-    last_dts: [i64; 2],
+    /// The newest dts written per source track (a peer's frame of another id counts with the
+    /// last): after a failover, frames the hub already has are skipped.
+    last_dts: [i64; TrackId::SOURCE_TRACKS as usize],
 }
 
 impl Sink {
     pub(super) fn new(producer: Option<BroadcastProducer>) -> Self {
         Self {
             producer,
-            last_dts: [i64::MIN; 2],
+            last_dts: [i64::MIN; TrackId::SOURCE_TRACKS as usize],
         }
     }
 
@@ -1157,7 +1157,7 @@ impl Sink {
                 GroupEvent::Header(_) => {}
                 GroupEvent::Config { track, info } => p.set_track(track, info),
                 GroupEvent::Frame(f) => {
-                    let i = usize::from(f.track.0).min(1);
+                    let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
                     if f.frame.dts <= self.last_dts[i] {
                         continue;
                     }
@@ -1211,13 +1211,14 @@ fn spawn_group_acceptor(peer: Arc<Peer>) {
     });
 }
 
-/// A consumer's source tracks (0 and 1: renditions are made on every node) and metadata.
+/// A consumer's source tracks ([`TrackId::is_source`]: renditions are made on every node) and
+/// metadata.
 pub(super) fn source_tracks(
     consumer: &BroadcastConsumer,
 ) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
     let (tracks, metadata) = consumer.snapshot();
     (
-        tracks.into_iter().filter(|(t, _)| t.0 < 2).collect(),
+        tracks.into_iter().filter(|(t, _)| t.is_source()).collect(),
         metadata,
     )
 }

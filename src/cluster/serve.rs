@@ -83,10 +83,10 @@ pub fn encoded(e: &Entry) -> &Option<Bytes> {
     e.memo(MemoSlot::Cluster, |item| {
         let mut buf = BytesMut::with_capacity(40);
         let ok = match item {
-            Item::Config { track, info } if track.0 < 2 => {
+            Item::Config { track, info } if track.is_source() => {
                 wire::encode_config_item(*track, info, &mut buf).is_ok()
             }
-            Item::Frame { track, frame } if track.0 < 2 => {
+            Item::Frame { track, frame } if track.is_source() => {
                 wire::encode_frame_header(*track, frame, ingest, &mut buf).is_ok()
             }
             _ => false,
@@ -104,8 +104,7 @@ pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Byt
         sequence: GroupSeq(seq),
     };
     wire::encode_group_header(&header, &mut buf).ok()?;
-    for t in 0..2 {
-        let track = TrackId(t);
+    for track in TrackId::sources() {
         if let Some(info) = bc.track(track) {
             let _ = wire::encode_config_item(track, &info, &mut buf);
         }
@@ -1790,7 +1789,7 @@ mod tests {
             .iter()
             .zip(&entries)
             .filter(|(_, e)| {
-                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if track.0 >= 2)
+                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if !track.is_source())
             })
             .map(|(s, _)| s.as_str());
         assert!(rendition.clone().count() > 0 && rendition.into_iter().all(|s| s == "S"));

@@ -365,9 +365,9 @@ impl State {
         }
     }
 
-    /// The track id for a new rendition. Ids 0 and 1 are the source's; a rendition gets the
-    /// oldest withdrawn rendition slot none of whose frames is left in the log (a consumer then
-    /// never mistakes the old rendition's frames for the new one's), else a new id. Only when
+    /// The track id for a new rendition, never one of the source's ([`TrackId::is_source`]):
+    /// the oldest withdrawn rendition slot none of whose frames is left in the log (a consumer
+    /// then never mistakes the old rendition's frames for the new one's), else a new id. Only when
     /// all 254 rendition ids have been used and the oldest withdrawn one still has frames in
     /// the log (hundreds of renditions started within the log's span) is that one reused anyway.
     fn rendition_slot(&mut self) -> TrackId {
@@ -379,7 +379,7 @@ impl State {
             }
             return track;
         }
-        if let Ok(id) = u8::try_from(self.tracks.len().max(2)) {
+        if let Ok(id) = u8::try_from(self.tracks.len().max(usize::from(TrackId::SOURCE_TRACKS))) {
             return TrackId(id);
         }
         // At most three renditions run at once (one per kind), so the other ids are retired.
@@ -1160,7 +1160,7 @@ mod tests {
             p.push(TrackId(0), frame(i * 100, i % 5 == 0));
             drop(r);
         }
-        assert!(ids.iter().all(|&id| id >= 2), "{ids:?}");
+        assert!(ids.iter().all(|&id| !TrackId(id).is_source()), "{ids:?}");
         assert!(*ids.iter().max().unwrap() < 20, "{ids:?}");
         assert_eq!(bc.track(TrackId(0)), Some(video()));
         assert_eq!(bc.track(TrackId(1)), Some(opus()));

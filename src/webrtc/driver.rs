@@ -773,7 +773,7 @@ impl Viewer {
                         Codec::H264
                             if match &self.video_rendition {
                                 Some(r) => r.track() == Some(*track),
-                                None => track.0 < 2,
+                                None => track.is_source(),
                             } =>
                         {
                             if !self.video_started {
@@ -806,7 +806,7 @@ impl Viewer {
                         // The source's Opus (WHIP), or this viewer's own transcoder's: a stopped
                         // transcoder's frames may still be in the log.
                         Codec::Opus
-                            if track.0 < 2
+                            if track.is_source()
                                 || self._opus.as_ref().and_then(|r| r.track()) == Some(*track) =>
                         {
                             let Some(pt) = self.audio_pt else {
