@@ -4,7 +4,9 @@
 //! Guarantees: one transcoder per broadcast and rendition kind, however many viewers need it; it
 //! starts with the first viewer that asks ([`opus_for`]) and stops when the last one drops its
 //! handle. A transcoder that cannot start (no libopus, odd AAC) logs why and viewers go on without
-//! that track.
+//! that track. It reads only the source's tracks ([`TrackId::is_source`]), and its own frames
+//! start no group in the hub (its keyframes fall a few frames after the source's;
+//! [`crate::media::Entry::group_start`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};

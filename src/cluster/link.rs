@@ -20,6 +20,8 @@
 //!   side's subscriptions from downstream nodes (they are local subscribers).
 //! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel; each node makes its own
 //!   on-demand renditions (Opus, B-frame-free video) from them.
+//! - Publishing upstream sends the hub's groups ([`crate::media::Entry::group_start`]) through
+//!   the serving side's policy ([`serve::GroupCursor`]).
 //! - Errors in one connection, subscription or stream close only that; they never panic.
 
 use std::collections::{BTreeMap, HashMap};
@@ -644,7 +646,7 @@ impl Link {
         id: SubscriptionId,
         consumer: &mut BroadcastConsumer,
     ) -> bool {
-        let mut groups: GroupCursor<SendStream> = GroupCursor::new(consumer);
+        let mut groups: GroupCursor<SendStream> = GroupCursor::new();
         let mut entries = Vec::with_capacity(64);
         loop {
             match consumer.read(&mut entries, 256) {
@@ -671,14 +673,14 @@ impl Link {
                 let (encoding, payload) = match groups.step(&e) {
                     Step::Skip => continue,
                     Step::Write(encoding, payload) => (encoding, payload),
-                    Step::Start(dts, encoding, payload) => {
+                    Step::Start(encoding, payload) => {
                         let Some(s) = self
                             .open_group(conn, id, groups.seq(), consumer.broadcast())
                             .await
                         else {
                             return false;
                         };
-                        groups.begin(s, dts, |old, retire| match retire {
+                        groups.begin(s, |old, retire| match retire {
                             Retire::Reset => {
                                 if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
                                     debug!(id = id.0, "older group reset (unfinished)");

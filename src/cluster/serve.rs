@@ -24,6 +24,9 @@
 //!   received all of it yet; a consumer the hub makes skip resets its current group. A stream
 //!   that is blocked (flow control, congestion) holds its subscription's reading until it is
 //!   writable again, so the hub (not this driver) decides what a slow peer skips.
+//! - Groups are the hub's: a group stream starts at each entry the hub marked
+//!   ([`crate::media::Entry::group_start`]), through the one sending policy ([`GroupCursor`])
+//!   that publishing upstream shares.
 //! - A frame's header is encoded once per hub entry ([`MemoSlot::Cluster`]); copies share it and
 //!   the payload by reference count.
 //! - PUBLISH makes the peer's broadcast a local one: its groups are read in order, a group that
@@ -57,9 +60,7 @@ use super::wire::{
     GroupSeq, ResetCode, Side, SubscriptionId,
 };
 use crate::media::hub::Broadcast;
-use crate::media::{
-    BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, ReadOutcome, TrackId, TrackKind,
-};
+use crate::media::{BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, ReadOutcome, TrackId};
 
 /// Datagrams read per receive call (each may be a GRO batch).
 const RECV_BATCH: usize = 32;
@@ -112,25 +113,11 @@ pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Byt
     Some(buf.freeze())
 }
 
-/// Whether a frame starts a new group: a keyframe of video when the broadcast has video, else
-/// every second.
-fn starts_group(video: &[bool; 2], track: TrackId, keyframe: bool, dts: i64, start: i64) -> bool {
-    if video.contains(&true) {
-        video[usize::from(track.0).min(1)] && keyframe
-    } else {
-        // `start` is i64::MIN before the first group.
-        dts.saturating_sub(start) >= 1_000_000
-    }
-}
-
 /// Where a sender of one subscription's groups stands, and the policy every sender of groups
 /// follows (serving here, publishing upstream in [`super::link`]), over its kind of stream
-/// handle `S`: which entries go out, when a group starts, which streams are finished or reset.
+/// handle `S`: which entries go out, which streams are finished or reset. Groups start where the
+/// hub marked them ([`Entry::group_start`]): the wire's groups are the hub's.
 pub struct GroupCursor<S> {
-    /// Which source tracks are video, kept from the snapshot and the config items: the
-    /// broadcast's lock is not taken per frame.
-    video: [bool; 2],
-    group_start_dts: i64,
     seq: u64,
     current: Option<S>,
     previous: Option<S>,
@@ -143,8 +130,8 @@ pub enum Step {
     /// Write this (an encoded header or config item, then its payload) on the current group.
     Write(Bytes, Bytes),
     /// A frame that starts a group: open a stream, write the group's opening, hand the stream
-    /// to [`GroupCursor::begin`] with the frame's dts, then write this.
-    Start(i64, Bytes, Bytes),
+    /// to [`GroupCursor::begin`], then write this.
+    Start(Bytes, Bytes),
 }
 
 /// What becomes of a group stream that a new group replaces.
@@ -156,12 +143,16 @@ pub enum Retire {
     Finish,
 }
 
+impl<S> Default for GroupCursor<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<S> GroupCursor<S> {
-    /// A sender of `consumer`'s groups, before its first group.
-    pub fn new(consumer: &BroadcastConsumer) -> Self {
+    /// A sender of a subscription's groups, before its first group.
+    pub fn new() -> Self {
         Self {
-            video: video_tracks(consumer),
-            group_start_dts: i64::MIN,
             seq: 0,
             current: None,
             previous: None,
@@ -174,23 +165,16 @@ impl<S> GroupCursor<S> {
             return Step::Skip;
         };
         match &e.item {
-            Item::Config { track, info } => {
-                self.video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
+            Item::Config { .. } => {
                 if self.current.is_none() {
                     // The next group's opening carries it.
                     return Step::Skip;
                 }
                 Step::Write(encoding, Bytes::new())
             }
-            Item::Frame { track, frame } => {
-                if starts_group(
-                    &self.video,
-                    *track,
-                    frame.keyframe,
-                    frame.dts,
-                    self.group_start_dts,
-                ) {
-                    Step::Start(frame.dts, encoding, frame.payload.clone())
+            Item::Frame { frame, .. } => {
+                if e.group_start {
+                    Step::Start(encoding, frame.payload.clone())
                 } else if self.current.is_none() {
                     // Mid-group (a config came first, or after a skip): wait for the next start.
                     Step::Skip
@@ -206,10 +190,9 @@ impl<S> GroupCursor<S> {
         self.seq
     }
 
-    /// The group of [`Self::seq`] began on `stream` with a frame at `dts`; the streams it
-    /// replaces go through `retire` (the one two back to be reset, the last one to be finished).
-    pub fn begin(&mut self, stream: S, dts: i64, mut retire: impl FnMut(&mut S, Retire)) {
-        self.group_start_dts = dts;
+    /// The group of [`Self::seq`] began on `stream`; the streams it replaces go through
+    /// `retire` (the one two back to be reset, the last one to be finished).
+    pub fn begin(&mut self, stream: S, mut retire: impl FnMut(&mut S, Retire)) {
         if let Some(mut old) = self.previous.take() {
             retire(&mut old, Retire::Reset);
         }
@@ -238,15 +221,6 @@ impl<S> GroupCursor<S> {
             .into_iter()
             .flatten()
     }
-}
-
-/// Which source tracks of `consumer` are video.
-fn video_tracks(consumer: &BroadcastConsumer) -> [bool; 2] {
-    let mut video = [false; 2];
-    for (t, info) in source_tracks(consumer).0 {
-        video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
-    }
-    video
 }
 
 fn varint(v: u64) -> VarInt {
@@ -1188,7 +1162,7 @@ impl Driver {
         let key = Arc::as_ptr(&bc) as usize;
         let flow = Flow {
             id,
-            groups: GroupCursor::new(&consumer),
+            groups: GroupCursor::new(),
             consumer,
             key,
             queue: VecDeque::new(),
@@ -1368,7 +1342,7 @@ impl Driver {
             let (encoding, payload) = match flow.groups.step(&e) {
                 Step::Skip => continue,
                 Step::Write(encoding, payload) => (encoding, payload),
-                Step::Start(dts, encoding, payload) => {
+                Step::Start(encoding, payload) => {
                     let Some(s) = c.conn.streams().open(Dir::Uni) else {
                         // No stream credit yet: wait for the peer to give some.
                         flow.queue.push_front(e);
@@ -1389,7 +1363,7 @@ impl Driver {
                         continue;
                     };
                     let id = flow.id.0;
-                    flow.groups.begin(s, dts, |old, retire| {
+                    flow.groups.begin(s, |old, retire| {
                         let mut old = c.conn.send_stream(*old);
                         match retire {
                             Retire::Reset => {
@@ -1685,17 +1659,25 @@ mod tests {
     fn steps(cursor: &mut GroupCursor<u32>, entries: &[Arc<Entry>], next: &mut u32) -> Vec<String> {
         let mut out = Vec::new();
         for e in entries {
-            match cursor.step(e) {
+            let step = cursor.step(e);
+            // A group starts on the wire exactly where the hub marked one.
+            assert_eq!(
+                matches!(step, Step::Start(..)),
+                e.group_start,
+                "{:?}",
+                e.item
+            );
+            match step {
                 Step::Skip => out.push("S".to_owned()),
                 Step::Write(h, _) => {
                     assert!(!h.is_empty());
                     out.push("W".to_owned());
                 }
-                Step::Start(dts, h, _) => {
+                Step::Start(h, _) => {
                     assert!(!h.is_empty());
                     let mut retired = String::new();
                     *next += 1;
-                    cursor.begin(*next, dts, |s, r| {
+                    cursor.begin(*next, |s, r| {
                         retired.push_str(&format!(
                             "{}{s}",
                             if r == Retire::Reset { "r" } else { "f" }
@@ -1715,7 +1697,7 @@ mod tests {
         p.set_track(TrackId(0), info(Codec::H264));
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/g").unwrap();
-        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        let mut cursor: GroupCursor<u32> = GroupCursor::new();
         // Audio before the first keyframe (not handed out), a group with audio and a config
         // change, two more groups; read as they come (a consumer that reads late joins at the
         // newest group).
@@ -1758,7 +1740,7 @@ mod tests {
         let mut p = hub.publish("live/a").unwrap();
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/a").unwrap();
-        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        let mut cursor: GroupCursor<u32> = GroupCursor::new();
         let bc = p.broadcast().clone();
         let mut r = bc.add_rendition(&hub, info(Codec::Opus));
         let mut entries = Vec::new();

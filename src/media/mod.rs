@@ -4,7 +4,8 @@
 //! Guarantees: nothing in this module speaks a protocol; the one list that names output formats
 //! is [`MemoSlot`]'s, so that each has its own memo slot and none lies past the end. A frame's
 //! payload is a [`bytes::Bytes`] that is shared, never copied, between every consumer of a
-//! broadcast.
+//! broadcast. Group boundaries are decided once, in the hub, and marked on its entries
+//! ([`Entry::group_start`]).
 
 pub mod feed;
 pub mod frame;
