@@ -4,7 +4,9 @@
 //! Guarantees: one transcoder per broadcast and rendition kind, however many viewers need it; it
 //! starts with the first viewer that asks ([`opus_for`]) and stops when the last one drops its
 //! handle. A transcoder that cannot start (no libopus, odd AAC) logs why and viewers go on without
-//! that track.
+//! that track. It reads only the source's tracks ([`TrackId::is_source`]), and its own frames
+//! start no group in the hub (its keyframes fall a few frames after the source's;
+//! [`crate::media::Entry::group_start`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -107,7 +109,7 @@ pub fn video_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Opti
     let (id, source) = bc
         .tracks()
         .into_iter()
-        .find(|(id, t)| t.codec == Codec::H264 && id.0 < 2)?;
+        .find(|(id, t)| t.codec == Codec::H264 && id.is_source())?;
     if !bc.has_b_frames(id) {
         return None;
     }
@@ -212,15 +214,15 @@ fn audio_for(
     to: Codec,
 ) -> Option<Arc<Rendition>> {
     let tracks = bc.tracks();
-    // Published in `to` already. Only the source's tracks (0 and 1) tell: a rendition's track
+    // Published in `to` already. Only the source's tracks tell: a rendition's track
     // outlives its handles until its aborted task is dropped, and a viewer arriving just after
     // the last one left must get a transcoder of its own, not that dying track.
-    if tracks.iter().any(|(id, t)| id.0 < 2 && t.codec == to) {
+    if tracks.iter().any(|(id, t)| id.is_source() && t.codec == to) {
         return None;
     }
     let (_, source) = tracks
         .into_iter()
-        .find(|(id, t)| id.0 < 2 && t.codec == from)?;
+        .find(|(id, t)| id.is_source() && t.codec == from)?;
     let (hub, bc2) = (hub.clone(), bc.clone());
     Some(get_or_start(map, bc.name(), move |track| {
         tokio::spawn(run_audio(hub, bc2, source, to, track))
@@ -294,7 +296,7 @@ async fn run_audio(
             let Item::Frame { track, frame } = &e.item else {
                 continue;
             };
-            if track.0 >= 2 || bc.track(*track).is_none_or(|t| t.codec != source.codec) {
+            if !track.is_source() || bc.track(*track).is_none_or(|t| t.codec != source.codec) {
                 continue;
             }
             let r = {

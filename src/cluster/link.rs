@@ -19,8 +19,10 @@
 //!   is decided atomically with subscribers attaching (`Fetches`), so one that arrives as the
 //!   fetch lets go either keeps it going or starts a new one. The same holds for the serving
 //!   side's subscriptions from downstream nodes (they are local subscribers).
-//! - Only a broadcast's own tracks (0 and 1) travel; each node makes its own on-demand
-//!   renditions (Opus, B-frame-free video) from them.
+//! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel; each node makes its own
+//!   on-demand renditions (Opus, B-frame-free video) from them.
+//! - Publishing upstream sends the hub's groups ([`crate::media::Entry::group_start`]) through
+//!   the serving side's policy ([`serve::GroupCursor`]).
 //! - Errors in one connection, subscription or stream close only that; they never panic.
 
 use std::collections::{BTreeMap, HashMap};
@@ -628,7 +630,7 @@ impl Link {
         id: SubscriptionId,
         consumer: &mut BroadcastConsumer,
     ) -> bool {
-        let mut groups: GroupCursor<SendStream> = GroupCursor::new(consumer);
+        let mut groups: GroupCursor<SendStream> = GroupCursor::new();
         let mut entries = Vec::with_capacity(64);
         loop {
             match consumer.read(&mut entries, 256) {
@@ -655,14 +657,14 @@ impl Link {
                 let (encoding, payload) = match groups.step(&e) {
                     Step::Skip => continue,
                     Step::Write(encoding, payload) => (encoding, payload),
-                    Step::Start(dts, encoding, payload) => {
+                    Step::Start(encoding, payload) => {
                         let Some(s) = self
                             .open_group(conn, id, groups.seq(), consumer.broadcast())
                             .await
                         else {
                             return false;
                         };
-                        groups.begin(s, dts, |old, retire| match retire {
+                        groups.begin(s, |old, retire| match retire {
                             Retire::Reset => {
                                 if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
                                     debug!(id = id.0, "older group reset (unfinished)");
@@ -1108,16 +1110,16 @@ async fn read_group(
 /// Where a fetched (or published) broadcast goes: the local hub.
 pub(super) struct Sink {
     producer: Option<BroadcastProducer>,
-    /// The newest dts written per track: after a failover, frames the hub already has are
-    /// skipped.
-    last_dts: [i64; 2],
+    /// The newest dts written per source track (a peer's frame of another id counts with the
+    /// last): after a failover, frames the hub already has are skipped.
+    last_dts: [i64; TrackId::SOURCE_TRACKS as usize],
 }
 
 impl Sink {
     pub(super) fn new(producer: Option<BroadcastProducer>) -> Self {
         Self {
             producer,
-            last_dts: [i64::MIN; 2],
+            last_dts: [i64::MIN; TrackId::SOURCE_TRACKS as usize],
         }
     }
 
@@ -1138,7 +1140,7 @@ impl Sink {
                 GroupEvent::Header(_) => {}
                 GroupEvent::Config { track, info } => p.set_track(track, info),
                 GroupEvent::Frame(f) => {
-                    let i = usize::from(f.track.0).min(1);
+                    let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
                     if f.frame.dts <= self.last_dts[i] {
                         continue;
                     }
@@ -1192,13 +1194,14 @@ fn spawn_group_acceptor(peer: Arc<Peer>) {
     });
 }
 
-/// A consumer's source tracks (0 and 1: renditions are made on every node) and metadata.
+/// A consumer's source tracks ([`TrackId::is_source`]: renditions are made on every node) and
+/// metadata.
 pub(super) fn source_tracks(
     consumer: &BroadcastConsumer,
 ) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
     let (tracks, metadata) = consumer.snapshot();
     (
-        tracks.into_iter().filter(|(t, _)| t.0 < 2).collect(),
+        tracks.into_iter().filter(|(t, _)| t.is_source()).collect(),
         metadata,
     )
 }

@@ -24,7 +24,10 @@
 //!   received all of it yet; a consumer the hub makes skip resets its current group. A stream
 //!   that is blocked (flow control, congestion) holds its subscription's reading until it is
 //!   writable again, so the hub (not this driver) decides what a slow peer skips.
-//! - A frame's header is encoded once per hub entry ([`CLUSTER_SLOT`]); copies share it and
+//! - Groups are the hub's: a group stream starts at each entry the hub marked
+//!   ([`crate::media::Entry::group_start`]), through the one sending policy ([`GroupCursor`])
+//!   that publishing upstream shares.
+//! - A frame's header is encoded once per hub entry ([`MemoSlot::Cluster`]); copies share it and
 //!   the payload by reference count.
 //! - PUBLISH makes the peer's broadcast a local one: its groups are read in order, a group that
 //!   stalls for [`GROUP_STALL`] while a newer one waits is dropped, and frames go into the hub
@@ -59,12 +62,8 @@ use super::wire::{
 use crate::media::hub::Broadcast;
 use crate::media::{
     BroadcastConsumer, ConsumerKind, Entry, Item, MemoSlot, PublishError, ReadOutcome, TrackId,
-    TrackKind,
 };
 
-/// Memo slot of an entry's encoding on a group stream (frame header or config item), shared by
-/// every subscription.
-pub const CLUSTER_SLOT: MemoSlot = MemoSlot(3);
 /// Datagrams read per receive call (each may be a GRO batch).
 const RECV_BATCH: usize = 32;
 /// Receive calls in one pass at most, so that a flood of datagrams does not hold up sending.
@@ -81,15 +80,16 @@ const ERROR_LINGER: Duration = Duration::from_millis(50);
 
 /// The encoding of `e` on a group stream: a frame header (its payload follows) or a whole config
 /// item; `None` for a rendition track (each node makes its own) or what cannot be encoded.
+/// Memoized in the entry ([`MemoSlot::Cluster`]), shared by every subscription.
 pub fn encoded(e: &Entry) -> &Option<Bytes> {
     let ingest = e.ingest_us.max(0) as u64;
-    e.memo(CLUSTER_SLOT, |item| {
+    e.memo(MemoSlot::Cluster, |item| {
         let mut buf = BytesMut::with_capacity(40);
         let ok = match item {
-            Item::Config { track, info } if track.0 < 2 => {
+            Item::Config { track, info } if track.is_source() => {
                 wire::encode_config_item(*track, info, &mut buf).is_ok()
             }
-            Item::Frame { track, frame } if track.0 < 2 => {
+            Item::Frame { track, frame } if track.is_source() => {
                 wire::encode_frame_header(*track, frame, ingest, &mut buf).is_ok()
             }
             _ => false,
@@ -107,8 +107,7 @@ pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Byt
         sequence: GroupSeq(seq),
     };
     wire::encode_group_header(&header, &mut buf).ok()?;
-    for t in 0..2 {
-        let track = TrackId(t);
+    for track in TrackId::sources() {
         if let Some(info) = bc.track(track) {
             let _ = wire::encode_config_item(track, &info, &mut buf);
         }
@@ -116,25 +115,11 @@ pub fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Byt
     Some(buf.freeze())
 }
 
-/// Whether a frame starts a new group: a keyframe of video when the broadcast has video, else
-/// every second.
-fn starts_group(video: &[bool; 2], track: TrackId, keyframe: bool, dts: i64, start: i64) -> bool {
-    if video.contains(&true) {
-        video[usize::from(track.0).min(1)] && keyframe
-    } else {
-        // `start` is i64::MIN before the first group.
-        dts.saturating_sub(start) >= 1_000_000
-    }
-}
-
 /// Where a sender of one subscription's groups stands, and the policy every sender of groups
 /// follows (serving here, publishing upstream in [`super::link`]), over its kind of stream
-/// handle `S`: which entries go out, when a group starts, which streams are finished or reset.
+/// handle `S`: which entries go out, which streams are finished or reset. Groups start where the
+/// hub marked them ([`Entry::group_start`]): the wire's groups are the hub's.
 pub struct GroupCursor<S> {
-    /// Which source tracks are video, kept from the snapshot and the config items: the
-    /// broadcast's lock is not taken per frame.
-    video: [bool; 2],
-    group_start_dts: i64,
     seq: u64,
     current: Option<S>,
     previous: Option<S>,
@@ -147,8 +132,8 @@ pub enum Step {
     /// Write this (an encoded header or config item, then its payload) on the current group.
     Write(Bytes, Bytes),
     /// A frame that starts a group: open a stream, write the group's opening, hand the stream
-    /// to [`GroupCursor::begin`] with the frame's dts, then write this.
-    Start(i64, Bytes, Bytes),
+    /// to [`GroupCursor::begin`], then write this.
+    Start(Bytes, Bytes),
 }
 
 /// What becomes of a group stream that a new group replaces.
@@ -160,12 +145,16 @@ pub enum Retire {
     Finish,
 }
 
+impl<S> Default for GroupCursor<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<S> GroupCursor<S> {
-    /// A sender of `consumer`'s groups, before its first group.
-    pub fn new(consumer: &BroadcastConsumer) -> Self {
+    /// A sender of a subscription's groups, before its first group.
+    pub fn new() -> Self {
         Self {
-            video: video_tracks(consumer),
-            group_start_dts: i64::MIN,
             seq: 0,
             current: None,
             previous: None,
@@ -178,23 +167,16 @@ impl<S> GroupCursor<S> {
             return Step::Skip;
         };
         match &e.item {
-            Item::Config { track, info } => {
-                self.video[usize::from(track.0).min(1)] = info.codec.kind() == TrackKind::Video;
+            Item::Config { .. } => {
                 if self.current.is_none() {
                     // The next group's opening carries it.
                     return Step::Skip;
                 }
                 Step::Write(encoding, Bytes::new())
             }
-            Item::Frame { track, frame } => {
-                if starts_group(
-                    &self.video,
-                    *track,
-                    frame.keyframe,
-                    frame.dts,
-                    self.group_start_dts,
-                ) {
-                    Step::Start(frame.dts, encoding, frame.payload.clone())
+            Item::Frame { frame, .. } => {
+                if e.group_start {
+                    Step::Start(encoding, frame.payload.clone())
                 } else if self.current.is_none() {
                     // Mid-group (a config came first, or after a skip): wait for the next start.
                     Step::Skip
@@ -210,10 +192,9 @@ impl<S> GroupCursor<S> {
         self.seq
     }
 
-    /// The group of [`Self::seq`] began on `stream` with a frame at `dts`; the streams it
-    /// replaces go through `retire` (the one two back to be reset, the last one to be finished).
-    pub fn begin(&mut self, stream: S, dts: i64, mut retire: impl FnMut(&mut S, Retire)) {
-        self.group_start_dts = dts;
+    /// The group of [`Self::seq`] began on `stream`; the streams it replaces go through
+    /// `retire` (the one two back to be reset, the last one to be finished).
+    pub fn begin(&mut self, stream: S, mut retire: impl FnMut(&mut S, Retire)) {
         if let Some(mut old) = self.previous.take() {
             retire(&mut old, Retire::Reset);
         }
@@ -242,15 +223,6 @@ impl<S> GroupCursor<S> {
             .into_iter()
             .flatten()
     }
-}
-
-/// Which source tracks of `consumer` are video.
-fn video_tracks(consumer: &BroadcastConsumer) -> [bool; 2] {
-    let mut video = [false; 2];
-    for (t, info) in source_tracks(consumer).0 {
-        video[usize::from(t.0)] = info.codec.kind() == TrackKind::Video;
-    }
-    video
 }
 
 fn varint(v: u64) -> VarInt {
@@ -1182,7 +1154,7 @@ impl Driver {
         let key = Arc::as_ptr(&bc) as usize;
         let flow = Flow {
             id,
-            groups: GroupCursor::new(&consumer),
+            groups: GroupCursor::new(),
             consumer,
             key,
             queue: VecDeque::new(),
@@ -1362,7 +1334,7 @@ impl Driver {
             let (encoding, payload) = match flow.groups.step(&e) {
                 Step::Skip => continue,
                 Step::Write(encoding, payload) => (encoding, payload),
-                Step::Start(dts, encoding, payload) => {
+                Step::Start(encoding, payload) => {
                     let Some(s) = c.conn.streams().open(Dir::Uni) else {
                         // No stream credit yet: wait for the peer to give some.
                         flow.queue.push_front(e);
@@ -1383,7 +1355,7 @@ impl Driver {
                         continue;
                     };
                     let id = flow.id.0;
-                    flow.groups.begin(s, dts, |old, retire| {
+                    flow.groups.begin(s, |old, retire| {
                         let mut old = c.conn.send_stream(*old);
                         match retire {
                             Retire::Reset => {
@@ -1679,17 +1651,25 @@ mod tests {
     fn steps(cursor: &mut GroupCursor<u32>, entries: &[Arc<Entry>], next: &mut u32) -> Vec<String> {
         let mut out = Vec::new();
         for e in entries {
-            match cursor.step(e) {
+            let step = cursor.step(e);
+            // A group starts on the wire exactly where the hub marked one.
+            assert_eq!(
+                matches!(step, Step::Start(..)),
+                e.group_start,
+                "{:?}",
+                e.item
+            );
+            match step {
                 Step::Skip => out.push("S".to_owned()),
                 Step::Write(h, _) => {
                     assert!(!h.is_empty());
                     out.push("W".to_owned());
                 }
-                Step::Start(dts, h, _) => {
+                Step::Start(h, _) => {
                     assert!(!h.is_empty());
                     let mut retired = String::new();
                     *next += 1;
-                    cursor.begin(*next, dts, |s, r| {
+                    cursor.begin(*next, |s, r| {
                         retired.push_str(&format!(
                             "{}{s}",
                             if r == Retire::Reset { "r" } else { "f" }
@@ -1709,7 +1689,7 @@ mod tests {
         p.set_track(TrackId(0), info(Codec::H264));
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/g").unwrap();
-        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        let mut cursor: GroupCursor<u32> = GroupCursor::new();
         // Audio before the first keyframe (not handed out), a group with audio and a config
         // change, two more groups; read as they come (a consumer that reads late joins at the
         // newest group).
@@ -1752,7 +1732,7 @@ mod tests {
         let mut p = hub.publish("live/a").unwrap();
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/a").unwrap();
-        let mut cursor: GroupCursor<u32> = GroupCursor::new(&consumer);
+        let mut cursor: GroupCursor<u32> = GroupCursor::new();
         let bc = p.broadcast().clone();
         let mut r = bc.add_rendition(&hub, info(Codec::Opus));
         let mut entries = Vec::new();
@@ -1783,7 +1763,7 @@ mod tests {
             .iter()
             .zip(&entries)
             .filter(|(_, e)| {
-                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if track.0 >= 2)
+                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if !track.is_source())
             })
             .map(|(s, _)| s.as_str());
         assert!(rendition.clone().count() > 0 && rendition.into_iter().all(|s| s == "S"));

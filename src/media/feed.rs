@@ -2,7 +2,8 @@
 //! format needs; what it has read since its last call goes out as one batch (one write).
 //!
 //! Guarantees: the first bytes are the format's prelude (metadata and the tracks' configs), then
-//! entries from a keyframe; of each kind (video, audio) only one track is played: the lowest
+//! entries from the start of a group (a keyframe of the source's video, [`Entry::group_start`]),
+//! as after a skip; of each kind (video, audio) only one track is played: the lowest
 //! numbered one the format can carry (the source's own, or a rendition where the format cannot
 //! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus); a config that did not
 //! change is not sent twice; buffers come from the format's [`Muxer`], which shares them between
@@ -104,6 +105,11 @@ impl<M: Muxer> Feed<M> {
             ReadOutcome::Read(_) => 0,
             ReadOutcome::Skipped { skipped, .. } => skipped,
         };
+        // The hub starts and resumes its consumers on the entries it marked.
+        debug_assert!(
+            (self.started && skipped == 0) || self.entries.first().is_none_or(|e| e.group_start),
+            "a feed starts or resumes at a group's start"
+        );
         if !self.started {
             self.started = true;
             let (tracks, metadata) = self.consumer.snapshot();

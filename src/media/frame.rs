@@ -17,8 +17,13 @@ impl TrackId {
     pub const SOURCE_TRACKS: u8 = 2;
 
     /// Whether this is one of the broadcast's own tracks, not a rendition.
-    pub fn is_source(self) -> bool {
+    pub const fn is_source(self) -> bool {
         self.0 < Self::SOURCE_TRACKS
+    }
+
+    /// The source's track ids, lowest first.
+    pub fn sources() -> impl Iterator<Item = TrackId> {
+        (0..Self::SOURCE_TRACKS).map(TrackId)
     }
 }
 

@@ -5,7 +5,15 @@
 //!   refuses any other ([`PublishError::BadName`]).
 //! - Fan-out is zero-copy: every consumer reads the same `Arc<Entry>`; derived serializations
 //!   (an RTMP chunk stream, an FLV tag) are computed once per entry in a [`MemoSlot`] and shared.
-//! - A new consumer starts at the newest group (a keyframe of the source's video), after the tracks' configs.
+//!   The slots are one list ([`MemoSlot`]) that also sizes the memo: each output format has its
+//!   own, and none lies past the end.
+//! - Group boundaries are decided once, where a frame enters, and marked on its entry
+//!   ([`Entry::group_start`]); every consumer reads the mark (new and skipping consumers start at
+//!   one, the cluster link opens a group stream at one) rather than deciding again. The rule: a
+//!   group starts at a keyframe of the source's video ([`TrackId::is_source`]); in a broadcast
+//!   without video, at the source's first audio frame [`GROUP_SPAN_AUDIO_ONLY_US`] or more
+//!   after the last group's start. A rendition's frames (made on this node) never start one.
+//! - A new consumer starts at the newest group, after the tracks' configs.
 //! - The publisher never waits for a consumer. A consumer that falls behind by more than
 //!   [`HubConfig::max_lag`], or whose position was evicted, skips ahead to the newest group; the
 //!   skipped frames are counted.
@@ -34,12 +42,36 @@ use tokio::sync::watch;
 
 use super::frame::{Frame, Item, Metadata, TrackId, TrackInfo, TrackKind};
 
-/// How many derived serializations an entry can memoize.
-const MEMO_SLOTS: usize = 4;
+/// In a broadcast without video, a group starts at the source's first audio frame this long
+/// (µs of media time) or more after the last group's start: late joiners and skips stay cheap.
+pub const GROUP_SPAN_AUDIO_ONLY_US: i64 = 1_000_000;
 
-/// A slot for one derived serialization of entries (one per output format).
-#[derive(Clone, Copy, Debug)]
-pub struct MemoSlot(pub usize);
+/// Declares [`MemoSlot`] and sizes every entry's memo from the same list: a slot added here
+/// gets its storage, so no output format can index past the end or share another's slot.
+macro_rules! memo_slots {
+    ($($(#[$doc:meta])* $slot:ident,)+) => {
+        /// A slot for one derived serialization of entries: one per output format, each always
+        /// storing the same type ([`Entry::memo`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum MemoSlot {
+            $($(#[$doc])* $slot,)+
+        }
+
+        /// How many derived serializations an entry can memoize: one per [`MemoSlot`].
+        const MEMO_SLOTS: usize = [$(MemoSlot::$slot),+].len();
+    };
+}
+
+memo_slots! {
+    /// An RTMP chunk stream's message of the entry (`rtmp::mux::RtmpMuxer`).
+    Rtmp,
+    /// An FLV tag of the entry (`rtmp::mux::FlvMuxer`, HTTP-FLV).
+    Flv,
+    /// A frame's RTP payloads (`webrtc::packetize::RtpFrame`, WHEP viewers).
+    Rtp,
+    /// The entry's encoding on a cluster group stream (`cluster::serve::encoded`).
+    Cluster,
+}
 
 /// Hub tuning.
 #[derive(Clone, Debug)]
@@ -100,23 +132,29 @@ pub struct Entry {
     /// When the item entered the cluster: wall clock, microseconds since the UNIX epoch (stamped
     /// by the first node's hub, carried unchanged over the cluster link).
     pub ingest_us: i64,
+    /// Whether a group starts at this entry: a frame where a new consumer starts and a skipping
+    /// one resumes, and where the cluster link opens a new group stream. Marked once, as the
+    /// frame enters the hub, by the one rule of group boundaries (the module docs); never set on
+    /// a config or on a rendition's frame.
+    pub group_start: bool,
     memo: [OnceLock<Box<dyn Any + Send + Sync>>; MEMO_SLOTS],
 }
 
 impl Entry {
-    fn new(seq: u64, dts: i64, item: Item, ingest_us: i64) -> Self {
+    fn new(seq: u64, dts: i64, item: Item, ingest_us: i64, group_start: bool) -> Self {
         Self {
             seq,
             dts,
             item,
             ingest_us,
+            group_start,
             memo: Default::default(),
         }
     }
 
     /// An entry outside any log (a config sent to one player); its memo serves only itself.
     pub fn detached(dts: i64, item: Item) -> Self {
-        Self::new(u64::MAX, dts, item, 0)
+        Self::new(u64::MAX, dts, item, 0, false)
     }
 
     /// The serialization of this entry in `slot`, computed by `encode` on first use and shared
@@ -130,7 +168,7 @@ impl Entry {
         slot: MemoSlot,
         encode: impl FnOnce(&Item) -> T,
     ) -> &T {
-        let v = self.memo[slot.0].get_or_init(|| Box::new(encode(&self.item)));
+        let v = self.memo[slot as usize].get_or_init(|| Box::new(encode(&self.item)));
         v.downcast_ref::<T>().expect("a memo slot holds one type")
     }
 
@@ -286,7 +324,7 @@ impl State {
             self.group_starts.push_back(seq);
         }
         let ingest = self.ingest_us.take().unwrap_or_else(wall_clock_us);
-        let entry = Arc::new(Entry::new(seq, self.last_dts, item, ingest));
+        let entry = Arc::new(Entry::new(seq, self.last_dts, item, ingest, group_start));
         self.log_bytes += entry.payload_len();
         self.log.push_back(entry);
         while self.group_starts.len() > retain_groups.max(1) {
@@ -325,24 +363,32 @@ impl State {
         true
     }
 
-    /// Appends a frame (already on the broadcast's timeline), starting a group where one starts.
-    fn push_frame(&mut self, track: TrackId, frame: Frame, video: bool, cfg: &HubConfig) {
-        self.last_dts = self.last_dts.max(frame.dts);
-        let group_start = if video {
-            // Groups follow the source's keyframes only: a rendition's keyframe a few frames
-            // later would start a group in the middle of the source's GOP, where players of
+    /// Whether a frame of `track` (a video track when `video`) starts a group: the one rule of
+    /// group boundaries, marked on the frame's entry ([`Entry::group_start`]) for every consumer.
+    fn starts_group(&self, track: TrackId, frame: &Frame, video: bool) -> bool {
+        if !track.is_source() {
+            // Groups follow the source only: a rendition's keyframe a few frames after the
+            // source's would start a group in the middle of the source's GOP, where players of
             // the source track would start on frames they cannot decode.
-            frame.keyframe && track.is_source()
+            false
+        } else if video {
+            frame.keyframe
         } else if !self.has_video() {
             // Audio-only: a group per second keeps late joiners and skips cheap.
             let last_start = self
                 .group_starts
                 .back()
                 .and_then(|&g| self.log.get((g - self.first_seq()) as usize).map(|e| e.dts));
-            last_start.is_none_or(|d| frame.dts - d >= 1_000_000)
+            last_start.is_none_or(|d| frame.dts - d >= GROUP_SPAN_AUDIO_ONLY_US)
         } else {
             false
-        };
+        }
+    }
+
+    /// Appends a frame (already on the broadcast's timeline), marking it when a group starts.
+    fn push_frame(&mut self, track: TrackId, frame: Frame, video: bool, cfg: &HubConfig) {
+        self.last_dts = self.last_dts.max(frame.dts);
+        let group_start = self.starts_group(track, &frame, video);
         if let Some(f) = self.figures.get_mut(usize::from(track.0)) {
             f.observe(&frame, video);
         }
@@ -360,9 +406,9 @@ impl State {
         }
     }
 
-    /// The track id for a new rendition. Ids 0 and 1 are the source's; a rendition gets the
-    /// oldest withdrawn rendition slot none of whose frames is left in the log (a consumer then
-    /// never mistakes the old rendition's frames for the new one's), else a new id. Only when
+    /// The track id for a new rendition, never one of the source's ([`TrackId::is_source`]):
+    /// the oldest withdrawn rendition slot none of whose frames is left in the log (a consumer
+    /// then never mistakes the old rendition's frames for the new one's), else a new id. Only when
     /// all 254 rendition ids have been used and the oldest withdrawn one still has frames in
     /// the log (hundreds of renditions started within the log's span) is that one reused anyway.
     fn rendition_slot(&mut self) -> TrackId {
@@ -374,7 +420,7 @@ impl State {
             }
             return track;
         }
-        if let Ok(id) = u8::try_from(self.tracks.len().max(2)) {
+        if let Ok(id) = u8::try_from(self.tracks.len().max(usize::from(TrackId::SOURCE_TRACKS))) {
             return TrackId(id);
         }
         // At most three renditions run at once (one per kind), so the other ids are retired.
@@ -1168,7 +1214,7 @@ mod tests {
             p.push(TrackId(0), frame(i * 100, i % 5 == 0));
             drop(r);
         }
-        assert!(ids.iter().all(|&id| id >= 2), "{ids:?}");
+        assert!(ids.iter().all(|&id| !TrackId(id).is_source()), "{ids:?}");
         assert!(*ids.iter().max().unwrap() < 20, "{ids:?}");
         assert_eq!(bc.track(TrackId(0)), Some(video()));
         assert_eq!(bc.track(TrackId(1)), Some(opus()));
@@ -1180,6 +1226,111 @@ mod tests {
         drop(r1);
         let r2 = bc.add_rendition(&hub, opus());
         assert_ne!(r2.track(), id1);
+    }
+
+    /// The log as (track, ms, group start) per frame; and checks that the marks are the log's
+    /// group index (what consumers start and resume on).
+    fn marks(bc: &Broadcast) -> Vec<(u8, i64, bool)> {
+        let st = bc.lock();
+        let marked: Vec<u64> = st
+            .log
+            .iter()
+            .filter(|e| e.group_start)
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(marked, Vec::from(st.group_starts.clone()));
+        st.log
+            .iter()
+            .filter_map(|e| match &e.item {
+                Item::Frame { track, frame } => Some((track.0, frame.dts / 1000, e.group_start)),
+                Item::Config { .. } => {
+                    assert!(!e.group_start, "a config starts no group");
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// With video, groups start at the source's video keyframes only: not at audio, not at a
+    /// config, not at a rendition's keyframe (video or audio).
+    #[test]
+    fn groups_are_marked_at_the_sources_video_keyframes() {
+        let hub = Hub::new(HubConfig {
+            retain_groups: 10,
+            ..Default::default()
+        });
+        let mut p = hub.publish("live/m").unwrap();
+        p.set_track(TrackId(0), video());
+        p.set_track(TrackId(1), super::testing::track(Codec::Aac));
+        let bc = p.broadcast().clone();
+        let mut rv = bc.add_rendition(&hub, video());
+        let mut ra = bc.add_rendition(&hub, opus());
+        p.push(TrackId(1), frame(0, true));
+        p.push(TrackId(0), frame(10, true));
+        p.push(TrackId(1), frame(20, true));
+        ra.push(frame(20, true));
+        p.push(TrackId(0), frame(1500, false));
+        rv.push(frame(1510, true));
+        p.set_track(TrackId(0), super::testing::track(Codec::H265));
+        p.push(TrackId(1), frame(2600, true));
+        ra.push(frame(2600, true));
+        p.push(TrackId(0), frame(2610, true));
+        let (r, a) = (rv.track().0, ra.track().0);
+        assert_eq!(
+            marks(&bc),
+            [
+                (1, 0, false),
+                (0, 10, true),
+                (1, 20, false),
+                (a, 20, false),
+                (0, 1500, false),
+                (r, 1510, false),
+                (1, 2600, false),
+                (a, 2600, false),
+                (0, 2610, true),
+            ]
+        );
+        assert!(
+            !Entry::detached(
+                0,
+                Item::Frame {
+                    track: TrackId(0),
+                    frame: frame(0, true)
+                }
+            )
+            .group_start
+        );
+    }
+
+    /// Without video, a group starts at the source's first audio frame a second or more after
+    /// the last group's start; a rendition's audio (all keyframes) never starts one, even a
+    /// second after.
+    #[test]
+    fn audio_only_groups_are_marked_a_second_apart_on_the_source() {
+        let hub = Hub::new(HubConfig {
+            retain_groups: 10,
+            ..Default::default()
+        });
+        let mut p = hub.publish("live/m").unwrap();
+        p.set_track(TrackId(1), super::testing::track(Codec::Aac));
+        let bc = p.broadcast().clone();
+        let mut ra = bc.add_rendition(&hub, opus());
+        let a = ra.track().0;
+        let mut want = Vec::new();
+        for ms in (0..=2400).step_by(400) {
+            p.push(TrackId(1), frame(ms, true));
+            want.push((1, ms, ms % 1200 == 0));
+            // The rendition's frames 1,100 ms after a group's start would have started one.
+            ra.push(frame(ms + 300, true));
+            want.push((a, ms + 300, false));
+        }
+        assert_eq!(marks(&bc), want);
+        // A consumer starts at the newest group: the source's frame at 2,400 ms.
+        let mut c = hub.subscribe("live/m").unwrap();
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        assert!(out[0].group_start);
+        assert_eq!(frames(&out), [2400, 2700]);
     }
 
     /// A video rendition's keyframes (the B-frame-free re-encode's, a few frames after the
@@ -1504,6 +1655,7 @@ mod tests {
                                     _ => None,
                                 });
                                 prop_assert_eq!(first_frame.map(|f| f == (TrackId(0), true)), Some(true));
+                                prop_assert!(out[0].group_start);
                                 *fresh = false;
                             }
                             for e in &out {
@@ -1515,6 +1667,8 @@ mod tests {
                     let st = p.broadcast().lock();
                     prop_assert!(st.log_bytes <= 50_000 || st.log.len() == 1);
                     prop_assert!(st.group_starts.len() <= 2);
+                    // The marks on the entries are the log's group index.
+                    prop_assert!(st.log.iter().all(|e| e.group_start == st.group_starts.contains(&e.seq)));
                 }
                 drop(p);
                 let players = hub.broadcasts()[0].stats.players.load(Relaxed);

@@ -1,5 +1,6 @@
 //! Media items → the bytes players receive, computed once per item and shared by every player
-//! (through the hub's memo slots): RTMP messages already cut into chunks, and FLV tags.
+//! (through the hub's memo slots, [`MemoSlot::Rtmp`] and [`MemoSlot::Flv`]): RTMP messages
+//! already cut into chunks, and FLV tags.
 //!
 //! Every media message is written with a full (type 0) chunk header, an absolute timestamp and
 //! message stream 1, so the bytes do not depend on the player.
@@ -12,10 +13,6 @@ use super::chunk::encode_message;
 use super::flv;
 use super::message::{CSID_AUDIO, CSID_DATA, CSID_VIDEO, OUT_CHUNK_SIZE, kind};
 
-/// Memo slot of RTMP chunked messages.
-pub const RTMP_SLOT: MemoSlot = MemoSlot(0);
-/// Memo slot of FLV tags.
-pub const FLV_SLOT: MemoSlot = MemoSlot(1);
 /// Message stream that playing clients get from `createStream`.
 pub const PLAY_STREAM_ID: u32 = 1;
 
@@ -104,7 +101,7 @@ impl Muxer for RtmpMuxer {
     }
 
     fn entry(&self, entry: &Entry, info: &TrackInfo) -> Option<Bytes> {
-        let b = entry.memo(RTMP_SLOT, |_| encode(entry, info, true));
+        let b = entry.memo(MemoSlot::Rtmp, |_| encode(entry, info, true));
         (!b.is_empty()).then(|| b.clone())
     }
 
@@ -119,7 +116,7 @@ impl Muxer for FlvMuxer {
     }
 
     fn entry(&self, entry: &Entry, info: &TrackInfo) -> Option<Bytes> {
-        let b = entry.memo(FLV_SLOT, |_| encode(entry, info, false));
+        let b = entry.memo(MemoSlot::Flv, |_| encode(entry, info, false));
         (!b.is_empty()).then(|| b.clone())
     }
 

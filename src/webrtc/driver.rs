@@ -16,8 +16,8 @@
 //!   whose ICE disconnects.
 //! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
 //!   from the hub every [`MEDIA_TICK`], packetized once per frame for every viewer (memoized in
-//!   the hub entry, [`RTP_SLOT`]) and encrypted per viewer by its [`MediaSender`] straight into
-//!   the egress batch. str0m does ICE, DTLS and the SDP for viewers; their RTP and RTCP are
+//!   the hub entry, [`MemoSlot::Rtp`]) and encrypted per viewer by its [`MediaSender`] straight
+//!   into the egress batch. str0m does ICE, DTLS and the SDP for viewers; their RTP and RTCP are
 //!   castnode's own (str0m's are dropped), with the keys [`super::keys`] takes from the DTLS
 //!   handshake.
 //! - A WHIP publisher's frames go through [`super::ingest`] into the hub as they arrive. It is
@@ -57,8 +57,6 @@ use crate::media::{
 use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
 
-/// Memo slot of a frame's RTP payloads ([`RtpFrame`]), shared by every viewer.
-pub const RTP_SLOT: MemoSlot = MemoSlot(2);
 /// A session must connect (ICE + DTLS) within this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Send buffers str0m keeps per viewer (video and audio): it sends no media for viewers (the
@@ -775,7 +773,7 @@ impl Viewer {
                         Codec::H264
                             if match &self.video_rendition {
                                 Some(r) => r.track() == Some(*track),
-                                None => track.0 < 2,
+                                None => track.is_source(),
                             } =>
                         {
                             if !self.video_started {
@@ -794,7 +792,7 @@ impl Viewer {
                             else {
                                 continue;
                             };
-                            let rtp: &Arc<RtpFrame> = e.memo(RTP_SLOT, |_| {
+                            let rtp: &Arc<RtpFrame> = e.memo(MemoSlot::Rtp, |_| {
                                 Arc::new(RtpFrame::h264(
                                     &frame.payload,
                                     info.config.as_deref(),
@@ -808,14 +806,14 @@ impl Viewer {
                         // The source's Opus (WHIP), or this viewer's own transcoder's: a stopped
                         // transcoder's frames may still be in the log.
                         Codec::Opus
-                            if track.0 < 2
+                            if track.is_source()
                                 || self._opus.as_ref().and_then(|r| r.track()) == Some(*track) =>
                         {
                             let Some(pt) = self.audio_pt else {
                                 continue;
                             };
                             let rtp: &Arc<RtpFrame> =
-                                e.memo(RTP_SLOT, |_| Arc::new(RtpFrame::opus(&frame.payload)));
+                                e.memo(MemoSlot::Rtp, |_| Arc::new(RtpFrame::opus(&frame.payload)));
                             if let Some(sender) = &mut self.sender {
                                 sender.send(Kind::Audio, *pt, rtp, frame.pts, now, to);
                             }
