@@ -60,8 +60,9 @@
 //!   write).
 //! - [`metrics`], [`node`], [`shutdown`]: counters (the cluster link's too), shared node state,
 //!   signals.
-//! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; str0m does SDP,
-//!   ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
+//! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; the sans-IO
+//!   session table [`webrtc::table`] (routing, handover, reaping) under a thin
+//!   [`webrtc::driver`]; str0m does SDP, ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
 //!   [`webrtc::sender`], [`webrtc::srtp`], [`webrtc::rtcp`]); a WHIP publisher's frames enter
 //!   the hub through the sans-IO [`webrtc::ingest`].
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it

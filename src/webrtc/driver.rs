@@ -1,82 +1,50 @@
-//! The WebRTC driver: one tokio task owns the node's UDP socket and every peer's `str0m::Rtc`.
-//! It runs on its own thread (a single-threaded runtime), so its many short wakes (a datagram,
-//! a media tick) do not wake the node runtime's idle workers as well; the transcoders it starts
+//! The WebRTC driver: one tokio task owns the node's UDP socket and the session table
+//! ([`Sessions`], sans-IO: every peer's `str0m::Rtc`, routing, handover, reaping). It runs on
+//! its own thread (a single-threaded runtime), so its many short wakes (a datagram, a media
+//! tick) do not wake the node runtime's idle workers as well; the transcoders the table starts
 //! run on the node's runtime.
 //!
+//! The driver is only the loop: it receives datagrams ([`recv_batch`]), commands from the HTTP
+//! side (the channel behind [`Webrtc`]), the table's next deadline and the [`MEDIA_TICK`], hands
+//! each to the table, and sends what the table wrote through the [`Egress`]. What the sessions
+//! guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`], handover, keyframe
+//! requests) is stated in [`super::table`].
+//!
 //! Guarantees:
-//! - Datagrams are routed by source address (learned from the first STUN check a peer's `Rtc`
-//!   accepts); a datagram no session accepts (garbage, spoofed STUN, stray DTLS) is dropped and
-//!   disturbs nothing.
 //! - Bound to a wildcard address (`0.0.0.0`, `[::]`, the default), the socket offers every
 //!   address of the host as a candidate, and every datagram to a peer leaves from the local
 //!   address that peer's datagrams arrived at (read with `IP_PKTINFO` / `IPV6_PKTINFO`, set on
 //!   send by [`Egress`]): a host with several addresses answers each peer from the one it
-//!   reached. Received GRO batches are split into their datagrams.
-//! - A session whose ICE/DTLS has not connected within [`CONNECT_TIMEOUT`] is reaped; so is one
-//!   whose ICE disconnects.
-//! - A viewer's media starts at the newest keyframe once its connection is up; frames are read
-//!   from the hub every [`MEDIA_TICK`], packetized once per frame for every viewer (memoized in
-//!   the hub entry, [`MemoSlot::Rtp`]) and encrypted per viewer by its [`MediaSender`] straight
-//!   into the egress batch. str0m does ICE, DTLS and the SDP for viewers; their RTP and RTCP are
-//!   castnode's own (str0m's are dropped), with the keys [`super::keys`] takes from the DTLS
-//!   handshake.
-//! - A WHIP publisher's frames go through [`super::ingest`] into the hub as they arrive. It is
-//!   asked for a keyframe (PLI) when it connects, after a loss, when none came for
-//!   [`PUBLISHER_KEYFRAME_INTERVAL`], and when one of its WebRTC viewers asks; never more often
-//!   than every [`KEYFRAME_REQUEST_INTERVAL`].
+//!   reached. Received GRO batches are split into their datagrams (by the table).
+//! - IPv4 peers of a dual-stack socket are handed to the table as plain IPv4 addresses.
+//! - Everything the table wrote while handling a receive batch, a tick or a command leaves
+//!   before the driver waits again.
 
-use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, UdpSocketState};
 use str0m::change::SdpOffer;
-use str0m::format::Codec as RtcCodec;
-use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use super::WebrtcError;
-use super::consent::Consent;
 use super::egress::Egress;
-use super::ingest::{self, Arrival, Ingest};
-use super::keys::{self, KeySlot};
-use super::packetize::RtpFrame;
-use super::sender::{Kind, MediaSender, Sink};
-use super::stats::BroadcastRtcStats;
-use crate::media::{
-    BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo,
+use super::table::Sessions;
+pub use super::table::{
+    CONNECT_TIMEOUT, HANDOVER_AFTER, KEYFRAME_REQUEST_INTERVAL, PUBLISHER_KEYFRAME_INTERVAL,
+    VIDEO_SEND_BUFFER,
 };
+use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::node::NodeContext;
-use crate::transcode::{Rendition, opus_for, video_for};
 
-/// A session must connect (ICE + DTLS) within this.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Send buffers str0m keeps per viewer (video and audio): it sends no media for viewers (the
-/// media sender does), so they stay small.
-pub const VIDEO_SEND_BUFFER: usize = 16;
-/// How long a connected viewer keeps its str0m `Rtc` (for DTLS retransmissions and the last
-/// ICE checks) before it goes on with its media sender and a [`Consent`] responder alone.
-pub const HANDOVER_AFTER: Duration = Duration::from_secs(3);
-/// How often ended sessions are looked for.
-const REAP_INTERVAL: Duration = Duration::from_millis(20);
-/// How often a viewer's counters are added to its broadcast's figures.
-const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often viewers' hub consumers are read: frames come every ~12 ms (30 video + 50 audio a
 /// second), so most ticks find one; a shorter tick costs CPU on idle passes over every viewer.
 pub const MEDIA_TICK: Duration = Duration::from_millis(10);
-/// A WHIP publisher that sent no keyframe for this long is asked for one, so that groups (what
-/// late joiners start from and the hub keeps) stay short.
-pub const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
-/// The shortest interval between two keyframe requests to one publisher.
-pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 /// Receive buffers read by one system call (`recvmmsg`).
 const RECV_BATCH: usize = 8;
 /// One receive buffer: a GRO batch of up to 64 datagrams fits (a single datagram needs 1,500).
@@ -278,22 +246,6 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// The local candidate a datagram that arrived at `ip` (on the bound `port`) was sent to, as
-/// str0m's ICE agent knows it: the candidate with that address, or (behind a 1:1 NAT, where the
-/// candidates are `--webrtc-public-ip` addresses) the first one of the same family.
-fn ice_destination(candidates: &[SocketAddr], ip: IpAddr, port: u16) -> SocketAddr {
-    let addr = SocketAddr::new(ip, port);
-    if candidates.contains(&addr) {
-        return addr;
-    }
-    candidates
-        .iter()
-        .find(|c| c.is_ipv4() == addr.is_ipv4())
-        .or(candidates.first())
-        .copied()
-        .unwrap_or(addr)
-}
-
 /// Reads up to [`RECV_BATCH`] datagrams (or GRO batches) in one system call: their number;
 /// `metas` says where each came from, where it arrived and its length and stride.
 async fn recv_batch(
@@ -317,564 +269,6 @@ async fn recv_batch(
     }
 }
 
-struct Session {
-    id: u64,
-    rtc: Rtc,
-    broadcast: Arc<str>,
-    created: Instant,
-    /// When ICE and DTLS completed.
-    connected_at: Option<Instant>,
-    deadline: Instant,
-    /// Where str0m last sent to: the peer's address on the selected ICE pair.
-    peer: Option<SocketAddr>,
-    /// The local address `peer`'s datagrams arrive at: what everything to it leaves from.
-    local: Option<IpAddr>,
-    /// Each remote address this peer's datagrams came from, and the local address they arrived
-    /// at (a few: one per ICE pair the peer checked).
-    locals: Vec<(SocketAddr, Option<IpAddr>)>,
-    role: Role,
-}
-
-enum Role {
-    Viewer(Box<Viewer>),
-    Publisher(Box<Publisher>),
-}
-
-/// A WHEP viewer's state.
-struct Viewer {
-    consumer: BroadcastConsumer,
-    entries: Vec<Arc<Entry>>,
-    tracks: Vec<Option<TrackInfo>>,
-    video: Option<Mid>,
-    /// The offer's H.264 payload types (packetization mode 1) and their profiles.
-    h264_pts: Vec<(Pt, Option<u8>)>,
-    video_pt: Option<Pt>,
-    audio: Option<Mid>,
-    audio_pt: Option<Pt>,
-    /// The broadcast ended or the session cannot send: close it.
-    ended: bool,
-    /// Keeps the broadcast's AAC → Opus transcoder running while this viewer watches.
-    _opus: Option<Arc<Rendition>>,
-    /// The broadcast's B-frame-free video while this viewer watches; when set, only that
-    /// rendition's frames are sent.
-    video_rendition: Option<Arc<Rendition>>,
-    /// A keyframe of the chosen video track has been sent.
-    video_started: bool,
-    /// The viewer asked for a keyframe (PLI/FIR) since the last tick.
-    wants_keyframe: bool,
-    /// Its broadcast's WebRTC figures.
-    stats: Arc<BroadcastRtcStats>,
-    /// Filled with the SRTP keys when the DTLS handshake completes.
-    keys: KeySlot,
-    /// Sends the media once the keys are known.
-    sender: Option<MediaSender>,
-    /// When the sender's counters were last added to `stats`.
-    counted: Instant,
-}
-
-/// A connected viewer without an `Rtc`: str0m's state (tens of KiB) is dropped once the
-/// media sender runs; what stays is the sender and the answers to consent checks.
-struct Lite {
-    id: u64,
-    viewer: Box<Viewer>,
-    consent: Consent,
-    peer: SocketAddr,
-    /// The local address the peer's datagrams arrive at.
-    local: Option<IpAddr>,
-    broadcast: Arc<str>,
-    created: Instant,
-    /// Ended by a DELETE.
-    closed: bool,
-}
-
-impl Lite {
-    fn pump(&mut self, now: Instant, egress: &mut Egress, ctx: &NodeContext) {
-        let mut to = To {
-            egress,
-            peer: self.peer,
-            src: self.local,
-        };
-        self.viewer
-            .serve(None, self.id, self.created, now, &mut to, ctx);
-    }
-
-    /// Handles a datagram from the viewer: SRTCP goes to the sender, a consent check is
-    /// answered; anything else is dropped (false).
-    fn input(&mut self, data: &[u8], now: Instant, egress: &mut Egress) -> bool {
-        if is_rtp(data) {
-            let mut to = To {
-                egress,
-                peer: self.peer,
-                src: self.local,
-            };
-            return self.viewer.rtcp(data, &mut to);
-        }
-        let start = egress.buf.len();
-        if self.consent.handle(data, self.peer, now, &mut egress.buf) {
-            egress.commit(self.peer, self.local, start);
-            return true;
-        }
-        false
-    }
-}
-
-/// A WHIP publisher's state.
-struct Publisher {
-    producer: BroadcastProducer,
-    ingest: Ingest,
-    out: Vec<ingest::Output>,
-    /// The ingest clock's origin.
-    start: Instant,
-    video: Option<Mid>,
-    audio: Option<Mid>,
-    last_keyframe: Option<Instant>,
-    last_request: Option<Instant>,
-}
-
-impl Publisher {
-    /// Asks the publisher for a keyframe unless one was asked for very recently; true when
-    /// asked.
-    fn request_keyframe(&mut self, rtc: &mut Rtc, now: Instant) -> bool {
-        if self
-            .last_request
-            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
-        {
-            return false;
-        }
-        let Some(mut writer) = self.video.and_then(|mid| rtc.writer(mid)) else {
-            return false;
-        };
-        self.last_request = Some(now);
-        writer
-            .request_keyframe(None, KeyframeRequestKind::Pli)
-            .is_ok()
-    }
-
-    /// Feeds one depacketized frame to the ingest and its results to the hub.
-    fn media(&mut self, rtc: &mut Rtc, d: MediaData, ctx: &NodeContext) {
-        let arrival = Arrival {
-            rtp: d.time.numer() as u32,
-            at_us: d
-                .network_time
-                .saturating_duration_since(self.start)
-                .as_micros() as i64,
-            sender_report: d.last_sender_info.map(|sr| {
-                let wall = sr
-                    .ntp_time
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |t| t.as_micros() as i64);
-                (sr.rtp_time.numer() as u32, wall)
-            }),
-            contiguous: d.contiguous,
-        };
-        let mut out = std::mem::take(&mut self.out);
-        if Some(d.mid) == self.video && d.params.spec().codec == RtcCodec::H264 {
-            self.ingest.video(arrival, &d.data, &mut out);
-        } else if Some(d.mid) == self.audio && d.params.spec().codec == RtcCodec::Opus {
-            self.ingest
-                .audio(arrival, bytes::Bytes::from_owner(d.data), &mut out);
-        }
-        for o in out.drain(..) {
-            match o {
-                ingest::Output::Track(id, info) => self.producer.set_track(id, info),
-                ingest::Output::Frame(id, frame) => {
-                    if frame.keyframe && id == ingest::VIDEO {
-                        self.last_keyframe = Some(Instant::now());
-                    }
-                    self.producer.push(id, frame);
-                }
-                ingest::Output::KeyframeNeeded => {
-                    ctx.stats.webrtc_ingest_gaps.fetch_add(1, Relaxed);
-                    if self.request_keyframe(rtc, Instant::now()) {
-                        ctx.stats
-                            .webrtc_keyframe_requests_sent
-                            .fetch_add(1, Relaxed);
-                    }
-                }
-            }
-        }
-        self.out = out;
-    }
-}
-
-impl Session {
-    /// ICE and DTLS have completed.
-    fn connected(&self) -> bool {
-        self.connected_at.is_some()
-    }
-
-    fn publisher(&self) -> bool {
-        matches!(self.role, Role::Publisher(_))
-    }
-
-    /// Sends what the Rtc has queued and handles its events; returns its next deadline.
-    fn drain(&mut self, egress: &mut Egress, ctx: &NodeContext) -> Instant {
-        loop {
-            if !self.rtc.is_alive() {
-                return Instant::now();
-            }
-            match self.rtc.poll_output() {
-                Ok(Output::Transmit(t)) => {
-                    if self.peer != Some(t.destination) {
-                        self.peer = Some(t.destination);
-                        self.local = self.local_for(t.destination);
-                    }
-                    // A viewer's RTP and RTCP are the MediaSender's; str0m's (reports about
-                    // streams it never sent on) would only confuse the receiver.
-                    if !(matches!(self.role, Role::Viewer(_)) && is_rtp(&t.contents)) {
-                        egress.push(t.destination, self.local, &t.contents);
-                    }
-                }
-                Ok(Output::Timeout(t)) => {
-                    egress.flush();
-                    return t;
-                }
-                Ok(Output::Event(e)) => self.handle_event(e, ctx),
-                Err(e) => {
-                    debug!(session = self.id, error = %e, "WebRTC session failed");
-                    self.rtc.disconnect();
-                }
-            }
-        }
-    }
-
-    fn handle_event(&mut self, e: Event, ctx: &NodeContext) {
-        match (e, &mut self.role) {
-            (Event::Connected, role) => {
-                self.connected_at = Some(Instant::now());
-                ctx.stats.webrtc_connected.fetch_add(1, Relaxed);
-                let after_ms = self.created.elapsed().as_millis() as u64;
-                match role {
-                    Role::Viewer(_) => {
-                        info!(session = self.id, broadcast = %self.broadcast, after_ms, "WHEP viewer connected")
-                    }
-                    Role::Publisher(p) => {
-                        info!(session = self.id, broadcast = %self.broadcast, after_ms, "WHIP publisher connected");
-                        if p.request_keyframe(&mut self.rtc, Instant::now()) {
-                            ctx.stats
-                                .webrtc_keyframe_requests_sent
-                                .fetch_add(1, Relaxed);
-                        }
-                    }
-                }
-            }
-            (Event::IceConnectionStateChange(IceConnectionState::Disconnected), _) => {
-                self.rtc.disconnect()
-            }
-            (Event::MediaAdded(m), Role::Viewer(v)) => match m.kind {
-                MediaKind::Video if v.video.is_none() => v.video = Some(m.mid),
-                MediaKind::Audio if v.audio.is_none() => v.audio = Some(m.mid),
-                _ => {}
-            },
-            (Event::MediaAdded(m), Role::Publisher(p)) => match m.kind {
-                MediaKind::Video if p.video.is_none() => p.video = Some(m.mid),
-                MediaKind::Audio if p.audio.is_none() => p.audio = Some(m.mid),
-                _ => {}
-            },
-            (Event::MediaData(d), Role::Publisher(p)) => p.media(&mut self.rtc, d, ctx),
-            _ => {}
-        }
-    }
-
-    /// Writes the frames the hub has for this viewer and its due sender reports; asks a
-    /// publisher for a keyframe when it sent none for a while.
-    fn pump(&mut self, now: Instant, egress: &mut Egress, ctx: &NodeContext) {
-        if !self.connected() {
-            return;
-        }
-        match &mut self.role {
-            Role::Viewer(v) => {
-                let Some(peer) = self.peer else { return };
-                let mut to = To {
-                    egress,
-                    peer,
-                    src: self.local,
-                };
-                v.serve(
-                    Some(&mut self.rtc),
-                    self.id,
-                    self.created,
-                    now,
-                    &mut to,
-                    ctx,
-                );
-                if v.ended {
-                    self.rtc.disconnect();
-                }
-            }
-            Role::Publisher(p) => {
-                if p.last_keyframe
-                    .is_none_or(|t| now.duration_since(t) >= PUBLISHER_KEYFRAME_INTERVAL)
-                    && p.last_request
-                        .is_none_or(|t| now.duration_since(t) >= PUBLISHER_KEYFRAME_INTERVAL)
-                    && p.request_keyframe(&mut self.rtc, now)
-                {
-                    ctx.stats
-                        .webrtc_keyframe_requests_sent
-                        .fetch_add(1, Relaxed);
-                }
-            }
-        }
-    }
-}
-
-impl Viewer {
-    /// Reads the negotiated payload types (H.264 with packetization mode 1 and their profiles;
-    /// Opus) from the session, so that sending needs the `Rtc` no more.
-    fn read_pts(&mut self, rtc: &mut Rtc) {
-        if let Some(writer) = self.video.and_then(|mid| rtc.writer(mid)) {
-            self.h264_pts = writer
-                .payload_params()
-                .filter(|p| {
-                    p.spec().codec == RtcCodec::H264
-                        && p.spec().format.packetization_mode == Some(1)
-                })
-                .map(|p| {
-                    (
-                        p.pt(),
-                        p.spec().format.profile_level_id.map(|id| (id >> 16) as u8),
-                    )
-                })
-                .collect();
-        }
-        if let Some(writer) = self.audio.and_then(|mid| rtc.writer(mid)) {
-            self.audio_pt = writer
-                .payload_params()
-                .find(|p| p.spec().codec == RtcCodec::Opus)
-                .map(|p| p.pt());
-        }
-    }
-
-    /// Starts the media sender once the DTLS handshake has given the keys.
-    fn start_sender(&mut self, rtc: &mut Rtc, id: u64) -> bool {
-        if self.sender.is_some() {
-            return true;
-        }
-        let keys = self.keys.clone();
-        let Some(keying) = keys.get() else {
-            return false;
-        };
-        let mut api = rtc.direct_api();
-        let mut ssrc = |mid: Option<Mid>| {
-            mid.and_then(|mid| api.stream_tx_by_mid(mid, None))
-                .map(|s| *s.ssrc())
-        };
-        let (video, audio) = (ssrc(self.video), ssrc(self.audio));
-        self.read_pts(rtc);
-        match MediaSender::new(keying, video, audio, format!("castnode-{id}").into()) {
-            Ok(sender) => {
-                debug!(session = id, profile = ?keying.profile, "WHEP media sender started");
-                self.sender = Some(sender);
-                true
-            }
-            Err(err) => {
-                warn!(session = id, error = %err, "WHEP viewer has unusable SRTP keys");
-                self.ended = true;
-                false
-            }
-        }
-    }
-
-    /// One media tick: the frames the hub has, the due sender reports, the counters. `rtc` as
-    /// for [`Viewer::pump`].
-    fn serve(
-        &mut self,
-        rtc: Option<&mut Rtc>,
-        id: u64,
-        created: Instant,
-        now: Instant,
-        to: &mut To,
-        ctx: &NodeContext,
-    ) {
-        self.pump(rtc, id, created, now, to);
-        if let Some(sender) = &mut self.sender {
-            sender.poll(now, to);
-        }
-        self.count(now, ctx);
-    }
-
-    /// Hands an SRTCP datagram to the media sender (NACKs are answered through `to`); false
-    /// when there is no sender yet or the datagram is not authentic.
-    fn rtcp(&mut self, data: &[u8], to: &mut To) -> bool {
-        self.sender
-            .as_mut()
-            .is_some_and(|s| s.handle_rtcp(data, to).is_ok())
-    }
-
-    /// Adds the sender's counters to the broadcast's figures, once per [`COUNTERS_INTERVAL`],
-    /// and passes on its keyframe requests.
-    fn count(&mut self, now: Instant, ctx: &NodeContext) {
-        let Some(sender) = &mut self.sender else {
-            return;
-        };
-        if sender.take_keyframe_request() {
-            ctx.stats.webrtc_keyframe_requests.fetch_add(1, Relaxed);
-            self.wants_keyframe = true;
-        }
-        if now.duration_since(self.counted) >= COUNTERS_INTERVAL {
-            self.counted = now;
-            self.add_counters();
-        }
-    }
-
-    /// Adds what the sender counted since the last call to the broadcast's figures.
-    fn add_counters(&mut self) {
-        let Some(sender) = &mut self.sender else {
-            return;
-        };
-        let c = sender.take_counters();
-        self.stats.bytes_sent.fetch_add(c.bytes, Relaxed);
-        self.stats
-            .retransmitted_bytes
-            .fetch_add(c.retransmitted, Relaxed);
-        self.stats.nacks.fetch_add(c.nacks, Relaxed);
-        self.stats.plis.fetch_add(c.plis, Relaxed);
-        self.stats.firs.fetch_add(c.firs, Relaxed);
-    }
-
-    /// Sends the frames the hub has for this viewer. `rtc` is needed until the sender has
-    /// started (it is gone once the session is handed over to [`Consent`]).
-    fn pump(
-        &mut self,
-        rtc: Option<&mut Rtc>,
-        id: u64,
-        created: Instant,
-        now: Instant,
-        to: &mut To,
-    ) {
-        if self.video.is_none() || self.ended {
-            return;
-        }
-        if self.sender.is_none() && !rtc.is_some_and(|rtc| self.start_sender(rtc, id)) {
-            return;
-        }
-        if self.tracks.is_empty() {
-            let (tracks, _) = self.consumer.snapshot();
-            for (id, info) in tracks {
-                set_track(&mut self.tracks, id.0, info);
-            }
-        }
-        if !self.consumer.has_news() {
-            return;
-        }
-        if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
-            self.ended = true;
-            return;
-        }
-        let mut entries = std::mem::take(&mut self.entries);
-        for e in entries.drain(..) {
-            match &e.item {
-                Item::Config { track, info } => set_track(&mut self.tracks, track.0, info.clone()),
-                Item::Frame { track, frame } => {
-                    let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
-                        continue;
-                    };
-                    match info.codec {
-                        Codec::H264
-                            if match &self.video_rendition {
-                                Some(r) => r.track() == Some(*track),
-                                None => track.is_source(),
-                            } =>
-                        {
-                            if !self.video_started {
-                                if !frame.keyframe {
-                                    continue;
-                                }
-                                self.video_started = true;
-                                self.stats.ttff.observe(created.elapsed());
-                            }
-                            let profile = info
-                                .config
-                                .as_ref()
-                                .and_then(|c| c.get(1).copied())
-                                .unwrap_or(0x42);
-                            let Some(pt) = choose_pt(&mut self.video_pt, &self.h264_pts, profile)
-                            else {
-                                continue;
-                            };
-                            let rtp: &Arc<RtpFrame> = e.memo(MemoSlot::Rtp, |_| {
-                                Arc::new(RtpFrame::h264(
-                                    &frame.payload,
-                                    info.config.as_deref(),
-                                    frame.keyframe,
-                                ))
-                            });
-                            if let Some(sender) = &mut self.sender {
-                                sender.send(Kind::Video, *pt, rtp, frame.pts, now, to);
-                            }
-                        }
-                        // The source's Opus (WHIP), or this viewer's own transcoder's: a stopped
-                        // transcoder's frames may still be in the log.
-                        Codec::Opus
-                            if track.is_source()
-                                || self._opus.as_ref().and_then(|r| r.track()) == Some(*track) =>
-                        {
-                            let Some(pt) = self.audio_pt else {
-                                continue;
-                            };
-                            let rtp: &Arc<RtpFrame> =
-                                e.memo(MemoSlot::Rtp, |_| Arc::new(RtpFrame::opus(&frame.payload)));
-                            if let Some(sender) = &mut self.sender {
-                                sender.send(Kind::Audio, *pt, rtp, frame.pts, now, to);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-        }
-        self.entries = entries;
-    }
-}
-
-/// The H.264 payload type to send with: packetization mode 1, preferring the offer's entry for
-/// the stream's profile (chosen once, at the first frame, into `chosen`).
-fn choose_pt(
-    chosen: &mut Option<Pt>,
-    h264_pts: &[(Pt, Option<u8>)],
-    profile_idc: u8,
-) -> Option<Pt> {
-    if chosen.is_none() {
-        *chosen = h264_pts
-            .iter()
-            .find(|(_, prof)| *prof == Some(profile_idc))
-            .or(h264_pts.first())
-            .map(|(pt, _)| *pt);
-    }
-    *chosen
-}
-
-fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
-    let i = usize::from(id);
-    if tracks.len() <= i {
-        tracks.resize(i + 1, None);
-    }
-    tracks[i] = Some(info);
-}
-
-/// The egress batches towards one peer, as a media sender's [`Sink`].
-struct To<'a> {
-    egress: &'a mut Egress,
-    peer: SocketAddr,
-    /// The local address the peer's datagrams arrive at.
-    src: Option<IpAddr>,
-}
-
-impl Sink for To<'_> {
-    fn buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.egress.buf
-    }
-
-    fn commit(&mut self, start: usize) {
-        self.egress.commit(self.peer, self.src, start);
-    }
-}
-
-/// An RTP or RTCP datagram (RFC 7983: first byte 128–191), as opposed to STUN or DTLS.
-fn is_rtp(datagram: &[u8]) -> bool {
-    matches!(datagram.first(), Some(128..=191))
-}
-
 async fn run(
     socket: UdpSocket,
     local: SocketAddr,
@@ -889,30 +283,14 @@ async fn run(
         return;
     };
     let state = &state;
-    let mut sessions: HashMap<u64, Session> = HashMap::new();
-    // Connected viewers handed over from their Rtc (see `HANDOVER_AFTER`).
-    let mut lite: HashMap<u64, Lite> = HashMap::new();
-    let mut handover: Vec<u64> = Vec::new();
-    let mut by_source: HashMap<SocketAddr, u64> = HashMap::new();
-    // Broadcast name → its WHIP publisher's session.
-    let mut publishers: HashMap<Arc<str>, u64> = HashMap::new();
-    let mut keyframe_wanted: Vec<Arc<str>> = Vec::new();
-    let mut next_id = 1u64;
-    let mut last_reap = Instant::now();
+    let mut table = Sessions::new(ctx, node, local, candidates, Instant::now());
     let mut bufs = vec![0u8; RECV_BATCH * RECV_BUFFER];
     let mut metas = [RecvMeta::default(); RECV_BATCH];
     let mut tick = tokio::time::interval(MEDIA_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut next_deadline;
     loop {
         // Recomputed each turn: every branch below may have moved a session's deadline.
-        let now = Instant::now();
-        next_deadline = sessions
-            .values()
-            .map(|s| s.deadline)
-            .min()
-            .unwrap_or(now + Duration::from_millis(100))
-            .max(now);
+        let next_deadline = table.next_deadline(Instant::now());
         tokio::select! {
             r = recv_batch(&egress.socket, state, &mut bufs, &mut metas) => {
                 let n = match r {
@@ -924,351 +302,33 @@ async fn run(
                 };
                 let now = Instant::now();
                 for (meta, buf) in metas[..n].iter().zip(bufs.chunks(RECV_BUFFER)) {
-                    let source = canonical(meta.addr);
                     // Where the datagram arrived: what the answer leaves from, and the local
                     // candidate it names for ICE.
                     let local_ip = meta.dst_ip.map(|ip| ip.to_canonical());
-                    let destination = ice_destination(&candidates, local_ip.unwrap_or(local.ip()), local.port());
+                    let source = canonical(meta.addr);
                     // A GRO batch holds datagrams of `stride` bytes (the last may be shorter).
-                    for data in buf[..meta.len].chunks(meta.stride.max(1)) {
-                        if let Some(l) = by_source.get(&source).and_then(|id| lite.get_mut(id)) {
-                            l.local = local_ip;
-                            if !l.input(data, now, &mut egress) {
-                                ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                            }
-                            continue;
-                        }
-                        // A viewer's SRTCP (NACK, PLI, reports) goes to its media sender.
-                        if is_rtp(data)
-                            && let Some(s) = by_source.get(&source).and_then(|id| sessions.get_mut(id))
-                            && let Role::Viewer(v) = &mut s.role
-                            && v.sender.is_some()
-                        {
-                            let mut to = To { egress: &mut egress, peer: source, src: local_ip };
-                            if !v.rtcp(data, &mut to) {
-                                ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                            }
-                            continue;
-                        }
-                        let Ok(contents) = data.try_into() else {
-                            ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                            continue;
-                        };
-                        let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
-                        let id = by_source.get(&source).copied().filter(|id| sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)))
-                            .or_else(|| sessions.values().find(|s| s.rtc.accepts(&input)).map(|s| s.id));
-                        let Some(id) = id else {
-                            ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
-                            continue;
-                        };
-                        by_source.insert(source, id);
-                        if let Some(s) = sessions.get_mut(&id) {
-                            s.heard(source, local_ip);
-                            if let Err(e) = s.rtc.handle_input(input) {
-                                debug!(session = id, error = %e, "WebRTC input rejected");
-                            }
-                            s.deadline = s.drain(&mut egress, &ctx);
-                        }
-                    }
+                    table.receive(&buf[..meta.len], meta.stride.max(1), source, local_ip, now, &mut egress);
                 }
                 egress.flush();
             }
             cmd = rx.recv() => match cmd {
                 None => return,
                 Some(Command::Whep { consumer, offer, reply }) => {
-                    let id = next_id;
-                    next_id += 1;
-                    let broadcast: Arc<str> = consumer.broadcast().name().into();
-                    let r = accept(id, offer, &candidates, false).map(|(rtc, keys, answer)| {
-                        // Start the broadcast's audio rendition now, not at connect: it is
-                        // ready by the time ICE and DTLS are.
-                        let bc = consumer.broadcast().clone();
-                        // The transcoders started here run on the node's runtime.
-                        let _node = node.enter();
-                        let viewer = Viewer {
-                            _opus: opus_for(&ctx.transcoders, &ctx.hub, &bc),
-                            video_rendition: video_for(&ctx.transcoders, &ctx.hub, &bc),
-                            consumer,
-                            entries: Vec::with_capacity(64),
-                            tracks: Vec::new(),
-                            video: None,
-                            h264_pts: Vec::new(),
-                            video_pt: None,
-                            audio: None,
-                            audio_pt: None,
-                            ended: false,
-                            video_started: false,
-                            wants_keyframe: false,
-                            stats: ctx.webrtc.broadcast(&broadcast),
-                            keys,
-                            sender: None,
-                            counted: Instant::now(),
-                        };
-                        viewer.stats.viewers.fetch_add(1, Relaxed);
-                        let mut s = Session::new(id, rtc, broadcast, Role::Viewer(Box::new(viewer)));
-                        s.deadline = s.drain(&mut egress, &ctx);
-                        sessions.insert(id, s);
-                        ctx.stats.webrtc_viewers.fetch_add(1, Relaxed);
-                        (id, answer)
-                    });
-                    let _ = reply.send(r);
+                    let _ = reply.send(table.whep(consumer, offer, &mut egress));
                 }
-                Some(Command::Whip { mut producer, offer, reply }) => {
-                    let id = next_id;
-                    next_id += 1;
-                    let broadcast: Arc<str> = producer.broadcast().name().into();
-                    let r = accept(id, offer, &candidates, true).map(|(rtc, _, answer)| {
-                        if answer.contains("opus") {
-                            // Declared now so that players joining before the first packet
-                            // see the track (and start its AAC rendition).
-                            producer.set_track(ingest::AUDIO, ingest::opus_track());
-                        }
-                        let publisher = Publisher {
-                            producer,
-                            ingest: Ingest::new(),
-                            out: Vec::with_capacity(4),
-                            start: Instant::now(),
-                            video: None,
-                            audio: None,
-                            last_keyframe: None,
-                            last_request: None,
-                        };
-                        let mut s = Session::new(id, rtc, broadcast.clone(), Role::Publisher(Box::new(publisher)));
-                        s.deadline = s.drain(&mut egress, &ctx);
-                        sessions.insert(id, s);
-                        publishers.insert(broadcast, id);
-                        ctx.stats.webrtc_publishers.fetch_add(1, Relaxed);
-                        (id, answer)
-                    });
-                    let _ = reply.send(r);
+                Some(Command::Whip { producer, offer, reply }) => {
+                    let _ = reply.send(table.whip(producer, offer, &mut egress));
                 }
                 Some(Command::Close { id, publisher, reply }) => {
-                    let found = match lite.get_mut(&id).filter(|_| !publisher) {
-                        Some(l) => {
-                            l.closed = true;
-                            true
-                        }
-                        None => sessions
-                            .get_mut(&id)
-                            .filter(|s| s.publisher() == publisher)
-                            .map(|s| s.rtc.disconnect())
-                            .is_some(),
-                    };
-                    let _ = reply.send(found);
+                    let _ = reply.send(table.close(id, publisher));
                 }
             },
             _ = tokio::time::sleep_until(next_deadline.into()) => {
-                let now = Instant::now();
-                for s in sessions.values_mut().filter(|s| s.deadline <= now) {
-                    let _ = s.rtc.handle_input(Input::Timeout(now));
-                    s.deadline = s.drain(&mut egress, &ctx);
-                }
+                table.timeout(Instant::now(), &mut egress);
             }
-            _ = tick.tick() => {
-                let now = Instant::now();
-                for s in sessions.values_mut() {
-                    s.pump(now, &mut egress, &ctx);
-                    match &mut s.role {
-                        // A viewer's media does not pass through its Rtc: nothing to drain.
-                        Role::Viewer(v) => {
-                            if std::mem::take(&mut v.wants_keyframe) {
-                                keyframe_wanted.push(s.broadcast.clone());
-                            }
-                        }
-                        Role::Publisher(_) => s.deadline = s.drain(&mut egress, &ctx),
-                    }
-                    if let Role::Viewer(v) = &s.role
-                        && v.sender.is_some()
-                        && !v.ended
-                        && s.peer.is_some()
-                        && s.rtc.is_alive()
-                        && s.connected_at.is_some_and(|t| now.duration_since(t) >= HANDOVER_AFTER)
-                    {
-                        handover.push(s.id);
-                    }
-                }
-                for l in lite.values_mut() {
-                    l.pump(now, &mut egress, &ctx);
-                    if std::mem::take(&mut l.viewer.wants_keyframe) {
-                        keyframe_wanted.push(l.broadcast.clone());
-                    }
-                }
-                for id in handover.drain(..) {
-                    let Some(mut s) = sessions.remove(&id) else { continue };
-                    let (Role::Viewer(viewer), Some(peer)) = (s.role, s.peer) else { continue };
-                    let creds = s.rtc.direct_api().local_ice_credentials();
-                    info!(session = id, "WHEP viewer handed over from its Rtc to its media sender");
-                    lite.insert(id, Lite {
-                        id,
-                        viewer,
-                        consent: Consent::new(&creds.ufrag, &creds.pass, now),
-                        peer,
-                        local: s.local,
-                        broadcast: s.broadcast,
-                        created: s.created,
-                        closed: false,
-                    });
-                }
-                egress.flush();
-                // Viewers' keyframe requests go to their broadcast's WHIP publisher.
-                let now = Instant::now();
-                for name in keyframe_wanted.drain(..) {
-                    if let Some(s) = publishers.get(&name).and_then(|id| sessions.get_mut(id))
-                        && let Role::Publisher(p) = &mut s.role
-                        && p.request_keyframe(&mut s.rtc, now)
-                    {
-                        ctx.stats.webrtc_keyframe_requests_sent.fetch_add(1, Relaxed);
-                        s.deadline = s.drain(&mut egress, &ctx);
-                    }
-                }
-            }
+            _ = tick.tick() => table.tick(Instant::now(), &mut egress),
         }
-        // Reap: disconnected, or never connected in time. A pass over every session, so not
-        // after every datagram.
-        let now = Instant::now();
-        if now.duration_since(last_reap) < REAP_INTERVAL {
-            continue;
-        }
-        last_reap = now;
-        let before = sessions.len();
-        sessions.retain(|id, s| {
-            let keep = s.rtc.is_alive()
-                && (s.connected() || now.duration_since(s.created) < CONNECT_TIMEOUT);
-            if !keep {
-                if let Role::Viewer(v) = &mut s.role {
-                    v.stats.viewers.fetch_sub(1, Relaxed);
-                    v.add_counters();
-                }
-                let what = if s.publisher() {
-                    "WHIP publisher"
-                } else {
-                    "WHEP viewer"
-                };
-                if !s.connected() {
-                    warn!(
-                        session = id,
-                        broadcast = %s.broadcast,
-                        "{what} did not connect within {CONNECT_TIMEOUT:?}; reaped"
-                    );
-                } else {
-                    info!(session = id, broadcast = %s.broadcast, "{what} left");
-                }
-            }
-            keep
-        });
-        let before_lite = lite.len();
-        lite.retain(|id, l| {
-            let expired = l.consent.expired(now);
-            let keep = !l.closed && !l.viewer.ended && !expired;
-            if !keep {
-                l.viewer.stats.viewers.fetch_sub(1, Relaxed);
-                l.viewer.add_counters();
-                if expired {
-                    info!(session = id, broadcast = %l.broadcast, "WHEP viewer sent no consent check for {:?}; gone", super::consent::CONSENT_TIMEOUT);
-                } else {
-                    info!(session = id, broadcast = %l.broadcast, "WHEP viewer left");
-                }
-            }
-            keep
-        });
-        if sessions.len() != before || lite.len() != before_lite {
-            let publishing = sessions.values().filter(|s| s.publisher()).count();
-            ctx.stats
-                .webrtc_viewers
-                .store((sessions.len() - publishing + lite.len()) as u64, Relaxed);
-            ctx.stats
-                .webrtc_publishers
-                .store(publishing as u64, Relaxed);
-            by_source.retain(|_, id| sessions.contains_key(id) || lite.contains_key(id));
-            publishers.retain(|_, id| sessions.contains_key(id));
-        }
+        // Reap: disconnected, or never connected in time (at most every REAP_INTERVAL).
+        table.reap(Instant::now());
     }
-}
-
-impl Session {
-    fn new(id: u64, rtc: Rtc, broadcast: Arc<str>, role: Role) -> Self {
-        let now = Instant::now();
-        Self {
-            id,
-            rtc,
-            broadcast,
-            connected_at: None,
-            created: now,
-            deadline: now,
-            peer: None,
-            local: None,
-            locals: Vec::new(),
-            role,
-        }
-    }
-
-    /// A datagram the session accepted came from `remote` and arrived at `local`.
-    fn heard(&mut self, remote: SocketAddr, local: Option<IpAddr>) {
-        let known = self.locals.len();
-        match self.locals.iter_mut().find(|(r, _)| *r == remote) {
-            Some((_, l)) if *l == local => return,
-            Some((_, l)) => *l = local,
-            // Bounded: a peer checks one pair per local candidate and remote address.
-            None if known < 32 => self.locals.push((remote, local)),
-            None => return,
-        }
-        if self.peer == Some(remote) {
-            self.local = local;
-        }
-    }
-
-    /// The local address `remote`'s datagrams arrived at.
-    fn local_for(&self, remote: SocketAddr) -> Option<IpAddr> {
-        self.locals
-            .iter()
-            .find(|(r, _)| *r == remote)
-            .and_then(|(_, l)| *l)
-    }
-}
-
-/// Builds a peer from an offer: (peer, where a viewer's SRTP keys will be, answer SDP). A
-/// publisher's offer must send H.264; a viewer's must receive H.264 and Opus.
-fn accept(
-    id: u64,
-    offer: SdpOffer,
-    candidates: &[SocketAddr],
-    publisher: bool,
-) -> Result<(Rtc, KeySlot, String), WebrtcError> {
-    let builder = Rtc::builder()
-        .set_ice_lite(true)
-        .clear_codecs()
-        .enable_h264(true)
-        .enable_opus(true, false);
-    let (mut rtc, keys) = if publisher {
-        (
-            keys::build_plain(builder, Instant::now()),
-            KeySlot::default(),
-        )
-    } else {
-        // castnode sends a viewer's media itself, without RTP header extensions; str0m's send
-        // buffers stay unused.
-        let builder = builder
-            .clear_extension_map()
-            .set_send_buffer_video(VIDEO_SEND_BUFFER)
-            .set_send_buffer_audio(VIDEO_SEND_BUFFER);
-        keys::build(builder, Instant::now())
-    };
-    for c in candidates {
-        if let Ok(c) = Candidate::host(*c, "udp") {
-            rtc.add_local_candidate(c);
-        }
-    }
-    let answer = rtc
-        .sdp_api()
-        .accept_offer(offer)
-        .map_err(|e| WebrtcError::Rejected(e.to_string()))?;
-    let sdp = answer.to_sdp_string();
-    if !sdp.contains("H264") {
-        return Err(WebrtcError::NoCodec("H.264 video"));
-    }
-    if !publisher && !sdp.contains("opus") {
-        return Err(WebrtcError::NoCodec("Opus audio"));
-    }
-    debug!(session = id, publisher, "offer accepted");
-    Ok((rtc, keys, sdp))
 }

@@ -17,6 +17,8 @@
 //! - Without GSO (an old kernel), every datagram is sent on its own.
 //! - On an IPv6 socket (`[::]`, dual stack), IPv4 peers and sources are written as IPv4-mapped
 //!   addresses; callers always pass plain IPv4 ones.
+//! - [`Out`] is what the session table writes through: [`Egress`] is one, a test's buffer
+//!   another.
 
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
@@ -242,6 +244,46 @@ impl Egress {
             i = j;
         }
         queued.clear();
+    }
+}
+
+/// Where the WebRTC session table ([`super::table`]) writes its datagrams: the [`Egress`] in the
+/// driver, a plain buffer in tests. Generic, not `dyn`: a datagram costs no indirect call.
+pub trait Out {
+    /// The buffer datagrams are written at the end of, each then [`Out::commit`]ted.
+    fn buf(&mut self) -> &mut Vec<u8>;
+    /// The datagram written at the end of the buffer from `start` on is complete: it goes to
+    /// `dest`, from `src` (`None`: the address the kernel picks).
+    fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize);
+    /// Sends what was committed.
+    fn flush(&mut self);
+    /// Appends one datagram to `dest`, from `src`.
+    fn push(&mut self, dest: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+        let start = self.buf().len();
+        self.buf().extend_from_slice(data);
+        self.commit(dest, src, start);
+    }
+}
+
+impl Out for Egress {
+    #[inline]
+    fn buf(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    #[inline]
+    fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize) {
+        Egress::commit(self, dest, src, start)
+    }
+
+    #[inline]
+    fn flush(&mut self) {
+        Egress::flush(self)
+    }
+
+    #[inline]
+    fn push(&mut self, dest: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+        Egress::push(self, dest, src, data)
     }
 }
 

@@ -1,7 +1,8 @@
 //! WebRTC with str0m: WHEP playback and WHIP ingest, every peer of the node on one UDP socket,
 //! ICE-lite, DTLS-SRTP.
 //!
-//! [`driver`] owns the socket and every peer's sans-IO `Rtc`, and sends through [`egress`];
+//! [`driver`] owns the socket and the loop, and sends through [`egress`]; [`table`] holds every
+//! session (each peer's sans-IO `Rtc`: routing, handover, reaping), testable without a socket;
 //! [`signal`] is the HTTP side (offer → answer, resource deletion, CORS); [`ingest`] turns a WHIP
 //! publisher's frames into hub frames.
 //!
@@ -33,6 +34,7 @@ pub mod sender;
 pub mod signal;
 pub mod srtp;
 pub mod stats;
+pub mod table;
 
 /// Why a WebRTC session could not be set up.
 #[derive(Debug, thiserror::Error)]
