@@ -211,3 +211,32 @@ impl DtlsInstance for Capturing {
         self.dtls.close()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`build`] relies on str0m creating the `Rtc`'s DTLS instance inside `RtcConfig::build`,
+    /// on the calling thread, while the thread-local holds the slot: the slot is then shared
+    /// with exactly that instance, and nothing is left behind for a later build.
+    #[test]
+    fn the_slot_goes_to_the_dtls_instance_of_the_rtc_built_with_it() {
+        let (rtc, slot) = build(Rtc::builder(), Instant::now());
+        // One reference here, one in the Rtc's DTLS instance.
+        assert_eq!(
+            Arc::strong_count(&slot),
+            2,
+            "str0m did not create DTLS in build()"
+        );
+        assert!(NEXT.with(|n| n.borrow().is_none()));
+        // A later build on this thread, plain or not, gets no share of it.
+        let plain = build_plain(Rtc::builder(), Instant::now());
+        let (other, other_slot) = build(Rtc::builder(), Instant::now());
+        assert_eq!(Arc::strong_count(&slot), 2);
+        assert_eq!(Arc::strong_count(&other_slot), 2);
+        drop(rtc);
+        assert_eq!(Arc::strong_count(&slot), 1);
+        drop((plain, other));
+        assert_eq!(Arc::strong_count(&other_slot), 1);
+    }
+}
