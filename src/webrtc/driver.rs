@@ -4,10 +4,10 @@
 //! tick) do not wake the node runtime's idle workers as well; the transcoders the table starts
 //! run on the node's runtime.
 //!
-//! The driver is only the loop: it receives datagrams ([`recv_batch`]), commands from the HTTP
+//! The driver is only the loop: it waits for datagrams (`recvmmsg`, GRO), commands from the HTTP
 //! side (the channel behind [`Webrtc`]), the table's next deadline and the [`MEDIA_TICK`], hands
-//! each to the table, and sends what the table wrote through the [`Egress`]. What the sessions
-//! guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`], handover, keyframe
+//! each to the table, and sends what the table wrote through the [`Egress`] (flushed after each
+//! receive batch and each tick). What the sessions guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`], handover, keyframe
 //! requests) is stated in [`super::table`].
 //!
 //! Guarantees:
@@ -17,8 +17,6 @@
 //!   send by [`Egress`]): a host with several addresses answers each peer from the one it
 //!   reached. Received GRO batches are split into their datagrams (by the table).
 //! - IPv4 peers of a dual-stack socket are handed to the table as plain IPv4 addresses.
-//! - Everything the table wrote while handling a receive batch, a tick or a command leaves
-//!   before the driver waits again.
 
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

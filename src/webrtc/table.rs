@@ -1143,3 +1143,256 @@ fn accept(
     debug!(session = id, publisher, "offer accepted");
     Ok((rtc, keys, sdp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NodeArgs;
+    use str0m::change::SdpAnswer;
+    use str0m::ice::{StunMessage, TransId};
+    use str0m::media::Direction;
+
+    /// What the table sent, datagram by datagram.
+    #[derive(Default)]
+    struct Sent {
+        buf: Vec<u8>,
+        datagrams: Vec<(SocketAddr, Option<IpAddr>, Vec<u8>)>,
+    }
+
+    impl Out for Sent {
+        fn buf(&mut self) -> &mut Vec<u8> {
+            &mut self.buf
+        }
+
+        fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize) {
+            let datagram = self.buf.split_off(start);
+            self.datagrams.push((dest, src, datagram));
+        }
+
+        fn flush(&mut self) {}
+    }
+
+    const SERVER: &str = "192.0.2.1:8189";
+
+    fn table() -> (Sessions, Arc<NodeContext>) {
+        let ctx = NodeContext::new(NodeArgs::default().resolve().unwrap());
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let table = Sessions::new(
+            ctx.clone(),
+            tokio::runtime::Handle::current(),
+            server,
+            vec![server],
+            Instant::now(),
+        );
+        (table, ctx)
+    }
+
+    fn dropped(ctx: &NodeContext) -> u64 {
+        ctx.stats.webrtc_datagrams_dropped.load(Relaxed)
+    }
+
+    /// A WHEP viewer's str0m `Rtc` at `addr` (as the load tool builds one) and its offer.
+    fn client(addr: SocketAddr) -> (Rtc, SdpOffer, str0m::change::SdpPendingOffer) {
+        let builder = Rtc::builder()
+            .set_rtp_mode(true)
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false);
+        let mut rtc = keys::build_plain(builder, Instant::now());
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut api = rtc.sdp_api();
+        api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None);
+        api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        (rtc, offer, pending)
+    }
+
+    /// A viewer of `live/t` whose offer the table accepted: (session id, its client, the
+    /// broadcast's producer).
+    fn viewer(
+        table: &mut Sessions,
+        ctx: &NodeContext,
+        out: &mut Sent,
+    ) -> (u64, Rtc, BroadcastProducer) {
+        let publisher = ctx.hub.publish("live/t").unwrap();
+        let consumer = ctx.hub.subscribe("live/t").unwrap();
+        let (mut rtc, offer, pending) = client("192.0.2.50:40000".parse().unwrap());
+        let (id, answer) = table.whep(consumer, offer, out).unwrap();
+        let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
+        rtc.sdp_api().accept_answer(pending, answer).unwrap();
+        (id, rtc, publisher)
+    }
+
+    /// A STUN binding request for `username`, signed with `pwd`.
+    fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
+        fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
+            let key =
+                aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
+            let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
+            for p in parts {
+                ctx.update(p);
+            }
+            let mut out = [0u8; 20];
+            out.copy_from_slice(ctx.sign().as_ref());
+            out
+        }
+        let msg = StunMessage::binding_request(username, TransId::new(), true, 0, 12345, false);
+        let mut buf = vec![0u8; 512];
+        let n = msg
+            .to_bytes(Some(pwd.as_bytes()), &mut buf, sha1_hmac)
+            .unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Garbage (a STUN-less, DTLS-less byte string, an RTP-looking datagram, a GRO batch of
+    /// them) from anywhere is dropped, each datagram counted, and nothing is sent.
+    #[tokio::test]
+    async fn garbage_is_dropped_and_counted() {
+        let (mut table, ctx) = table();
+        let mut out = Sent::default();
+        let now = Instant::now();
+        let from: SocketAddr = "198.51.100.9:5000".parse().unwrap();
+        table.receive(b"\x00\x01garbage", 0, from, None, now, &mut out);
+        assert_eq!(dropped(&ctx), 1);
+        table.receive(&[0x80; 40], 0, from, None, now, &mut out);
+        assert_eq!(dropped(&ctx), 2);
+        // Three datagrams of 10 bytes and a 4-byte tail in one GRO batch.
+        table.receive(&[0x17; 34], 10, from, None, now, &mut out);
+        assert_eq!(dropped(&ctx), 6);
+        // With a session present, garbage still disturbs nothing.
+        let (id, _client, _publisher) = viewer(&mut table, &ctx, &mut out);
+        table.receive(&[0xff; 100], 0, from, None, now, &mut out);
+        assert_eq!(dropped(&ctx), 7);
+        assert!(out.datagrams.is_empty());
+        assert!(table.by_source.is_empty());
+        assert_eq!(table.count(), (1, 0));
+        assert!(table.sessions.contains_key(&id));
+    }
+
+    /// A well-formed STUN check from an unknown source that names no session's credentials is
+    /// dropped: no session learns the source, nothing is answered.
+    #[tokio::test]
+    async fn a_check_from_an_unknown_source_matching_no_session_is_dropped() {
+        let (mut table, ctx) = table();
+        let mut out = Sent::default();
+        let (_id, _client, _publisher) = viewer(&mut table, &ctx, &mut out);
+        let from: SocketAddr = "198.51.100.9:5000".parse().unwrap();
+        let check = binding_request("nosuchufrag:client", "some-password-of-24-chars");
+        table.receive(&check, 0, from, None, Instant::now(), &mut out);
+        assert_eq!(dropped(&ctx), 1);
+        assert!(out.datagrams.is_empty());
+        assert!(table.by_source.is_empty());
+    }
+
+    /// A session that never connects is kept for CONNECT_TIMEOUT, then reaped (time driven by
+    /// the instants given); the viewer counters go back down.
+    #[tokio::test]
+    async fn a_session_that_never_connects_is_reaped_after_the_connect_timeout() {
+        let (mut table, ctx) = table();
+        let mut out = Sent::default();
+        let start = Instant::now();
+        let (id, _client, _publisher) = viewer(&mut table, &ctx, &mut out);
+        assert_eq!(ctx.stats.webrtc_viewers.load(Relaxed), 1);
+        assert!(table.next_deadline(start) >= start);
+        assert!(table.reap(start + CONNECT_TIMEOUT / 2));
+        assert_eq!(table.count(), (1, 0));
+        // Within REAP_INTERVAL of the last pass: no pass.
+        assert!(!table.reap(start + CONNECT_TIMEOUT / 2 + REAP_INTERVAL / 2));
+        let later = Instant::now() + CONNECT_TIMEOUT + Duration::from_millis(1);
+        table.timeout(later, &mut out);
+        assert!(table.reap(later));
+        assert_eq!(table.count(), (0, 0));
+        assert!(!table.sessions.contains_key(&id));
+        assert_eq!(ctx.stats.webrtc_viewers.load(Relaxed), 0);
+        assert_eq!(
+            ctx.webrtc.broadcast(&"live/t".into()).viewers.load(Relaxed),
+            0
+        );
+    }
+
+    /// Closing an unknown id, or a viewer's id as a publisher's, returns false; closing the
+    /// viewer returns true and the next reap removes it.
+    #[tokio::test]
+    async fn close_finds_only_the_sessions_it_names() {
+        let (mut table, ctx) = table();
+        let mut out = Sent::default();
+        assert!(!table.close(42, false));
+        assert!(!table.close(42, true));
+        let (id, _client, _publisher) = viewer(&mut table, &ctx, &mut out);
+        assert!(!table.close(id + 1, false));
+        assert!(!table.close(id, true));
+        assert!(table.close(id, false));
+        assert!(table.reap(Instant::now() + REAP_INTERVAL));
+        assert_eq!(table.count(), (0, 0));
+        assert_eq!(ctx.stats.webrtc_viewers.load(Relaxed), 0);
+    }
+
+    /// A real str0m client, in memory, through ICE and DTLS to connected: the table learns the
+    /// client's source, answers from the local address the client's datagrams arrived at, and
+    /// the viewer's SRTP keys arrive in its slot.
+    #[tokio::test]
+    async fn a_str0m_client_connects_through_the_table() {
+        let (mut table, ctx) = table();
+        let mut out = Sent::default();
+        let (id, mut client, _publisher) = viewer(&mut table, &ctx, &mut out);
+        let client_addr: SocketAddr = "192.0.2.50:40000".parse().unwrap();
+        let server: SocketAddr = SERVER.parse().unwrap();
+        let arrived_at = Some(server.ip());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut connected = false;
+        while !(connected && ctx.stats.webrtc_connected.load(Relaxed) == 1) {
+            let now = Instant::now();
+            assert!(now < deadline, "did not connect");
+            // The client's output goes to the table...
+            let client_timeout;
+            loop {
+                match client.poll_output().unwrap() {
+                    Output::Transmit(t) => {
+                        assert_eq!(t.destination, server);
+                        table.receive(&t.contents, 0, client_addr, arrived_at, now, &mut out);
+                    }
+                    Output::Timeout(t) => {
+                        client_timeout = t;
+                        break;
+                    }
+                    Output::Event(Event::Connected) => connected = true,
+                    Output::Event(_) => {}
+                }
+            }
+            // ... and the table's to the client.
+            for (dest, src, datagram) in out.datagrams.drain(..) {
+                assert_eq!((dest, src), (client_addr, arrived_at));
+                let input = Input::Receive(
+                    now,
+                    Receive {
+                        proto: Protocol::Udp,
+                        source: server,
+                        destination: client_addr,
+                        contents: datagram.as_slice().try_into().unwrap(),
+                    },
+                );
+                client.handle_input(input).unwrap();
+            }
+            let now = Instant::now();
+            if client_timeout <= now {
+                client.handle_input(Input::Timeout(now)).unwrap();
+            }
+            table.timeout(now, &mut out);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(dropped(&ctx), 0);
+        assert_eq!(table.by_source.get(&client_addr), Some(&id));
+        let Role::Viewer(v) = &table.sessions[&id].role else {
+            panic!("not a viewer");
+        };
+        assert!(
+            v.keys.get().is_some(),
+            "the viewer's SRTP keys did not arrive"
+        );
+        assert!(table.sessions[&id].connected());
+        // Still there after a reap: connected sessions are not reaped for their age.
+        assert!(table.reap(Instant::now() + CONNECT_TIMEOUT * 2));
+        assert_eq!(table.count(), (1, 0));
+    }
+}
