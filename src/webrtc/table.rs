@@ -1330,7 +1330,8 @@ mod tests {
 
     /// A real str0m client, in memory, through ICE and DTLS to connected: the table learns the
     /// client's source, answers from the local address the client's datagrams arrived at, and
-    /// the viewer's SRTP keys arrive in its slot.
+    /// the viewer's SRTP keys arrive in its slot; HANDOVER_AFTER later the viewer goes on
+    /// without its `Rtc` and its consent checks are still answered; closed, it is reaped.
     #[tokio::test]
     async fn a_str0m_client_connects_through_the_table() {
         let (mut table, ctx) = table();
@@ -1392,7 +1393,39 @@ mod tests {
         );
         assert!(table.sessions[&id].connected());
         // Still there after a reap: connected sessions are not reaped for their age.
-        assert!(table.reap(Instant::now() + CONNECT_TIMEOUT * 2));
+        let reaped = Instant::now() + CONNECT_TIMEOUT * 2;
+        assert!(table.reap(reaped));
         assert_eq!(table.count(), (1, 0));
+        // A tick HANDOVER_AFTER later hands the viewer over to its media sender alone; the
+        // client's next consent check is answered from the same local address.
+        let creds = table
+            .sessions
+            .get_mut(&id)
+            .unwrap()
+            .rtc
+            .direct_api()
+            .local_ice_credentials();
+        let later = Instant::now() + HANDOVER_AFTER;
+        table.tick(later, &mut out);
+        assert_eq!(table.count(), (0, 1));
+        assert_eq!(ctx.stats.webrtc_viewers.load(Relaxed), 1);
+        out.datagrams.clear();
+        let check = binding_request(&format!("{}:client", creds.ufrag), &creds.pass);
+        table.receive(&check, 0, client_addr, arrived_at, later, &mut out);
+        assert_eq!(out.datagrams.len(), 1);
+        assert_eq!(
+            (out.datagrams[0].0, out.datagrams[0].1),
+            (client_addr, arrived_at)
+        );
+        assert!(
+            StunMessage::parse(&out.datagrams[0].2)
+                .is_ok_and(|m| m.is_successful_binding_response())
+        );
+        assert_eq!(dropped(&ctx), 0);
+        // Closed, it is gone at the next reap.
+        assert!(table.close(id, false));
+        assert!(table.reap(reaped + REAP_INTERVAL));
+        assert_eq!(table.count(), (0, 0));
+        assert_eq!(ctx.stats.webrtc_viewers.load(Relaxed), 0);
     }
 }
