@@ -495,12 +495,13 @@ impl Embedded {
     ) -> Result<Placement, ManagerError> {
         let mut rng = rand::rng();
         let mut pick = |k: usize| rng.random_range(0..k.max(1));
+        let now = Instant::now();
         let mut reg = self.registry();
-        reg.maybe_sweep(Instant::now());
+        reg.maybe_sweep(now);
         let r = if kind == "publish" {
-            reg.place_publish(broadcast, hint, &mut pick)
+            reg.place_publish(broadcast, hint, &mut pick, now)
         } else {
-            reg.place_subscribe(broadcast, hint, &mut pick)
+            reg.place_subscribe(broadcast, hint, &mut pick, now)
         };
         let result = match &r {
             Ok(_) => 0,
