@@ -185,7 +185,11 @@ fn three_edges_one_relay_one_origin_subscription_and_linger() {
         .enumerate()
         .map(|(i, e)| read_flv(e, "m", 3.0, &format!("m-edge{i}")))
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The three edges subscribe at the relay, which subscribes once at the origin.
+    wait_until(Duration::from_secs(10), || {
+        relay.metric("castnode_cluster_subscriptions_down") == 3.0
+            && origin.metric("castnode_cluster_subscriptions_down") >= 1.0
+    });
     assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
     assert_eq!(
         relay.metric("castnode_cluster_subscriptions_down"),
