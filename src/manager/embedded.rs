@@ -4,6 +4,9 @@
 //! registration needs the cluster token (compared in constant time); failed nodes are swept
 //! before every placement, so a node silent for the TTL is never chosen; API tokens are checked
 //! against an in-memory copy of the store's hashes, refreshed on every token change.
+//!
+//! The [`Registry`] reads no clock: this is where the time is read (once per call) and passed
+//! in, for sweeps, reports, drains and placements.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
