@@ -40,7 +40,9 @@ fn fanout(c: &mut Criterion) {
             |b, &players| {
                 b.iter(|| {
                     let hub = Hub::default();
-                    let mut producer = hub.publish("live/bench").unwrap();
+                    let mut producer = hub
+                        .publish("live/bench", std::time::Instant::now())
+                        .unwrap();
                     for (t, info) in &configs {
                         producer.set_track(*t, info.clone());
                     }

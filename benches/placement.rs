@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("subscribe_1000_nodes", |b| {
         b.iter(|| {
             n += 1;
-            let p = reg.place_subscribe("live/17", &hint, &mut |k| n % k);
+            let p = reg.place_subscribe("live/17", &hint, &mut |k| n % k, Instant::now());
             black_box(p.is_ok())
         })
     });

@@ -185,7 +185,11 @@ fn three_edges_one_relay_one_origin_subscription_and_linger() {
         .enumerate()
         .map(|(i, e)| read_flv(e, "m", 3.0, &format!("m-edge{i}")))
         .collect();
-    std::thread::sleep(Duration::from_millis(1500));
+    // The three edges subscribe at the relay, which subscribes once at the origin.
+    wait_until(Duration::from_secs(10), || {
+        relay.metric("castnode_cluster_subscriptions_down") == 3.0
+            && origin.metric("castnode_cluster_subscriptions_down") >= 1.0
+    });
     assert_eq!(origin.metric("castnode_cluster_subscriptions_down"), 1.0);
     assert_eq!(
         relay.metric("castnode_cluster_subscriptions_down"),
@@ -235,7 +239,17 @@ fn edge_survives_losing_its_relay() {
     let _publisher = ffmpeg_publish(&origin.rtmp_url("f"), &fixture("obs-like.flv"), 2);
     origin.wait_live("live/f", Duration::from_secs(10));
     let mut reader = read_flv(&edge, "f", 8.0, "failover");
-    std::thread::sleep(Duration::from_secs(3));
+    // The kill comes while the reader plays through relay_a: wait (10 s at most) for relay_a to
+    // serve the edge and for the edge to have written its player some video.
+    wait_until(Duration::from_secs(10), || {
+        let (_, _, body) = edge.get("/api/v1/broadcasts");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let playing = v["broadcasts"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|b| b["name"] == "live/f" && b["bytes_out"].as_u64() > Some(50_000))
+        });
+        playing && relay_a.metric("castnode_cluster_subscriptions_down") == 1.0
+    });
     assert_eq!(relay_a.metric("castnode_cluster_subscriptions_down"), 1.0);
     relay_a.kill();
     let (video, gap) = video_timeline(&mut reader, &edge, "failover");

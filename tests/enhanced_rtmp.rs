@@ -96,7 +96,19 @@ fn hevc_over_enhanced_rtmp_is_carried_through() {
     let mut flv = TcpStream::connect(("127.0.0.1", server.http_port)).unwrap();
     write!(flv, "GET /live/hevc.flv HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut rtmp = RtmpClient::connect(server.rtmp_port, "hevc", false);
-    std::thread::sleep(Duration::from_millis(300));
+    let joined = wait_until(Duration::from_secs(10), || {
+        let (_, _, body) = server.get("/api/v1/broadcasts");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["broadcasts"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|b| b["name"] == "live/hevc" && b["players"] == 2)
+        })
+    });
+    assert!(
+        joined,
+        "the two players were not counted:\n{}",
+        server.log()
+    );
     for (i, body) in sent.iter().enumerate() {
         publisher
             .conn

@@ -129,28 +129,29 @@ fn placement_by_region_spread_and_failover() {
         "{head}"
     );
 
-    // 40 lookups for region b: spread over its two edges by room, none over its capacity
-    // (20); the next ones go to region a's edge, then nobody has room.
-    std::thread::sleep(Duration::from_millis(2100)); // forget the lookups above
+    // Lookups for region b: spread over its two edges by room, none over its capacity (20);
+    // once both are full the next goes to region a's edge. The lookups above (three, within the
+    // placement memory) and the viewer that just left may still take some of the room: the
+    // exact count, and the memory running out, are the registry's unit tests (time passed in).
     let mut counts: HashMap<String, u64> = HashMap::new();
-    for _ in 0..40 {
+    let mut spilled = None;
+    for _ in 0..41 {
         let (status, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
         assert_eq!(status, 200, "{s}");
-        *counts
-            .entry(s["node"]["id"].as_str().unwrap().to_owned())
-            .or_default() += 1;
+        let id = s["node"]["id"].as_str().unwrap().to_owned();
+        if s["node"]["region"] != "b" {
+            spilled = Some(id);
+            break;
+        }
+        *counts.entry(id).or_default() += 1;
     }
-    println!("40 lookups for region b: {counts:?}");
+    println!("lookups for region b: {counts:?}, then {spilled:?}");
+    assert_eq!(spilled.as_deref(), Some("edge-a"), "{counts:?}");
     assert!(counts.values().all(|&n| n <= 20), "{counts:?}");
-    assert_eq!(
-        counts.get("edge-b1").copied().unwrap_or(0) + counts.get("edge-b2").copied().unwrap_or(0),
-        40
-    );
-    let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
-    assert_eq!(s["node"]["id"], "edge-a");
+    let in_b: u64 = counts.values().sum();
+    assert!(counts.len() == 2 && in_b >= 35, "{counts:?}");
 
     // kill -9 of an edge: lookups stop returning it within the TTL (3 s).
-    std::thread::sleep(Duration::from_millis(2100));
     let mut victim = edges.remove("edge-b1").unwrap();
     victim.kill();
     let killed = Instant::now();
@@ -171,12 +172,25 @@ fn placement_by_region_spread_and_failover() {
     println!("killed edge out of placement after {gone_after:?}");
     // Its last report was at most a second before the kill; the TTL is 3 s.
     assert!(gone_after <= Duration::from_millis(3300), "{gone_after:?}");
+    // Region b is still full of the lookups above until the placement memory (2 s) forgets
+    // them: wait for a lookup that finds room there, then it is always the edge left.
+    let mut room_again = false;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(6) {
+        let (status, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
+        assert_ne!(s["node"]["id"], "edge-b1", "a failed edge was placed");
+        if status == 200 && s["node"]["region"] == "b" {
+            room_again = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(room_again, "region b never had room again");
     for _ in 0..10 {
         let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
         assert_ne!(s["node"]["id"], "edge-b1", "a failed edge was placed");
     }
     // A viewer asking again plays from another edge.
-    std::thread::sleep(Duration::from_millis(2100));
     let (_, s) = json(&manager, "/api/v1/broadcasts/live/k/subscribe?region=b");
     assert_eq!(s["node"]["id"], "edge-b2");
     let out = temp_dir("manager-flv2").join("flv.md5");
@@ -262,7 +276,7 @@ fn upstreams_come_from_the_manager() {
     assert!(wait_until(Duration::from_secs(5), || {
         json(&manager, "/api/v1/broadcasts/live/u/subscribe?region=b").0 == 200
     }));
-    std::thread::sleep(Duration::from_millis(2100)); // forget that lookup
+    // edge-b is region b's only player node, with room for 19 more.
     let (_, s) = json(&manager, "/api/v1/broadcasts/live/u/subscribe?region=b");
     assert_eq!(s["node"]["id"], "edge-b", "{s}");
     let out = temp_dir("manager-upstream").join("flv.md5");

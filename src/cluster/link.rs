@@ -903,7 +903,7 @@ impl Link {
                     ..
                 }))) => {
                     if sink.producer.is_none() {
-                        match self.hub.publish(&name) {
+                        match self.hub.publish(&name, Instant::now()) {
                             Ok(p) => sink.producer = Some(p),
                             Err(e) => {
                                 warn!(broadcast = %name, error = %e, "cannot fetch into the hub");
@@ -1223,7 +1223,7 @@ mod tests {
 
     /// What a fetch does once its upstream answered: the broadcast in the hub, with a group.
     fn fetched(hub: &Hub, fetch: &FetchHandle) -> BroadcastProducer {
-        let mut p = hub.publish(&fetch.name).unwrap();
+        let mut p = hub.publish(&fetch.name, Instant::now()).unwrap();
         p.set_track(TrackId(0), track(Codec::H264));
         p.push(TrackId(0), frame(0, true));
         fetch.state.send_replace(FetchState::Ready);

@@ -921,7 +921,7 @@ impl Driver {
                 tracks,
                 metadata,
             } => {
-                let mut producer = match self.link.hub().publish(&broadcast) {
+                let mut producer = match self.link.hub().publish(&broadcast, now) {
                     Ok(p) => p,
                     Err(e) => {
                         info!(%peer, %broadcast, "PUBLISH refused: {e}");
@@ -1685,7 +1685,7 @@ mod tests {
     #[test]
     fn groups_start_at_video_keyframes_and_retire_the_two_before() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/g").unwrap();
+        let mut p = hub.publish("live/g", Instant::now()).unwrap();
         p.set_track(TrackId(0), info(Codec::H264));
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/g").unwrap();
@@ -1729,7 +1729,7 @@ mod tests {
     #[test]
     fn audio_only_groups_last_a_second_and_renditions_never_travel() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(1), info(Codec::Aac));
         let mut consumer = hub.subscribe("live/a").unwrap();
         let mut cursor: GroupCursor<u32> = GroupCursor::new();

@@ -127,7 +127,12 @@ async fn publish_page() -> impl IntoResponse {
 
 /// The node's broadcasts, described as the API and the first page show them.
 fn described(ctx: &NodeContext) -> Vec<crate::media::hub::BroadcastInfo> {
-    ctx.hub.broadcasts().iter().map(|b| b.describe()).collect()
+    let now = std::time::Instant::now();
+    ctx.hub
+        .broadcasts()
+        .iter()
+        .map(|b| b.describe(now))
+        .collect()
 }
 
 /// The first page ([`page`]): live broadcasts with their play links, OBS settings, links.

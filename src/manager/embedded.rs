@@ -4,6 +4,9 @@
 //! registration needs the cluster token (compared in constant time); failed nodes are swept
 //! before every placement, so a node silent for the TTL is never chosen; API tokens are checked
 //! against an in-memory copy of the store's hashes, refreshed on every token change.
+//!
+//! The [`Registry`] reads no clock: this is where the time is read (once per call) and passed
+//! in, for sweeps, reports, drains and placements.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
@@ -495,12 +498,13 @@ impl Embedded {
     ) -> Result<Placement, ManagerError> {
         let mut rng = rand::rng();
         let mut pick = |k: usize| rng.random_range(0..k.max(1));
+        let now = Instant::now();
         let mut reg = self.registry();
-        reg.maybe_sweep(Instant::now());
+        reg.maybe_sweep(now);
         let r = if kind == "publish" {
-            reg.place_publish(broadcast, hint, &mut pick)
+            reg.place_publish(broadcast, hint, &mut pick, now)
         } else {
-            reg.place_subscribe(broadcast, hint, &mut pick)
+            reg.place_subscribe(broadcast, hint, &mut pick, now)
         };
         let result = match &r {
             Ok(_) => 0,

@@ -350,12 +350,14 @@ impl Registry {
     }
 
     /// Where to publish `broadcast`: the node that already has its publisher (a reconnecting
-    /// broadcaster goes back there), else the least loaded ingest node.
+    /// broadcaster goes back there), else the least loaded ingest node. The placement counts
+    /// against the node from `now` for [`PLACEMENT_MEMORY`].
     pub fn place_publish(
         &mut self,
         broadcast: &str,
         hint: &Hint,
         pick: &mut impl FnMut(usize) -> usize,
+        now: Instant,
     ) -> Result<Placement, ManagerError> {
         let existing = self
             .live_publishers(broadcast)
@@ -364,19 +366,21 @@ impl Registry {
         let id = match existing {
             Some(id) => id,
             None => self
-                .choose(hint, NodeRole::ingests, |_| 0.0, pick)
+                .choose(hint, NodeRole::ingests, |_| 0.0, pick, now)
                 .ok_or(ManagerError::Full("publisher"))?,
         };
-        Ok(self.placed(&id, broadcast, false))
+        Ok(self.placed(&id, broadcast, false, now))
     }
 
     /// Where to watch `broadcast`: a player node with room in the region, preferring one that
-    /// already carries it. `NotLive` while no node reports its publisher.
+    /// already carries it. `NotLive` while no node reports its publisher. Time as in
+    /// [`Registry::place_publish`].
     pub fn place_subscribe(
         &mut self,
         broadcast: &str,
         hint: &Hint,
         pick: &mut impl FnMut(usize) -> usize,
+        now: Instant,
     ) -> Result<Placement, ManagerError> {
         if self.live_publishers(broadcast).next().is_none() {
             return Err(ManagerError::NotLive(broadcast.to_owned()));
@@ -389,9 +393,9 @@ impl Registry {
             }
         };
         let id = self
-            .choose(hint, NodeRole::serves_players, bonus, pick)
+            .choose(hint, NodeRole::serves_players, bonus, pick, now)
             .ok_or(ManagerError::Full("viewer"))?;
-        Ok(self.placed(&id, broadcast, true))
+        Ok(self.placed(&id, broadcast, true, now))
     }
 
     /// The cluster-link addresses node `asker` should use for `broadcast`: for an edge, the
@@ -459,9 +463,9 @@ impl Registry {
         role: fn(NodeRole) -> bool,
         bonus: impl Fn(&NodeEntry) -> f64,
         pick: &mut impl FnMut(usize) -> usize,
+        now: Instant,
     ) -> Option<String> {
         let region = self.region_for(hint);
-        let now = Instant::now();
         let best = |in_region: bool| {
             // One pass, keeping the best few (lowest score; ties by id) in order.
             let mut best: Vec<(f64, &NodeEntry)> = Vec::with_capacity(BEST_FEW + 1);
@@ -512,9 +516,9 @@ impl Registry {
         Some(candidates[pick(k) % k].1.info.id.clone())
     }
 
-    fn placed(&mut self, id: &str, broadcast: &str, player: bool) -> Placement {
+    fn placed(&mut self, id: &str, broadcast: &str, player: bool, now: Instant) -> Placement {
         let node = self.nodes.get_mut(id).expect("chosen from the registry");
-        node.placed.push_back(Instant::now());
+        node.placed.push_back(now);
         let info = &node.info;
         let (app_key, http) = (broadcast, info.addresses.http.trim_end_matches('/'));
         let mut urls = serde_json::Map::new();
@@ -594,13 +598,13 @@ mod tests {
             region: Some("a".into()),
             client: None,
         };
-        let p = r.place_publish("live/x", &hint, &mut |_| 0).unwrap();
+        let p = r.place_publish("live/x", &hint, &mut |_| 0, now).unwrap();
         assert_eq!(p.node.id, "origin-a");
         assert_eq!(p.urls["rtmp"], "rtmp://origin-a:1935/live/x");
         assert_eq!(p.urls["whip"], "http://origin-a:8080/whip/live/x");
         // Subscribing waits for the publisher to show up in a report.
         assert_eq!(
-            r.place_subscribe("live/x", &hint, &mut |_| 0),
+            r.place_subscribe("live/x", &hint, &mut |_| 0, now),
             Err(ManagerError::NotLive("live/x".into()))
         );
         r.report("origin-a", load(0, &[("live/x", true)]), now)
@@ -609,7 +613,7 @@ mod tests {
             region: Some("b".into()),
             client: None,
         };
-        let s = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        let s = r.place_subscribe("live/x", &b, &mut |_| 0, now).unwrap();
         assert_eq!(s.node.region, "b");
         assert_eq!(
             s.urls["flv"],
@@ -631,23 +635,28 @@ mod tests {
         let mut i = 0;
         for _ in 0..20 {
             let p = r
-                .place_subscribe("live/x", &b, &mut |k| {
-                    i += 1;
-                    i % k
-                })
+                .place_subscribe(
+                    "live/x",
+                    &b,
+                    &mut |k| {
+                        i += 1;
+                        i % k
+                    },
+                    now,
+                )
                 .unwrap();
             *counts.entry(p.node.id).or_default() += 1;
         }
         // Region b is full after 20 (2 × 10): the next goes elsewhere, then none is left.
         assert_eq!(counts["edge-b1"], 10);
         assert_eq!(counts["edge-b2"], 10);
-        let p = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        let p = r.place_subscribe("live/x", &b, &mut |_| 0, now).unwrap();
         assert_eq!(p.node.id, "edge-a");
         for _ in 0..9 {
-            r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+            r.place_subscribe("live/x", &b, &mut |_| 0, now).unwrap();
         }
         assert_eq!(
-            r.place_subscribe("live/x", &b, &mut |_| 0),
+            r.place_subscribe("live/x", &b, &mut |_| 0, now),
             Err(ManagerError::Full("viewer"))
         );
     }
@@ -668,7 +677,9 @@ mod tests {
             client: None,
         };
         for _ in 0..5 {
-            let p = r.place_subscribe("live/x", &b, &mut |k| k - 1).unwrap();
+            let p = r
+                .place_subscribe("live/x", &b, &mut |k| k - 1, later)
+                .unwrap();
             assert_eq!(p.node.id, "edge-b1");
         }
         r.report("edge-b2", load(0, &[]), later).unwrap();
@@ -734,14 +745,14 @@ mod tests {
         };
         assert_eq!(r.region_for(&asked), "a");
         let p = r
-            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0)
+            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0, now)
             .unwrap();
         assert_eq!(p.node.region, "b");
         // Draining edge-b1 and edge-b2: region b has no room left, so region a serves.
         r.drain("edge-b1", now + Duration::from_secs(60));
         r.drain("edge-b2", now + Duration::from_secs(60));
         let p = r
-            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0)
+            .place_subscribe("live/x", &from("10.2.3.4"), &mut |_| 0, now)
             .unwrap();
         assert_eq!(p.node.id, "edge-a");
         assert_eq!(
@@ -767,18 +778,18 @@ mod tests {
             client: None,
         };
         let p = r
-            .place_subscribe("live/x", &in_region("b"), &mut |_| 0)
+            .place_subscribe("live/x", &in_region("b"), &mut |_| 0, now)
             .unwrap();
         assert_eq!(p.node.id, "edge-b2");
         // Moved to region c: placed there, and no longer in b.
         r.register(node("edge-b2", NodeRole::Edge, "c", 10), now);
         let p = r
-            .place_subscribe("live/x", &in_region("c"), &mut |_| 0)
+            .place_subscribe("live/x", &in_region("c"), &mut |_| 0, now)
             .unwrap();
         assert_eq!(p.node.id, "edge-b2");
         for _ in 0..5 {
             let p = r
-                .place_subscribe("live/x", &in_region("b"), &mut |k| k - 1)
+                .place_subscribe("live/x", &in_region("b"), &mut |k| k - 1, now)
                 .unwrap();
             assert_eq!(p.node.id, "edge-b1");
         }
@@ -786,7 +797,7 @@ mod tests {
         // The origin stops publishing: subscribe lookups say so.
         r.report("origin-a", load(0, &[]), now).unwrap();
         assert!(matches!(
-            r.place_subscribe("live/x", &in_region("b"), &mut |_| 0),
+            r.place_subscribe("live/x", &in_region("b"), &mut |_| 0, now),
             Err(ManagerError::NotLive(_))
         ));
     }
@@ -804,7 +815,72 @@ mod tests {
             client: None,
         };
         // edge-b2 has 2 of 10 viewers but carries the broadcast: 0.2 − 0.25 beats 0.0.
-        let p = r.place_subscribe("live/x", &b, &mut |_| 0).unwrap();
+        let p = r.place_subscribe("live/x", &b, &mut |_| 0, now).unwrap();
         assert_eq!(p.node.id, "edge-b2");
+    }
+
+    #[test]
+    fn placements_are_forgotten_after_the_placement_memory() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        r.report("origin-a", load(0, &[("live/x", true)]), now)
+            .unwrap();
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        let fill_b = |r: &mut Registry, at: Instant| {
+            let mut i = 0;
+            for _ in 0..20 {
+                let p = r
+                    .place_subscribe(
+                        "live/x",
+                        &b,
+                        &mut |k| {
+                            i += 1;
+                            i % k
+                        },
+                        at,
+                    )
+                    .unwrap();
+                assert_eq!(p.node.region, "b");
+            }
+            // Region b is full (2 × 10): the next goes to region a.
+            let p = r.place_subscribe("live/x", &b, &mut |_| 0, at).unwrap();
+            assert_eq!(p.node.id, "edge-a");
+        };
+        fill_b(&mut r, now);
+        // Within the memory the placements still count, whether the edges report or not.
+        let edge = now + PLACEMENT_MEMORY;
+        r.sweep(edge);
+        r.report("edge-b1", load(0, &[]), edge).unwrap();
+        let p = r.place_subscribe("live/x", &b, &mut |_| 0, edge).unwrap();
+        assert_eq!(p.node.id, "edge-a");
+        // Past it, a report or a sweep forgets them: region b has room for 20 again.
+        let past = now + PLACEMENT_MEMORY + Duration::from_millis(100);
+        r.report("edge-b1", load(0, &[]), past).unwrap();
+        r.sweep(past);
+        fill_b(&mut r, past);
+    }
+
+    #[test]
+    fn placement_skips_nodes_silent_for_the_ttl_before_any_sweep() {
+        let now = Instant::now();
+        let mut r = cluster(now);
+        let later = now + DEFAULT_TTL + Duration::from_millis(100);
+        r.report("origin-a", load(0, &[("live/x", true)]), later)
+            .unwrap();
+        r.report("edge-b2", load(0, &[]), later).unwrap();
+        let b = Hint {
+            region: Some("b".into()),
+            client: None,
+        };
+        // No sweep ran since `now`: edge-b1 is still listed live, yet never chosen.
+        for _ in 0..5 {
+            let p = r
+                .place_subscribe("live/x", &b, &mut |k| k - 1, later)
+                .unwrap();
+            assert_eq!(p.node.id, "edge-b2");
+        }
     }
 }

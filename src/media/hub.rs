@@ -30,6 +30,18 @@
 //!
 //! A group here spans all tracks of a broadcast (one GOP of the video track and the audio
 //! interleaved with it), so the publisher's interleaving is kept for muxed outputs.
+//!
+//! Time is passed in where the callers have it: [`Hub::publish`] takes the broadcast's start,
+//! [`Broadcast::describe`] the time its uptime is measured at, [`Hub::reap`] the time the
+//! reconnect grace is checked against. The hub still reads clocks in three places:
+//! - The wall clock, once per logged entry whose producer gave no ingest time
+//!   ([`BroadcastProducer::push_at`] with `None`, [`wall_clock_us`]): the ingest stamp travels
+//!   with the frame to other nodes (the cluster link's latency since origin ingest), so it must
+//!   be wall time, not a node's monotonic clock.
+//! - A [`BroadcastProducer`]'s drop stamps when its publisher left (a drop takes no argument),
+//!   for the reconnect grace.
+//! - The first frame after a publisher came back reads the monotonic clock once, to rebase the
+//!   timeline by the real gap; every other push reads no monotonic clock.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -441,10 +453,10 @@ pub struct Broadcast {
 }
 
 impl Broadcast {
-    fn new(name: &str, publisher_id: u64) -> Self {
+    fn new(name: &str, publisher_id: u64, now: Instant) -> Self {
         Self {
             name: name.to_owned(),
-            created: Instant::now(),
+            created: now,
             state: Mutex::new(State {
                 tracks: Vec::new(),
                 figures: Vec::new(),
@@ -488,8 +500,8 @@ impl Broadcast {
         &self.name
     }
 
-    /// A description for APIs: tracks with measured figures, players, uptime.
-    pub fn describe(&self) -> BroadcastInfo {
+    /// A description for APIs: tracks with measured figures, players, uptime (at `now`).
+    pub fn describe(&self, now: Instant) -> BroadcastInfo {
         let st = self.lock();
         let tracks = st
             .tracks
@@ -523,7 +535,7 @@ impl Broadcast {
             tracks,
             players: self.stats.players.load(Relaxed),
             node_subscriptions: self.stats.node_subscriptions.load(Relaxed),
-            uptime_s: round2(self.created.elapsed().as_secs_f64()),
+            uptime_s: round2(now.saturating_duration_since(self.created).as_secs_f64()),
             bytes_in: self.stats.bytes_in.load(Relaxed),
             bytes_out: self.stats.bytes_out.load(Relaxed),
             frames_skipped: self.stats.frames_skipped.load(Relaxed),
@@ -695,9 +707,10 @@ impl Hub {
         &self.inner.cfg
     }
 
-    /// Start publishing `name`, or continue it when its publisher left within the grace. A name
-    /// that breaks [`valid_name`] is refused, whatever protocol brought it.
-    pub fn publish(&self, name: &str) -> Result<BroadcastProducer, PublishError> {
+    /// Start publishing `name` (at `now`, the broadcast's start for its uptime), or continue it
+    /// when its publisher left within the grace. A name that breaks [`valid_name`] is refused,
+    /// whatever protocol brought it.
+    pub fn publish(&self, name: &str, now: Instant) -> Result<BroadcastProducer, PublishError> {
         if !valid_name(name) {
             return Err(PublishError::BadName(name.to_owned()));
         }
@@ -721,7 +734,7 @@ impl Hub {
                 Publisher::Ended => {}
             }
         }
-        let bc = Arc::new(Broadcast::new(name, id));
+        let bc = Arc::new(Broadcast::new(name, id, now));
         map.insert(name.to_owned(), bc.clone());
         Ok(BroadcastProducer {
             hub: self.clone(),
@@ -1201,7 +1214,7 @@ mod tests {
     fn rendition_ids_are_reused_and_never_take_the_sources() {
         // One viewer after the other: each starts a rendition and stops it a little later.
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.set_track(TrackId(1), opus());
         let bc = p.broadcast().clone();
@@ -1259,7 +1272,7 @@ mod tests {
             retain_groups: 10,
             ..Default::default()
         });
-        let mut p = hub.publish("live/m").unwrap();
+        let mut p = hub.publish("live/m", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.set_track(TrackId(1), super::testing::track(Codec::Aac));
         let bc = p.broadcast().clone();
@@ -1311,7 +1324,7 @@ mod tests {
             retain_groups: 10,
             ..Default::default()
         });
-        let mut p = hub.publish("live/m").unwrap();
+        let mut p = hub.publish("live/m", Instant::now()).unwrap();
         p.set_track(TrackId(1), super::testing::track(Codec::Aac));
         let bc = p.broadcast().clone();
         let mut ra = bc.add_rendition(&hub, opus());
@@ -1339,7 +1352,7 @@ mod tests {
     #[test]
     fn rendition_keyframes_start_no_group() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         let bc = p.broadcast().clone();
         let mut r = bc.add_rendition(&hub, video());
@@ -1366,7 +1379,7 @@ mod tests {
     #[test]
     fn has_news_tells_when_a_read_can_return_something() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         let mut c = hub.subscribe("live/a").unwrap();
         assert!(c.has_news(), "nothing read yet");
@@ -1390,7 +1403,7 @@ mod tests {
     #[test]
     fn late_joiner_starts_at_newest_keyframe() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         for i in 0..10 {
             p.push(TrackId(0), frame(i * 33, i % 4 == 0));
@@ -1412,7 +1425,7 @@ mod tests {
             "", "/a", "a/", "a//b", "live/..", "../x", "live/./a", "a b", "a\\b", "é", &long,
         ] {
             assert_eq!(
-                hub.publish(bad).err(),
+                hub.publish(bad, Instant::now()).err(),
                 Some(PublishError::BadName(bad.into())),
                 "{bad:?}"
             );
@@ -1420,7 +1433,7 @@ mod tests {
         }
         assert!(hub.broadcasts().is_empty());
         for good in ["live/a", "a", "abc-1_2/x.y~z", &"a".repeat(256)] {
-            assert!(hub.publish(good).is_ok(), "{good:?}");
+            assert!(hub.publish(good, Instant::now()).is_ok(), "{good:?}");
         }
     }
 
@@ -1430,9 +1443,9 @@ mod tests {
             reconnect_grace: Duration::from_secs(5),
             ..Default::default()
         });
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         assert_eq!(
-            hub.publish("live/a").err(),
+            hub.publish("live/a", Instant::now()).err(),
             Some(PublishError::AlreadyLive("live/a".into()))
         );
         p.set_track(TrackId(0), video());
@@ -1442,7 +1455,7 @@ mod tests {
         c.read(&mut out, 100);
         drop(p);
         hub.reap(Instant::now());
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(0, false)); // dropped: waits for a keyframe
         p.push(TrackId(0), frame(33, true));
@@ -1465,7 +1478,7 @@ mod tests {
             reconnect_grace: Duration::from_secs(5),
             ..Default::default()
         });
-        let mut p = hub.publish("live/f").unwrap();
+        let mut p = hub.publish("live/f", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(0, true));
         let c = hub.subscribe("live/f").unwrap();
@@ -1483,7 +1496,7 @@ mod tests {
         assert!(hub.subscribe("live/f").is_none());
         assert!(hub.broadcasts().is_empty());
         // A new fetch makes a new broadcast, not a resumption of the old one.
-        let mut p = hub.publish("live/f").unwrap();
+        let mut p = hub.publish("live/f", Instant::now()).unwrap();
         assert!(!Arc::ptr_eq(p.broadcast(), &old));
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(0, true));
@@ -1501,7 +1514,7 @@ mod tests {
             reconnect_grace: Duration::from_secs(5),
             ..Default::default()
         });
-        let mut p = hub.publish("live/e").unwrap();
+        let mut p = hub.publish("live/e", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(0, true));
         let mut c = hub.subscribe("live/e").unwrap();
@@ -1521,7 +1534,7 @@ mod tests {
     fn attaching_while_the_fetch_lets_go() {
         for _ in 0..500 {
             let hub = Hub::default();
-            let mut p = hub.publish("live/r").unwrap();
+            let mut p = hub.publish("live/r", Instant::now()).unwrap();
             p.set_track(TrackId(0), video());
             let bc = p.broadcast().clone();
             let start = Arc::new(std::sync::Barrier::new(2));
@@ -1551,7 +1564,7 @@ mod tests {
     #[test]
     fn slow_consumer_skips_to_newest_group() {
         let hub = Hub::default();
-        let mut p = hub.publish("live/a").unwrap();
+        let mut p = hub.publish("live/a", Instant::now()).unwrap();
         p.set_track(TrackId(0), video());
         p.push(TrackId(0), frame(0, true));
         let mut c = hub.subscribe("live/a").unwrap();
@@ -1575,7 +1588,7 @@ mod tests {
     #[test]
     fn consumers_count_by_kind() {
         let hub = Hub::default();
-        let _p = hub.publish("live/k").unwrap();
+        let _p = hub.publish("live/k", Instant::now()).unwrap();
         let stats = |h: &Hub| {
             let bc = h.broadcasts()[0].clone();
             let s = &bc.stats;
@@ -1587,7 +1600,7 @@ mod tests {
         assert_eq!(stats(&hub), [2, 0, 3]);
         fetched.set_kind(ConsumerKind::Node);
         assert_eq!(stats(&hub), [1, 1, 3]);
-        let info = hub.broadcasts()[0].describe();
+        let info = hub.broadcasts()[0].describe(Instant::now());
         assert_eq!((info.players, info.node_subscriptions), (1, 1));
         drop(fetched);
         drop(internal);
@@ -1625,7 +1638,7 @@ mod tests {
             fn consumers_read_in_order_from_keyframes(ops in prop::collection::vec(op(), 1..400)) {
                 let cfg = HubConfig { max_log_bytes: 50_000, max_lag: Duration::from_millis(300), ..Default::default() };
                 let hub = Hub::new(cfg);
-                let mut p = hub.publish("live/p").unwrap();
+                let mut p = hub.publish("live/p", Instant::now()).unwrap();
                 p.set_track(TrackId(0), video());
                 p.set_track(TrackId(1), TrackInfo { codec: Codec::Aac, config: None, video: None, audio: None });
                 let mut consumers: Vec<(BroadcastConsumer, Option<u64>, bool)> = Vec::new();

@@ -130,7 +130,7 @@ async fn session(
                         conn.reject_publish(stream_id, "Already publishing on this connection.");
                         continue;
                     }
-                    match ctx.hub.publish(&name) {
+                    match ctx.hub.publish(&name, std::time::Instant::now()) {
                         Ok(producer) => {
                             conn.accept_publish(stream_id);
                             ctx.stats.publishers.fetch_add(1, Relaxed);

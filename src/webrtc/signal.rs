@@ -167,7 +167,7 @@ async fn whip(
         Ok(sdp) => sdp,
         Err((status, reason)) => return refuse(status, reason),
     };
-    let producer = match st.ctx.hub.publish(&name) {
+    let producer = match st.ctx.hub.publish(&name, std::time::Instant::now()) {
         Ok(p) => p,
         Err(e @ PublishError::BadName(_)) => return refuse(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e) => {
