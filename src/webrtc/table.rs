@@ -1214,7 +1214,7 @@ mod tests {
         ctx: &NodeContext,
         out: &mut Sent,
     ) -> (u64, Rtc, BroadcastProducer) {
-        let publisher = ctx.hub.publish("live/t").unwrap();
+        let publisher = ctx.hub.publish("live/t", Instant::now()).unwrap();
         let consumer = ctx.hub.subscribe("live/t").unwrap();
         let (mut rtc, offer, pending) = client("192.0.2.50:40000".parse().unwrap());
         let (id, answer) = table.whep(consumer, offer, out).unwrap();
