@@ -42,6 +42,44 @@
 //!  (cluster::link → the upstream's cluster::serve).
 //! ```
 //!
+//! # A frame's way, end to end
+//!
+//! OBS publishes to an origin; a browser watches over WHEP on an edge behind a relay. One H.264
+//! access unit, step by step (each step names where its rule lives):
+//!
+//! 1. **Origin, RTMP in.** [`rtmp::driver`] reads the socket and hands the bytes to the sans-IO
+//!    [`rtmp::conn::ServerConn::handle_input`] (handshake, chunk stream, AMF0 commands); its events
+//!    carry FLV tag bodies, which [`rtmp::flv::parse_video`] turns into a [`media::Frame`]
+//!    (length-prefixed NAL units, pts/dts, keyframe flag; the payload is sliced, not copied).
+//! 2. **Origin, hub.** [`media::BroadcastProducer::push_at`] stamps the ingest time and appends an
+//!    `Arc<Entry>` to the broadcast's log; the entry is marked as a group start when it is a
+//!    keyframe of the source's video (`State::starts_group` in [`media::hub`]: the one group
+//!    rule). Consumers are woken; nothing waits for them.
+//! 3. **Origin, serving the relay.** [`cluster::serve`] reads the hub with a consumer per
+//!    subscription; [`cluster::serve::GroupCursor`] opens a QUIC stream at each marked entry
+//!    (newest group first, an old group reset), and the frame's header is encoded once per entry
+//!    ([`cluster::serve::encoded`], memoized in [`media::MemoSlot::Cluster`]) for every
+//!    subscription; quinn-proto encrypts each copy.
+//! 4. **Relay, fetching.** [`cluster::link`] reads the group stream, [`cluster::wire::GroupDecoder`]
+//!    gives the frame back, and the link's `Sink` pushes it into the relay's own hub with the
+//!    origin's ingest time (`push_at`); from there step 3 repeats towards the edge.
+//! 5. **Edge, fetching.** The same as step 4: the edge subscribed upstream when its first viewer
+//!    came ([`cluster::link::Link::subscribe`]) and keeps the subscription until `--linger` after
+//!    its last.
+//! 6. **Edge, WebRTC.** Each media tick [`webrtc::table`] has every viewer read the hub
+//!    (`Viewer::pump`): the frame is packetized once for all viewers
+//!    ([`webrtc::packetize::RtpFrame::h264`], memoized in [`media::MemoSlot::Rtp`]); for B-frame
+//!    sources the viewer reads the rendition [`transcode`] re-encodes once per broadcast instead.
+//! 7. **Edge, the viewer's datagram.** The viewer's [`webrtc::sender::MediaSender::send`] writes
+//!    the RTP header and seals the packet with that viewer's SRTP keys
+//!    ([`webrtc::srtp`]) straight into the [`webrtc::egress::Egress`] buffer; packets of one frame
+//!    to one viewer form a GSO batch, batches to all viewers leave in one `sendmmsg`, each from
+//!    the local address the viewer reached.
+//!
+//! An RTMP or HTTP-FLV player takes step 6 differently: [`media::feed`] muxes each entry once
+//! ([`media::MemoSlot::Rtmp`], [`media::MemoSlot::Flv`]) and [`player`] writes a batch per turn
+//! of [`media::pace`].
+//!
 //! # Module map
 //!
 //! - [`config`]: flags + `CASTNODE_*` env + TOML, validated before binding; [`names`]: the
