@@ -31,7 +31,7 @@ pub trait Muxer {
     }
 }
 
-/// What [`Feed::next`] produced.
+/// What [`Feed::poll_batch`] produced.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FeedStatus {
     /// Buffers were appended; the number of frames skipped first (0 when none).
