@@ -38,7 +38,7 @@ BIN=${BIN:-}
 
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 if [ -z "$BIN" ]; then
-    cargo build --release --bins
+    cargo build --release --locked --bins
     BIN=${CARGO_TARGET_DIR:-target}/release
 fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/castnode-cluster.XXXXXX")}

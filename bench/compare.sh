@@ -46,7 +46,7 @@ if [ "$(ulimit -n)" -lt $((N + 256)) ]; then
 fi
 
 [ -e "$FIXTURE" ] || bash fixtures/make.sh
-cargo build --release
+cargo build --release --locked
 LOAD=$ROOT/target/release/castnode-load
 CASTNODE=$ROOT/target/release/castnode
 

@@ -16,7 +16,7 @@ FIXTURE=fixtures/bench-720p.flv
 command -v jq >/dev/null || { echo "mixed.sh: jq not found" >&2; exit 1; }
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 [ -e "$FIXTURE" ] || bash fixtures/make.sh
-cargo build --release
+cargo build --release --locked
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/castnode-mixed.XXXXXX")}
 mkdir -p "$OUT"
 echo "mixed.sh: $N RTMP + $N HTTP-FLV players, ${DUR} s window; reports in $OUT"
