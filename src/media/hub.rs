@@ -254,11 +254,14 @@ struct TrackFigures {
     b_frames: bool,
     last_key_dts: Option<i64>,
     keyframe_interval: Option<f64>,
+    /// Frames seen since the track began (saturating).
+    seen: u64,
 }
 
 impl TrackFigures {
     fn observe(&mut self, f: &Frame, video: bool) {
         let start = *self.window_start.get_or_insert(f.dts);
+        self.seen = self.seen.saturating_add(1);
         self.window_frames += 1;
         self.window_bytes += f.payload.len() as u64;
         let span = f.dts - start;
@@ -567,6 +570,15 @@ impl Broadcast {
             .get(usize::from(track.0))
             .map(|f| f.fps)
             .filter(|&fps| fps > 0.0)
+    }
+
+    /// Frames of `track` seen since it began: whether it has B-frames ([`Self::has_b_frames`])
+    /// is known only after its first few.
+    pub fn frames_seen(&self, track: TrackId) -> u64 {
+        self.lock()
+            .figures
+            .get(usize::from(track.0))
+            .map_or(0, |f| f.seen)
     }
 
     /// One track's description.

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -125,6 +126,36 @@ fn answered(
     }
 }
 
+/// How long a WHEP offer waits at most for a broadcast's first frames ([`settle_reordering`]).
+const REORDER_WAIT: Duration = Duration::from_millis(500);
+
+/// Whether a broadcast's video has B-frames (which decides whether its WebRTC viewers get the
+/// B-frame-free re-encode) shows only in its first frames: the first reordered frame comes third
+/// in decode order. A viewer arriving before them (a broadcast just published, or just fetched
+/// from upstream by an edge) waits for them, at most [`REORDER_WAIT`]; it would otherwise get
+/// the B-frames passed through, which browsers cannot play.
+async fn settle_reordering(bc: &crate::media::hub::Broadcast) {
+    let end = tokio::time::Instant::now() + REORDER_WAIT;
+    loop {
+        let tracks = bc.tracks();
+        let video = tracks
+            .iter()
+            .find(|(id, t)| id.is_source() && t.codec == crate::media::Codec::H264);
+        let settled = match video {
+            Some((id, _)) => bc.frames_seen(*id) >= 3,
+            // No video (yet): settled once the broadcast has shown it has frames without it.
+            None => tracks
+                .iter()
+                .filter(|(id, _)| id.is_source())
+                .any(|(id, _)| bc.frames_seen(*id) >= 10),
+        };
+        if settled || tokio::time::Instant::now() >= end {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn whep(
     State(st): State<SignalState>,
     Path((app, key)): Path<(String, String)>,
@@ -152,6 +183,7 @@ async fn whep(
             format!("broadcast {name} is not live"),
         );
     };
+    settle_reordering(consumer.broadcast()).await;
     let r = st.webrtc.whep(consumer, sdp).await;
     answered("WHEP", &name, |id| format!("/whep/{app}/{key}/{id}"), r)
 }
