@@ -93,11 +93,12 @@ impl Consent {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use str0m::ice::TransId;
 
-    fn request(username: &str, pwd: &str) -> Vec<u8> {
+    /// A STUN binding request for `username`, signed with `pwd` (also the session table's tests').
+    pub(crate) fn request(username: &str, pwd: &str) -> Vec<u8> {
         let msg = StunMessage::binding_request(username, TransId::new(), true, 0, 12345, false);
         let mut buf = vec![0u8; 512];
         let n = msg

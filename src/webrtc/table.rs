@@ -1149,7 +1149,7 @@ mod tests {
     use super::*;
     use crate::config::NodeArgs;
     use str0m::change::SdpAnswer;
-    use str0m::ice::{StunMessage, TransId};
+    use str0m::ice::StunMessage;
     use str0m::media::Direction;
 
     /// What the table sent, datagram by datagram.
@@ -1225,24 +1225,7 @@ mod tests {
 
     /// A STUN binding request for `username`, signed with `pwd`.
     fn binding_request(username: &str, pwd: &str) -> Vec<u8> {
-        fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
-            let key =
-                aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, key);
-            let mut ctx = aws_lc_rs::hmac::Context::with_key(&key);
-            for p in parts {
-                ctx.update(p);
-            }
-            let mut out = [0u8; 20];
-            out.copy_from_slice(ctx.sign().as_ref());
-            out
-        }
-        let msg = StunMessage::binding_request(username, TransId::new(), true, 0, 12345, false);
-        let mut buf = vec![0u8; 512];
-        let n = msg
-            .to_bytes(Some(pwd.as_bytes()), &mut buf, sha1_hmac)
-            .unwrap();
-        buf.truncate(n);
-        buf
+        super::super::consent::tests::request(username, pwd)
     }
 
     /// Garbage (a STUN-less, DTLS-less byte string, an RTP-looking datagram, a GRO batch of
