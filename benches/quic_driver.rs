@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use castnode::cluster::serve::Timers;
+use castnode::cluster::driver::Timers;
 use castnode::cluster::tls::{TlsFiles, client_config, server_config};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 #[path = "common/quic.rs"]

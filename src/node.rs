@@ -58,7 +58,7 @@ impl NodeContext {
 
     /// The cluster link's counters, on nodes that have a link.
     pub fn cluster_stats(&self) -> Option<&crate::metrics::ClusterStats> {
-        self.link.get().map(|l| &l.stats)
+        self.link.get().map(|l| &*l.stats)
     }
 
     /// Registers a player of `counter` if the node has room; the guard unregisters it.

@@ -1,13 +1,14 @@
-//! The node's end of the cluster link on quinn: fetching broadcasts from upstream on demand,
-//! and publishing local ones upstream. Serving other nodes is [`super::serve`]'s, on its own
-//! socket and thread; this module owns the [`Link`] handle both use (its counters are
-//! [`crate::metrics::ClusterStats`]). A link holds the node's [`Hub`], not the node's context,
+//! The node's end of the cluster link: the [`Link`] handle the roles and the drivers share,
+//! fetching broadcasts from upstream on demand, and publishing local ones upstream. The
+//! protocol is [`super::session`]'s; the sockets are [`super::driver`]'s (serving drivers for
+//! other nodes, one connecting driver for upstreams); here live the tasks that decide which
+//! upstream, when to fail over and when to let go. Its counters are
+//! [`crate::metrics::ClusterStats`]. A link holds the node's [`Hub`], not the node's context,
 //! which holds the link.
 //!
 //! Guarantees:
 //! - A connection is used only after both ends proved the cluster token over its TLS exporter
-//!   (HELLO / HELLO_OK); an upstream that fails is told why (ERROR) and closed, nothing else
-//!   noticed.
+//!   (HELLO / HELLO_OK); an upstream that fails is closed, nothing else noticed.
 //! - Fetching: the first local subscriber of a broadcast the hub lacks makes one upstream
 //!   subscription (however many ask at once); its frames are written into the local hub with
 //!   their origin ingest times. It is dropped [`ClusterConfig::linger`] after the last local
@@ -19,43 +20,31 @@
 //!   is decided atomically with subscribers attaching (`Fetches`), so one that arrives as the
 //!   fetch lets go either keeps it going or starts a new one. The same holds for the serving
 //!   side's subscriptions from downstream nodes (they are local subscribers).
-//! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel; each node makes its own
+//! - Only a broadcast's own tracks ([`crate::media::TrackId::is_source`]) travel; each node makes its own
 //!   on-demand renditions (Opus, B-frame-free video) from them.
-//! - Publishing upstream sends the hub's groups ([`crate::media::Entry::group_start`]) through
-//!   the serving side's policy ([`serve::GroupCursor`]).
 //! - Errors in one connection, subscription or stream close only that; they never panic.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
 
-use super::serve::{self, GroupCursor, Retire, Step};
+use super::driver::{self, Command, ConnectFailure, FlowEvent, PeerId};
+use super::encoding::Sink;
+use super::session::{FlowEnd, SessionConfig};
 use super::tls::{self, TlsFiles};
-use super::wire::{
-    self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, ResetCode, Side,
-    SubscriptionId,
-};
 use crate::config::ClusterConfig;
 use crate::manager::BoxFuture;
 use crate::media::hub::Hub;
-use crate::media::hub::wall_clock_us;
-use crate::media::{BroadcastConsumer, BroadcastProducer, ReadOutcome, TrackId, TrackInfo};
+use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::metrics::ClusterStats;
 
-/// How long a peer has to finish HELLO.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a SUBSCRIBE may wait for its answer.
+/// How long a SUBSCRIBE (or PUBLISH) may wait for its answer.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A group that made no progress for this long while a newer one is waiting is dropped by the
-/// receiver.
-pub const GROUP_STALL: Duration = Duration::from_millis(500);
 /// Chooses the upstream nodes a broadcast is fetched from (or published to), in the order they
 /// are tried: the `--upstream` list ([`StaticUpstreams`]), or the stream manager's answer
 /// ([`crate::manager::remote::ManagerUpstreams`]).
@@ -207,69 +196,25 @@ impl Fetches {
     }
 }
 
-/// What a subscription's receiver hears about.
-enum FlowEvent {
-    Control(ControlMessage),
-    Group(u64, IncomingGroup),
-}
-
-/// A group stream whose header has been read.
-struct IncomingGroup {
-    stream: RecvStream,
-    decoder: GroupDecoder,
-    buf: BytesMut,
-}
-
-/// One connection to another node, after HELLO.
-struct Peer {
-    conn: Connection,
-    addr: String,
-    ctl: mpsc::UnboundedSender<ControlMessage>,
-    /// Flows this end receives (its subscriptions), by id.
-    flows: Mutex<HashMap<u64, mpsc::UnboundedSender<FlowEvent>>>,
-}
-
-impl Peer {
-    fn route(&self, id: u64, ev: FlowEvent) -> bool {
-        let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
-        flows.get(&id).is_some_and(|tx| tx.send(ev).is_ok())
-    }
-
-    fn alive(&self) -> bool {
-        self.conn.close_reason().is_none()
-    }
-
-    /// A new flow this end receives: its id (from `ids`) and where its events arrive.
-    fn open_flow(&self, ids: &AtomicU64) -> (u64, mpsc::UnboundedReceiver<FlowEvent>) {
-        let id = ids.fetch_add(1, Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.flows
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
-        (id, rx)
-    }
-}
-
 /// The node's end of the cluster link.
 pub struct Link {
     /// The node's broadcasts: what is fetched goes in, what is published here goes up.
     hub: Hub,
-    /// Where the link's tasks (and quinn's endpoint and connection drivers) run: the first
-    /// serving thread's runtime on a node that serves, so a frame fetched from upstream is
-    /// served on the thread that received it with no wake across threads; else the node's.
+    /// Where the link's tasks (and the connecting driver) run: the first serving thread's
+    /// runtime on a node that serves, so a frame fetched from upstream is served on the thread
+    /// that received it with no wake across threads; else the node's.
     rt: tokio::runtime::Handle,
-    /// Connects to upstreams.
-    endpoint: quinn::Endpoint,
-    /// Where [`super::serve`] listens.
+    /// The connecting driver.
+    commands: mpsc::UnboundedSender<Command>,
+    /// Where the connecting driver's socket is bound.
+    connects_from: SocketAddr,
+    /// Where the serving drivers listen.
     served: Option<SocketAddr>,
-    client: quinn::ClientConfig,
-    token: Vec<u8>,
-    node_id: String,
-    role: String,
+    /// What every session shares (token, node id, role, counters).
+    session: Arc<SessionConfig>,
     upstreams: Box<dyn UpstreamChoice>,
     /// Upstream connections, by address.
-    peers: tokio::sync::Mutex<HashMap<String, Arc<Peer>>>,
+    peers: tokio::sync::Mutex<HashMap<String, Upstream>>,
     /// Upstreams that failed, and when: tried last for [`FAILED_UPSTREAM_BACKOFF`].
     failed: Mutex<HashMap<String, Instant>>,
     fetches: Fetches,
@@ -278,18 +223,22 @@ pub struct Link {
     next_id: AtomicU64,
     linger: Duration,
     /// Counters for `/metrics`.
-    pub stats: ClusterStats,
+    pub stats: Arc<ClusterStats>,
 }
 
-/// Why a control stream could not be read.
-#[derive(Debug, thiserror::Error)]
-enum ControlReadError {
-    /// The peer sent bytes the codec refuses.
-    #[error(transparent)]
-    Malformed(#[from] wire::WireError),
-    /// The stream or its connection failed (reset, closed, lost): nothing to answer.
-    #[error(transparent)]
-    Stream(#[from] quinn::ReadError),
+/// An upstream connection, as the link's tasks hold it.
+#[derive(Clone)]
+struct Upstream {
+    id: PeerId,
+    addr: String,
+    /// False once the connection closed.
+    alive: Arc<AtomicBool>,
+}
+
+impl Upstream {
+    fn alive(&self) -> bool {
+        self.alive.load(Relaxed)
+    }
 }
 
 /// Why an upstream could not be connected to (logged; the next candidate is tried).
@@ -301,89 +250,22 @@ enum ConnectError {
     /// The upstream's name resolved to no address.
     #[error("no address")]
     NoAddress,
-    /// quinn refused to start the connection.
+    /// The connection failed (start, handshake, HELLO).
     #[error(transparent)]
-    Start(#[from] quinn::ConnectError),
-    /// The QUIC handshake did not finish within [`HELLO_TIMEOUT`].
-    #[error("timed out")]
-    Timeout,
-    /// The connection failed (handshake, or opening the control stream).
-    #[error(transparent)]
-    Connection(#[from] quinn::ConnectionError),
-    /// The TLS session gave no exporter to prove the token over.
-    #[error("no TLS exporter")]
-    NoExporter,
-    /// HELLO could not be encoded.
-    #[error(transparent)]
-    Encode(#[from] wire::WireError),
-    /// HELLO could not be sent.
-    #[error(transparent)]
-    Write(#[from] quinn::WriteError),
-    /// No answer to HELLO within [`HELLO_TIMEOUT`].
-    #[error("no HELLO_OK")]
-    NoHelloOk,
-    /// The answer to HELLO could not be read.
-    #[error(transparent)]
-    Control(#[from] ControlReadError),
-    /// HELLO_OK's token proof is wrong.
-    #[error("the upstream does not hold the cluster token")]
-    WrongProof,
-    /// The upstream answered HELLO with ERROR.
-    #[error("refused ({code:?}): {reason}")]
-    Refused {
-        /// Its code.
-        code: ErrorCode,
-        /// Its reason.
-        reason: String,
-    },
-    /// The upstream answered HELLO with something else (shown as it was decoded).
-    #[error("unexpected answer to HELLO: {0}")]
-    Unexpected(String),
+    Failed(#[from] ConnectFailure),
+    /// The connecting driver is gone (the process is stopping).
+    #[error("the cluster link is stopping")]
+    Stopping,
 }
 
-/// Reads the next control message from `recv`; `Ok(None)` at a clean end.
-async fn read_control(
-    recv: &mut RecvStream,
-    decoder: &mut ControlDecoder,
-    buf: &mut BytesMut,
-) -> Result<Option<ControlMessage>, ControlReadError> {
-    loop {
-        if let Some(m) = decoder.decode(buf)? {
-            return Ok(Some(m));
-        }
-        match recv.read_chunk(64 << 10, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            Ok(None) => {
-                decoder.finish(buf)?;
-                return Ok(None);
-            }
-            Err(e) => return Err(ControlReadError::Stream(e)),
-        }
-    }
-}
-
-/// Writes control messages queued on the returned sender to `send`, in order.
-fn control_writer(mut send: SendStream) -> mpsc::UnboundedSender<ControlMessage> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<ControlMessage>();
-    tokio::spawn(async move {
-        let mut buf = BytesMut::with_capacity(1024);
-        while let Some(m) = rx.recv().await {
-            buf.clear();
-            if let Err(e) = wire::encode_control(&m, &mut buf) {
-                warn!(error = %e, message = m.name(), "cluster control message not encodable");
-                continue;
-            }
-            if send.write_all(&buf).await.is_err() {
-                return;
-            }
-        }
-        let _ = send.finish();
-    });
-    tx
-}
-
-fn varint(v: u64) -> VarInt {
-    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
+/// A flow's end as its task sees it.
+enum Received {
+    /// The upstream ended the broadcast.
+    Ended(Option<Sink>),
+    /// The broadcast was let go of (no local consumer for the linger).
+    Unwatched,
+    /// The upstream went: fail over.
+    Lost(Option<Sink>),
 }
 
 impl Link {
@@ -401,10 +283,9 @@ impl Link {
             ca: cfg.ca.as_deref(),
         };
         let client = tls::client_config(&files)?;
-        // Serving has its own socket and driver (`serve`); quinn's endpoint only connects out.
         let serving = match cfg.listen {
             Some(addr) => {
-                let sockets = serve::bind(addr, cfg.threads)?;
+                let sockets = driver::bind(addr, cfg.threads)?;
                 let runtimes = sockets
                     .iter()
                     .map(|_| {
@@ -425,34 +306,26 @@ impl Link {
             Some(first) => first.handle().clone(),
             None => tokio::runtime::Handle::current(),
         };
-        let endpoint = {
-            // Fetched media arrives here in bursts (a relay takes every broadcast it serves
-            // through this socket): room for them while the thread is busy sending, as the
-            // serving sockets have.
-            let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?;
-            let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(serve::SOCKET_BUFFER);
-            // quinn spawns its endpoint driver on the runtime entered here.
-            let _in = rt.enter();
-            quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                None,
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )?
-        };
         let served = match serving.as_ref().and_then(|(s, ..)| s.first()) {
             Some(socket) => Some(socket.local_addr()?),
             None => None,
         };
+        let client_socket = driver::bind_client()?;
+        let connects_from = client_socket.local_addr()?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(ClusterStats::default());
         let link = Arc::new(Self {
             hub,
             rt,
-            endpoint,
+            commands,
+            connects_from,
             served,
-            client,
-            token: cfg.token.as_bytes().to_vec(),
-            node_id: cfg.node_id.clone(),
-            role: role.to_owned(),
+            session: Arc::new(SessionConfig {
+                token: cfg.token.as_bytes().to_vec(),
+                node_id: cfg.node_id.clone(),
+                role: role.to_owned(),
+                stats: stats.clone(),
+            }),
             upstreams,
             peers: tokio::sync::Mutex::new(HashMap::new()),
             failed: Mutex::new(HashMap::new()),
@@ -460,11 +333,12 @@ impl Link {
             publishing: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             linger: cfg.linger,
-            stats: ClusterStats::default(),
+            stats,
         });
+        driver::spawn_client(link.clone(), client_socket, client, command_rx, &link.rt)?;
         if let Some((sockets, runtimes, config)) = serving {
             for (n, (socket, rt)) in sockets.into_iter().zip(runtimes).enumerate() {
-                serve::spawn(link.clone(), socket, config.clone(), n, rt)?;
+                driver::spawn(link.clone(), socket, config.clone(), n, rt)?;
             }
         }
         Ok(link)
@@ -484,12 +358,9 @@ impl Link {
         self.upstreams.any()
     }
 
-    pub(super) fn token(&self) -> &[u8] {
-        &self.token
-    }
-
-    pub(super) fn node_id(&self) -> &str {
-        &self.node_id
+    /// What every session of this node shares.
+    pub(super) fn session_config(&self) -> &Arc<SessionConfig> {
+        &self.session
     }
 
     /// Whether `name` is being fetched from upstream (not published here).
@@ -499,7 +370,7 @@ impl Link {
 
     /// The UDP address the link serves on (else the one it connects from).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.served.or_else(|| self.endpoint.local_addr().ok())
+        self.served.or(Some(self.connects_from))
     }
 
     /// A consumer of `name`: from the local hub, or fetched from upstream (waiting until the
@@ -557,10 +428,11 @@ impl Link {
 
     /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
     async fn publish(self: Arc<Self>, name: String) {
-        let Some(mut consumer) = self
-            .hub
-            .subscribe_as(&name, crate::media::ConsumerKind::Internal)
-        else {
+        let subscribe = || {
+            self.hub
+                .subscribe_as(&name, crate::media::ConsumerKind::Internal)
+        };
+        let Some(mut consumer) = subscribe() else {
             return;
         };
         self.stats.publications_out.fetch_add(1, Relaxed);
@@ -573,152 +445,77 @@ impl Link {
                 }
                 continue;
             };
-            let (id, mut rx) = peer.open_flow(&self.next_id);
-            let (tracks, metadata) = source_tracks(&consumer);
-            let _ = peer.ctl.send(ControlMessage::Publish {
-                id: SubscriptionId(id),
-                broadcast: name.clone(),
-                tracks,
-                metadata,
+            let id = self.next_id.fetch_add(1, Relaxed);
+            let (events, mut rx) = mpsc::unbounded_channel();
+            let sent = self.commands.send(Command::Publish {
+                peer: peer.id,
+                id,
+                consumer,
+                events,
             });
+            if sent.is_err() {
+                return;
+            }
             let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
-            let remove = |peer: &Peer| {
-                peer.flows
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id)
-            };
             match answer {
-                Ok(Some(FlowEvent::Control(ControlMessage::PublishOk { .. }))) => {
+                Ok(Some(FlowEvent::PublishOk)) => {
                     info!(broadcast = %name, upstream = %peer.addr, "published upstream");
                 }
-                Ok(Some(FlowEvent::Control(ControlMessage::PublishError {
-                    code, reason, ..
-                }))) => {
+                Ok(Some(FlowEvent::PublishError { code, reason })) => {
                     warn!(broadcast = %name, upstream = %peer.addr, ?code, %reason, "upstream refused the broadcast");
-                    remove(&peer);
                     return;
                 }
-                _ => {
-                    remove(&peer);
+                other => {
+                    // No answer: this upstream is gone; the consumer comes back as the
+                    // connection closes.
+                    let back = match other {
+                        Ok(Some(FlowEvent::OutEnded(c, _))) => Some(c),
+                        Err(_) => {
+                            self.upstream_failed(&peer).await;
+                            take_back(&mut rx, |ev| match ev {
+                                FlowEvent::OutEnded(c, _) => Some(c),
+                                _ => None,
+                            })
+                            .await
+                        }
+                        _ => None,
+                    };
                     self.upstream_failed(&peer).await;
+                    consumer = match back.or_else(subscribe) {
+                        Some(c) => c,
+                        None => return,
+                    };
                     continue;
                 }
             }
-            let ended = self
-                .send_groups(&peer.conn, SubscriptionId(id), &mut consumer)
-                .await;
-            remove(&peer);
-            if ended {
-                let _ = peer.ctl.send(ControlMessage::Ended {
-                    id: SubscriptionId(id),
-                });
-                info!(broadcast = %name, "local broadcast ended; upstream told");
-                return;
+            let end = loop {
+                match rx.recv().await {
+                    Some(FlowEvent::OutEnded(c, end)) => break Some((c, end)),
+                    Some(_) => {}
+                    None => break None,
+                }
+            };
+            match end {
+                Some((_, FlowEnd::Ended)) => {
+                    info!(broadcast = %name, "local broadcast ended; upstream told");
+                    return;
+                }
+                Some((c, _)) => consumer = c,
+                None => match subscribe() {
+                    Some(c) => consumer = c,
+                    None => return,
+                },
             }
             warn!(broadcast = %name, upstream = %peer.addr, "upstream lost while publishing; publishing again");
             self.upstream_failed(&peer).await;
         }
     }
 
-    /// Sends `consumer`'s groups on `conn` as flow `id` until the broadcast ends (true) or the
-    /// connection goes (false). (A publication upstream; the serving side writes its groups in
-    /// [`super::serve`].)
-    async fn send_groups(
-        &self,
-        conn: &Connection,
-        id: SubscriptionId,
-        consumer: &mut BroadcastConsumer,
-    ) -> bool {
-        let mut groups: GroupCursor<SendStream> = GroupCursor::new();
-        let mut entries = Vec::with_capacity(64);
-        loop {
-            match consumer.read(&mut entries, 256) {
-                ReadOutcome::Ended => {
-                    if let Some(mut s) = groups.take_current() {
-                        let _ = s.finish();
-                    }
-                    return true;
-                }
-                ReadOutcome::Read(0) => {
-                    consumer.changed().await;
-                    continue;
-                }
-                ReadOutcome::Skipped { .. } => {
-                    // The consumer jumped to the newest group: the current one is incomplete.
-                    if let Some(mut s) = groups.take_current() {
-                        let _ = s.reset(varint(ResetCode::GroupDropped.code()));
-                        self.stats.groups_reset.fetch_add(1, Relaxed);
-                    }
-                }
-                ReadOutcome::Read(_) => {}
-            }
-            for e in entries.drain(..) {
-                let (encoding, payload) = match groups.step(&e) {
-                    Step::Skip => continue,
-                    Step::Write(encoding, payload) => (encoding, payload),
-                    Step::Start(encoding, payload) => {
-                        let Some(s) = self
-                            .open_group(conn, id, groups.seq(), consumer.broadcast())
-                            .await
-                        else {
-                            return false;
-                        };
-                        groups.begin(s, |old, retire| match retire {
-                            Retire::Reset => {
-                                if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
-                                    debug!(id = id.0, "older group reset (unfinished)");
-                                }
-                            }
-                            Retire::Finish => {
-                                let _ = old.finish();
-                            }
-                        });
-                        (encoding, payload)
-                    }
-                };
-                let Some(stream) = groups.current() else {
-                    continue;
-                };
-                // Header and payload in one write: one lock of the connection and one wake of
-                // its driver per frame.
-                let mut chunks = [encoding, payload];
-                let len = (chunks[0].len() + chunks[1].len()) as u64;
-                if stream.write_all_chunks(&mut chunks).await.is_err() {
-                    // Reset by the peer (it dropped this group) or the connection is gone.
-                    if conn.close_reason().is_some() {
-                        return false;
-                    }
-                    groups.take_current();
-                    continue;
-                }
-                self.stats.bytes_out.fetch_add(len, Relaxed);
-            }
-        }
-    }
-
-    /// Opens group `seq` with its opening ([`serve::group_opening`]).
-    async fn open_group(
-        &self,
-        conn: &Connection,
-        id: SubscriptionId,
-        seq: u64,
-        bc: &crate::media::hub::Broadcast,
-    ) -> Option<SendStream> {
-        let mut s = conn.open_uni().await.ok()?;
-        // Newer groups first.
-        let _ = s.set_priority(seq.min(i32::MAX as u64) as i32);
-        let opening = serve::group_opening(id, seq, bc)?;
-        s.write_all(&opening).await.ok()?;
-        self.stats.groups_out.fetch_add(1, Relaxed);
-        Some(s)
-    }
-
     // ---- fetching --------------------------------------------------------------------------
 
     /// A connection to the first upstream candidate for `broadcast` that answers: an open one
     /// when there is, else a new one. Candidates that failed lately are tried last.
-    async fn upstream(&self, broadcast: &str) -> Option<Arc<Peer>> {
+    async fn upstream(&self, broadcast: &str) -> Option<Upstream> {
         let mut candidates = self.upstreams.candidates(broadcast).await;
         {
             let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
@@ -751,15 +548,13 @@ impl Link {
 
     /// Marks `failed` as unusable: it is closed (so it stops sending what nobody reads; its
     /// other flows fail over too) and tried last for a while.
-    async fn upstream_failed(&self, failed: &Arc<Peer>) {
-        failed
-            .conn
-            .close(varint(wire::CLOSE_NO_ERROR), b"upstream failed");
+    async fn upstream_failed(&self, failed: &Upstream) {
+        let _ = self.commands.send(Command::Close {
+            peer: failed.id,
+            why: "upstream failed",
+        });
         let mut peers = self.peers.lock().await;
-        if peers
-            .get(&failed.addr)
-            .is_some_and(|p| Arc::ptr_eq(p, failed))
-        {
+        if peers.get(&failed.addr).is_some_and(|p| p.id == failed.id) {
             peers.remove(&failed.addr);
         }
         self.failed
@@ -768,199 +563,100 @@ impl Link {
             .insert(failed.addr.clone(), Instant::now());
     }
 
-    async fn connect(&self, addr: &str) -> Result<Arc<Peer>, ConnectError> {
+    /// Connects to `addr` and says HELLO (on the connecting driver).
+    async fn connect(&self, addr: &str) -> Result<Upstream, ConnectError> {
         let sa = tokio::net::lookup_host(addr)
             .await
             .map_err(ConnectError::Resolve)?
             .next()
             .ok_or(ConnectError::NoAddress)?;
-        let connecting = self
-            .endpoint
-            .connect_with(self.client.clone(), sa, "castnode")?;
-        let conn = tokio::time::timeout(HELLO_TIMEOUT, connecting)
-            .await
-            .map_err(|_| ConnectError::Timeout)??;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        // Requests and answers go before any group's media (docs/cluster-protocol.md).
-        let _ = send.set_priority(i32::MAX);
-        let exporter = tls::exporter(&conn).ok_or(ConnectError::NoExporter)?;
-        let mut buf = BytesMut::new();
-        wire::encode_control(
-            &ControlMessage::Hello {
-                version: wire::VERSION,
-                token_proof: wire::token_proof(&self.token, Side::Client, &exporter),
-                node_id: self.node_id.clone(),
-                role: self.role.clone(),
-            },
-            &mut buf,
-        )?;
-        send.write_all(&buf).await?;
-        let mut decoder = ControlDecoder::new();
-        let mut buf = BytesMut::new();
-        let answer = tokio::time::timeout(
-            HELLO_TIMEOUT,
-            read_control(&mut recv, &mut decoder, &mut buf),
-        )
-        .await
-        .map_err(|_| ConnectError::NoHelloOk)??;
-        match answer {
-            Some(ControlMessage::HelloOk {
-                node_id,
-                token_proof,
-            }) if wire::verify_token_proof(&self.token, Side::Server, &exporter, &token_proof) => {
-                info!(upstream = %addr, peer = %node_id, "connected upstream");
-            }
-            Some(ControlMessage::HelloOk { .. }) => {
-                conn.close(varint(ErrorCode::Unauthorized.code()), b"wrong token proof");
-                return Err(ConnectError::WrongProof);
-            }
-            Some(ControlMessage::Error { code, reason }) => {
-                return Err(ConnectError::Refused { code, reason });
-            }
-            other => return Err(ConnectError::Unexpected(format!("{other:?}"))),
-        }
-        let peer = Arc::new(Peer {
-            conn: conn.clone(),
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Connect { addr: sa, reply })
+            .map_err(|_| ConnectError::Stopping)?;
+        // The session gives up by itself (HELLO_TIMEOUT for the handshake, then for HELLO_OK).
+        let connected = answer.await.map_err(|_| ConnectError::Stopping)??;
+        Ok(Upstream {
+            id: connected.id,
             addr: addr.to_owned(),
-            ctl: control_writer(send),
-            flows: Mutex::new(HashMap::new()),
-        });
-        // Control messages from upstream, routed to their flows.
-        let p = peer.clone();
-        tokio::spawn(async move {
-            loop {
-                match read_control(&mut recv, &mut decoder, &mut buf).await {
-                    Ok(Some(m)) => {
-                        let id = match &m {
-                            ControlMessage::SubscribeOk { id, .. }
-                            | ControlMessage::SubscribeError { id, .. }
-                            | ControlMessage::PublishOk { id }
-                            | ControlMessage::PublishError { id, .. }
-                            | ControlMessage::Ended { id } => Some(id.0),
-                            ControlMessage::Error { code, reason } => {
-                                warn!(upstream = %p.addr, ?code, %reason, "upstream reported an error");
-                                None
-                            }
-                            _ => None,
-                        };
-                        if let Some(id) = id {
-                            p.route(id, FlowEvent::Control(m));
-                        }
-                    }
-                    Ok(None) | Err(_) => {
-                        p.conn.close(
-                            varint(ErrorCode::ProtocolViolation.code()),
-                            b"control stream",
-                        );
-                        break;
-                    }
-                }
-            }
-            // Wake every flow: they fail over.
-            p.flows.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        });
-        spawn_group_acceptor(peer.clone());
-        Ok(peer)
+            alive: connected.alive,
+        })
     }
 
     /// Fetches a broadcast from upstream into the local hub until it ends or lingers unwatched;
     /// then its broadcast ends in the hub at once ([`Fetches::let_go`]).
     async fn fetch(self: Arc<Self>, fetch: FetchHandle) {
+        let fetch = Arc::new(fetch);
         let name = fetch.name.clone();
         self.stats.subscriptions_up.fetch_add(1, Relaxed);
         let _guard = Gauge(&self.stats.subscriptions_up);
-        let mut sink = Sink::new(None);
+        // The sink travels with the subscription (on the connecting driver) and comes back when
+        // it ends: after a failover it keeps the hub's producer, so local players go on.
+        let mut sink = Some(Sink::new(None));
         let mut tries = 0;
         loop {
+            let has_producer = sink.as_ref().is_some_and(|s| s.producer.is_some());
             let Some(peer) = self.upstream(&name).await else {
                 tries += 1;
-                if sink.producer.is_none() || tries > 10 {
+                if !has_producer || tries > 10 {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let (id, mut rx) = peer.open_flow(&self.next_id);
-            let _ = peer.ctl.send(ControlMessage::Subscribe {
-                id: SubscriptionId(id),
+            let id = self.next_id.fetch_add(1, Relaxed);
+            let (events, mut rx) = mpsc::unbounded_channel();
+            let sent = self.commands.send(Command::Subscribe {
+                peer: peer.id,
+                id,
                 broadcast: name.clone(),
+                sink: sink.take().unwrap_or_else(|| Sink::new(None)),
+                events,
             });
-            // Group streams may overtake the answer on the control stream: keep them.
-            let mut early = Vec::new();
-            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
-                loop {
-                    match rx.recv().await {
-                        Some(FlowEvent::Group(seq, g)) => early.push((seq, g)),
-                        other => return other,
-                    }
-                }
-            })
-            .await;
-            match answer {
-                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeOk {
-                    tracks,
-                    metadata,
-                    ..
-                }))) => {
-                    if sink.producer.is_none() {
-                        match self.hub.publish(&name, Instant::now()) {
-                            Ok(p) => sink.producer = Some(p),
-                            Err(e) => {
-                                warn!(broadcast = %name, error = %e, "cannot fetch into the hub");
-                                break;
-                            }
-                        }
-                    } else {
-                        self.stats.failovers.fetch_add(1, Relaxed);
-                        info!(broadcast = %name, upstream = %peer.addr, "fetch moved to another upstream");
-                    }
-                    if let Some(p) = sink.producer.as_mut() {
-                        for (t, info) in tracks {
-                            p.set_track(t, info);
-                        }
-                        p.set_metadata(metadata);
-                    }
+            if sent.is_err() {
+                break;
+            }
+            let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
+            let bc = match answer {
+                Ok(Some(FlowEvent::SubscribeOk(bc))) => {
                     fetch.state.send_replace(FetchState::Ready);
                     tries = 0;
+                    bc
                 }
-                Ok(Some(FlowEvent::Control(ControlMessage::SubscribeError {
-                    code,
-                    reason,
-                    ..
-                }))) => {
-                    debug!(broadcast = %name, ?code, %reason, "upstream has no such broadcast");
-                    peer.flows
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
+                Ok(Some(FlowEvent::InEnded(s, FlowEnd::Stopped | FlowEnd::Ended))) => {
+                    // Not found there (or the hub would not take it).
+                    sink = Some(s);
                     break;
                 }
-                _ => {
-                    // No answer: this upstream is gone; try the next.
-                    peer.flows
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&id);
+                other => {
+                    // No answer: this upstream is gone; try the next. The sink comes back as
+                    // the connection closes.
+                    if let Ok(Some(FlowEvent::InEnded(s, _))) = other {
+                        sink = Some(s);
+                    } else {
+                        self.upstream_failed(&peer).await;
+                        sink = take_back(&mut rx, |ev| match ev {
+                            FlowEvent::InEnded(s, _) => Some(s),
+                            _ => None,
+                        })
+                        .await;
+                    }
                     self.upstream_failed(&peer).await;
                     continue;
                 }
-            }
-            let end = self.receive(&fetch, &mut rx, &mut sink, early).await;
-            peer.flows
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            match end {
-                FlowEnd::Ended => break,
-                FlowEnd::Unwatched => {
-                    // The broadcast has already ended here (`receive` let go of it).
-                    let _ = peer.ctl.send(ControlMessage::Unsubscribe {
-                        id: SubscriptionId(id),
-                    });
+            };
+            match self.receive(&fetch, &peer, id, &mut rx, bc).await {
+                Received::Ended(s) => {
+                    sink = s;
+                    break;
+                }
+                Received::Unwatched => {
+                    // The broadcast has already ended here (`Fetches::let_go` on the driver).
                     info!(broadcast = %name, "no local viewers: upstream subscription dropped");
                     return;
                 }
-                FlowEnd::Lost => {
+                Received::Lost(s) => {
+                    sink = s;
                     warn!(broadcast = %name, upstream = %peer.addr, "upstream lost; re-subscribing");
                     self.upstream_failed(&peer).await;
                 }
@@ -968,107 +664,53 @@ impl Link {
         }
         // Nobody will feed the broadcast any more: it ends now, not after a publish grace in
         // which new local subscribers would attach to it.
-        let _ = self.fetches.let_go(&fetch, sink.producer.take(), false);
+        let producer = sink.and_then(|s| s.producer);
+        let _ = self.fetches.let_go(&fetch, producer, false);
     }
 
-    /// Reads a subscription's groups in order into `sink` until it ends, or until the broadcast
-    /// has had no local consumer for the linger and `fetch` let go of it.
+    /// Waits for flow `id` (reading into the hub on the driver) to end, or for the broadcast
+    /// `bc` to have had no local consumer for the linger, and then lets go of it (decided on
+    /// the driver, with the sink in hand, atomically with subscribers attaching).
     async fn receive(
-        &self,
-        fetch: &FetchHandle,
+        self: &Arc<Self>,
+        fetch: &Arc<FetchHandle>,
+        peer: &Upstream,
+        id: u64,
         rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
-        sink: &mut Sink,
-        early: Vec<(u64, IncomingGroup)>,
-    ) -> FlowEnd {
-        let name = fetch.name.as_str();
-        let mut waiting: BTreeMap<u64, IncomingGroup> = early.into_iter().collect();
-        let mut current: Option<(u64, IncomingGroup)> = None;
-        let mut done_below = 0u64;
-        let mut progress = Instant::now();
+        bc: Arc<crate::media::hub::Broadcast>,
+    ) -> Received {
         let mut unwatched_since: Option<Instant> = None;
-        // The first group comes as a burst from its start (up to a GOP old): its frames' ages
-        // say nothing about the link's latency.
-        let mut first_group: Option<u64> = None;
         let mut check = tokio::time::interval(Duration::from_millis(250));
-        // A frame comes as several chunks (one per packet): they are taken together.
-        let mut chunks: [bytes::Bytes; READ_CHUNKS] = Default::default();
         loop {
-            if current.is_none()
-                && let Some((seq, g)) = waiting.pop_first()
-            {
-                current = Some((seq, g));
-                progress = Instant::now();
-            }
-            let stalled = current.is_some() && !waiting.is_empty();
             tokio::select! {
                 ev = rx.recv() => match ev {
-                    Some(FlowEvent::Group(seq, mut g)) => {
-                        if seq < done_below || current.as_ref().is_some_and(|(c, _)| seq <= *c) {
-                            let _ = g.stream.stop(varint(ResetCode::GroupDropped.code()));
-                        } else {
-                            waiting.insert(seq, g);
-                        }
-                    }
-                    Some(FlowEvent::Control(ControlMessage::Ended { .. })) => return FlowEnd::Ended,
-                    Some(FlowEvent::Control(_)) => {}
-                    None => return FlowEnd::Lost,
+                    Some(FlowEvent::InEnded(sink, FlowEnd::Ended)) => return Received::Ended(Some(sink)),
+                    Some(FlowEvent::InEnded(sink, _)) => return Received::Lost(Some(sink)),
+                    Some(_) => {}
+                    None => return Received::Lost(None),
                 },
-                r = read_group(&mut current, &mut chunks) => {
-                    progress = Instant::now();
-                    match r {
-                        GroupRead::Data(n) => {
-                            if let Some((seq, g)) = current.as_mut() {
-                                let mut read = 0;
-                                for c in &mut chunks[..n] {
-                                    read += c.len() as u64;
-                                    g.buf.extend_from_slice(c);
-                                    *c = bytes::Bytes::new();
-                                }
-                                self.stats.bytes_in.fetch_add(read, Relaxed);
-                                let backlog = *first_group.get_or_insert(*seq) == *seq;
-                                if let Err(e) = sink.drain(&mut g.decoder, &mut g.buf, &self.stats, backlog) {
-                                    warn!(broadcast = %name, group = *seq, error = %e, "malformed group stream; dropped");
-                                    let _ = g.stream.stop(varint(ResetCode::Cancelled.code()));
-                                    done_below = *seq + 1;
-                                    current = None;
-                                }
-                            }
-                        }
-                        GroupRead::End | GroupRead::Reset => {
-                            if let Some((seq, _)) = current.take() {
-                                done_below = seq + 1;
-                                if matches!(r, GroupRead::Reset) {
-                                    self.stats.groups_reset.fetch_add(1, Relaxed);
-                                }
-                            }
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until((progress + GROUP_STALL).into()), if stalled => {
-                    // A newer group is waiting and this one is stuck: drop it.
-                    if let Some((seq, mut g)) = current.take() {
-                        let _ = g.stream.stop(varint(ResetCode::GroupDropped.code()));
-                        self.stats.groups_reset.fetch_add(1, Relaxed);
-                        done_below = seq + 1;
-                    }
-                }
                 _ = check.tick() => {
-                    let watched = sink
-                        .producer
-                        .as_ref()
-                        .is_some_and(|p| p.broadcast().stats.consumers.load(Relaxed) > 0);
-                    if watched {
+                    if bc.stats.consumers.load(Relaxed) > 0 {
                         unwatched_since = None;
                     } else if unwatched_since.get_or_insert_with(Instant::now).elapsed() >= self.linger {
                         // Still nobody? Decided where consumers attach: one that came meanwhile
                         // keeps the fetch going.
-                        match self.fetches.let_go(fetch, sink.producer.take(), true) {
-                            Ok(()) => return FlowEnd::Unwatched,
-                            Err(p) => {
-                                sink.producer = Some(p);
-                                unwatched_since = None;
+                        let (link, f) = (self.clone(), fetch.clone());
+                        let decide = Box::new(move |sink: &mut Sink| {
+                            match link.fetches.let_go(&f, sink.producer.take(), true) {
+                                Ok(()) => true,
+                                Err(p) => {
+                                    sink.producer = Some(p);
+                                    false
+                                }
                             }
+                        });
+                        let (reply, answer) = oneshot::channel();
+                        let asked = self.commands.send(Command::Release { peer: peer.id, id, decide, reply });
+                        if asked.is_ok() && answer.await.unwrap_or(false) {
+                            return Received::Unwatched;
                         }
+                        unwatched_since = None;
                     }
                 }
             }
@@ -1076,134 +718,24 @@ impl Link {
     }
 }
 
-enum FlowEnd {
-    Ended,
-    Unwatched,
-    Lost,
-}
-
-enum GroupRead {
-    /// This many chunks were read.
-    Data(usize),
-    End,
-    Reset,
-}
-
-/// Chunks of a group read at once.
-const READ_CHUNKS: usize = 32;
-
-/// The next chunks of the current group, into `chunks`; never resolves when there is none.
-async fn read_group(
-    current: &mut Option<(u64, IncomingGroup)>,
-    chunks: &mut [bytes::Bytes],
-) -> GroupRead {
-    let Some((_, g)) = current.as_mut() else {
-        return std::future::pending().await;
+/// What a flow's task gets back (its sink or consumer) after it closed the flow's connection:
+/// the driver ends the flow as lost and sends it; at most a second is waited.
+async fn take_back<T>(
+    rx: &mut mpsc::UnboundedReceiver<FlowEvent>,
+    pick: impl Fn(FlowEvent) -> Option<T>,
+) -> Option<T> {
+    let wait = async {
+        while let Some(ev) = rx.recv().await {
+            if let Some(t) = pick(ev) {
+                return Some(t);
+            }
+        }
+        None
     };
-    match g.stream.read_chunks(chunks).await {
-        Ok(Some(n)) => GroupRead::Data(n),
-        Ok(None) => GroupRead::End,
-        Err(_) => GroupRead::Reset,
-    }
-}
-
-/// Where a fetched (or published) broadcast goes: the local hub.
-pub(super) struct Sink {
-    producer: Option<BroadcastProducer>,
-    /// The newest dts written per source track (a peer's frame of another id counts with the
-    /// last): after a failover, frames the hub already has are skipped.
-    last_dts: [i64; TrackId::SOURCE_TRACKS as usize],
-}
-
-impl Sink {
-    pub(super) fn new(producer: Option<BroadcastProducer>) -> Self {
-        Self {
-            producer,
-            last_dts: [i64::MIN; TrackId::SOURCE_TRACKS as usize],
-        }
-    }
-
-    /// Writes the items `decoder` finds in `buf` into the hub; `backlog`: the frames are a
-    /// burst from the past, whose ages are not the link's latency.
-    pub(super) fn drain(
-        &mut self,
-        decoder: &mut GroupDecoder,
-        buf: &mut BytesMut,
-        stats: &ClusterStats,
-        backlog: bool,
-    ) -> Result<(), wire::WireError> {
-        let Some(p) = self.producer.as_mut() else {
-            return Ok(());
-        };
-        while let Some(ev) = decoder.decode(buf)? {
-            match ev {
-                GroupEvent::Header(_) => {}
-                GroupEvent::Config { track, info } => p.set_track(track, info),
-                GroupEvent::Frame(f) => {
-                    let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
-                    if f.frame.dts <= self.last_dts[i] {
-                        continue;
-                    }
-                    self.last_dts[i] = f.frame.dts;
-                    let ingest = f.ingest_us as i64;
-                    if !backlog {
-                        let age = wall_clock_us().saturating_sub(ingest).max(0);
-                        stats.latency.observe(Duration::from_micros(age as u64));
-                    }
-                    p.push_at(f.track, f.frame, Some(ingest));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Routes the group streams the peer opens to their flows, by the subscription id in their
-/// header (a stream of no flow is dropped; one whose header does not come within
-/// [`HELLO_TIMEOUT`] too).
-fn spawn_group_acceptor(peer: Arc<Peer>) {
-    let p = peer;
-    tokio::spawn(async move {
-        while let Ok(stream) = p.conn.accept_uni().await {
-            let p = p.clone();
-            tokio::spawn(async move {
-                let mut g = IncomingGroup {
-                    stream,
-                    decoder: GroupDecoder::new(),
-                    buf: BytesMut::new(),
-                };
-                let header = loop {
-                    match g.decoder.decode(&mut g.buf) {
-                        Ok(Some(GroupEvent::Header(h))) => break h,
-                        Ok(Some(_)) | Err(_) => return,
-                        Ok(None) => {}
-                    }
-                    let chunk =
-                        tokio::time::timeout(HELLO_TIMEOUT, g.stream.read_chunk(64 << 10, true));
-                    match chunk.await {
-                        Ok(Ok(Some(c))) => g.buf.extend_from_slice(&c.bytes),
-                        _ => return,
-                    }
-                };
-                let (id, seq) = (header.subscription.0, header.sequence.0);
-                if !p.route(id, FlowEvent::Group(seq, g)) {
-                    debug!(id, "group stream of no flow");
-                }
-            });
-        }
-    });
-}
-
-/// A consumer's source tracks ([`TrackId::is_source`]: renditions are made on every node) and
-/// metadata.
-pub(super) fn source_tracks(
-    consumer: &BroadcastConsumer,
-) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
-    let (tracks, metadata) = consumer.snapshot();
-    (
-        tracks.into_iter().filter(|(t, _)| t.is_source()).collect(),
-        metadata,
-    )
+    tokio::time::timeout(Duration::from_secs(1), wait)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Decrements a gauge when dropped.
@@ -1218,8 +750,8 @@ impl Drop for Gauge<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::media::Codec;
     use crate::media::hub::testing::{frame, track};
+    use crate::media::{Codec, ReadOutcome, TrackId};
 
     /// What a fetch does once its upstream answered: the broadcast in the hub, with a group.
     fn fetched(hub: &Hub, fetch: &FetchHandle) -> BroadcastProducer {

@@ -13,12 +13,21 @@
 //! - [`wire`]: the sans-IO codec: control messages, group stream headers and items, token
 //!   proofs, error and reset codes.
 //! - [`tls`]: rustls/quinn configurations (self-signed + token, or the operator's CA).
-//! - [`link`]: the node's end of the link: fetching broadcasts from upstream on demand (quinn),
+//! - [`encoding`]: a hub entry's bytes on a group stream (memoized per entry), and the sink that
+//!   writes received groups into the hub.
+//! - [`groups`]: the group policy both ways: where groups start and which are reset (sending),
+//!   the order they are read in and when a stalled one is dropped (receiving).
+//! - [`session`]: one connection's protocol without I/O, for either end, over quinn-proto's
+//!   connection: HELLO, SUBSCRIBE / PUBLISH and their answers, ENDED, group streams.
+//! - [`driver`]: the sockets: castnode's own loop around quinn-proto's endpoint and the
+//!   sessions, serving other nodes on its own threads and connecting upstream.
+//! - [`link`]: the node's end of the link: fetching broadcasts from upstream on demand,
 //!   failover between upstreams, publishing upstream.
-//! - [`serve`]: serving other nodes: castnode's own driver around quinn-proto, on its own
-//!   thread, writing subscriptions' groups from the hub.
 
+pub mod driver;
+pub(crate) mod encoding;
+pub(crate) mod groups;
 pub mod link;
-pub mod serve;
+pub(crate) mod session;
 pub mod tls;
 pub mod wire;

@@ -81,7 +81,7 @@ memo_slots! {
     Flv,
     /// A frame's RTP payloads (`webrtc::packetize::RtpFrame`, WHEP viewers).
     Rtp,
-    /// The entry's encoding on a cluster group stream (`cluster::serve::encoded`).
+    /// The entry's encoding on a cluster group stream (`cluster::encoding::encoded`).
     Cluster,
 }
 

@@ -1,0 +1,124 @@
+//! A broadcast's entries on the cluster link's group streams, both ways.
+//!
+//! - Out: a hub entry's encoding ([`encoded`]: a frame header, its payload following by
+//!   reference, or a whole config item) is made once per entry and memoized in it
+//!   ([`MemoSlot::Cluster`]); every subscription's copy shares it. A group opens with its header
+//!   and the current config of each source track ([`group_opening`]), so a config change inside
+//!   a dropped group is not lost.
+//! - In: [`Sink`] writes a group's items into the local hub with their origin ingest times, and
+//!   skips frames the hub already has (after a failover to another upstream).
+//! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel ([`source_tracks`]); each node
+//!   makes its own renditions.
+//!
+//! The byte layout is [`super::wire`]'s (`docs/cluster-protocol.md`).
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+
+use super::wire::{self, GroupDecoder, GroupEvent, GroupHeader, GroupSeq, SubscriptionId};
+use crate::media::hub::{Broadcast, wall_clock_us};
+use crate::media::{
+    BroadcastConsumer, BroadcastProducer, Entry, Item, MemoSlot, TrackId, TrackInfo,
+};
+use crate::metrics::ClusterStats;
+
+/// The encoding of `e` on a group stream: a frame header (its payload follows) or a whole config
+/// item; `None` for a rendition track (each node makes its own) or what cannot be encoded.
+/// Memoized in the entry ([`MemoSlot::Cluster`]), shared by every subscription.
+pub(crate) fn encoded(e: &Entry) -> &Option<Bytes> {
+    let ingest = e.ingest_us.max(0) as u64;
+    e.memo(MemoSlot::Cluster, |item| {
+        let mut buf = BytesMut::with_capacity(40);
+        let ok = match item {
+            Item::Config { track, info } if track.is_source() => {
+                wire::encode_config_item(*track, info, &mut buf).is_ok()
+            }
+            Item::Frame { track, frame } if track.is_source() => {
+                wire::encode_frame_header(*track, frame, ingest, &mut buf).is_ok()
+            }
+            _ => false,
+        };
+        ok.then(|| buf.freeze())
+    })
+}
+
+/// A group stream's opening: its header, then the current config of each source track (a config
+/// change inside a dropped group is not lost).
+pub(crate) fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(64);
+    let header = GroupHeader {
+        subscription: id,
+        sequence: GroupSeq(seq),
+    };
+    wire::encode_group_header(&header, &mut buf).ok()?;
+    for track in TrackId::sources() {
+        if let Some(info) = bc.track(track) {
+            let _ = wire::encode_config_item(track, &info, &mut buf);
+        }
+    }
+    Some(buf.freeze())
+}
+
+/// Where a fetched (or published) broadcast goes: the local hub.
+pub(crate) struct Sink {
+    pub(crate) producer: Option<BroadcastProducer>,
+    /// The newest dts written per source track (a peer's frame of another id counts with the
+    /// last): after a failover, frames the hub already has are skipped.
+    last_dts: [i64; TrackId::SOURCE_TRACKS as usize],
+}
+
+impl Sink {
+    pub(crate) fn new(producer: Option<BroadcastProducer>) -> Self {
+        Self {
+            producer,
+            last_dts: [i64::MIN; TrackId::SOURCE_TRACKS as usize],
+        }
+    }
+
+    /// Writes the items `decoder` finds in `buf` into the hub; `backlog`: the frames are a
+    /// burst from the past, whose ages are not the link's latency.
+    pub(crate) fn drain(
+        &mut self,
+        decoder: &mut GroupDecoder,
+        buf: &mut BytesMut,
+        stats: &ClusterStats,
+        backlog: bool,
+    ) -> Result<(), wire::WireError> {
+        let Some(p) = self.producer.as_mut() else {
+            return Ok(());
+        };
+        while let Some(ev) = decoder.decode(buf)? {
+            match ev {
+                GroupEvent::Header(_) => {}
+                GroupEvent::Config { track, info } => p.set_track(track, info),
+                GroupEvent::Frame(f) => {
+                    let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
+                    if f.frame.dts <= self.last_dts[i] {
+                        continue;
+                    }
+                    self.last_dts[i] = f.frame.dts;
+                    let ingest = f.ingest_us as i64;
+                    if !backlog {
+                        let age = wall_clock_us().saturating_sub(ingest).max(0);
+                        stats.latency.observe(Duration::from_micros(age as u64));
+                    }
+                    p.push_at(f.track, f.frame, Some(ingest));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A consumer's source tracks ([`TrackId::is_source`]: renditions are made on every node) and
+/// metadata.
+pub(crate) fn source_tracks(
+    consumer: &BroadcastConsumer,
+) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
+    let (tracks, metadata) = consumer.snapshot();
+    (
+        tracks.into_iter().filter(|(t, _)| t.is_source()).collect(),
+        metadata,
+    )
+}
