@@ -720,6 +720,7 @@ impl Session {
                             Retire::Reset => {
                                 if old.reset(varint(ResetCode::GroupDropped.code())).is_ok() {
                                     debug!(id, "older group reset (unfinished)");
+                                    resets += 1;
                                 }
                             }
                             Retire::Finish => {
@@ -804,12 +805,16 @@ impl Session {
         self.ctl = Some(s);
         // The HELLO_OK deadline runs from here, as the handshake's ran from the start.
         self.phase = Phase::Hello(now + HELLO_TIMEOUT);
+        // HELLO goes first, before requests made while the handshake ran.
+        let queued = std::mem::take(&mut self.ctl_out);
         self.send_control(&ControlMessage::Hello {
             version: wire::VERSION,
             token_proof: wire::token_proof(&self.config.token, Side::Client, &exporter),
             node_id: self.config.node_id.clone(),
             role: self.config.role.clone(),
         });
+        self.ctl_out.extend_from_slice(&queued);
+        self.flush_control();
     }
 
     fn exporter(&self) -> Option<[u8; wire::EXPORTER_LEN]> {
@@ -1390,6 +1395,26 @@ impl Session {
         }
     }
 }
+
+#[cfg(test)]
+impl Session {
+    /// The connection underneath, for tests that write streams by hand.
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    /// Pumps every flow this end sends (tests have no hub wakes).
+    pub(crate) fn pump_all(&mut self) {
+        let ids: Vec<u64> = self.outs.keys().copied().collect();
+        for id in ids {
+            self.pump(id);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;
 
 impl OutFlow {
     fn new(id: SubscriptionId, consumer: BroadcastConsumer, open: bool) -> Self {
