@@ -5,7 +5,7 @@
 //! ```text
 //!  OBS / ffmpeg ──RTMP──> rtmp::driver ──> rtmp::conn (sans-IO) ──> rtmp::flv (tag → Item)
 //!  browser ─────WHIP────> webrtc::driver (str0m) ──> webrtc::ingest (access unit → Item)
-//!  upstream node ─QUIC──> cluster::link (quinn; cluster::wire frames → Item, fetched on demand)
+//!  upstream node ─QUIC──> cluster::driver + session (cluster::wire frames → Item, on demand)
 //!                                              │ BroadcastProducer::push
 //!                                              ▼
 //!                         media::hub  (per broadcast: log of groups, shared Arc<Entry>)
@@ -28,18 +28,19 @@
 //! (`docs/cluster-protocol.md`), origin → relays → edges, fetched only where someone watches.
 //!
 //! ```text
-//!  origin:  RTMP / WHIP ingest ──> media::hub ──> cluster::serve (quinn-proto, own threads)
+//!  origin:  RTMP / WHIP ingest ──> media::hub ──> cluster::driver (serving; quinn-proto)
 //!                                                        │ QUIC (cluster::wire: a control
 //!                                                        ▼  stream, a QUIC stream per group)
-//!  relay:   cluster::link (quinn) ──> media::hub ──> cluster::serve
+//!  relay:   cluster::driver (connecting) ──> media::hub ──> cluster::driver (serving)
 //!                                                        │ QUIC
 //!                                                        ▼
-//!  edge:    cluster::link ──> media::hub ──> RTMP / HTTP-FLV / WHEP players (as above)
+//!  edge:    cluster::driver (connecting) ──> media::hub ──> RTMP / HTTP-FLV / WHEP players
 //!
 //!  An edge subscribes upstream on its first viewer and drops the subscription --linger seconds
 //!  after its last; on a dead upstream it fails over to the next --upstream. A broadcast
 //!  published to a relay or an edge is published up the same link to the origin
-//!  (cluster::link → the upstream's cluster::serve).
+//!  (cluster::link's task → the connecting driver → the upstream's serving driver).
+//!  Every connection, either end, is one sans-IO cluster::session over quinn-proto.
 //! ```
 //!
 //! # A frame's way, end to end
@@ -55,14 +56,18 @@
 //!    `Arc<Entry>` to the broadcast's log; the entry is marked as a group start when it is a
 //!    keyframe of the source's video (`State::starts_group` in [`media::hub`]: the one group
 //!    rule). Consumers are woken; nothing waits for them.
-//! 3. **Origin, serving the relay.** [`cluster::serve`] reads the hub with a consumer per
-//!    subscription; [`cluster::serve::GroupCursor`] opens a QUIC stream at each marked entry
-//!    (newest group first, an old group reset), and the frame's header is encoded once per entry
-//!    ([`cluster::serve::encoded`], memoized in [`media::MemoSlot::Cluster`]) for every
-//!    subscription; quinn-proto encrypts each copy.
-//! 4. **Relay, fetching.** [`cluster::link`] reads the group stream, [`cluster::wire::GroupDecoder`]
-//!    gives the frame back, and the link's `Sink` pushes it into the relay's own hub with the
-//!    origin's ingest time (`push_at`); from there step 3 repeats towards the edge.
+//! 3. **Origin, serving the relay.** A serving [`cluster::driver`] is woken by the hub and has
+//!    the relay's `cluster::session` (the sans-IO protocol of one connection) read the hub with
+//!    a consumer per subscription; the group policy (`cluster::groups::GroupCursor`) opens a
+//!    QUIC stream at each marked entry (newest group first, an old group reset), and the frame's
+//!    header is encoded once per entry (`cluster::encoding::encoded`, memoized in
+//!    [`media::MemoSlot::Cluster`]) for every subscription; quinn-proto encrypts each copy.
+//! 4. **Relay, fetching.** The relay's connecting [`cluster::driver`] feeds the datagrams to its
+//!    session, which reads the groups in order (`cluster::groups::GroupOrder`, a stalled group
+//!    dropped), [`cluster::wire::GroupDecoder`] gives the frame back, and the flow's
+//!    `cluster::encoding::Sink` pushes it into the relay's own hub with the origin's ingest time
+//!    (`push_at`); from there step 3 repeats towards the edge. [`cluster::link`]'s fetch task
+//!    only chose the upstream and waits to fail over or let go.
 //! 5. **Edge, fetching.** The same as step 4: the edge subscribed upstream when its first viewer
 //!    came ([`cluster::link::Link::subscribe`]) and keeps the subscription until `--linger` after
 //!    its last.
@@ -106,11 +111,13 @@
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.
-//! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec, the
-//!   serving driver [`cluster::serve`] (castnode's own loop around quinn-proto, on its own
-//!   threads: subscriptions served from the hub, publications taken in) and [`cluster::link`]
-//!   on quinn (fetch on demand, fail over, publish upstream; on the first serving thread when
-//!   the node serves).
+//! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec; the
+//!   sans-IO `cluster::session` (one connection's protocol, either end, over quinn-proto's
+//!   connection; tested with two endpoints in memory) with its group policy
+//!   (`cluster::groups`) and entry encoding (`cluster::encoding`); [`cluster::driver`], the
+//!   one I/O loop around quinn-proto (serving drivers on their own threads, one connecting
+//!   driver); and [`cluster::link`], the tasks that fetch on demand, fail over and publish
+//!   upstream.
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and web console, the reporter every node runs and its UDP heartbeats; the
 //!   SQLite store (tokens, regions, node groups), the autoscaler and the provisioners.

@@ -1,5 +1,5 @@
 //! The cluster link's I/O: castnode's own driver around quinn-proto, one per UDP socket. It
-//! reads datagrams and hands them to the endpoint and the connections' [`Session`]s, sends what
+//! reads datagrams and hands them to the endpoint and the connections' `Session`s, sends what
 //! they have (GSO batches), keeps their timers in one heap, wakes the flows of a broadcast when
 //! the hub has new entries for it, and answers the sessions' events with the node's hub.
 //!
@@ -8,7 +8,7 @@
 //!   [`crate::config::default_cluster_threads`]), each on its own thread (a single-threaded
 //!   tokio runtime) with one SO_REUSEPORT socket on the listening address (the kernel keeps each
 //!   peer on one socket), accepting other nodes;
-//! - one **connecting** driver on its own socket, taking [`Command`]s from [`super::link`]'s
+//! - one **connecting** driver on its own socket, taking `Command`s from [`super::link`]'s
 //!   tasks (connect upstream, subscribe, publish) on the first serving thread's runtime, so on a
 //!   relay a frame received from upstream reaches the hub and is served on one thread, with no
 //!   wake across threads.
@@ -25,7 +25,7 @@
 //! - A peer's SUBSCRIBE is answered from the hub, or (a relay) fetched from upstream first in a
 //!   task beside this driver while the peer's other requests go on; a peer's PUBLISH becomes a
 //!   local broadcast ([`crate::media::Hub::publish`] decides).
-//! - Every flow a link task started hears how it ended ([`FlowEvent`]), with its sink or
+//! - Every flow a link task started hears how it ended (`FlowEvent`), with its sink or
 //!   consumer back; a task never waits on a flow the driver forgot.
 
 use std::cmp::Reverse;

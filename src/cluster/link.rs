@@ -1,6 +1,6 @@
 //! The node's end of the cluster link: the [`Link`] handle the roles and the drivers share,
 //! fetching broadcasts from upstream on demand, and publishing local ones upstream. The
-//! protocol is [`super::session`]'s; the sockets are [`super::driver`]'s (serving drivers for
+//! protocol is `super::session`'s; the sockets are [`super::driver`]'s (serving drivers for
 //! other nodes, one connecting driver for upstreams); here live the tasks that decide which
 //! upstream, when to fail over and when to let go. Its counters are
 //! [`crate::metrics::ClusterStats`]. A link holds the node's [`Hub`], not the node's context,

@@ -13,11 +13,11 @@
 //! - [`wire`]: the sans-IO codec: control messages, group stream headers and items, token
 //!   proofs, error and reset codes.
 //! - [`tls`]: rustls/quinn configurations (self-signed + token, or the operator's CA).
-//! - [`encoding`]: a hub entry's bytes on a group stream (memoized per entry), and the sink that
+//! - `encoding`: a hub entry's bytes on a group stream (memoized per entry), and the sink that
 //!   writes received groups into the hub.
-//! - [`groups`]: the group policy both ways: where groups start and which are reset (sending),
+//! - `groups`: the group policy both ways: where groups start and which are reset (sending),
 //!   the order they are read in and when a stalled one is dropped (receiving).
-//! - [`session`]: one connection's protocol without I/O, for either end, over quinn-proto's
+//! - `session`: one connection's protocol without I/O, for either end, over quinn-proto's
 //!   connection: HELLO, SUBSCRIBE / PUBLISH and their answers, ENDED, group streams.
 //! - [`driver`]: the sockets: castnode's own loop around quinn-proto's endpoint and the
 //!   sessions, serving other nodes on its own threads and connecting upstream.
