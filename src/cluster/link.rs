@@ -44,7 +44,7 @@ use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::metrics::ClusterStats;
 
 /// How long a SUBSCRIBE (or PUBLISH) may wait for its answer.
-pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Chooses the upstream nodes a broadcast is fetched from (or published to), in the order they
 /// are tried: the `--upstream` list ([`StaticUpstreams`]), or the stream manager's answer
 /// ([`crate::manager::remote::ManagerUpstreams`]).
@@ -69,7 +69,7 @@ impl UpstreamChoice for StaticUpstreams {
 }
 
 /// An upstream that failed is tried last for this long.
-pub const FAILED_UPSTREAM_BACKOFF: Duration = Duration::from_secs(10);
+pub(crate) const FAILED_UPSTREAM_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Why the link could not start.
 #[derive(Debug, thiserror::Error)]
@@ -364,12 +364,12 @@ impl Link {
     }
 
     /// Whether `name` is being fetched from upstream (not published here).
-    pub fn fetches(&self, name: &str) -> bool {
+    pub(crate) fn fetches(&self, name: &str) -> bool {
         self.fetches.contains(name)
     }
 
     /// The UDP address the link serves on (else the one it connects from).
-    pub fn local_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
         self.served.or(Some(self.connects_from))
     }
 
@@ -409,7 +409,7 @@ impl Link {
     /// that was not fetched from upstream and is not published yet. Called periodically by the
     /// role; does nothing on a node without upstreams. So a broadcast pushed to any node reaches
     /// the origin, and every edge can fetch it from there.
-    pub fn publish_local(self: &Arc<Self>) {
+    pub(crate) fn publish_local(self: &Arc<Self>) {
         if !self.upstreams.any() {
             return;
         }
