@@ -80,7 +80,8 @@ fn mid_stream_joiners_start_on_a_keyframe() {
     let server = Server::start(&[]);
     let _publisher = ffmpeg_publish(&server.rtmp_url("j"), &fixture("obs-like.flv"), 0);
     server.wait_live("live/j", Duration::from_secs(10));
-    // The clip has a keyframe every 2 s; join 1 s into a GOP.
+    // The clip has a keyframe every 2 s; join 1 s into a GOP (inherent: only time puts the
+    // stream mid-GOP).
     std::thread::sleep(Duration::from_millis(2300));
     for url in [server.rtmp_url("j"), server.flv_url("j")] {
         let flags = first_video_flags(&url);
@@ -95,6 +96,7 @@ fn mid_stream_joiners_start_on_a_keyframe() {
         let (ttff, key) = time_to_first_frame(server.rtmp_port, "j");
         assert!(key, "first video frame is not a keyframe");
         samples.push(ttff);
+        // Inherent: spaces the joins over the GOP, so they land at different points in it.
         std::thread::sleep(Duration::from_millis(330));
     }
     samples.sort();

@@ -150,17 +150,14 @@ fn edges_scale_out_with_viewers_and_drain_back_without_dropping_one() {
     let ramp = load(&manager, &origin, 7, 1.5, 14.0);
     let mut scaled: Option<Duration> = None;
     let mut peak = 0;
-    while ramp_started.elapsed() < Duration::from_secs(30) {
+    wait_until(Duration::from_secs(30), || {
         let live = live_count(&manager);
         if live >= 2 && scaled.is_none() {
             scaled = Some(ramp_started.elapsed());
         }
         peak = peak.max(live);
-        if peak == 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        peak == 3
+    });
     let scaled = scaled.expect("no edge was added while viewers ramped up");
     println!("second edge live {scaled:?} after the ramp began; peak {peak} edges");
     assert!(scaled <= Duration::from_secs(15), "{scaled:?}");
@@ -175,6 +172,7 @@ fn edges_scale_out_with_viewers_and_drain_back_without_dropping_one() {
             .as_str()
             .unwrap_or_default()
             .to_owned();
+        // Twenty lookups over two seconds: a bounded poll (each lookup's pick is random).
         std::thread::sleep(Duration::from_millis(100));
         answers.push(id.clone());
         !id.is_empty() && id != first

@@ -36,11 +36,34 @@ fn api_metrics_and_flv_headers() {
     ] {
         assert!(head.contains(h), "missing {h:?} in {head}");
     }
-    // Let the ingest figures cover a couple of keyframe intervals.
-    std::thread::sleep(Duration::from_millis(4500));
-    let (status, _, body) = server.get("/api/v1/broadcasts");
-    assert_eq!(status, 200);
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // Wait for the ingest figures (a keyframe interval: two keyframes seen; a measured second of
+    // fps and bitrate; the B-frames) and for the byte counters checked below to pass their marks.
+    let mut v = serde_json::Value::Null;
+    let measured = wait_until(Duration::from_secs(10), || {
+        if server.metric("castnode_bytes_in_total") <= 500_000.0
+            || server.metric("castnode_bytes_out_total") <= 100_000.0
+        {
+            return false;
+        }
+        let (status, _, body) = server.get("/api/v1/broadcasts");
+        assert_eq!(status, 200);
+        v = serde_json::from_str(&body).unwrap();
+        v["broadcasts"].as_array().is_some_and(|a| {
+            a.iter().any(|b| {
+                let video = &b["tracks"][0];
+                b["name"] == "live/m"
+                    && video["keyframe_interval_s"].is_number()
+                    && video["fps"].as_f64() > Some(0.0)
+                    && video["bitrate_kbps"].as_f64() > Some(0.0)
+                    && video["b_frames"] == true
+            })
+        })
+    });
+    assert!(
+        measured,
+        "no ingest figures for live/m: {v}\n{}",
+        server.log()
+    );
     println!("{}", serde_json::to_string_pretty(&v).unwrap());
     let list = v["broadcasts"].as_array().unwrap();
     let m = list.iter().find(|b| b["name"] == "live/m").unwrap();

@@ -34,6 +34,8 @@ fn players_keep_playing_across_a_publisher_reconnect() {
         server.wait_log("publisher stopped", Duration::from_secs(5))
             || server.log().contains("publisher disconnected")
     );
+    // Inherent: the gap is what the rebase must bridge (its arithmetic is unit-tested in
+    // media::hub on a virtual clock).
     std::thread::sleep(Duration::from_millis(1000));
     let mut publisher = ffmpeg_publish(&server.rtmp_url("r"), &second, 0);
     assert!(

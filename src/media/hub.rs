@@ -33,15 +33,18 @@
 //!
 //! Time is passed in where the callers have it: [`Hub::publish`] takes the broadcast's start,
 //! [`Broadcast::describe`] the time its uptime is measured at, [`Hub::reap`] the time the
-//! reconnect grace is checked against. The hub still reads clocks in three places:
-//! - The wall clock, once per logged entry whose producer gave no ingest time
-//!   ([`BroadcastProducer::push_at`] with `None`, [`wall_clock_us`]): the ingest stamp travels
-//!   with the frame to other nodes (the cluster link's latency since origin ingest), so it must
-//!   be wall time, not a node's monotonic clock.
+//! reconnect grace is checked against. Where no caller can pass it, the hub asks its own
+//! monotonic clock, given at construction ([`Hub::new`]: the real one; unit tests give a
+//! virtual one, so the grace and the rebase are tested without sleeping):
 //! - A [`BroadcastProducer`]'s drop stamps when its publisher left (a drop takes no argument),
 //!   for the reconnect grace.
-//! - The first frame after a publisher came back reads the monotonic clock once, to rebase the
-//!   timeline by the real gap; every other push reads no monotonic clock.
+//! - The first frame after a publisher came back reads it once, to rebase the timeline by the
+//!   real gap; every other push reads no monotonic clock.
+//!
+//! The wall clock is read once per logged entry whose producer gave no ingest time
+//! ([`BroadcastProducer::push_at`] with `None`, [`wall_clock_us`]): the ingest stamp travels with
+//! the frame to other nodes (the cluster link's latency since origin ingest), so it must be wall
+//! time, not a node's monotonic clock, and no hub test depends on its value.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -670,8 +673,13 @@ pub struct HubStats {
     pub frames_skipped: AtomicU64,
 }
 
+/// The monotonic clock a [`Hub`] reads where no caller can pass the time in (see the module
+/// doc): the real one ([`Hub::new`]), or a virtual one in unit tests ([`Hub::with_clock`]).
+pub(crate) type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 struct HubInner {
     cfg: HubConfig,
+    clock: Clock,
     broadcasts: Mutex<HashMap<String, Arc<Broadcast>>>,
     next_id: AtomicU64,
     stats: HubStats,
@@ -690,16 +698,28 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub on the real clock.
     pub fn new(cfg: HubConfig) -> Self {
+        Self::with_clock(cfg, Arc::new(Instant::now))
+    }
+
+    /// An empty hub reading `clock` where no caller passes the time in: a producer's drop, the
+    /// first frame after its publisher came back.
+    pub(crate) fn with_clock(cfg: HubConfig, clock: Clock) -> Self {
         Self {
             inner: Arc::new(HubInner {
                 cfg,
+                clock,
                 broadcasts: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 stats: HubStats::default(),
             }),
         }
+    }
+
+    /// The hub's monotonic clock, now.
+    fn now(&self) -> Instant {
+        (self.inner.clock)()
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Broadcast>>> {
@@ -867,7 +887,7 @@ impl BroadcastProducer {
         if let Some(since) = st.rebase_from.take() {
             // Continue the timeline where the old publisher left it, plus the real gap (at
             // least a millisecond, the unit of RTMP timestamps).
-            let gap = Instant::now().saturating_duration_since(since).as_micros() as i64;
+            let gap = self.hub.now().saturating_duration_since(since).as_micros() as i64;
             st.ts_offset = st.last_dts + gap.max(1000) - frame.dts;
         }
         frame.dts += st.ts_offset;
@@ -928,7 +948,7 @@ impl Drop for BroadcastProducer {
     fn drop(&mut self) {
         let mut st = self.bc.lock();
         if st.publisher == Publisher::Live(self.id) {
-            st.publisher = Publisher::Gone(Instant::now());
+            st.publisher = Publisher::Gone(self.hub.now());
         }
         drop(st);
         self.bc.notify.send_replace(());
@@ -1449,15 +1469,44 @@ mod tests {
         }
     }
 
+    /// A virtual monotonic clock for a hub: it moves only when the test advances it.
+    #[derive(Clone)]
+    struct VirtualClock(Arc<Mutex<Instant>>);
+
+    impl VirtualClock {
+        fn new() -> Self {
+            Self(Arc::new(Mutex::new(Instant::now())))
+        }
+
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+
+        fn advance(&self, by: Duration) {
+            *self.0.lock().unwrap() += by;
+        }
+
+        /// A hub with a `grace_s` reconnect grace, reading this clock.
+        fn hub(&self, grace_s: u64) -> Hub {
+            let clock = self.clone();
+            let cfg = HubConfig {
+                reconnect_grace: Duration::from_secs(grace_s),
+                ..Default::default()
+            };
+            Hub::with_clock(cfg, Arc::new(move || clock.now()))
+        }
+    }
+
+    /// The grace runs from the producer's drop on the hub's clock: a publisher back within it
+    /// continues the broadcast, its timeline rebased by the gap the clock measured to its first
+    /// keyframe; the broadcast ends exactly one grace after the last drop.
     #[test]
     fn second_publisher_refused_and_grace_resumes() {
-        let hub = Hub::new(HubConfig {
-            reconnect_grace: Duration::from_secs(5),
-            ..Default::default()
-        });
-        let mut p = hub.publish("live/a", Instant::now()).unwrap();
+        let clock = VirtualClock::new();
+        let hub = clock.hub(5);
+        let mut p = hub.publish("live/a", clock.now()).unwrap();
         assert_eq!(
-            hub.publish("live/a", Instant::now()).err(),
+            hub.publish("live/a", clock.now()).err(),
             Some(PublishError::AlreadyLive("live/a".into()))
         );
         p.set_track(TrackId(0), video());
@@ -1466,19 +1515,48 @@ mod tests {
         let mut out = Vec::new();
         c.read(&mut out, 100);
         drop(p);
-        hub.reap(Instant::now());
-        let mut p = hub.publish("live/a", Instant::now()).unwrap();
+        clock.advance(Duration::from_millis(4999));
+        hub.reap(clock.now());
+        let mut p = hub.publish("live/a", clock.now()).unwrap();
         p.set_track(TrackId(0), video());
+        clock.advance(Duration::from_millis(500));
         p.push(TrackId(0), frame(0, false)); // dropped: waits for a keyframe
         p.push(TrackId(0), frame(33, true));
+        clock.advance(Duration::from_millis(33));
+        p.push(TrackId(0), frame(66, false));
         out.clear();
-        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(1));
-        // Rebased after the old timeline.
-        assert!(frames(&out)[0] > 1000);
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(2));
+        // The old timeline's last frame plus the 5.499 s gap, then on at the new pace.
+        assert_eq!(frames(&out), [1000 + 5499, 1000 + 5499 + 33]);
         drop(p);
-        hub.reap(Instant::now() + Duration::from_secs(6));
+        clock.advance(Duration::from_millis(4999));
+        hub.reap(clock.now());
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(0));
+        clock.advance(Duration::from_millis(1));
+        hub.reap(clock.now());
         assert_eq!(c.read(&mut out, 100), ReadOutcome::Ended);
         assert!(hub.subscribe("live/a").is_none());
+    }
+
+    /// A publisher back at once (no time on the clock) follows on a millisecond after the old
+    /// timeline, the unit of RTMP timestamps.
+    #[test]
+    fn a_publisher_back_at_once_follows_on_a_millisecond_later() {
+        let clock = VirtualClock::new();
+        let hub = clock.hub(5);
+        let mut p = hub.publish("live/a", clock.now()).unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(1000, true));
+        let mut c = hub.subscribe("live/a").unwrap();
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        drop(p);
+        let mut p = hub.publish("live/a", clock.now()).unwrap();
+        p.set_track(TrackId(0), video());
+        p.push(TrackId(0), frame(0, true));
+        out.clear();
+        assert_eq!(c.read(&mut out, 100), ReadOutcome::Read(1));
+        assert_eq!(frames(&out), [1001]);
     }
 
     /// A fetched broadcast's producer (nobody comes back for it): ended as unwatched only while
