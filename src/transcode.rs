@@ -177,6 +177,7 @@ async fn run_video(
                                 config: Some(avcc),
                                 video,
                                 audio: None,
+                                rendition: None,
                             },
                         );
                         let _ = declared.set(r.track());
@@ -263,6 +264,7 @@ fn audio_transcoder(
             sample_rate: 48_000,
             channels: 2,
         }),
+        rendition: None,
     };
     Ok((transcoder, info))
 }

@@ -7,8 +7,8 @@
 //!   a dropped group is not lost.
 //! - In: [`Sink`] writes a group's items into the local hub with their origin ingest times, and
 //!   skips frames the hub already has (after a failover to another upstream).
-//! - Only a broadcast's own tracks ([`TrackId::is_source`]) travel ([`source_tracks`]); each node
-//!   makes its own renditions.
+//! - Only the tracks that travel with a broadcast ([`TrackId::travels`]: the source's and its
+//!   ladder's rungs) go on the link ([`shared_tracks`]); each node makes its own other renditions.
 //!
 //! The byte layout is [`super::wire`]'s (`docs/cluster-protocol.md`).
 
@@ -31,10 +31,10 @@ pub(crate) fn encoded(e: &Entry) -> &Option<Bytes> {
     e.memo(MemoSlot::Cluster, |item| {
         let mut buf = BytesMut::with_capacity(40);
         let ok = match item {
-            Item::Config { track, info } if track.is_source() => {
+            Item::Config { track, info } if track.travels() => {
                 wire::encode_config_item(*track, info, &mut buf).is_ok()
             }
-            Item::Frame { track, frame } if track.is_source() => {
+            Item::Frame { track, frame } if track.travels() => {
                 wire::encode_frame_header(*track, frame, ingest, &mut buf).is_ok()
             }
             _ => false,
@@ -52,8 +52,8 @@ pub(crate) fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Opt
         sequence: GroupSeq(seq),
     };
     wire::encode_group_header(&header, &mut buf).ok()?;
-    for track in TrackId::sources() {
-        if let Some(info) = bc.track(track) {
+    for (track, info) in bc.tracks() {
+        if track.travels() {
             let _ = wire::encode_config_item(track, &info, &mut buf);
         }
     }
@@ -65,14 +65,14 @@ pub(crate) struct Sink {
     pub(crate) producer: Option<BroadcastProducer>,
     /// The newest dts written per source track (a peer's frame of another id counts with the
     /// last): after a failover, frames the hub already has are skipped.
-    last_dts: [i64; TrackId::SOURCE_TRACKS as usize],
+    last_dts: [i64; TrackId::SHARED_TRACKS as usize],
 }
 
 impl Sink {
     pub(crate) fn new(producer: Option<BroadcastProducer>) -> Self {
         Self {
             producer,
-            last_dts: [i64::MIN; TrackId::SOURCE_TRACKS as usize],
+            last_dts: [i64::MIN; TrackId::SHARED_TRACKS as usize],
         }
     }
 
@@ -111,14 +111,14 @@ impl Sink {
     }
 }
 
-/// A consumer's source tracks ([`TrackId::is_source`]: renditions are made on every node) and
-/// metadata.
-pub(crate) fn source_tracks(
+/// The tracks of a consumer's broadcast that travel ([`TrackId::travels`]: a node's own
+/// renditions are made on every node) and its metadata.
+pub(crate) fn shared_tracks(
     consumer: &BroadcastConsumer,
 ) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
     let (tracks, metadata) = consumer.snapshot();
     (
-        tracks.into_iter().filter(|(t, _)| t.is_source()).collect(),
+        tracks.into_iter().filter(|(t, _)| t.travels()).collect(),
         metadata,
     )
 }

@@ -340,7 +340,7 @@ mod tests {
             .iter()
             .zip(&entries)
             .filter(|(_, e)| {
-                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if !track.is_source())
+                matches!(&e.item, Item::Frame { track, .. } | Item::Config { track, .. } if !track.travels())
             })
             .map(|(s, _)| s.as_str());
         assert!(rendition.clone().count() > 0 && rendition.into_iter().all(|s| s == "S"));

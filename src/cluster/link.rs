@@ -20,7 +20,8 @@
 //!   is decided atomically with subscribers attaching (`Fetches`), so one that arrives as the
 //!   fetch lets go either keeps it going or starts a new one. The same holds for the serving
 //!   side's subscriptions from downstream nodes (they are local subscribers).
-//! - Only a broadcast's own tracks ([`crate::media::TrackId::is_source`]) travel; each node makes its own
+//! - Only the tracks that travel with a broadcast ([`crate::media::TrackId::travels`]: the
+//!   source's and its ladder's rungs) go upstream or downstream; each node makes its own
 //!   on-demand renditions (Opus, B-frame-free video) from them.
 //! - Errors in one connection, subscription or stream close only that; they never panic.
 

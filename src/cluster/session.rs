@@ -43,7 +43,7 @@ use quinn_proto::{
 };
 use tracing::{debug, info, warn};
 
-use super::encoding::{Sink, group_opening, source_tracks};
+use super::encoding::{Sink, group_opening, shared_tracks};
 use super::groups::{GroupCursor, GroupOrder, Retire, Step};
 use super::wire::{
     self, ControlDecoder, ControlMessage, ErrorCode, GroupDecoder, GroupEvent, ResetCode, Side,
@@ -526,7 +526,7 @@ impl Session {
     /// Pushes `consumer`'s broadcast to the peer as flow `id` (PUBLISH); its groups go out
     /// after PUBLISH_OK.
     pub(crate) fn publish(&mut self, id: u64, consumer: BroadcastConsumer) {
-        let (tracks, metadata) = source_tracks(&consumer);
+        let (tracks, metadata) = shared_tracks(&consumer);
         let broadcast = consumer.broadcast().name().to_owned();
         self.outs
             .insert(id, OutFlow::new(SubscriptionId(id), consumer, false));
@@ -551,7 +551,7 @@ impl Session {
         if !self.asked.remove(&id) {
             return Err(consumer);
         }
-        let (tracks, metadata) = source_tracks(&consumer);
+        let (tracks, metadata) = shared_tracks(&consumer);
         self.send_control(&ControlMessage::SubscribeOk {
             id: SubscriptionId(id),
             tracks,

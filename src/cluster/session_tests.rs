@@ -657,3 +657,39 @@ fn a_malformed_control_message_closes_only_that_connection() {
         net.client.seen
     );
 }
+
+#[test]
+fn ladder_rungs_travel_with_the_broadcast_and_a_nodes_own_renditions_do_not() {
+    let mut net = Net::new("secret", "secret");
+    net.connect();
+    let mut p = broadcast(&net.server.hub, "live/abr");
+    let bc = p.broadcast().clone();
+    let rung = TrackInfo {
+        rendition: Some("360p".into()),
+        ..track(Codec::H264)
+    };
+    let mut ladder = bc.add_ladder_rendition(&net.server.hub, rung).unwrap();
+    let mut opus = bc.add_rendition(&net.server.hub, track(Codec::Opus));
+    net.client
+        .session()
+        .subscribe(1, "live/abr", Sink::new(None), net.now);
+    net.run(Duration::from_millis(50));
+    let mut pushed = Vec::new();
+    for i in 0..10 {
+        let ms = i * 33;
+        p.push(TrackId(0), frame(ms, i == 0, 500));
+        pushed.push((0, ms));
+        ladder.push(frame(ms, i == 0, 100));
+        pushed.push((ladder.track().0, ms));
+        opus.push(frame(ms, true, 50));
+        net.run(Duration::from_millis(33));
+    }
+    assert_eq!(net.client.read(), pushed);
+    let fetched = net.client.hub.subscribe("live/abr").unwrap();
+    let tracks = fetched.broadcast().tracks();
+    let names: Vec<(u8, Option<&str>)> = tracks
+        .iter()
+        .map(|(t, i)| (t.0, i.rendition.as_deref()))
+        .collect();
+    assert_eq!(names, [(0, None), (1, None), (2, Some("360p"))]);
+}

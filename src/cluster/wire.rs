@@ -23,12 +23,12 @@ use sha2::Sha256;
 use crate::media::{Codec, Frame, MetaValue, Metadata, TrackId, TrackInfo};
 
 /// The ALPN protocol id both ends offer; it names the wire format's version.
-pub const ALPN: &[u8] = b"castnode-cluster/1";
+pub const ALPN: &[u8] = b"castnode-cluster/2";
 /// The version a client states in [`ControlMessage::Hello`].
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Label for the TLS exporter (RFC 5705/8446 §7.5) whose output is the context of the token
 /// proofs: `export_keying_material(&mut [0; EXPORTER_LEN], EXPORTER_LABEL, b"")` on both ends.
-pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-castnode-cluster/1";
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-castnode-cluster/2";
 /// Bytes to export with [`EXPORTER_LABEL`].
 pub const EXPORTER_LEN: usize = 32;
 
@@ -598,7 +598,11 @@ fn put_track_info(out: &mut BytesMut, info: &TrackInfo) -> Result<(), WireError>
             out.put_slice(c);
         }
     }
-    Ok(())
+    put_str(
+        out,
+        info.rendition.as_deref().unwrap_or(""),
+        "rendition name",
+    )
 }
 
 fn read_track_info(r: &mut Reader<'_>) -> Result<TrackInfo, WireError> {
@@ -609,7 +613,10 @@ fn read_track_info(r: &mut Reader<'_>) -> Result<TrackInfo, WireError> {
     } else {
         None
     };
-    Ok(TrackInfo::from_config(codec, config))
+    let rendition = r.string("rendition name")?;
+    let mut info = TrackInfo::from_config(codec, config);
+    info.rendition = (!rendition.is_empty()).then(|| rendition.into());
+    Ok(info)
 }
 
 fn put_tracks(out: &mut BytesMut, tracks: &[(TrackId, TrackInfo)]) -> Result<(), WireError> {

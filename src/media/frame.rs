@@ -5,6 +5,8 @@
 //! raw access units with the AudioSpecificConfig as the track's config. Times are microseconds on
 //! the broadcast's own timeline.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// Index of a track inside its broadcast.
@@ -13,12 +15,27 @@ pub struct TrackId(pub u8);
 
 impl TrackId {
     /// Tracks 0 and 1 are the broadcast's own (what its publisher sent); higher ids are
-    /// renditions made on this node.
+    /// renditions.
     pub const SOURCE_TRACKS: u8 = 2;
+    /// Tracks below this travel with the broadcast from node to node: the source's, then the
+    /// renditions of its ABR ladder (named: [`TrackInfo::rendition`]; a transcoder makes them
+    /// once for the whole cluster). Ids from here on are renditions a node makes for its own
+    /// viewers (Opus, AAC, B-frame-free video), which never leave it.
+    pub const SHARED_TRACKS: u8 = 10;
 
     /// Whether this is one of the broadcast's own tracks, not a rendition.
     pub const fn is_source(self) -> bool {
         self.0 < Self::SOURCE_TRACKS
+    }
+
+    /// Whether this track travels with the broadcast (the source's, or a ladder's rung).
+    pub const fn travels(self) -> bool {
+        self.0 < Self::SHARED_TRACKS
+    }
+
+    /// Whether this id is a ladder rung's.
+    pub const fn is_ladder(self) -> bool {
+        self.0 >= Self::SOURCE_TRACKS && self.0 < Self::SHARED_TRACKS
     }
 
     /// The source's track ids, lowest first.
@@ -105,6 +122,9 @@ pub struct TrackInfo {
     pub video: Option<VideoInfo>,
     /// Set for audio tracks whose config could be parsed.
     pub audio: Option<AudioInfo>,
+    /// The ABR ladder rung this track is (`360p`: what `?rendition=` names), on ids
+    /// [`TrackId::is_ladder`]; `None` for the source's tracks and a node's own renditions.
+    pub rendition: Option<Arc<str>>,
 }
 
 impl TrackInfo {
@@ -134,6 +154,7 @@ impl TrackInfo {
             config,
             video,
             audio,
+            rendition: None,
         }
     }
 }

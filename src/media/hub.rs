@@ -424,27 +424,48 @@ impl State {
         }
     }
 
-    /// The track id for a new rendition, never one of the source's ([`TrackId::is_source`]):
-    /// the oldest withdrawn rendition slot none of whose frames is left in the log (a consumer
-    /// then never mistakes the old rendition's frames for the new one's), else a new id. Only when
-    /// all 254 rendition ids have been used and the oldest withdrawn one still has frames in
-    /// the log (hundreds of renditions started within the log's span) is that one reused anyway.
-    fn rendition_slot(&mut self) -> TrackId {
+    /// The track id for a new rendition, never one of the source's ([`TrackId::is_source`]): a
+    /// ladder rung's among the ids that travel ([`TrackId::is_ladder`]), a node's own rendition's
+    /// above them. The oldest withdrawn slot of that kind none of whose frames is left in the
+    /// log (a consumer then never mistakes the old rendition's frames for the new one's), else a
+    /// free id. Only when every id of the kind is taken and the oldest withdrawn one still has
+    /// frames in the log is that one reused anyway; `None` when a ladder has every rung id
+    /// running.
+    fn rendition_slot(&mut self, ladder: bool) -> Option<TrackId> {
+        let kind = |t: TrackId| t.is_ladder() == ladder;
         let first = self.first_seq();
-        if let Some(&(track, _)) = self.retired.front().filter(|(_, seq)| *seq <= first) {
-            self.retired.pop_front();
+        if let Some(pos) = self
+            .retired
+            .iter()
+            .position(|&(t, seq)| kind(t) && seq <= first)
+        {
+            let (track, _) = self.retired.remove(pos)?;
             if let Some(f) = self.figures.get_mut(usize::from(track.0)) {
                 *f = TrackFigures::default();
             }
-            return track;
+            return Some(track);
         }
-        if let Ok(id) = u8::try_from(self.tracks.len().max(usize::from(TrackId::SOURCE_TRACKS))) {
-            return TrackId(id);
+        let free = |t: &TrackId| {
+            self.tracks
+                .get(usize::from(t.0))
+                .is_none_or(Option::is_none)
+                && !self.retired.iter().any(|(r, _)| r == t)
+        };
+        let new = if ladder {
+            (TrackId::SOURCE_TRACKS..TrackId::SHARED_TRACKS)
+                .map(TrackId)
+                .find(free)
+        } else {
+            u8::try_from(self.tracks.len().max(usize::from(TrackId::SHARED_TRACKS)))
+                .ok()
+                .map(TrackId)
+        };
+        if new.is_some() {
+            return new;
         }
-        // At most three renditions run at once (one per kind), so the other ids are retired.
-        self.retired
-            .pop_front()
-            .map_or(TrackId(u8::MAX), |(track, _)| track)
+        // Every id of the kind is in use or withdrawn: the oldest withdrawn one.
+        let pos = self.retired.iter().position(|&(t, _)| kind(t))?;
+        self.retired.remove(pos).map(|(t, _)| t)
     }
 }
 
@@ -968,7 +989,7 @@ impl Broadcast {
     /// Declares a rendition track (the first free track id) and returns its writer.
     pub fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
         let mut st = self.lock();
-        let track = st.rendition_slot();
+        let track = st.rendition_slot(false).unwrap_or(TrackId(u8::MAX));
         let video = info.codec.kind() == TrackKind::Video;
         st.declare_track(track, info, &hub.inner.cfg);
         drop(st);
@@ -979,6 +1000,30 @@ impl Broadcast {
             track,
             video,
         }
+    }
+}
+
+impl Broadcast {
+    /// Declares a rung of the broadcast's ABR ladder (`info.rendition` names it), on a track id
+    /// that travels with the broadcast ([`TrackId::is_ladder`]), and returns its writer; `None`
+    /// when every ladder id is taken.
+    pub fn add_ladder_rendition(
+        self: &Arc<Self>,
+        hub: &Hub,
+        info: TrackInfo,
+    ) -> Option<RenditionProducer> {
+        let mut st = self.lock();
+        let track = st.rendition_slot(true)?;
+        let video = info.codec.kind() == TrackKind::Video;
+        st.declare_track(track, info, &hub.inner.cfg);
+        drop(st);
+        self.notify.send_replace(());
+        Some(RenditionProducer {
+            hub: hub.clone(),
+            bc: self.clone(),
+            track,
+            video,
+        })
     }
 }
 
@@ -1199,6 +1244,7 @@ pub(crate) mod testing {
             config: Some(Bytes::from_static(b"cfg")),
             video: None,
             audio: None,
+            rendition: None,
         }
     }
 
@@ -1239,7 +1285,35 @@ mod tests {
             config: None,
             video: None,
             audio: None,
+            rendition: None,
         }
+    }
+
+    #[test]
+    fn ladder_rungs_take_the_ids_that_travel_and_eight_at_most() {
+        let hub = Hub::default();
+        let mut p = hub.publish("live/l", Instant::now()).unwrap();
+        p.set_track(TrackId(0), video());
+        let bc = p.broadcast().clone();
+        let rung = |name: &str| TrackInfo {
+            rendition: Some(name.into()),
+            ..video()
+        };
+        let local = bc.add_rendition(&hub, opus());
+        let rungs: Vec<RenditionProducer> = (0..8)
+            .map(|i| {
+                bc.add_ladder_rendition(&hub, rung(&format!("r{i}")))
+                    .unwrap()
+            })
+            .collect();
+        let ids: Vec<u8> = rungs.iter().map(|r| r.track().0).collect();
+        assert_eq!(ids, [2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(!local.track().travels());
+        assert!(bc.add_ladder_rendition(&hub, rung("r8")).is_none());
+        assert_eq!(
+            bc.track(TrackId(3)).unwrap().rendition.as_deref(),
+            Some("r1")
+        );
     }
 
     #[test]
@@ -1259,8 +1333,9 @@ mod tests {
             p.push(TrackId(0), frame(i * 100, i % 5 == 0));
             drop(r);
         }
-        assert!(ids.iter().all(|&id| !TrackId(id).is_source()), "{ids:?}");
-        assert!(*ids.iter().max().unwrap() < 20, "{ids:?}");
+        // A node's own renditions never take the ids that travel (the source's, the ladder's).
+        assert!(ids.iter().all(|&id| !TrackId(id).travels()), "{ids:?}");
+        assert!(*ids.iter().max().unwrap() < 30, "{ids:?}");
         assert_eq!(bc.track(TrackId(0)), Some(video()));
         assert_eq!(bc.track(TrackId(1)), Some(opus()));
         assert_eq!(bc.tracks().len(), 2);
@@ -1730,7 +1805,7 @@ mod tests {
                 let hub = Hub::new(cfg);
                 let mut p = hub.publish("live/p", Instant::now()).unwrap();
                 p.set_track(TrackId(0), video());
-                p.set_track(TrackId(1), TrackInfo { codec: Codec::Aac, config: None, video: None, audio: None });
+                p.set_track(TrackId(1), TrackInfo { codec: Codec::Aac, config: None, video: None, audio: None, rendition: None });
                 let mut consumers: Vec<(BroadcastConsumer, Option<u64>, bool)> = Vec::new();
                 let mut t = 0i64;
                 for op in ops {

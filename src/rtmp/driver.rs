@@ -251,6 +251,7 @@ impl Ingest {
                             config: None,
                             video: None,
                             audio: None,
+                            rendition: None,
                         },
                     );
                 }

@@ -58,6 +58,7 @@ pub fn opus_track() -> TrackInfo {
             sample_rate: 48_000,
             channels: 2,
         }),
+        rendition: None,
     }
 }
 
@@ -170,6 +171,7 @@ impl Ingest {
                     config: Some(config),
                     video,
                     audio: None,
+                    rendition: None,
                 },
             ));
         }

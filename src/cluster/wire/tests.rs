@@ -65,7 +65,17 @@ fn samples() -> Vec<ControlMessage> {
         },
         ControlMessage::SubscribeOk {
             id: id(1),
-            tracks: vec![(TrackId(0), h264()), (TrackId(1), aac())],
+            tracks: vec![
+                (TrackId(0), h264()),
+                (TrackId(1), aac()),
+                (
+                    TrackId(2),
+                    TrackInfo {
+                        rendition: Some("360p".into()),
+                        ..h264()
+                    },
+                ),
+            ],
             metadata: vec![
                 ("width".into(), MetaValue::Number(1280.0)),
                 ("stereo".into(), MetaValue::Bool(true)),
@@ -164,11 +174,11 @@ fn subscribe_ok_bytes() {
     });
     #[rustfmt::skip]
     let want = [
-        0x11, 16,
-        1,                          // id
-        2,                          // two tracks
-        0, 0x01, 0,                 // track 0: H.264, no config
-        1, 0x10, 1, 2, 0x11, 0x90,  // track 1: AAC, config of 2 bytes
+        0x11, 18,
+        1,                             // id
+        2,                             // two tracks
+        0, 0x01, 0, 0,                 // track 0: H.264, no config, no rendition name
+        1, 0x10, 1, 2, 0x11, 0x90, 0,  // track 1: AAC, config of 2 bytes, no rendition name
         1, 1, b'n', 0x01, 0,        // metadata: "n" = false
     ];
     assert_eq!(&b[..], &want);
@@ -270,7 +280,7 @@ fn control_errors() {
     );
     // ... the same track twice.
     assert_eq!(
-        dec(&[0x11, 9, 1, 2, 0, 0x01, 0, 0, 0x01, 0, 0]),
+        dec(&[0x11, 11, 1, 2, 0, 0x01, 0, 0, 0, 0x01, 0, 0, 0]),
         Err(WireError::DuplicateTrack(0))
     );
     // ... seventeen tracks.
@@ -370,14 +380,14 @@ fn encoder_refuses_what_the_decoder_would_and_leaves_the_buffer() {
 fn token_proofs() {
     let ctx: Vec<u8> = (0..32).collect();
     let p = token_proof(b"cluster-secret", Side::Client, &ctx);
-    // HMAC-SHA256(b"cluster-secret", b"castnode-cluster/1 client\0" || ctx), from Python's hmac.
+    // HMAC-SHA256(b"cluster-secret", b"castnode-cluster/2 client\0" || ctx), from Python's hmac.
     assert_eq!(
         hex(&p),
-        "7370cbdd2474b3d8e62dcefb98132c2b50692109a05c37530c41791195e0728b"
+        "dd094943656bd9bbfa2b77f8ffc4b55380a7dde3ea591f87ba2e017f1985ae2b"
     );
     assert_eq!(
         hex(&token_proof(b"cluster-secret", Side::Server, &ctx)),
-        "11287c70850a814e163b60e108c36307a79d5ac95a3df2fce4307d21a28701a5"
+        "e7d663dcaadc0574a77532a44955e378cefb07dfc2bb17ca28dc03baf61f00b5"
     );
     assert!(verify_token_proof(
         b"cluster-secret",
@@ -441,7 +451,7 @@ fn group_bytes() {
     let want = [
         0x01, 5, 0x40, 70,                  // group, subscription 5, group 70
         1, 0x01, 1, 4, 0x40, 64, 2, b'x', b'y', // track 1, key, pts -1, dts 2, ingest 64, 2 bytes
-        1, 0x02, 5, 0x10, 1, 2, 0x11, 0x90, // track 1, config: AAC with 2 bytes
+        1, 0x02, 6, 0x10, 1, 2, 0x11, 0x90, 0, // track 1, config: AAC with 2 bytes, no rendition
     ];
     assert_eq!(&b[..], &want);
     assert_eq!(
@@ -516,7 +526,7 @@ fn group_errors() {
     );
     // A config item with a byte after its TrackInfo.
     assert_eq!(
-        dec(&[0, 0x02, 3, 0x01, 0, 0]),
+        dec(&[0, 0x02, 4, 0x01, 0, 0, 0]),
         Err(WireError::TrailingBytes(1))
     );
     assert_eq!(dec(&[0, 0x02, 1, 0x01]), Err(WireError::UnexpectedEnd));
