@@ -129,6 +129,7 @@ pub mod codec;
 pub mod config;
 pub mod ffmpeg;
 pub mod http;
+pub mod ladder;
 pub mod manager;
 pub mod media;
 pub mod metrics;
