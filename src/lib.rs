@@ -106,6 +106,10 @@
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.
+//! - [`ladder`], [`ffmpeg::ladder`]: ABR ladders (the built-in default and the configuration's
+//!   named ones, checked before the node binds; how a ladder fits a source, never upscaling) and
+//!   the ladder encoder (decode once, scale and encode once per rung, IDRs at the same source
+//!   timestamps in every rung). Not wired into a role yet.
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec, the
 //!   serving driver [`cluster::serve`] (castnode's own loop around quinn-proto, on its own
 //!   threads: subscriptions served from the hub, publications taken in) and [`cluster::link`]
