@@ -3,6 +3,7 @@
 //!
 //! A bad value is a [`ConfigError`] naming the key; `main` exits with status 64 (EX_USAGE).
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
+
+use crate::ladder::{DEFAULT_LADDER, Ladder, LadderSpec};
 
 /// castnode: a live-streaming cluster in one binary.
 #[derive(Parser, Debug)]
@@ -284,6 +287,15 @@ pub struct NodeArgs {
     /// folder in the temporary directory].
     #[arg(long, env = "CASTNODE_PROVISION_DIR")]
     pub provision_dir: Option<PathBuf>,
+    /// The ABR ladder to build: `default` (built in) or a `[ladders.NAME]` table of the
+    /// --config file (standalone and transcoder; checked, not used yet).
+    #[arg(long, env = "CASTNODE_LADDER")]
+    pub ladder: Option<String>,
+    /// Named ABR ladders: the --config file's `[ladders.NAME]` tables (no flag), every one
+    /// checked at start ([`crate::ladder::LadderSpec`]).
+    #[arg(skip)]
+    #[serde(default)]
+    pub ladders: BTreeMap<String, LadderSpec>,
 }
 
 /// A configuration value that cannot be used.
@@ -498,6 +510,8 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// The stream manager's settings.
     pub manager: ManagerConfig,
+    /// The ladder `--ladder` chose (none given: `None`).
+    pub ladder: Option<Ladder>,
 }
 
 /// Where a node reports, and the manager's own settings.
@@ -595,6 +609,7 @@ impl NodeArgs {
             None => NodeArgs::default(),
         };
         let a = self.clone();
+        let ladder = ladder_config(role, &a, &file)?;
         let cluster = cluster_config(role, &a, &file)?;
         // The manager's state: --db, else manager.db in the data directory (the manager's, or
         // standalone's when it is given one); never the working directory.
@@ -802,7 +817,44 @@ impl NodeArgs {
                 a.webrtc_public_ip
             },
             max_viewers: a.max_viewers.or(file.max_viewers).unwrap_or(2000),
+            ladder,
         })
+    }
+}
+
+/// Checks every ladder of the file (a bad rung is refused whether or not it is chosen), then
+/// gives the one `--ladder` names: a table of the file, else the built-in `default`.
+fn ladder_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<Option<Ladder>, ConfigError> {
+    let mut ladders = BTreeMap::new();
+    for (name, spec) in &file.ladders {
+        let ladder = Ladder::from_spec(name, spec).map_err(|e| bad("ladders", e.to_string()))?;
+        ladders.insert(name.as_str(), ladder);
+    }
+    let Some(name) = a.ladder.as_deref().or(file.ladder.as_deref()) else {
+        return Ok(None);
+    };
+    if !matches!(role, "standalone" | "transcoder") {
+        return Err(bad(
+            "ladder",
+            format!("a {role} builds no renditions: only standalone and transcoder take a ladder"),
+        ));
+    }
+    match ladders.remove(name) {
+        Some(l) => Ok(Some(l)),
+        None if name == DEFAULT_LADDER => Ok(Some(Ladder::default_ladder())),
+        None => {
+            let known: Vec<&str> = std::iter::once(DEFAULT_LADDER)
+                .chain(ladders.keys().copied().filter(|k| *k != DEFAULT_LADDER))
+                .collect();
+            Err(bad(
+                "ladder",
+                format!(
+                    "no ladder {name:?} (there are: {}; others go in the --config file as \
+                     [ladders.NAME])",
+                    known.join(", ")
+                ),
+            ))
+        }
     }
 }
 
@@ -1023,6 +1075,66 @@ mod tests {
         assert_eq!(cfg.manager.db, Some("/var/lib/castnode/manager.db".into()));
         let cfg = parse(&[]).resolve().unwrap();
         assert_eq!(cfg.manager.db, None);
+    }
+
+    #[test]
+    fn ladders_are_checked_before_anything_binds() {
+        let dir = std::env::temp_dir().join(format!("castnode-ladders-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut files = 0;
+        let mut file = |text: &str| {
+            files += 1;
+            let path = dir.join(format!("{files}.toml"));
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_owned()
+        };
+        // No --ladder: no ladder, as before.
+        assert_eq!(parse(&[]).resolve().unwrap().ladder, None);
+        let cfg = parse(&["--ladder", "default"]).resolve().unwrap();
+        assert_eq!(cfg.ladder, Some(Ladder::default_ladder()));
+        let good = file(
+            "[ladders.mobile]\nrungs = [\n  { name = \"720p\", height = 720, bitrate-kbps = 2500 },\n  \
+             { name = \"360p\", height = 360, bitrate-kbps = 700, fps = 30, profile = \"main\" },\n]\n",
+        );
+        let cfg = parse(&["--config", &good, "--ladder", "mobile"])
+            .resolve_for("transcoder")
+            .unwrap();
+        let ladder = cfg.ladder.unwrap();
+        assert_eq!(ladder.name, "mobile");
+        assert_eq!(ladder.rungs[1].fps, Some(30));
+        // A bad rung stops the node even when its ladder is not the one chosen, naming it.
+        let odd = file(
+            "[ladders.mobile]\nrungs = [{ name = \"720p\", height = 720, bitrate-kbps = 2500 }]\n\
+             [ladders.odd]\nrungs = [{ name = \"tiny\", height = 145, bitrate-kbps = 100 }]\n",
+        );
+        let err = parse(&["--config", &odd, "--ladder", "mobile"])
+            .resolve()
+            .unwrap_err();
+        assert_eq!(err.key, "ladders");
+        assert!(
+            err.to_string().contains("rung \"tiny\": odd size 145"),
+            "{err}"
+        );
+        let free =
+            file("[ladders.free]\nrungs = [{ name = \"240p\", height = 240, bitrate-kbps = 0 }]\n");
+        let err = parse(&["--config", &free]).resolve().unwrap_err();
+        assert!(
+            err.to_string().contains("rung \"240p\": zero bitrate"),
+            "{err}"
+        );
+        let unknown = file("[ladders.x]\nrungs = [{ name = \"a\", height = 240, bitrate = 1 }]\n");
+        let err = parse(&["--config", &unknown]).resolve().unwrap_err();
+        assert!(err.reason.contains("bitrate"), "{err}");
+        let err = parse(&["--config", &good, "--ladder", "desktop"])
+            .resolve()
+            .unwrap_err();
+        assert_eq!(err.key, "ladder");
+        assert!(err.reason.contains("default, mobile"), "{}", err.reason);
+        let err = parse(&["--ladder", "default"])
+            .resolve_for("relay")
+            .unwrap_err();
+        assert_eq!(err.key, "ladder");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -111,6 +111,10 @@
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks.
+//! - [`ladder`], [`ffmpeg::ladder`]: ABR ladders (the built-in default and the configuration's
+//!   named ones, checked before the node binds; how a ladder fits a source, never upscaling) and
+//!   the ladder encoder (decode once, scale and encode once per rung, IDRs at the same source
+//!   timestamps in every rung). Not wired into a role yet.
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec; the
 //!   sans-IO `cluster::session` (one connection's protocol, either end, over quinn-proto's
 //!   connection; tested with two endpoints in memory) with its group policy
@@ -136,6 +140,7 @@ pub mod codec;
 pub mod config;
 pub mod ffmpeg;
 pub mod http;
+pub mod ladder;
 pub mod manager;
 pub mod media;
 pub mod metrics;

@@ -132,6 +132,34 @@ fn toml_file_is_read_and_checked() {
 }
 
 #[test]
+fn a_bad_ladder_rung_exits_64_naming_the_rung() {
+    let dir = common::temp_dir("cli-ladder");
+    let file = dir.join("ladders.toml");
+    std::fs::write(
+        &file,
+        "[ladders.mobile]\nrungs = [\n  { name = \"720p\", height = 720, bitrate-kbps = 2500 },\n  \
+         { name = \"360p\", height = 361, bitrate-kbps = 700 },\n]\n",
+    )
+    .unwrap();
+    let config = file.to_str().unwrap();
+    // Refused before the role is even looked at: the transcoder (not built yet) too.
+    for role in ["standalone", "transcoder"] {
+        let (code, _, err) = castnode(&[role, "--config", config], &[]);
+        assert_eq!(code, 64, "{role}: {err}");
+        assert!(
+            err.contains("ladders") && err.contains("rung \"360p\": odd size 361"),
+            "{role}: {err}"
+        );
+    }
+    let (code, _, err) = castnode(&["standalone", "--ladder", "nope"], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--ladder") && err.contains("nope"), "{err}");
+    let (code, _, err) = castnode(&["standalone"], &[("CASTNODE_LADDER", "nope")]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("CASTNODE_LADDER"), "{err}");
+}
+
+#[test]
 fn help_gives_each_role_its_own_defaults() {
     let (code, out, _) = castnode(&["manager", "--help"], &[]);
     assert_eq!(code, 0);

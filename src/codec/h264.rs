@@ -22,22 +22,30 @@ pub fn parse_avcc(avcc: &[u8]) -> Option<VideoInfo> {
 /// The NAL length size (1, 2 or 4 bytes) and the SPS/PPS NAL units of an
 /// AVCDecoderConfigurationRecord.
 pub fn avcc_parameter_sets(avcc: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
+    let mut sets = Vec::new();
+    let length_size = walk_parameter_sets(avcc, |set| sets.push(set))?;
+    Some((length_size, sets))
+}
+
+/// Calls `each` with every SPS and PPS of an AVCDecoderConfigurationRecord, in order, and gives
+/// its NAL length size; `None` (after calling `each` for the sets before the fault) when the
+/// record is malformed.
+fn walk_parameter_sets<'a>(avcc: &'a [u8], mut each: impl FnMut(&'a [u8])) -> Option<usize> {
     if avcc.len() < 7 || avcc[0] != 1 {
         return None;
     }
     let length_size = usize::from(avcc[4] & 3) + 1;
-    let mut sets = Vec::new();
     let mut pos = 5;
     for count_mask in [0x1f, 0xff] {
         let count = *avcc.get(pos)? & count_mask;
         pos += 1;
         for _ in 0..count {
             let len = usize::from(u16::from_be_bytes([*avcc.get(pos)?, *avcc.get(pos + 1)?]));
-            sets.push(avcc.get(pos + 2..pos + 2 + len)?);
+            each(avcc.get(pos + 2..pos + 2 + len)?);
             pos += 2 + len;
         }
     }
-    Some((length_size, sets))
+    Some(length_size)
 }
 
 /// The non-empty NAL units of a frame of `length_size`-byte length-prefixed NAL units (the
@@ -64,22 +72,33 @@ pub fn avcc_nal_units(frame: &[u8], length_size: usize) -> impl Iterator<Item = 
 /// its own SPS/PPS, those of `avcc` go first: WebRTC receivers need them in band before every
 /// IDR. Malformed lengths end the conversion at the last whole NAL unit.
 pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<u8> {
-    let sets = avcc.and_then(avcc_parameter_sets);
-    let length_size = sets.as_ref().map_or(4, |(l, _)| *l);
-    let nals: Vec<&[u8]> = avcc_nal_units(frame, length_size).collect();
-    let has_sps = nals.iter().any(|n| n[0] & 0x1f == 7);
     let mut out = Vec::with_capacity(frame.len() + 64);
-    if keyframe && !has_sps {
-        for set in sets.iter().flat_map(|(_, s)| s) {
+    avcc_to_annexb_into(frame, avcc, keyframe, &mut out);
+    out
+}
+
+/// [`avcc_to_annexb`] into `out` (cleared first), so a caller converting every frame reuses one
+/// buffer; allocates nothing once `out` is large enough.
+pub fn avcc_to_annexb_into(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool, out: &mut Vec<u8>) {
+    out.clear();
+    // A record that does not parse whole counts for nothing, its length size included.
+    let (avcc, length_size) = match avcc.and_then(|a| Some((a, walk_parameter_sets(a, |_| {})?))) {
+        Some((a, l)) => (Some(a), l),
+        None => (None, 4),
+    };
+    if let Some(avcc) = avcc
+        && keyframe
+        && !avcc_nal_units(frame, length_size).any(|n| n[0] & 0x1f == 7)
+    {
+        walk_parameter_sets(avcc, |set| {
             out.extend_from_slice(&[0, 0, 0, 1]);
             out.extend_from_slice(set);
-        }
+        });
     }
-    for nal in nals {
+    for nal in avcc_nal_units(frame, length_size) {
         out.extend_from_slice(&[0, 0, 0, 1]);
         out.extend_from_slice(nal);
     }
-    out
 }
 
 /// An AVCDecoderConfigurationRecord for one SPS and one PPS.

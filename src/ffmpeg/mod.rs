@@ -1,9 +1,12 @@
 //! In-process FFmpeg (ffmpeg-next over Debian's libraries): the transcoders that make a
-//! broadcast playable where its original codecs are not. Pure frame-in, frames-out objects; the
-//! tasks that feed them from the hub live in [`crate::transcode`].
+//! broadcast playable where its original codecs are not, and the ladder encoder that makes its
+//! ABR renditions ([`ladder`]). Pure frame-in, frames-out objects; the tasks that feed them from
+//! the hub live in [`crate::transcode`].
 
 pub mod audio;
+pub mod ladder;
 pub mod log;
+pub mod testsrc;
 pub mod video;
 
 /// Why a transcoder could not be built or failed.
