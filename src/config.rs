@@ -288,7 +288,7 @@ pub struct NodeArgs {
     #[arg(long, env = "CASTNODE_PROVISION_DIR")]
     pub provision_dir: Option<PathBuf>,
     /// The ABR ladder to build: `default` (built in) or a `[ladders.NAME]` table of the
-    /// --config file (standalone and transcoder; checked, not used yet).
+    /// --config file (standalone: its broadcasts get the ladder's renditions; transcoder).
     #[arg(long, env = "CASTNODE_LADDER")]
     pub ladder: Option<String>,
     /// Named ABR ladders: the --config file's `[ladders.NAME]` tables (no flag), every one

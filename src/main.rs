@@ -50,13 +50,6 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if let Some(ladder) = &cfg.ladder {
-        tracing::warn!(
-            ladder = %ladder.name,
-            rungs = ladder.rungs.len(),
-            "--ladder: the ladder was checked but is not used yet; this node makes no ladder renditions"
-        );
-    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -17,6 +17,8 @@ pub struct NodeContext {
     pub cfg: NodeConfig,
     /// On-demand transcoders.
     pub transcoders: crate::transcode::Transcoders,
+    /// The ABR ladders this node makes itself (`--ladder`), when it has one.
+    pub ladders: Option<crate::transcode::Ladders>,
     /// Per-broadcast WebRTC figures.
     pub webrtc: crate::webrtc::stats::WebrtcStats,
     /// When players write: the node's write budget (`--write-budget` writes per second across
@@ -36,7 +38,9 @@ impl NodeContext {
             ..HubConfig::default()
         });
         let pacer = crate::media::pace::Pacer::new(cfg.write_budget, cfg.player_batch);
+        let ladders = cfg.ladder.clone().map(crate::transcode::Ladders::new);
         Arc::new(Self {
+            ladders,
             hub,
             pacer,
             stats: NodeStats::default(),
@@ -53,6 +57,36 @@ impl NodeContext {
         match self.link.get() {
             Some(link) => link.subscribe(name).await,
             None => self.hub.subscribe(name),
+        }
+    }
+
+    /// Whether `bc`'s ladder has a rung named `rendition`, waiting (at most 3 s) for the
+    /// ladder this node makes to declare its rungs when it has not yet (a broadcast that just
+    /// went live).
+    pub async fn rendition_ready(
+        &self,
+        bc: &Arc<crate::media::hub::Broadcast>,
+        rendition: &str,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+        let mut changes = bc.watch();
+        loop {
+            if bc.has_rendition(rendition) {
+                return true;
+            }
+            if self.ladders.is_none() || !bc.is_live() {
+                return false;
+            }
+            if !bc.renditions().is_empty() {
+                // Rungs are declared together (from one picture): a ladder that has some and
+                // not this one after a moment never will.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                return bc.has_rendition(rendition);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return bc.has_rendition(rendition),
+            }
         }
     }
 

@@ -17,8 +17,10 @@ use tracing::{info, warn};
 use crate::codec::h264;
 use crate::ffmpeg::FfmpegError;
 use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
+use crate::ffmpeg::ladder::{LadderEncoder, LadderEvent};
 use crate::ffmpeg::log::Scope;
 use crate::ffmpeg::video::Reencoder;
+use crate::ladder::Ladder;
 use crate::media::hub::Broadcast;
 use crate::media::{
     AudioInfo, BroadcastConsumer, Codec, ConsumerKind, Entry, Hub, Item, ReadOutcome, TrackId,
@@ -315,4 +317,157 @@ async fn run_audio(
         }
     }
     info!(broadcast = %bc.name(), "{from} → {to_name} transcoder stopped");
+}
+
+/// The ABR ladders a node makes itself (`castnode standalone --ladder NAME`): one per live
+/// broadcast published here, each rung a named track of the broadcast
+/// ([`Broadcast::add_ladder_rendition`]) that players choose with `?rendition=`.
+///
+/// Guarantees: a ladder starts for every broadcast whose source video is H.264 and that carries
+/// no ladder yet (one fetched from upstream brings its own), within [`Ladders::start_new`]'s
+/// period of going live, on a thread of its own (a ladder is whole-core work, and FFmpeg's
+/// scaler cannot move between threads); it stops when its broadcast ends, its rung tracks
+/// withdrawn. Every rung's keyframes fall on the same source timestamps
+/// ([`crate::ffmpeg::ladder`]). A ladder that fails logs why; viewers keep the source.
+pub struct Ladders {
+    ladder: Ladder,
+    /// Running ladders, by broadcast (the broadcast's address: a new broadcast of the same
+    /// name gets its own).
+    running: Mutex<HashMap<usize, LadderThread>>,
+}
+
+/// A running ladder: its broadcast and its thread.
+type LadderThread = (Weak<Broadcast>, std::thread::JoinHandle<()>);
+
+impl Ladders {
+    /// Ladders of `ladder`'s rungs.
+    pub fn new(ladder: Ladder) -> Self {
+        Self {
+            ladder,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How many ladders run.
+    pub fn running(&self) -> usize {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|_, (bc, t)| bc.strong_count() > 0 && !t.is_finished());
+        running.len()
+    }
+
+    /// Starts a ladder for each live broadcast of `hub` that needs one; `fetched` tells the
+    /// broadcasts that come from upstream (they are not laddered here).
+    pub fn start_new(&self, hub: &Hub, fetched: impl Fn(&str) -> bool) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|_, (bc, t)| bc.strong_count() > 0 && !t.is_finished());
+        for bc in hub.broadcasts() {
+            let key = Arc::as_ptr(&bc) as usize;
+            if !bc.is_live() || running.contains_key(&key) || fetched(bc.name()) {
+                continue;
+            }
+            let tracks = bc.tracks();
+            let h264 = tracks
+                .iter()
+                .any(|(id, t)| id.is_source() && t.codec == Codec::H264);
+            if !h264 || tracks.iter().any(|(id, _)| id.is_ladder()) {
+                continue;
+            }
+            let (hub2, bc2, ladder) = (hub.clone(), bc.clone(), self.ladder.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("ladder-{}", bc.name()))
+                .spawn(move || run_ladder(hub2, bc2, ladder));
+            match thread {
+                Ok(t) => {
+                    running.insert(key, (Arc::downgrade(&bc), t));
+                }
+                Err(e) => {
+                    warn!(broadcast = %bc.name(), error = %e, "cannot start the ladder's thread")
+                }
+            }
+        }
+    }
+}
+
+/// A ladder's thread: reads the broadcast's source video, writes its rungs, until it ends.
+fn run_ladder(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
+    let rt = match tokio::runtime::Builder::new_current_thread().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            warn!(broadcast = %bc.name(), error = %e, "cannot start the ladder's runtime");
+            return;
+        }
+    };
+    rt.block_on(ladder_loop(hub, bc, ladder));
+}
+
+async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
+    let Some(mut consumer) = hub.subscribe_as(bc.name(), ConsumerKind::Internal) else {
+        return;
+    };
+    let Some((source_track, source)) = bc
+        .tracks()
+        .into_iter()
+        .find(|(id, t)| id.is_source() && t.codec == Codec::H264)
+    else {
+        return;
+    };
+    let name: Arc<str> = bc.name().into();
+    let rungs = ladder.rungs.len();
+    let mut encoder = match LadderEncoder::new(ladder, bc.fps(source_track)) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!(broadcast = %name, error = %e, "cannot start the ABR ladder");
+            return;
+        }
+    };
+    info!(broadcast = %name, rungs, "ABR ladder started");
+    let mut config = source.config.clone();
+    let mut producers: Vec<Option<crate::media::hub::RenditionProducer>> = Vec::new();
+    let mut entries = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(16);
+    // The decoder starts on a keyframe (with its SPS and PPS in band).
+    let mut started = false;
+    while next_entries(&mut consumer, &mut entries).await {
+        for e in entries.drain(..) {
+            match &e.item {
+                Item::Config { track, info } if *track == source_track => {
+                    config = info.config.clone()
+                }
+                Item::Frame { track, frame } if *track == source_track => {
+                    started |= frame.keyframe;
+                    if !started {
+                        continue;
+                    }
+                    let r = {
+                        let _scope = Scope::enter(&name);
+                        encoder.push(frame, config.as_deref(), &mut out)
+                    };
+                    if let Err(err) = r {
+                        warn!(broadcast = %name, error = %err, "ABR ladder failed; stopping it");
+                        return;
+                    }
+                    for ev in out.drain(..) {
+                        match ev {
+                            LadderEvent::Config { rung, info } => {
+                                if producers.len() <= rung {
+                                    producers.resize_with(rung + 1, || None);
+                                }
+                                match &mut producers[rung] {
+                                    Some(p) => p.set_info(info),
+                                    slot => *slot = bc.add_ladder_rendition(&hub, info),
+                                }
+                            }
+                            LadderEvent::Frame { rung, frame } => {
+                                if let Some(Some(p)) = producers.get_mut(rung) {
+                                    p.push(frame);
+                                }
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    info!(broadcast = %name, "ABR ladder stopped");
 }

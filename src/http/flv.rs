@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::media::feed::Feed;
+use crate::media::feed::{Feed, rendition_param};
 use crate::media::valid_name;
 use crate::node::NodeContext;
 use crate::player::{self, PlayerProtocol};
@@ -74,14 +74,14 @@ impl axum::serve::Listener for HttpListener {
     }
 }
 
-/// The path of a `GET …​.flv` request line, if that is what `head` starts with.
-fn flv_path(head: &[u8]) -> Option<&str> {
+/// The path and query of a `GET …​.flv` request line, if that is what `head` starts with.
+fn flv_path(head: &[u8]) -> Option<(&str, &str)> {
     let line = head.split(|&b| b == b'\r' || b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?;
     let mut parts = line.split(' ');
     let (method, target) = (parts.next()?, parts.next()?);
-    let path = target.split('?').next()?;
-    (method == "GET" && path.ends_with(".flv")).then_some(path)
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    (method == "GET" && path.ends_with(".flv")).then_some((path, query))
 }
 
 async fn classify(
@@ -106,8 +106,8 @@ async fn classify(
         Ok(Ok(n)) if n > 0 => n,
         _ => return,
     };
-    match flv_path(&buf[..n]).map(str::to_owned) {
-        Some(path) => serve(sock, peer, &path, &ctx).await,
+    match flv_path(&buf[..n]).map(|(p, q)| (p.to_owned(), q.to_owned())) {
+        Some((path, query)) => serve(sock, peer, &path, &query, &ctx).await,
         None => {
             let _ = tx.send((sock, peer)).await;
         }
@@ -142,7 +142,13 @@ async fn read_head(sock: &mut TcpStream) -> Option<()> {
     .flatten()
 }
 
-async fn serve(mut sock: TcpStream, peer: SocketAddr, path: &str, ctx: &Arc<NodeContext>) {
+async fn serve(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    path: &str,
+    query: &str,
+    ctx: &Arc<NodeContext>,
+) {
     if read_head(&mut sock).await.is_none() {
         respond(
             &mut sock,
@@ -171,13 +177,20 @@ async fn serve(mut sock: TcpStream, peer: SocketAddr, path: &str, ctx: &Arc<Node
         respond(&mut sock, "404 Not Found", "broadcast not live\n").await;
         return;
     };
+    let rendition = rendition_param(query);
+    if let Some(r) = rendition
+        && !ctx.rendition_ready(consumer.broadcast(), r).await
+    {
+        respond(&mut sock, "404 Not Found", "no such rendition\n").await;
+        return;
+    }
     let head = "HTTP/1.1 200 OK\r\nContent-Type: video/x-flv\r\nTransfer-Encoding: chunked\r\n\
                 Cache-Control: no-cache\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n";
     if sock.write_all(head.as_bytes()).await.is_err() {
         return;
     }
     debug!(%peer, broadcast = name, "HTTP-FLV player started");
-    let feed = Feed::new(consumer, FlvMuxer);
+    let feed = Feed::new(consumer, FlvMuxer).with_rendition(rendition);
     // An HTTP-FLV client has nothing to say once it asked: any error is its leaving.
     let _ = player::play(
         sock,
@@ -233,11 +246,11 @@ mod tests {
     fn request_lines() {
         assert_eq!(
             flv_path(b"GET /live/a.flv HTTP/1.1\r\nHost: x"),
-            Some("/live/a.flv")
+            Some(("/live/a.flv", ""))
         );
         assert_eq!(
-            flv_path(b"GET /live/a.flv?token=1 HTTP/1.1\r\n"),
-            Some("/live/a.flv")
+            flv_path(b"GET /live/a.flv?token=1&rendition=360p HTTP/1.1\r\n"),
+            Some(("/live/a.flv", "token=1&rendition=360p"))
         );
         assert_eq!(flv_path(b"GET /metrics HTTP/1.1\r\n"), None);
         assert_eq!(flv_path(b"POST /live/a.flv HTTP/1.1\r\n"), None);

@@ -282,6 +282,7 @@ mod tests {
             name: "live/<x>".into(),
             publishing: true,
             tracks: Vec::new(),
+            renditions: Vec::new(),
             players: 0,
             node_subscriptions: 0,
             uptime_s: 0.0,

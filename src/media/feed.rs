@@ -5,7 +5,9 @@
 //! entries from the start of a group (a keyframe of the source's video, [`Entry::group_start`]),
 //! as after a skip; of each kind (video, audio) only one track is played: the lowest
 //! numbered one the format can carry (the source's own, or a rendition where the format cannot
-//! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus); a config that did not
+//! carry the source's codec, e.g. AAC made from a WHIP publisher's Opus), or for video the
+//! ABR ladder's rung the player asked for ([`Feed::with_rendition`]), from that rung's next
+//! keyframe on (a rung's keyframe follows its group's start by the encoder's delay); a config that did not
 //! change is not sent twice; buffers come from the format's [`Muxer`], which shares them between
 //! players; a feed never waits: players call it on their turns on the node's write clock
 //! ([`super::pace`]).
@@ -53,6 +55,19 @@ pub struct Feed<M> {
     played: Vec<bool>,
     sent_config: Vec<Option<Bytes>>,
     started: bool,
+    /// The ladder rung played instead of the source's video, by name.
+    rendition: Option<Arc<str>>,
+    /// The played video track's frames are passed over until its next keyframe.
+    await_key: bool,
+}
+
+/// The ladder rung a player's query string asks for (`rendition=360p`); `None` when it names
+/// none (or `auto`, which only WHEP plays as such).
+pub fn rendition_param(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("rendition="))
+        .filter(|v| !v.is_empty() && *v != "auto")
 }
 
 impl<M: Muxer> Feed<M> {
@@ -66,7 +81,16 @@ impl<M: Muxer> Feed<M> {
             played: Vec::new(),
             sent_config: Vec::new(),
             started: false,
+            rendition: None,
+            await_key: false,
         }
+    }
+
+    /// Plays the ladder rung named `rendition` for video instead of the source's (`None`: the
+    /// source).
+    pub fn with_rendition(mut self, rendition: Option<&str>) -> Self {
+        self.rendition = rendition.map(Arc::from);
+        self
     }
 
     /// The consumer underneath.
@@ -83,9 +107,16 @@ impl<M: Muxer> Feed<M> {
         }
         self.tracks[i] = Some(info);
         for kind in [TrackKind::Video, TrackKind::Audio] {
+            let wanted = match kind {
+                TrackKind::Video => self.rendition.as_deref(),
+                TrackKind::Audio => None,
+            };
             let first = self.tracks.iter().position(|t| {
-                t.as_ref()
-                    .is_some_and(|t| t.codec.kind() == kind && self.muxer.carries(t.codec))
+                t.as_ref().is_some_and(|t| {
+                    t.codec.kind() == kind
+                        && self.muxer.carries(t.codec)
+                        && t.rendition.as_deref() == wanted
+                })
             });
             for (j, t) in self.tracks.iter().enumerate() {
                 if t.as_ref().is_some_and(|t| t.codec.kind() == kind) {
@@ -110,6 +141,10 @@ impl<M: Muxer> Feed<M> {
             (self.started && skipped == 0) || self.entries.first().is_none_or(|e| e.group_start),
             "a feed starts or resumes at a group's start"
         );
+        if skipped > 0 || !self.started {
+            // A rung's keyframe comes a few frames after its group's start.
+            self.await_key = self.rendition.is_some();
+        }
         if !self.started {
             self.started = true;
             let (tracks, metadata) = self.consumer.snapshot();
@@ -129,12 +164,21 @@ impl<M: Muxer> Feed<M> {
                     self.set_track(*track, info.clone());
                     self.push_configs(entry.dts, out);
                 }
-                Item::Frame { track, .. } => {
+                Item::Frame { track, frame } => {
                     let i = usize::from(track.0);
-                    if self.played.get(i) == Some(&true)
-                        && let Some(Some(info)) = self.tracks.get(i)
-                        && let Some(b) = self.muxer.entry(&entry, info)
-                    {
+                    if self.played.get(i) != Some(&true) {
+                        continue;
+                    }
+                    let Some(Some(info)) = self.tracks.get(i) else {
+                        continue;
+                    };
+                    if self.await_key && info.codec.kind() == TrackKind::Video {
+                        if !frame.keyframe {
+                            continue;
+                        }
+                        self.await_key = false;
+                    }
+                    if let Some(b) = self.muxer.entry(&entry, info) {
                         out.push(b);
                     }
                 }

@@ -553,13 +553,16 @@ impl Broadcast {
                     bitrate_kbps: round2(f.bitrate / 1000.0),
                     b_frames: (t.codec.kind() == TrackKind::Video).then_some(f.b_frames),
                     keyframe_interval_s: f.keyframe_interval.map(round2),
+                    rendition: t.rendition.as_deref().map(str::to_owned),
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let renditions = tracks.iter().filter_map(|t| t.rendition.clone()).collect();
         BroadcastInfo {
             name: self.name.clone(),
             publishing: matches!(st.publisher, Publisher::Live(_)),
             tracks,
+            renditions,
             players: self.stats.players.load(Relaxed),
             node_subscriptions: self.stats.node_subscriptions.load(Relaxed),
             uptime_s: round2(now.saturating_duration_since(self.created).as_secs_f64()),
@@ -605,6 +608,22 @@ impl Broadcast {
             .map_or(0, |f| f.seen)
     }
 
+    /// The rungs of the broadcast's ABR ladder: their tracks and descriptions, lowest id first.
+    pub fn renditions(&self) -> Vec<(TrackId, TrackInfo)> {
+        let mut r = self.tracks();
+        r.retain(|(id, t)| id.is_ladder() && t.rendition.is_some());
+        r
+    }
+
+    /// Whether the ladder has a rung named `name`.
+    pub fn has_rendition(&self, name: &str) -> bool {
+        self.lock()
+            .tracks
+            .iter()
+            .flatten()
+            .any(|t| t.rendition.as_deref() == Some(name))
+    }
+
     /// One track's description.
     pub fn track(&self, track: TrackId) -> Option<TrackInfo> {
         self.lock()
@@ -633,6 +652,9 @@ pub struct BroadcastInfo {
     pub publishing: bool,
     /// Tracks with measured figures.
     pub tracks: Vec<TrackSummary>,
+    /// The names of its ABR ladder's rungs (`?rendition=NAME`), tallest first as the ladder
+    /// lists them; each is one of `tracks` (its size, frame rate and bitrate there).
+    pub renditions: Vec<String>,
     /// Players attached now (people: RTMP, HTTP-FLV, WebRTC viewers).
     pub players: u64,
     /// Other nodes reading it over the cluster link now (not players).
@@ -681,6 +703,9 @@ pub struct TrackSummary {
     /// Seconds between the last two keyframes, video only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keyframe_interval_s: Option<f64>,
+    /// The ABR ladder rung this track is (`?rendition=` names it), if it is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rendition: Option<String>,
 }
 
 /// Hub-wide counters.
@@ -1031,6 +1056,17 @@ impl RenditionProducer {
     /// The rendition's track id.
     pub fn track(&self) -> TrackId {
         self.track
+    }
+
+    /// The rendition's description changed (a new codec config).
+    pub fn set_info(&mut self, info: TrackInfo) {
+        let changed = self
+            .bc
+            .lock()
+            .declare_track(self.track, info, &self.hub.inner.cfg);
+        if changed {
+            self.bc.notify.send_replace(());
+        }
     }
 
     /// Appends a frame whose times are on the broadcast's timeline.

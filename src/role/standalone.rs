@@ -259,6 +259,11 @@ async fn serve(
             if let Some(link) = reaper.link.get() {
                 link.publish_local();
             }
+            // ABR ladders for the broadcasts published here (`--ladder`).
+            if let Some(ladders) = &reaper.ladders {
+                let link = reaper.link.get();
+                ladders.start_new(&reaper.hub, |name| link.is_some_and(|l| l.fetches(name)));
+            }
         }
     });
     let http = crate::http::flv::HttpListener::new(http, ctx.clone())?;

@@ -34,6 +34,8 @@ pub enum Event {
         app: String,
         /// Stream key (without query string).
         key: String,
+        /// What followed the key after `?` (empty when nothing did).
+        query: String,
     },
     /// The client asks to play `app/key`; answer with [`ServerConn::accept_play`] or
     /// [`ServerConn::reject_play`].
@@ -42,8 +44,10 @@ pub enum Event {
         stream_id: u32,
         /// Application.
         app: String,
-        /// Stream key.
+        /// Stream key (without query string).
         key: String,
+        /// What followed the key after `?` (`rendition=360p`; empty when nothing did).
+        query: String,
     },
     /// `@setDataFrame onMetaData` from a publisher.
     Metadata(Amf0),
@@ -301,7 +305,8 @@ impl ServerConn {
                     .clone()
                     .ok_or(RtmpError::BadMessage("publish or play before connect"))?;
                 let full = arg(3);
-                let key = full.split('?').next().unwrap_or_default().to_owned();
+                let (key, query) = full.split_once('?').unwrap_or((full.as_str(), ""));
+                let (key, query) = (key.to_owned(), query.to_owned());
                 if !crate::media::valid_name(&key) {
                     let (code, what) = if name == "publish" {
                         ("NetStream.Publish.BadName", "publish")
@@ -326,12 +331,14 @@ impl ServerConn {
                         stream_id,
                         app,
                         key,
+                        query,
                     }
                 } else {
                     Event::PlayRequested {
                         stream_id,
                         app,
                         key,
+                        query,
                     }
                 });
             }
@@ -493,6 +500,7 @@ mod tests {
         let mut c = ClientConn::new("live", "rtmp://x/live", Mode::Publish("key".into()), 1);
         let (se, ce) = pump(&mut s, &mut c);
         assert!(se.contains(&Event::PublishRequested {
+            query: String::new(),
             stream_id: 1,
             app: "live".into(),
             key: "key".into()

@@ -21,7 +21,7 @@ use super::conn::{ConnConfig, Event, ServerConn};
 use super::flv::{self, Tag};
 use super::message::kind;
 use super::mux::RtmpMuxer;
-use crate::media::feed::Feed;
+use crate::media::feed::{Feed, rendition_param};
 use crate::media::{BroadcastProducer, Codec, PublishError, TrackId, TrackInfo, TrackKind};
 use crate::node::NodeContext;
 use crate::player::{self, PlayerError, PlayerProtocol};
@@ -124,6 +124,7 @@ async fn session(
                     stream_id,
                     app,
                     key,
+                    query: _,
                 } => {
                     let name = format!("{app}/{key}");
                     if ingest.is_some() {
@@ -153,6 +154,7 @@ async fn session(
                     stream_id,
                     app,
                     key,
+                    query,
                 } => {
                     let name = format!("{app}/{key}");
                     let Some(guard) = ctx.admit_player(false) else {
@@ -165,13 +167,21 @@ async fn session(
                         conn.reject_play(stream_id, "No such stream.");
                         continue;
                     };
+                    let rendition = rendition_param(&query);
+                    if let Some(r) = rendition
+                        && !ctx.rendition_ready(consumer.broadcast(), r).await
+                    {
+                        debug!(%peer, broadcast = %name, rendition = r, "play refused: no such rendition");
+                        conn.reject_play(stream_id, "No such rendition.");
+                        continue;
+                    }
                     conn.accept_play(stream_id);
                     // A player sends little: give back the publisher-sized read buffer.
                     drop(std::mem::take(&mut buf));
                     flush(&mut sock, &mut conn).await?;
                     conn.shrink();
                     debug!(%peer, broadcast = %name, "RTMP player started");
-                    let feed = Feed::new(consumer, RtmpMuxer);
+                    let feed = Feed::new(consumer, RtmpMuxer).with_rendition(rendition);
                     let r =
                         player::play(sock, feed, RtmpPlayer { conn, stream_id }, peer, ctx).await;
                     drop(guard);

@@ -1,0 +1,188 @@
+//! ABR ladders made in process (`castnode standalone --ladder default`): an OBS-like 720p
+//! publish (x264 high with B-frames + AAC, pushed by the ffmpeg CLI) gets the default ladder's
+//! rungs that fit it; ffprobe reads each rung over HTTP-FLV and RTMP (`?rendition=NAME`) and
+//! finds its height, 30 fps, no B-frames, and keyframes on the source's keyframe timestamps;
+//! an unknown rung is refused (404, `NetStream.Play.StreamNotFound`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// What ffprobe read of a stream's video for `seconds`: (width, height, frame rate, pts of
+/// every packet with its keyframe flag).
+struct Probe {
+    width: u64,
+    height: u64,
+    rate: String,
+    has_b_frames: u64,
+    packets: Vec<(f64, bool)>,
+}
+
+fn probe_cmd(url: &str, seconds: u32) -> Command {
+    let mut c = Command::new("timeout");
+    c.args([
+        "30",
+        "ffprobe",
+        "-v",
+        "error",
+        "-rw_timeout",
+        "15000000",
+        "-read_intervals",
+        &format!("%+{seconds}"),
+        "-select_streams",
+        "v:0",
+        "-show_entries",
+        "stream=width,height,r_frame_rate,has_b_frames:packet=pts_time,flags",
+        "-of",
+        "json",
+        url,
+    ]);
+    c
+}
+
+fn parse(out: &std::process::Output, url: &str) -> Probe {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ffprobe {url}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let s = &v["streams"][0];
+    let packets = v["packets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    let t: f64 = p["pts_time"].as_str()?.parse().ok()?;
+                    let key = p["flags"].as_str()?.starts_with('K');
+                    Some((t, key))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Probe {
+        width: s["width"].as_u64().unwrap_or(0),
+        height: s["height"].as_u64().unwrap_or(0),
+        rate: s["r_frame_rate"].as_str().unwrap_or("").to_owned(),
+        has_b_frames: s["has_b_frames"].as_u64().unwrap_or(99),
+        packets,
+    }
+}
+
+/// Keyframe times (ms) inside [from, to].
+fn keyframes(p: &Probe, from: f64, to: f64) -> Vec<i64> {
+    p.packets
+        .iter()
+        .filter(|(t, k)| *k && *t >= from && *t <= to)
+        .map(|(t, _)| (t * 1000.0).round() as i64)
+        .collect()
+}
+
+#[test]
+fn standalone_ladder_renditions_on_flv_and_rtmp_with_the_sources_keyframes() {
+    let server = Server::start(&["--ladder", "default"]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("abr"), &fixture("bench-720p.flv"), 100);
+    server.wait_live("live/abr", Duration::from_secs(15));
+    // The default ladder fitted to a 720p source: 720p and below, never 1080p.
+    let mut renditions = Vec::new();
+    let listed = wait_until(Duration::from_secs(10), || {
+        let (_, _, body) = server.get("/api/v1/broadcasts");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        renditions = v["broadcasts"][0]["renditions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        renditions.len() == 4
+    });
+    assert!(
+        listed,
+        "renditions listed: {renditions:?}\n{}",
+        server.log()
+    );
+    assert_eq!(renditions, ["720p", "480p", "360p", "240p"]);
+
+    // The source and three rungs read at once over HTTP-FLV, one over RTMP.
+    let urls = [
+        server.flv_url("abr"),
+        format!("{}?rendition=720p", server.flv_url("abr")),
+        format!("{}?rendition=480p", server.flv_url("abr")),
+        format!("{}?rendition=360p", server.flv_url("abr")),
+        format!("{}?rendition=240p", server.rtmp_url("abr")),
+    ];
+    let children: Vec<_> = urls
+        .iter()
+        .map(|u| probe_cmd(u, 7).output_async())
+        .collect();
+    let probes: Vec<Probe> = children
+        .into_iter()
+        .zip(&urls)
+        .map(|(c, u)| parse(&c.wait(), u))
+        .collect();
+    let source = &probes[0];
+    assert_eq!((source.width, source.height), (1280, 720));
+    for (p, (url, height)) in probes[1..]
+        .iter()
+        .zip(urls[1..].iter().zip([720, 480, 360, 240]))
+    {
+        assert_eq!(p.height, height, "{url}");
+        assert_eq!(p.width, (height * 16 / 9 + 1) / 2 * 2, "{url}");
+        assert_eq!(p.rate, "30/1", "{url}");
+        assert_eq!(p.has_b_frames, 0, "{url}");
+        assert!(p.packets.len() > 120, "{url}: {} packets", p.packets.len());
+        // Keyframes on the source's keyframe timestamps, over the time both were read.
+        let from = p.packets[0].0.max(source.packets[0].0);
+        let to = p
+            .packets
+            .last()
+            .unwrap()
+            .0
+            .min(source.packets.last().unwrap().0);
+        let want = keyframes(source, from, to);
+        assert!(
+            !want.is_empty(),
+            "{url}: no source keyframe in {from}..{to}"
+        );
+        assert_eq!(keyframes(p, from, to), want, "{url}");
+    }
+
+    // An unknown rung: 404 over HTTP-FLV, StreamNotFound over RTMP.
+    let (status, _, _) = server.get("/live/abr.flv?rendition=999p");
+    assert_eq!(status, 404);
+    let out = probe_cmd(&format!("{}?rendition=999p", server.rtmp_url("abr")), 2)
+        .output()
+        .expect("ffprobe");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No such rendition"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(server.log().contains("ABR ladder started"));
+}
+
+/// `Command::output` on a thread of its own, so several run at once.
+trait OutputAsync {
+    fn output_async(self) -> Pending;
+}
+
+struct Pending(std::thread::JoinHandle<std::process::Output>);
+
+impl Pending {
+    fn wait(self) -> std::process::Output {
+        self.0.join().expect("ffprobe thread")
+    }
+}
+
+impl OutputAsync for Command {
+    fn output_async(mut self) -> Pending {
+        Pending(std::thread::spawn(move || {
+            self.output().expect("run ffprobe")
+        }))
+    }
+}
