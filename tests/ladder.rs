@@ -132,7 +132,7 @@ fn standalone_ladder_renditions_on_flv_and_rtmp_with_the_sources_keyframes() {
         .zip(urls[1..].iter().zip([720, 480, 360, 240]))
     {
         assert_eq!(p.height, height, "{url}");
-        assert_eq!(p.width, (height * 16 / 9 + 1) / 2 * 2, "{url}");
+        assert_eq!(p.width, (height * 16 / 9).div_ceil(2) * 2, "{url}");
         assert_eq!(p.rate, "30/1", "{url}");
         assert_eq!(p.has_b_frames, 0, "{url}");
         assert!(p.packets.len() > 120, "{url}: {} packets", p.packets.len());
