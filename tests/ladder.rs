@@ -186,3 +186,50 @@ impl OutputAsync for Command {
         }))
     }
 }
+
+/// A WHEP viewer in Chromium asks for a rung: it decodes the rung's size at full rate without
+/// a freeze, and no B-frame re-encode runs for it (rungs have no B-frames). An unknown rung is
+/// refused before any session starts.
+#[test]
+fn whep_viewer_plays_a_rung_in_chromium() {
+    if !has_chromium() {
+        return;
+    }
+    let server = Server::start(&["--ladder", "default"]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("w"), &fixture("obs-like.flv"), 100);
+    server.wait_live("live/w", Duration::from_secs(15));
+    let base = format!("http://127.0.0.1:{}/whep/live/w", server.http_port);
+    let (status, _, body) = http_request(
+        server.http_port,
+        "POST",
+        "/whep/live/w?rendition=999p",
+        Some("application/sdp"),
+        b"v=0\r\n",
+    );
+    assert_eq!(status, 404, "{body}");
+    let (port, reports) = serve_page(whep_viewers_page(&format!("{base}?rendition=240p"), 1));
+    let profile = temp_dir("chromium-profile-ladder");
+    let _browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
+    let report = reports
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the page reported within 60 s");
+    println!("ladder: viewer: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let viewer = &v
+        .as_array()
+        .unwrap_or_else(|| panic!("page failed: {report}\nserver log:\n{}", server.log()))[0];
+    assert_eq!(
+        (viewer["width"].as_u64(), viewer["height"].as_u64()),
+        (Some(426), Some(240)),
+        "{viewer}"
+    );
+    let fps = viewer["fps"].as_f64().unwrap_or(0.0);
+    assert!(fps >= 25.0, "viewer decoded {fps} fps: {viewer}");
+    assert_eq!(viewer["freezeCount"].as_u64(), Some(0), "{viewer}");
+    // (The clip's frame counter is drawn for 640x360: the page cannot read it at 240p.)
+    assert_eq!(
+        server.metric("castnode_transcoders{kind=\"bframe_reencode\"}"),
+        0.0,
+        "a rung is played as it is"
+    );
+}

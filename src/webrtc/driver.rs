@@ -52,6 +52,7 @@ enum Command {
     Whep {
         consumer: BroadcastConsumer,
         offer: SdpOffer,
+        rendition: Option<Arc<str>>,
         reply: oneshot::Sender<Result<(u64, String), WebrtcError>>,
     },
     Whip {
@@ -125,11 +126,14 @@ impl Webrtc {
         &self,
         consumer: BroadcastConsumer,
         offer: &str,
+        rendition: Option<&str>,
     ) -> Result<(u64, String), WebrtcError> {
         let offer = parse_offer(offer)?;
+        let rendition = rendition.map(Arc::from);
         self.call(|reply| Command::Whep {
             consumer,
             offer,
+            rendition,
             reply,
         })
         .await
@@ -311,8 +315,8 @@ async fn run(
             }
             cmd = rx.recv() => match cmd {
                 None => return,
-                Some(Command::Whep { consumer, offer, reply }) => {
-                    let _ = reply.send(table.whep(consumer, offer, &mut egress));
+                Some(Command::Whep { consumer, offer, rendition, reply }) => {
+                    let _ = reply.send(table.whep(consumer, offer, rendition, &mut egress));
                 }
                 Some(Command::Whip { producer, offer, reply }) => {
                     let _ = reply.send(table.whip(producer, offer, &mut egress));

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
@@ -23,6 +23,7 @@ use tracing::{debug, info};
 use super::WebrtcError;
 use super::driver::Webrtc;
 use crate::http::cors;
+use crate::media::feed::rendition_param;
 use crate::media::{PublishError, valid_name};
 use crate::node::NodeContext;
 
@@ -159,6 +160,7 @@ async fn settle_reordering(bc: &crate::media::hub::Broadcast) {
 async fn whep(
     State(st): State<SignalState>,
     Path((app, key)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -183,8 +185,17 @@ async fn whep(
             format!("broadcast {name} is not live"),
         );
     };
+    let rendition = rendition_param(query.as_deref().unwrap_or(""));
+    if let Some(r) = rendition
+        && !st.ctx.rendition_ready(consumer.broadcast(), r).await
+    {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("broadcast {name} has no rendition {r}"),
+        );
+    }
     settle_reordering(consumer.broadcast()).await;
-    let r = st.webrtc.whep(consumer, sdp).await;
+    let r = st.webrtc.whep(consumer, sdp, rendition).await;
     answered("WHEP", &name, |id| format!("/whep/{app}/{key}/{id}"), r)
 }
 

@@ -229,11 +229,13 @@ impl Sessions {
         }
     }
 
-    /// Accepts a WHEP viewer's offer: (session id, answer SDP).
+    /// Accepts a WHEP viewer's offer: (session id, answer SDP). With `rendition`, the viewer
+    /// gets that ladder rung's video instead of the source's.
     pub fn whep(
         &mut self,
         consumer: BroadcastConsumer,
         offer: SdpOffer,
+        rendition: Option<Arc<str>>,
         out: &mut impl Out,
     ) -> Result<(u64, String), WebrtcError> {
         let id = self.next_id;
@@ -248,7 +250,13 @@ impl Sessions {
             let _node = self.node.enter();
             let viewer = Viewer {
                 _opus: opus_for(&ctx.transcoders, &ctx.hub, &bc),
-                video_rendition: video_for(&ctx.transcoders, &ctx.hub, &bc),
+                // A ladder's rung has no B-frames: no re-encode for its viewers.
+                video_rendition: match rendition {
+                    Some(_) => None,
+                    None => video_for(&ctx.transcoders, &ctx.hub, &bc),
+                },
+                ladder: rendition,
+                await_key: false,
                 consumer,
                 entries: Vec::with_capacity(64),
                 tracks: Vec::new(),
@@ -539,6 +547,10 @@ struct Viewer {
     /// The broadcast's B-frame-free video while this viewer watches; when set, only that
     /// rendition's frames are sent.
     video_rendition: Option<Arc<Rendition>>,
+    /// The ABR ladder rung played instead of the source's video (`?rendition=NAME`).
+    ladder: Option<Arc<str>>,
+    /// After a skip, a rung's frames wait for its next keyframe (it follows the group's start).
+    await_key: bool,
     /// A keyframe of the chosen video track has been sent.
     video_started: bool,
     /// The viewer asked for a keyframe (PLI/FIR) since the last tick.
@@ -938,9 +950,13 @@ impl Viewer {
         if !self.consumer.has_news() {
             return;
         }
-        if let ReadOutcome::Ended = self.consumer.read(&mut self.entries, 256) {
-            self.ended = true;
-            return;
+        match self.consumer.read(&mut self.entries, 256) {
+            ReadOutcome::Ended => {
+                self.ended = true;
+                return;
+            }
+            ReadOutcome::Skipped { .. } if self.ladder.is_some() => self.await_key = true,
+            _ => {}
         }
         let mut entries = std::mem::take(&mut self.entries);
         for e in entries.drain(..) {
@@ -952,11 +968,18 @@ impl Viewer {
                     };
                     match info.codec {
                         Codec::H264
-                            if match &self.video_rendition {
-                                Some(r) => r.track() == Some(*track),
-                                None => track.is_source(),
+                            if match (&self.ladder, &self.video_rendition) {
+                                (Some(rung), _) => info.rendition.as_deref() == Some(&**rung),
+                                (None, Some(r)) => r.track() == Some(*track),
+                                (None, None) => track.is_source(),
                             } =>
                         {
+                            if self.await_key {
+                                if !frame.keyframe {
+                                    continue;
+                                }
+                                self.await_key = false;
+                            }
                             if !self.video_started {
                                 if !frame.keyframe {
                                     continue;
@@ -1217,7 +1240,7 @@ mod tests {
         let publisher = ctx.hub.publish("live/t", Instant::now()).unwrap();
         let consumer = ctx.hub.subscribe("live/t").unwrap();
         let (mut rtc, offer, pending) = client("192.0.2.50:40000".parse().unwrap());
-        let (id, answer) = table.whep(consumer, offer, out).unwrap();
+        let (id, answer) = table.whep(consumer, offer, None, out).unwrap();
         let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
         rtc.sdp_api().accept_answer(pending, answer).unwrap();
         (id, rtc, publisher)
