@@ -11,7 +11,8 @@
 //!                         media::hub  (per broadcast: log of groups, shared Arc<Entry>)
 //!                            ▲   │ BroadcastConsumer::read (per player cursor)
 //!   transcode (renditions:   │   ├───────────────────────────────────────────┐
-//!   AAC⇄Opus, no-B-frames) ──┘   ▼                                           ▼
+//!   AAC⇄Opus, no-B-frames,   │   │  (a player picks a ladder rung:           │
+//!   ABR ladder rungs) ───────┘   ▼   ?rendition=NAME)                        ▼
 //!                         media::feed (batches; Muxer encodes each   webrtc::packetize: RTP
 //!                                      entry once, memoized in the   payloads once per frame
 //!                                      entry, shared by every player) (memo); webrtc::sender:
