@@ -138,58 +138,46 @@ async fn run_video(
             return;
         }
     };
-    let mut config = source.config.clone();
+    let mut source = SourceVideo::new(source_track, &source);
     let mut rendition = None;
     info!(broadcast = %bc.name(), "B-frame re-encode for WebRTC started");
     let name: Arc<str> = bc.name().into();
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(4);
-    // The decoder starts on a keyframe (with its SPS and PPS in band): frames before it refer to
-    // parameter sets and pictures it never got.
-    let mut started = false;
     while next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
-            match &e.item {
-                Item::Config { track, info } if *track == source_track => {
-                    config = info.config.clone()
-                }
-                Item::Frame { track, frame } if *track == source_track => {
-                    started |= frame.keyframe;
-                    if !started {
-                        continue;
-                    }
-                    // Re-encoding is CPU work: keep it off the runtime's I/O threads.
-                    let r = tokio::task::block_in_place(|| {
-                        let _scope = Scope::enter(&name);
-                        reencoder.push(frame, config.as_deref(), &mut out)
-                    });
-                    if let Err(err) = r {
-                        warn!(broadcast = %bc.name(), error = %err, "re-encode failed; stopping it");
-                        return;
-                    }
-                    let Some(avcc) = reencoder.config.clone() else {
-                        continue;
-                    };
-                    let producer = rendition.get_or_insert_with(|| {
-                        let video = h264::parse_avcc(&avcc);
-                        let r = bc.add_rendition(
-                            &hub,
-                            TrackInfo {
-                                codec: Codec::H264,
-                                config: Some(avcc),
-                                video,
-                                audio: None,
-                                rendition: None,
-                            },
-                        );
-                        let _ = declared.set(r.track());
-                        r
-                    });
-                    for f in out.drain(..) {
-                        producer.push(f);
-                    }
-                }
-                _ => {}
+            let Some(frame) = source.frame(&e) else {
+                continue;
+            };
+            // Re-encoding is CPU work: keep it off the runtime's I/O threads.
+            let r = tokio::task::block_in_place(|| {
+                let _scope = Scope::enter(&name);
+                reencoder.push(frame, source.config(), &mut out)
+            });
+            if let Err(err) = r {
+                warn!(broadcast = %bc.name(), error = %err, "re-encode failed; stopping it");
+                return;
+            }
+            let Some(avcc) = reencoder.config.clone() else {
+                continue;
+            };
+            let producer = rendition.get_or_insert_with(|| {
+                let video = h264::parse_avcc(&avcc);
+                let r = bc.add_rendition(
+                    &hub,
+                    TrackInfo {
+                        codec: Codec::H264,
+                        config: Some(avcc),
+                        video,
+                        audio: None,
+                        rendition: None,
+                    },
+                );
+                let _ = declared.set(r.track());
+                r
+            });
+            for f in out.drain(..) {
+                producer.push(f);
             }
         }
     }
@@ -230,6 +218,45 @@ fn audio_for(
     Some(get_or_start(map, bc.name(), move |track| {
         tokio::spawn(run_audio(hub, bc2, source, to, track))
     }))
+}
+
+/// A source video track as a decoder fed from the hub reads it: its frames from the first
+/// keyframe on (frames before one refer to parameter sets and pictures the decoder never got),
+/// with the track's current config.
+struct SourceVideo {
+    track: TrackId,
+    config: Option<bytes::Bytes>,
+    started: bool,
+}
+
+impl SourceVideo {
+    fn new(track: TrackId, info: &TrackInfo) -> Self {
+        Self {
+            track,
+            config: info.config.clone(),
+            started: false,
+        }
+    }
+
+    /// The frame in `e` to decode, if it holds one (a config entry updates the config).
+    fn frame<'e>(&mut self, e: &'e Entry) -> Option<&'e crate::media::Frame> {
+        match &e.item {
+            Item::Config { track, info } if *track == self.track => {
+                self.config = info.config.clone();
+                None
+            }
+            Item::Frame { track, frame } if *track == self.track => {
+                self.started |= frame.keyframe;
+                self.started.then_some(frame)
+            }
+            _ => None,
+        }
+    }
+
+    /// The track's config (avcC).
+    fn config(&self) -> Option<&[u8]> {
+        self.config.as_deref()
+    }
 }
 
 /// Waits for the next entries of `consumer`; false when the broadcast ended.
@@ -421,51 +448,40 @@ async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
         }
     };
     info!(broadcast = %name, rungs, "ABR ladder started");
-    let mut config = source.config.clone();
+    let mut source = SourceVideo::new(source_track, &source);
     let mut producers: Vec<Option<crate::media::hub::RenditionProducer>> = Vec::new();
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(16);
-    // The decoder starts on a keyframe (with its SPS and PPS in band).
-    let mut started = false;
     while next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
-            match &e.item {
-                Item::Config { track, info } if *track == source_track => {
-                    config = info.config.clone()
-                }
-                Item::Frame { track, frame } if *track == source_track => {
-                    started |= frame.keyframe;
-                    if !started {
-                        continue;
+            let Some(frame) = source.frame(&e) else {
+                continue;
+            };
+            let r = {
+                let _scope = Scope::enter(&name);
+                encoder.push(frame, source.config(), &mut out)
+            };
+            if let Err(err) = r {
+                warn!(broadcast = %name, error = %err, "ABR ladder failed; stopping it");
+                return;
+            }
+            for ev in out.drain(..) {
+                match ev {
+                    LadderEvent::Config { rung, info } => {
+                        if producers.len() <= rung {
+                            producers.resize_with(rung + 1, || None);
+                        }
+                        match &mut producers[rung] {
+                            Some(p) => p.set_info(info),
+                            slot => *slot = bc.add_ladder_rendition(&hub, info),
+                        }
                     }
-                    let r = {
-                        let _scope = Scope::enter(&name);
-                        encoder.push(frame, config.as_deref(), &mut out)
-                    };
-                    if let Err(err) = r {
-                        warn!(broadcast = %name, error = %err, "ABR ladder failed; stopping it");
-                        return;
-                    }
-                    for ev in out.drain(..) {
-                        match ev {
-                            LadderEvent::Config { rung, info } => {
-                                if producers.len() <= rung {
-                                    producers.resize_with(rung + 1, || None);
-                                }
-                                match &mut producers[rung] {
-                                    Some(p) => p.set_info(info),
-                                    slot => *slot = bc.add_ladder_rendition(&hub, info),
-                                }
-                            }
-                            LadderEvent::Frame { rung, frame } => {
-                                if let Some(Some(p)) = producers.get_mut(rung) {
-                                    p.push(frame);
-                                }
-                            }
+                    LadderEvent::Frame { rung, frame } => {
+                        if let Some(Some(p)) = producers.get_mut(rung) {
+                            p.push(frame);
                         }
                     }
                 }
-                _ => {}
             }
         }
     }
