@@ -566,6 +566,7 @@ fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration
 
 impl NodeArgs {
     /// [`NodeArgs::resolve_for`] a node that is not part of a cluster.
+    #[cfg(test)]
     pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
         self.resolve_for("standalone")
     }

@@ -132,12 +132,6 @@ impl Embedded {
         Ok(m)
     }
 
-    /// A manager with an in-memory store and no API tokens (tests, benchmarks).
-    pub fn in_memory(token: &str, ttl: Duration, default_region: &str) -> Self {
-        let store = Store::open(None).expect("an in-memory SQLite database opens");
-        Self::new(token, ttl, default_region, store, false).expect("an empty store loads")
-    }
-
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         lock(&self.registry)
     }

@@ -95,13 +95,6 @@ impl ProcessProvisioner {
         self.children.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many started processes are still running.
-    pub fn running(&self) -> usize {
-        let mut c = self.children();
-        c.retain(|_, child| matches!(child.try_wait(), Ok(None)));
-        c.len()
-    }
-
     /// Stops every node it started: SIGTERM, then SIGKILL after 5 s.
     pub async fn shutdown(&self) {
         let mut children: Vec<(String, Child)> = self.children().drain().collect();

@@ -23,6 +23,7 @@ use super::{Hint, LoadReport, ManagerError, NodeInfo, NodeRole, PlacedNode, Plac
 /// How many of the best candidates a placement picks from at random.
 pub const BEST_FEW: usize = 3;
 /// Default heartbeat TTL.
+#[cfg(test)]
 pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
 /// How long a placement counts against its node's room: a viewer sent to a node shows up in its
 /// reports only once it connected, so the manager counts it itself meanwhile (erring towards
@@ -187,11 +188,6 @@ impl Registry {
         region == self.default_region
             || self.by_region.contains_key(region)
             || self.cidrs.iter().any(|(_, r)| r == region)
-    }
-
-    /// The manager's default region.
-    pub fn default_region(&self) -> &str {
-        &self.default_region
     }
 
     /// Registers or re-registers a node (it is live from now; a draining node stays draining).

@@ -734,11 +734,6 @@ impl Hub {
         &self.inner.stats
     }
 
-    /// The hub's configuration.
-    pub fn config(&self) -> &HubConfig {
-        &self.inner.cfg
-    }
-
     /// Start publishing `name` (at `now`, the broadcast's start for its uptime), or continue it
     /// when its publisher left within the grace. A name that breaks [`valid_name`] is refused,
     /// whatever protocol brought it.

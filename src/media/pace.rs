@@ -79,6 +79,7 @@ impl Pacer {
     }
 
     /// Players being paced.
+    #[cfg(test)]
     pub fn players(&self) -> u64 {
         self.members.load(Relaxed)
     }

@@ -150,11 +150,6 @@ impl ServerConn {
         self.events.shrink_to_fit();
     }
 
-    /// Whether this session publishes.
-    pub fn is_publishing(&self) -> bool {
-        self.publishing.is_some()
-    }
-
     /// Feeds bytes received from the peer.
     pub fn handle_input(&mut self, data: &[u8]) -> Result<(), RtmpError> {
         self.inbuf.extend_from_slice(data);

@@ -4,7 +4,7 @@
 //! A viewer's `Rtc` (SDP state, ICE agent, DTLS, stream bookkeeping) costs tens of KiB and,
 //! once the media sender has the SRTP keys and the DTLS handshake is well over, does nothing
 //! but answer STUN binding requests. [`Consent`] does that with the local ICE credentials
-//! alone, so the driver drops the `Rtc` (see `HANDOVER_AFTER` in [`super::driver`]).
+//! alone, so the driver drops the `Rtc` (see `HANDOVER_AFTER` in [`super::table`]).
 //!
 //! Guarantees: only binding requests whose USERNAME starts with our ufrag and whose
 //! MESSAGE-INTEGRITY verifies with our password are answered (with XOR-MAPPED-ADDRESS,

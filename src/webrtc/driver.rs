@@ -7,7 +7,7 @@
 //! The driver is only the loop: it waits for datagrams (`recvmmsg`, GRO), commands from the HTTP
 //! side (the channel behind [`Webrtc`]), the table's next deadline and the [`MEDIA_TICK`], hands
 //! each to the table, and sends what the table wrote through the [`Egress`] (flushed after each
-//! receive batch and each tick). What the sessions guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`], handover, keyframe
+//! receive batch and each tick). What the sessions guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`](super::table::CONNECT_TIMEOUT), handover, keyframe
 //! requests) is stated in [`super::table`].
 //!
 //! Guarantees:
@@ -33,10 +33,6 @@ use tracing::{debug, warn};
 use super::WebrtcError;
 use super::egress::Egress;
 use super::table::Sessions;
-pub use super::table::{
-    CONNECT_TIMEOUT, HANDOVER_AFTER, KEYFRAME_REQUEST_INTERVAL, PUBLISHER_KEYFRAME_INTERVAL,
-    VIDEO_SEND_BUFFER,
-};
 use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::node::NodeContext;
 

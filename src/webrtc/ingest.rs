@@ -230,6 +230,7 @@ impl Ingest {
     }
 
     /// Audio has been aligned with video by sender reports.
+    #[cfg(test)]
     pub fn synced(&self) -> bool {
         self.audio_synced
     }

@@ -48,9 +48,6 @@ pub enum WebrtcError {
     /// str0m refused the offer.
     #[error("offer not accepted: {0}")]
     Rejected(String),
-    /// The node is at `--max-viewers`.
-    #[error("viewer limit reached")]
-    Full,
     /// The WebRTC task is gone (the node is shutting down).
     #[error("WebRTC is not running")]
     Stopped,

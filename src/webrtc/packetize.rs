@@ -47,6 +47,7 @@ impl RtpFrame {
     }
 
     /// Bytes of payload in all packets.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.data.len()
     }

@@ -156,11 +156,6 @@ impl MediaSender {
         })
     }
 
-    /// Whether the session has a stream of `kind`.
-    pub fn has(&self, kind: Kind) -> bool {
-        self.streams[kind as usize].is_some()
-    }
-
     /// Sends one frame of `kind` with payload type `pt` and presentation time `pts_us`.
     pub fn send(
         &mut self,

@@ -119,7 +119,7 @@ fn answered(
                 WebrtcError::BadOffer(_) | WebrtcError::NoCodec(_) | WebrtcError::Rejected(_) => {
                     StatusCode::BAD_REQUEST
                 }
-                WebrtcError::Full | WebrtcError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                WebrtcError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             };
             refuse(status, e.to_string())
         }

@@ -10,8 +10,9 @@
 //!   offset from the caller, is checked and refused with an [`SrtpError`].
 //! - Nothing allocates per packet: all cipher keys (AES-GCM, AES-CTR, HMAC-SHA1) are set up
 //!   once in [`Srtp::new`]; the protect calls grow the caller's `Vec` in place (no
-//!   allocation when it has [`Profile::rtp_overhead`] / [`Profile::rtcp_overhead`] bytes of
-//!   spare capacity) and the unprotect calls write into the caller's reusable `out`.
+//!   allocation when it has the profile's overhead as spare capacity: the tag, 16 bytes at
+//!   most, for RTP; the tag and the 4-byte SRTCP index for RTCP) and the unprotect calls write
+//!   into the caller's reusable `out`.
 //! - A packet that fails authentication is never decrypted into `out` (it is left empty),
 //!   and an SRTCP packet only enters the replay window once it has authenticated.
 //! - Outgoing SRTCP indices are never reused: after 2^31 - 1 packets
@@ -108,6 +109,7 @@ impl Profile {
     }
 
     /// Bytes a protected RTP packet grows by (16 for GCM, 10 for AES-CM-SHA1-80).
+    #[cfg(test)]
     pub fn rtp_overhead(self) -> usize {
         match self {
             Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => GCM_TAG_LEN,
@@ -116,6 +118,7 @@ impl Profile {
     }
 
     /// Bytes a protected RTCP packet grows by (GCM: 16 tag + 4 index; AES-CM: 4 index + 10 tag).
+    #[cfg(test)]
     pub fn rtcp_overhead(self) -> usize {
         self.rtp_overhead() + SRTCP_INDEX_LEN
     }
@@ -394,6 +397,7 @@ impl Srtp {
     }
 
     /// The protection profile of this context.
+    #[cfg(test)]
     pub fn profile(&self) -> Profile {
         self.profile
     }
@@ -569,9 +573,10 @@ impl Srtp {
         Ok(())
     }
 
-    /// Unprotects one incoming SRTP packet into `out` (the plain RTP packet). Used by tests and by a load client; `roc` supplied by caller. Header length is parsed from the packet itself (12 + 4*CC + extension if X bit), errors on malformed.
+    /// Unprotects one incoming SRTP packet into `out` (the plain RTP packet). Used by tests (the sender's and this module's); `roc` supplied by caller. Header length is parsed from the packet itself (12 + 4*CC + extension if X bit), errors on malformed.
     ///
     /// No replay check (the caller owns per-SSRC RTP state). On any error `out` is left empty.
+    #[cfg(test)]
     pub fn unprotect_rtp(
         &self,
         packet: &[u8],
@@ -586,6 +591,7 @@ impl Srtp {
         result
     }
 
+    #[cfg(test)]
     fn unprotect_rtp_inner(
         &self,
         packet: &[u8],
@@ -651,6 +657,7 @@ fn be_u32(b: &[u8]) -> u32 {
 }
 
 /// RTP header length (12 + 4·CC + extension), checked against the packet.
+#[cfg(test)]
 fn rtp_header_len(packet: &[u8]) -> Result<usize, SrtpError> {
     if packet.len() < RTP_FIXED_HEADER_LEN {
         return Err(SrtpError::TooShort {

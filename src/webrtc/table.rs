@@ -128,6 +128,7 @@ impl Sessions {
 
     /// (sessions with an `Rtc`: connecting, publishing, or viewers not handed over yet;
     /// handed-over viewers).
+    #[cfg(test)]
     pub fn count(&self) -> (usize, usize) {
         (self.sessions.len(), self.lite.len())
     }
