@@ -2,13 +2,13 @@
 //! broadcast playable where its original codecs are not. Pure frame-in, frames-out objects; the
 //! tasks that feed them from the hub live in [`crate::transcode`].
 
-pub mod audio;
-pub mod log;
-pub mod video;
+pub(crate) mod audio;
+pub(crate) mod log;
+pub(crate) mod video;
 
 /// Why a transcoder could not be built or failed.
 #[derive(Debug, thiserror::Error)]
-pub enum FfmpegError {
+pub(crate) enum FfmpegError {
     /// FFmpeg lacks a codec castnode needs (e.g. a build without libopus).
     #[error("FFmpeg has no {0}")]
     MissingCodec(&'static str),
@@ -21,7 +21,7 @@ pub enum FfmpegError {
 }
 
 /// Initialises FFmpeg once per process.
-pub fn init() {
+pub(crate) fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = ffmpeg_next::init();

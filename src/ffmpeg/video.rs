@@ -14,14 +14,14 @@ use crate::codec::h264;
 use crate::media::Frame;
 
 /// The re-encoder of one broadcast's video.
-pub struct Reencoder {
+pub(crate) struct Reencoder {
     decoder: ff::decoder::Video,
     encoder: Option<ff::encoder::Video>,
     decoded: ff::frame::Video,
     /// The output's AVCDecoderConfigurationRecord, once the encoder produced SPS and PPS.
-    pub config: Option<Bytes>,
+    pub(crate) config: Option<Bytes>,
     /// Frames FFmpeg could not decode.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// The source's frame rate (frames per second), for the encoder's rate control and level.
     fps: u32,
 }
@@ -29,7 +29,7 @@ pub struct Reencoder {
 impl Reencoder {
     /// A re-encoder for a source of about `fps` frames a second (30 when not known yet); the
     /// encoder opens on the first decoded picture (its size comes from it).
-    pub fn new(fps: Option<f64>) -> Result<Self, FfmpegError> {
+    pub(crate) fn new(fps: Option<f64>) -> Result<Self, FfmpegError> {
         super::init();
         let codec = ff::decoder::find(ff::codec::Id::H264)
             .ok_or(FfmpegError::MissingCodec("H.264 decoder"))?;
@@ -75,7 +75,7 @@ impl Reencoder {
 
     /// Re-encodes one source frame (`avcc` is the source track's config); appends finished
     /// frames, length-prefixed, to `out`.
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         frame: &Frame,
         avcc: Option<&[u8]>,

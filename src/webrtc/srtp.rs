@@ -110,7 +110,7 @@ impl Profile {
 
     /// Bytes a protected RTP packet grows by (16 for GCM, 10 for AES-CM-SHA1-80).
     #[cfg(test)]
-    pub fn rtp_overhead(self) -> usize {
+    pub(crate) fn rtp_overhead(self) -> usize {
         match self {
             Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => GCM_TAG_LEN,
             Profile::Aes128CmSha1_80 => CM_TAG_LEN,
@@ -119,7 +119,7 @@ impl Profile {
 
     /// Bytes a protected RTCP packet grows by (GCM: 16 tag + 4 index; AES-CM: 4 index + 10 tag).
     #[cfg(test)]
-    pub fn rtcp_overhead(self) -> usize {
+    pub(crate) fn rtcp_overhead(self) -> usize {
         self.rtp_overhead() + SRTCP_INDEX_LEN
     }
 }
@@ -329,7 +329,7 @@ impl ReplayWindow {
 }
 
 /// One direction pair of an SRTP session: protects what this side sends, unprotects what it receives.
-pub struct Srtp {
+pub(crate) struct Srtp {
     profile: Profile,
     /// Keys of what this side sends.
     tx: Direction,
@@ -359,7 +359,7 @@ impl Srtp {
     ///
     /// Derives the session keys of both directions (RFC 3711 §4.3 KDF, AES-CM PRF of the
     /// master key's size, key_derivation_rate 0) and sets up every cipher key once.
-    pub fn new(profile: Profile, material: &[u8], client: bool) -> Result<Self, SrtpError> {
+    pub(crate) fn new(profile: Profile, material: &[u8], client: bool) -> Result<Self, SrtpError> {
         check_len(
             "DTLS-SRTP keying material",
             profile.keying_material_len(),
@@ -380,7 +380,7 @@ impl Srtp {
     /// Builds a context from the two directions' master keys and salts given explicitly:
     /// `tx_*` protect what this side sends, `rx_*` unprotect what it receives. For tests, a
     /// load client, or keys that did not come from DTLS.
-    pub fn from_master(
+    pub(crate) fn from_master(
         profile: Profile,
         tx_key: &[u8],
         tx_salt: &[u8],
@@ -398,7 +398,7 @@ impl Srtp {
 
     /// The protection profile of this context.
     #[cfg(test)]
-    pub fn profile(&self) -> Profile {
+    pub(crate) fn profile(&self) -> Profile {
         self.profile
     }
 
@@ -406,7 +406,7 @@ impl Srtp {
     ///
     /// `header_len` is trusted to be the real header length (at least 12 and within the
     /// packet; anything else is refused with [`SrtpError::Layout`] and `buf` is untouched).
-    pub fn protect_rtp(
+    pub(crate) fn protect_rtp(
         &self,
         buf: &mut Vec<u8>,
         start: usize,
@@ -450,7 +450,11 @@ impl Srtp {
     /// Protects one outgoing (compound) RTCP packet in place at the end of `buf` (`buf[start..]` is the plain compound RTCP, first 8 bytes = header + sender SSRC). Uses and increments this context's own SRTCP index (31 bits, the first packet carries 1 as with libsrtp; E flag set: encrypted). Grows `buf` by `rtcp_overhead()`.
     ///
     /// Refuses with [`SrtpError::SrtcpIndexExhausted`] rather than ever reusing an index.
-    pub fn protect_rtcp(&mut self, buf: &mut Vec<u8>, start: usize) -> Result<(), SrtpError> {
+    pub(crate) fn protect_rtcp(
+        &mut self,
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), SrtpError> {
         let Some(packet) = buf.get_mut(start..) else {
             return Err(SrtpError::Layout {
                 start,
@@ -494,7 +498,11 @@ impl Srtp {
     /// Unprotects one incoming SRTCP packet (from the peer) into `out` (cleared first): checks the tag, decrypts when the E flag is set, returns the plain compound RTCP in `out`. Rejects replays of an index already seen (a 128-index sliding window) and anything malformed, with an error and no panic.
     ///
     /// On any error `out` is left empty and the replay window is unchanged.
-    pub fn unprotect_rtcp(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Result<(), SrtpError> {
+    pub(crate) fn unprotect_rtcp(
+        &mut self,
+        packet: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SrtpError> {
         out.clear();
         let result = self.unprotect_rtcp_inner(packet, out);
         if result.is_err() {
@@ -577,7 +585,7 @@ impl Srtp {
     ///
     /// No replay check (the caller owns per-SSRC RTP state). On any error `out` is left empty.
     #[cfg(test)]
-    pub fn unprotect_rtp(
+    pub(crate) fn unprotect_rtp(
         &self,
         packet: &[u8],
         roc: u32,
