@@ -132,7 +132,7 @@ impl ListenAddr {
     /// The address to bind: the IP address given, or what the host name resolves to (its first
     /// IPv4 address when it has one, so `localhost` is 127.0.0.1, else its first address).
     /// `key` names the setting in the error.
-    pub fn resolve(&self, key: &str) -> Result<SocketAddr, ConfigError> {
+    pub(crate) fn resolve(&self, key: &str) -> Result<SocketAddr, ConfigError> {
         if let Ok(ip) = self.host.parse::<IpAddr>() {
             return Ok(SocketAddr::new(ip, self.port));
         }
@@ -303,12 +303,12 @@ pub struct NodeArgs {
 #[error("invalid configuration: {}: {reason}", self.from.as_deref().unwrap_or(&self.key))]
 pub struct ConfigError {
     /// The key (flag name without dashes, as in the TOML file).
-    pub key: String,
+    pub(crate) key: String,
     /// What is wrong.
-    pub reason: String,
+    pub(crate) reason: String,
     /// Where the value came from, as the user gave it (`--max-viewers`, `CASTNODE_MAX_VIEWERS`),
     /// when known ([`ConfigError::located`]); the message names it instead of the key.
-    pub from: Option<String>,
+    pub(crate) from: Option<String>,
 }
 
 fn bad(key: &str, reason: impl Into<String>) -> ConfigError {
@@ -463,7 +463,7 @@ pub fn env_value_error(e: &clap::Error, args: &[OsString]) -> Option<String> {
 
 /// The platform's data directory for castnode: `$XDG_DATA_HOME/castnode` (when it is an
 /// absolute path), else `$HOME/.local/share/castnode`.
-pub fn default_data_dir(
+pub(crate) fn default_data_dir(
     xdg_data_home: Option<OsString>,
     home: Option<OsString>,
 ) -> Option<PathBuf> {
@@ -477,97 +477,97 @@ pub fn default_data_dir(
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// RTMP listen address.
-    pub rtmp: SocketAddr,
+    pub(crate) rtmp: SocketAddr,
     /// HTTP listen address.
-    pub http: SocketAddr,
+    pub(crate) http: SocketAddr,
     /// Log format.
     pub log_format: LogFormat,
     /// Largest RTMP message.
-    pub max_message_bytes: usize,
+    pub(crate) max_message_bytes: usize,
     /// Most RTMP connections.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Most players.
-    pub max_players: usize,
+    pub(crate) max_players: usize,
     /// Reconnect grace.
-    pub publish_grace: Duration,
+    pub(crate) publish_grace: Duration,
     /// RTMP handshake deadline.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Longest interval between writes to a player.
-    pub player_batch: Duration,
+    pub(crate) player_batch: Duration,
     /// Writes per second to all players before batching sets in.
-    pub write_budget: u64,
+    pub(crate) write_budget: u64,
     /// How long a player may block a write.
-    pub stall_timeout: Duration,
+    pub(crate) stall_timeout: Duration,
     /// Host used in printed URLs.
-    pub public_host: String,
+    pub(crate) public_host: String,
     /// WebRTC UDP address.
-    pub webrtc_udp: SocketAddr,
+    pub(crate) webrtc_udp: SocketAddr,
     /// Candidate addresses for WebRTC peers (empty: derived from the bound address).
-    pub webrtc_public_ip: Vec<IpAddr>,
+    pub(crate) webrtc_public_ip: Vec<IpAddr>,
     /// Most WebRTC viewers.
-    pub max_viewers: usize,
+    pub(crate) max_viewers: usize,
     /// The cluster link's settings.
     pub cluster: ClusterConfig,
     /// The stream manager's settings.
-    pub manager: ManagerConfig,
+    pub(crate) manager: ManagerConfig,
     /// The ladder `--ladder` chose (none given: `None`).
     pub ladder: Option<Ladder>,
 }
 
 /// Where a node reports, and the manager's own settings.
 #[derive(Debug, Clone)]
-pub struct ManagerConfig {
+pub(crate) struct ManagerConfig {
     /// The manager's URL (none: this node reports to no remote manager).
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// The manager runs inside this node (standalone's default): its API is served on the
     /// node's HTTP port and the node registers with it.
-    pub embedded: bool,
+    pub(crate) embedded: bool,
     /// This node's region (the manager's default region).
-    pub region: String,
+    pub(crate) region: String,
     /// Viewers this node takes.
-    pub capacity: u64,
+    pub(crate) capacity: u64,
     /// Manager: heartbeat TTL.
-    pub heartbeat_ttl: Duration,
+    pub(crate) heartbeat_ttl: Duration,
     /// This node's node group.
-    pub node_group: Option<String>,
+    pub(crate) node_group: Option<String>,
     /// Manager: the database (None: in memory).
-    pub db: Option<PathBuf>,
+    pub(crate) db: Option<PathBuf>,
     /// The data directory the database is in, when the database was placed there (created at
     /// start).
-    pub data_dir: Option<PathBuf>,
+    pub(crate) data_dir: Option<PathBuf>,
     /// Manager: an admin token to make sure of.
-    pub admin_token: Option<String>,
+    pub(crate) admin_token: Option<String>,
     /// Manager: placement lookups need a token.
-    pub require_token: bool,
+    pub(crate) require_token: bool,
     /// Manager: start node-group nodes as local processes (else no provisioner).
-    pub process_provisioner: bool,
+    pub(crate) process_provisioner: bool,
     /// Manager: the host provisioned processes bind.
-    pub provision_host: String,
+    pub(crate) provision_host: String,
     /// Manager: where provisioned processes log.
-    pub provision_dir: PathBuf,
+    pub(crate) provision_dir: PathBuf,
 }
 
 /// The cluster link's validated settings.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterConfig {
     /// This node's name.
-    pub node_id: String,
+    pub(crate) node_id: String,
     /// Where this node serves other nodes (QUIC), if it does.
-    pub listen: Option<SocketAddr>,
+    pub(crate) listen: Option<SocketAddr>,
     /// Upstream nodes, in the order they are tried.
-    pub upstream: Vec<String>,
+    pub(crate) upstream: Vec<String>,
     /// The shared secret (empty: no cluster link may be used).
-    pub token: String,
+    pub(crate) token: String,
     /// Certificate to present instead of a self-signed one.
-    pub cert: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
     /// Its key.
-    pub key: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
     /// CA to verify upstream nodes against.
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// How long an upstream subscription outlives its last local viewer.
-    pub linger: Duration,
+    pub(crate) linger: Duration,
     /// Threads serving other nodes (each with its own socket on `listen`).
-    pub threads: usize,
+    pub(crate) threads: usize,
 }
 
 fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration, ConfigError> {
@@ -580,7 +580,8 @@ fn seconds(key: &str, v: Option<f64>, default: f64, max: f64) -> Result<Duration
 
 impl NodeArgs {
     /// [`NodeArgs::resolve_for`] a node that is not part of a cluster.
-    pub fn resolve(&self) -> Result<NodeConfig, ConfigError> {
+    #[cfg(test)]
+    pub(crate) fn resolve(&self) -> Result<NodeConfig, ConfigError> {
         self.resolve_for("standalone")
     }
 
@@ -963,15 +964,15 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
 }
 
 /// Cluster serving threads at most (`--cluster-threads`).
-pub const MAX_CLUSTER_THREADS: usize = 16;
+pub(crate) const MAX_CLUSTER_THREADS: usize = 16;
 /// Cores per cluster serving thread by default. One thread serves a frame's copies more cheaply
 /// than two (BENCHMARKS.md, "Cluster link": 11–12 µs against 13–15 µs per copy on 2 cores), and
 /// a relay of many cores still spreads its peers.
-pub const CORES_PER_CLUSTER_THREAD: usize = 4;
+pub(crate) const CORES_PER_CLUSTER_THREAD: usize = 4;
 
 /// How many cluster serving threads a node runs unless told (`--cluster-threads`): one per
 /// [`CORES_PER_CLUSTER_THREAD`] cores it may use, at least 1, at most [`MAX_CLUSTER_THREADS`].
-pub fn default_cluster_threads() -> usize {
+pub(crate) fn default_cluster_threads() -> usize {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     (cores / CORES_PER_CLUSTER_THREAD).clamp(1, MAX_CLUSTER_THREADS)
 }

@@ -12,39 +12,39 @@ use std::time::Duration;
 
 /// Counters of one node.
 #[derive(Debug, Default)]
-pub struct NodeStats {
+pub(crate) struct NodeStats {
     /// Open RTMP connections.
-    pub rtmp_connections: AtomicU64,
+    pub(crate) rtmp_connections: AtomicU64,
     /// RTMP connections refused at the connection limit.
-    pub rtmp_refused: AtomicU64,
+    pub(crate) rtmp_refused: AtomicU64,
     /// RTMP connections closed for a protocol error or timeout.
-    pub rtmp_errors: AtomicU64,
+    pub(crate) rtmp_errors: AtomicU64,
     /// Publishers connected now.
-    pub publishers: AtomicU64,
+    pub(crate) publishers: AtomicU64,
     /// RTMP players connected now.
-    pub rtmp_players: AtomicU64,
+    pub(crate) rtmp_players: AtomicU64,
     /// HTTP-FLV players connected now.
-    pub flv_players: AtomicU64,
+    pub(crate) flv_players: AtomicU64,
     /// Players disconnected because they stopped reading.
-    pub players_stalled: AtomicU64,
+    pub(crate) players_stalled: AtomicU64,
     /// WebRTC (WHEP) sessions now, connected or connecting.
-    pub webrtc_viewers: AtomicU64,
+    pub(crate) webrtc_viewers: AtomicU64,
     /// WebRTC sessions that connected (ICE + DTLS), ever.
-    pub webrtc_connected: AtomicU64,
+    pub(crate) webrtc_connected: AtomicU64,
     /// Keyframe requests (PLI/FIR) from WebRTC viewers.
-    pub webrtc_keyframe_requests: AtomicU64,
+    pub(crate) webrtc_keyframe_requests: AtomicU64,
     /// Datagrams on the WebRTC port that no session accepted.
-    pub webrtc_datagrams_dropped: AtomicU64,
+    pub(crate) webrtc_datagrams_dropped: AtomicU64,
     /// WHIP publishers.
-    pub webrtc_publishers: AtomicU64,
+    pub(crate) webrtc_publishers: AtomicU64,
     /// Losses in WHIP publishers' video that made the node wait for a keyframe.
-    pub webrtc_ingest_gaps: AtomicU64,
+    pub(crate) webrtc_ingest_gaps: AtomicU64,
     /// Keyframe requests (PLI) sent to WHIP publishers.
-    pub webrtc_keyframe_requests_sent: AtomicU64,
+    pub(crate) webrtc_keyframe_requests_sent: AtomicU64,
 }
 
 /// Latency buckets (µs) of `castnode_cluster_latency_seconds`.
-pub const LATENCY_BOUNDS_US: [u64; 12] = [
+pub(crate) const LATENCY_BOUNDS_US: [u64; 12] = [
     250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
 ];
 
@@ -52,25 +52,25 @@ pub const LATENCY_BOUNDS_US: [u64; 12] = [
 #[derive(Debug)]
 pub struct ClusterStats {
     /// Connections from other nodes now.
-    pub peers_in: AtomicU64,
+    pub(crate) peers_in: AtomicU64,
     /// Connections refused (bad token, bad HELLO).
-    pub refused: AtomicU64,
+    pub(crate) refused: AtomicU64,
     /// Subscriptions other nodes hold on this one now.
-    pub subscriptions_down: AtomicU64,
+    pub(crate) subscriptions_down: AtomicU64,
     /// Subscriptions this node holds upstream now.
-    pub subscriptions_up: AtomicU64,
+    pub(crate) subscriptions_up: AtomicU64,
     /// Broadcasts other nodes publish to this one now.
-    pub publications_in: AtomicU64,
+    pub(crate) publications_in: AtomicU64,
     /// Local broadcasts this node publishes upstream now.
-    pub publications_out: AtomicU64,
+    pub(crate) publications_out: AtomicU64,
     /// Upstream failovers (a subscription moved to another upstream).
     pub failovers: AtomicU64,
     /// Bytes sent on group streams.
-    pub bytes_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// Bytes received on group streams.
-    pub bytes_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
     /// Groups started for downstream nodes.
-    pub groups_out: AtomicU64,
+    pub(crate) groups_out: AtomicU64,
     /// Groups reset (sender) or dropped (receiver) because they fell behind.
     pub groups_reset: AtomicU64,
     /// Frames received; their age since origin ingest goes into `latency`.
@@ -198,7 +198,7 @@ fn escape(v: &str) -> String {
 }
 
 /// Renders the node's metrics in the Prometheus text format (version 0.0.4).
-pub fn render(ctx: &crate::node::NodeContext) -> String {
+pub(crate) fn render(ctx: &crate::node::NodeContext) -> String {
     let (stats, hub) = (&ctx.stats, &ctx.hub);
     let running = ctx.transcoders.running();
     let mut s = String::with_capacity(4096);
@@ -449,7 +449,8 @@ pub fn render(ctx: &crate::node::NodeContext) -> String {
 }
 
 /// Upper bounds (milliseconds) of the time-to-first-frame histogram's buckets.
-pub const TTFF_BUCKETS_MS: [u64; 10] = [50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000];
+pub(crate) const TTFF_BUCKETS_MS: [u64; 10] =
+    [50, 100, 200, 300, 500, 750, 1000, 2000, 5000, 10000];
 
 /// A Prometheus-style cumulative histogram of durations.
 #[derive(Debug)]
@@ -482,7 +483,7 @@ impl Default for Histogram {
 
 impl Histogram {
     /// A histogram with buckets up to each of `bounds_us` (microseconds, ascending).
-    pub fn new(bounds_us: &'static [u64]) -> Self {
+    pub(crate) fn new(bounds_us: &'static [u64]) -> Self {
         Self {
             bounds: bounds_us,
             buckets: bounds_us.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -492,7 +493,7 @@ impl Histogram {
     }
 
     /// Records one observation.
-    pub fn observe(&self, d: Duration) {
+    pub(crate) fn observe(&self, d: Duration) {
         let us = d.as_micros() as u64;
         if let Some(i) = self.bounds.iter().position(|&b| us <= b) {
             self.buckets[i].fetch_add(1, Relaxed);

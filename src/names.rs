@@ -7,7 +7,7 @@
 //! names have their own rule: [`crate::media::valid_name`].)
 
 /// A node id, region or record name: 1 to 128 printable ASCII characters, no spaces.
-pub fn name_ok(s: &str) -> bool {
+pub(crate) fn name_ok(s: &str) -> bool {
     (1..=128).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
 }
 

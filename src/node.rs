@@ -12,20 +12,20 @@ pub struct NodeContext {
     /// The node's broadcasts.
     pub hub: Hub,
     /// Counters for `/metrics`.
-    pub stats: NodeStats,
+    pub(crate) stats: NodeStats,
     /// Settings.
-    pub cfg: NodeConfig,
+    pub(crate) cfg: NodeConfig,
     /// On-demand transcoders.
-    pub transcoders: crate::transcode::Transcoders,
+    pub(crate) transcoders: crate::transcode::Transcoders,
     /// The ABR ladders this node makes itself (`--ladder`), when it has one.
     pub ladders: Option<crate::transcode::Ladders>,
     /// Per-broadcast WebRTC figures.
-    pub webrtc: crate::webrtc::stats::WebrtcStats,
+    pub(crate) webrtc: crate::webrtc::stats::WebrtcStats,
     /// When players write: the node's write budget (`--write-budget` writes per second across
     /// all players) shared out among them, at most `--player-batch-ms` apart. Few players get
     /// every frame at once; many get frames merged, because each write costs the kernel about
     /// the same whatever its size.
-    pub pacer: Arc<crate::media::pace::Pacer>,
+    pub(crate) pacer: Arc<crate::media::pace::Pacer>,
     /// The cluster link, on nodes that have one (it holds the hub, not this context).
     pub link: std::sync::OnceLock<Arc<crate::cluster::link::Link>>,
 }
@@ -53,7 +53,7 @@ impl NodeContext {
 
     /// A consumer of `name` for a local player: from the hub, or fetched over the cluster link
     /// (waiting for the upstream's answer). `None` when it is live nowhere this node can see.
-    pub async fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
+    pub(crate) async fn subscribe(&self, name: &str) -> Option<BroadcastConsumer> {
         match self.link.get() {
             Some(link) => link.subscribe(name).await,
             None => self.hub.subscribe(name),
@@ -91,12 +91,12 @@ impl NodeContext {
     }
 
     /// The cluster link's counters, on nodes that have a link.
-    pub fn cluster_stats(&self) -> Option<&crate::metrics::ClusterStats> {
+    pub(crate) fn cluster_stats(&self) -> Option<&crate::metrics::ClusterStats> {
         self.link.get().map(|l| &*l.stats)
     }
 
     /// Registers a player of `counter` if the node has room; the guard unregisters it.
-    pub fn admit_player(self: &Arc<Self>, flv: bool) -> Option<PlayerGuard> {
+    pub(crate) fn admit_player(self: &Arc<Self>, flv: bool) -> Option<PlayerGuard> {
         let players = self.stats.rtmp_players.load(Relaxed) + self.stats.flv_players.load(Relaxed);
         if players >= self.cfg.max_players as u64 {
             return None;
@@ -119,7 +119,7 @@ impl NodeContext {
 }
 
 /// Counts a player while it lives.
-pub struct PlayerGuard {
+pub(crate) struct PlayerGuard {
     ctx: Arc<NodeContext>,
     flv: bool,
 }

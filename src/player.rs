@@ -33,7 +33,7 @@ use crate::node::NodeContext;
 
 /// Why a player ended in error.
 #[derive(Debug, thiserror::Error)]
-pub enum PlayerError {
+pub(crate) enum PlayerError {
     /// The client broke its playback protocol (the protocol's own error).
     #[error(transparent)]
     Protocol(Box<dyn std::error::Error + Send + Sync>),
@@ -41,13 +41,13 @@ pub enum PlayerError {
 
 impl PlayerError {
     /// A protocol violation by the client.
-    pub fn protocol(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+    pub(crate) fn protocol(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         Self::Protocol(Box::new(e))
     }
 }
 
 /// What differs between playback protocols once the media flows.
-pub trait PlayerProtocol: Send + 'static {
+pub(crate) trait PlayerProtocol: Send + 'static {
     /// Protocol name for logs ("RTMP", "HTTP-FLV").
     const NAME: &'static str;
     /// Bytes the client sent; `Ok(false)` when the client asked to stop.
@@ -61,7 +61,7 @@ pub trait PlayerProtocol: Send + 'static {
 }
 
 /// Whether an I/O error is just the client leaving.
-pub fn is_disconnect(e: &std::io::Error) -> bool {
+pub(crate) fn is_disconnect(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(
         e.kind(),
@@ -71,7 +71,7 @@ pub fn is_disconnect(e: &std::io::Error) -> bool {
 
 /// Plays `feed` to the client on `sock` until the broadcast ends, the client leaves or stalls.
 /// Returns an error only for a protocol violation by the client.
-pub async fn play<M, P>(
+pub(crate) async fn play<M, P>(
     sock: TcpStream,
     feed: Feed<M>,
     proto: P,

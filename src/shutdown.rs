@@ -9,7 +9,7 @@ static REQUESTED: AtomicBool = AtomicBool::new(false);
 static NOTIFY: Notify = Notify::const_new();
 
 /// Ends the process as a signal would: every [`signal`] waiter resolves.
-pub fn request() {
+pub(crate) fn request() {
     REQUESTED.store(true, Ordering::SeqCst);
     NOTIFY.notify_waiters();
 }
@@ -26,7 +26,7 @@ async fn requested() {
 }
 
 /// Resolves on SIGINT, SIGTERM or [`request`].
-pub async fn signal() {
+pub(crate) async fn signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -28,7 +28,7 @@ use crate::media::{
 };
 
 /// A running transcoder; dropping the last handle stops it.
-pub struct Rendition {
+pub(crate) struct Rendition {
     task: JoinHandle<()>,
     /// The track it writes, once it has declared it.
     track: Arc<OnceLock<TrackId>>,
@@ -37,7 +37,7 @@ pub struct Rendition {
 impl Rendition {
     /// The track this rendition writes (`None` until it produced its first output). Viewers
     /// take only this track's frames: a stopped rendition's frames may still be in the log.
-    pub fn track(&self) -> Option<TrackId> {
+    pub(crate) fn track(&self) -> Option<TrackId> {
         self.track.get().copied()
     }
 }
@@ -50,7 +50,7 @@ impl Drop for Rendition {
 
 /// The transcoders of a node, by broadcast name.
 #[derive(Default)]
-pub struct Transcoders {
+pub(crate) struct Transcoders {
     opus: Mutex<HashMap<String, Weak<Rendition>>>,
     aac: Mutex<HashMap<String, Weak<Rendition>>>,
     video: Mutex<HashMap<String, Weak<Rendition>>>,
@@ -58,18 +58,18 @@ pub struct Transcoders {
 
 /// How many transcoders of each kind run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Running {
+pub(crate) struct Running {
     /// AAC → Opus (WebRTC viewers of RTMP sources).
-    pub aac_to_opus: usize,
+    pub(crate) aac_to_opus: usize,
     /// Opus → AAC (RTMP/FLV players of WHIP sources).
-    pub opus_to_aac: usize,
+    pub(crate) opus_to_aac: usize,
     /// B-frame-free re-encodes (WebRTC viewers of sources with B-frames).
-    pub bframe_reencode: usize,
+    pub(crate) bframe_reencode: usize,
 }
 
 impl Transcoders {
     /// Running transcoders by kind.
-    pub fn running(&self) -> Running {
+    pub(crate) fn running(&self) -> Running {
         let count = |m: &Mutex<HashMap<String, Weak<Rendition>>>| {
             m.lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -107,7 +107,11 @@ fn get_or_start(
 
 /// The B-frame-free H.264 rendition of `bc` for WebRTC, started if needed; `None` when its
 /// video has no B-frames (it is sent as it is).
-pub fn video_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+pub(crate) fn video_for(
+    registry: &Transcoders,
+    hub: &Hub,
+    bc: &Arc<Broadcast>,
+) -> Option<Arc<Rendition>> {
     let (id, source) = bc
         .tracks()
         .into_iter()
@@ -186,13 +190,21 @@ async fn run_video(
 
 /// The Opus rendition of `bc` (for WebRTC viewers), started if needed; `None` when the
 /// broadcast has no AAC track or was published with Opus.
-pub fn opus_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+pub(crate) fn opus_for(
+    registry: &Transcoders,
+    hub: &Hub,
+    bc: &Arc<Broadcast>,
+) -> Option<Arc<Rendition>> {
     audio_for(&registry.opus, hub, bc, Codec::Aac, Codec::Opus)
 }
 
 /// The AAC rendition of `bc` (for RTMP and HTTP-FLV players, which cannot carry Opus), started
 /// if needed; `None` when the broadcast has no Opus track or was published with AAC.
-pub fn aac_for(registry: &Transcoders, hub: &Hub, bc: &Arc<Broadcast>) -> Option<Arc<Rendition>> {
+pub(crate) fn aac_for(
+    registry: &Transcoders,
+    hub: &Hub,
+    bc: &Arc<Broadcast>,
+) -> Option<Arc<Rendition>> {
     audio_for(&registry.aac, hub, bc, Codec::Opus, Codec::Aac)
 }
 

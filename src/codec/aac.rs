@@ -9,7 +9,7 @@ const RATES: [u32; 13] = [
 
 /// Parses an AudioSpecificConfig (2 bytes from most encoders, 5 with explicit SBR signalling as
 /// OBS sends). `None` when it is too short or names a reserved rate.
-pub fn parse_asc(asc: &[u8]) -> Option<AudioInfo> {
+pub(crate) fn parse_asc(asc: &[u8]) -> Option<AudioInfo> {
     let mut r = BitReader::new(asc);
     let mut object = r.bits(5)?;
     if object == 31 {

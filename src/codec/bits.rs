@@ -1,19 +1,19 @@
 //! A big-endian bit reader with Exp-Golomb codes, for parameter sets.
 
 /// Reads bits MSB first; every read fails cleanly past the end.
-pub struct BitReader<'a> {
+pub(crate) struct BitReader<'a> {
     data: &'a [u8],
     pos: usize,
 }
 
 impl<'a> BitReader<'a> {
     /// Reads from the first bit of `data`.
-    pub fn new(data: &'a [u8]) -> Self {
+    pub(crate) fn new(data: &'a [u8]) -> Self {
         Self { data, pos: 0 }
     }
 
     /// One bit.
-    pub fn bit(&mut self) -> Option<bool> {
+    pub(crate) fn bit(&mut self) -> Option<bool> {
         let byte = *self.data.get(self.pos / 8)?;
         let b = (byte >> (7 - self.pos % 8)) & 1;
         self.pos += 1;
@@ -21,7 +21,7 @@ impl<'a> BitReader<'a> {
     }
 
     /// `n` ≤ 32 bits as an unsigned number.
-    pub fn bits(&mut self, n: u32) -> Option<u32> {
+    pub(crate) fn bits(&mut self, n: u32) -> Option<u32> {
         let mut v = 0u32;
         for _ in 0..n {
             v = (v << 1) | u32::from(self.bit()?);
@@ -30,7 +30,7 @@ impl<'a> BitReader<'a> {
     }
 
     /// Unsigned Exp-Golomb (ue(v)).
-    pub fn ue(&mut self) -> Option<u32> {
+    pub(crate) fn ue(&mut self) -> Option<u32> {
         let mut zeros = 0;
         while !self.bit()? {
             zeros += 1;
@@ -43,7 +43,7 @@ impl<'a> BitReader<'a> {
     }
 
     /// Signed Exp-Golomb (se(v)).
-    pub fn se(&mut self) -> Option<i32> {
+    pub(crate) fn se(&mut self) -> Option<i32> {
         let k = self.ue()?;
         let v = k.div_ceil(2) as i32;
         Some(if k % 2 == 1 { v } else { -v })
@@ -51,7 +51,7 @@ impl<'a> BitReader<'a> {
 }
 
 /// Removes emulation-prevention bytes (00 00 03 → 00 00) from a NAL unit's payload.
-pub fn unescape_rbsp(nal: &[u8]) -> Vec<u8> {
+pub(crate) fn unescape_rbsp(nal: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(nal.len());
     let mut zeros = 0;
     for &b in nal {

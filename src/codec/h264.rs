@@ -6,7 +6,7 @@ use super::bits::{BitReader, unescape_rbsp};
 use crate::media::VideoInfo;
 
 /// The first SPS of an AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1).
-pub fn avcc_first_sps(avcc: &[u8]) -> Option<&[u8]> {
+pub(crate) fn avcc_first_sps(avcc: &[u8]) -> Option<&[u8]> {
     if avcc.len() < 8 || avcc[0] != 1 || avcc[5] & 0x1f == 0 {
         return None;
     }
@@ -15,13 +15,13 @@ pub fn avcc_first_sps(avcc: &[u8]) -> Option<&[u8]> {
 }
 
 /// Resolution, profile and level from an AVCDecoderConfigurationRecord.
-pub fn parse_avcc(avcc: &[u8]) -> Option<VideoInfo> {
+pub(crate) fn parse_avcc(avcc: &[u8]) -> Option<VideoInfo> {
     parse_sps(avcc_first_sps(avcc)?)
 }
 
 /// The NAL length size (1, 2 or 4 bytes) and the SPS/PPS NAL units of an
 /// AVCDecoderConfigurationRecord.
-pub fn avcc_parameter_sets(avcc: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
+pub(crate) fn avcc_parameter_sets(avcc: &[u8]) -> Option<(usize, Vec<&[u8]>)> {
     let mut sets = Vec::new();
     let length_size = walk_parameter_sets(avcc, |set| sets.push(set))?;
     Some((length_size, sets))
@@ -50,7 +50,7 @@ fn walk_parameter_sets<'a>(avcc: &'a [u8], mut each: impl FnMut(&'a [u8])) -> Op
 
 /// The non-empty NAL units of a frame of `length_size`-byte length-prefixed NAL units (the
 /// hub's form); a malformed length ends them at the last whole unit.
-pub fn avcc_nal_units(frame: &[u8], length_size: usize) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn avcc_nal_units(frame: &[u8], length_size: usize) -> impl Iterator<Item = &[u8]> {
     let mut pos = 0;
     std::iter::from_fn(move || {
         while pos + length_size <= frame.len() {
@@ -71,7 +71,8 @@ pub fn avcc_nal_units(frame: &[u8], length_size: usize) -> impl Iterator<Item = 
 /// Converts a frame of length-prefixed NAL units to Annex B (start codes). On a keyframe without
 /// its own SPS/PPS, those of `avcc` go first: WebRTC receivers need them in band before every
 /// IDR. Malformed lengths end the conversion at the last whole NAL unit.
-pub fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<u8> {
+#[cfg(test)]
+pub(crate) fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(frame.len() + 64);
     avcc_to_annexb_into(frame, avcc, keyframe, &mut out);
     out
@@ -102,7 +103,7 @@ pub fn avcc_to_annexb_into(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool, ou
 }
 
 /// An AVCDecoderConfigurationRecord for one SPS and one PPS.
-pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
+pub(crate) fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
     if sps.len() < 4 {
         return None;
     }
@@ -118,18 +119,18 @@ pub fn avcc_record(sps: &[u8], pps: &[u8]) -> Option<Bytes> {
 
 /// What an Annex B access unit held (see [`annexb_to_avcc`]).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct AccessUnit<'a> {
+pub(crate) struct AccessUnit<'a> {
     /// It has an IDR slice.
-    pub idr: bool,
+    pub(crate) idr: bool,
     /// Its last sequence parameter set.
-    pub sps: Option<&'a [u8]>,
+    pub(crate) sps: Option<&'a [u8]>,
     /// Its last picture parameter set.
-    pub pps: Option<&'a [u8]>,
+    pub(crate) pps: Option<&'a [u8]>,
 }
 
 /// Appends the NAL units of Annex B `data` to `out`, each behind a 4-byte length (the form
 /// frames have in the hub); parameter sets stay in-band and are also returned.
-pub fn annexb_to_avcc<'a>(data: &'a [u8], out: &mut BytesMut) -> AccessUnit<'a> {
+pub(crate) fn annexb_to_avcc<'a>(data: &'a [u8], out: &mut BytesMut) -> AccessUnit<'a> {
     let mut au = AccessUnit::default();
     for nal in annexb_nal_units(data) {
         match nal.first().map(|b| b & 0x1f) {
@@ -180,7 +181,7 @@ fn profile_name(idc: u32) -> &'static str {
 }
 
 /// Parses an SPS NAL unit (with its one-byte header) far enough for the picture size.
-pub fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
+pub(crate) fn parse_sps(nal: &[u8]) -> Option<VideoInfo> {
     if nal.first()? & 0x1f != 7 {
         return None;
     }

@@ -17,12 +17,12 @@ use super::FfmpegError;
 use crate::media::Frame;
 
 /// Opus frame length at 48 kHz (20 ms).
-pub const OPUS_FRAME: usize = 960;
+pub(crate) const OPUS_FRAME: usize = 960;
 /// AAC frame length.
-pub const AAC_FRAME: usize = 1024;
+pub(crate) const AAC_FRAME: usize = 1024;
 /// The AudioSpecificConfig of what [`AudioTranscoder::opus_to_aac`] produces: AAC-LC, 48 kHz,
 /// stereo.
-pub const AAC_48K_STEREO_ASC: [u8; 2] = [0x11, 0x90];
+pub(crate) const AAC_48K_STEREO_ASC: [u8; 2] = [0x11, 0x90];
 
 /// How input frames reach the decoder.
 enum Framing {
@@ -33,7 +33,7 @@ enum Framing {
 }
 
 /// One broadcast's audio transcoder.
-pub struct AudioTranscoder {
+pub(crate) struct AudioTranscoder {
     framing: Framing,
     decoder: ff::decoder::Audio,
     resampler: Option<ff::software::resampling::Context>,
@@ -50,7 +50,7 @@ pub struct AudioTranscoder {
     resampled: ff::frame::Audio,
     packet: Vec<u8>,
     /// Frames FFmpeg could not decode.
-    pub errors: u64,
+    pub(crate) errors: u64,
 }
 
 /// The fixed part of an ADTS header for an AudioSpecificConfig.
@@ -102,7 +102,7 @@ fn open_encoder(
 
 impl AudioTranscoder {
     /// AAC described by `asc` (its AudioSpecificConfig) → Opus at `bitrate`, 20 ms frames.
-    pub fn aac_to_opus(asc: &[u8], bitrate: usize) -> Result<Self, FfmpegError> {
+    pub(crate) fn aac_to_opus(asc: &[u8], bitrate: usize) -> Result<Self, FfmpegError> {
         super::init();
         let adts = adts_template(asc)?;
         let aac = ff::decoder::find(ff::codec::Id::AAC)
@@ -124,7 +124,7 @@ impl AudioTranscoder {
 
     /// Opus (48 kHz, mono or stereo) → AAC-LC 48 kHz stereo at `bitrate`; the output's
     /// AudioSpecificConfig is [`AAC_48K_STEREO_ASC`].
-    pub fn opus_to_aac(bitrate: usize) -> Result<Self, FfmpegError> {
+    pub(crate) fn opus_to_aac(bitrate: usize) -> Result<Self, FfmpegError> {
         super::init();
         let opus = ff::decoder::find(ff::codec::Id::OPUS)
             .ok_or(FfmpegError::MissingCodec("Opus decoder"))?;
@@ -161,7 +161,7 @@ impl AudioTranscoder {
     }
 
     /// Transcodes one input frame; appends the output frames that are now complete to `out`.
-    pub fn push(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<(), FfmpegError> {
+    pub(crate) fn push(&mut self, input: &Frame, out: &mut Vec<Frame>) -> Result<(), FfmpegError> {
         self.packet.clear();
         if let Framing::Adts(template) = &self.framing {
             let len = input.payload.len() + 7;

@@ -24,7 +24,7 @@ const AV_LOG_ERROR: c_int = 16;
 const AV_LOG_WARNING: c_int = 24;
 const AV_LOG_INFO: c_int = 32;
 /// The least severe level FFmpeg formats and hands over: its warnings.
-pub const FFMPEG_LEVEL: c_int = AV_LOG_WARNING;
+pub(crate) const FFMPEG_LEVEL: c_int = AV_LOG_WARNING;
 
 thread_local! {
     /// The broadcast this thread is calling FFmpeg for.
@@ -32,11 +32,11 @@ thread_local! {
 }
 
 /// Names a broadcast in FFmpeg's log lines from this thread until it drops.
-pub struct Scope(Option<Arc<str>>);
+pub(crate) struct Scope(Option<Arc<str>>);
 
 impl Scope {
     /// FFmpeg calls on this thread are for `broadcast` until the scope drops.
-    pub fn enter(broadcast: &Arc<str>) -> Scope {
+    pub(crate) fn enter(broadcast: &Arc<str>) -> Scope {
         Scope(BROADCAST.with_borrow_mut(|b| b.replace(broadcast.clone())))
     }
 }

@@ -3,11 +3,11 @@
 //! ABR renditions ([`ladder`]). Pure frame-in, frames-out objects; the tasks that feed them from
 //! the hub live in [`crate::transcode`].
 
-pub mod audio;
+pub(crate) mod audio;
 pub mod ladder;
-pub mod log;
+pub(crate) mod log;
 pub mod testsrc;
-pub mod video;
+pub(crate) mod video;
 
 /// Why a transcoder could not be built or failed.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +24,7 @@ pub enum FfmpegError {
 }
 
 /// Initialises FFmpeg once per process.
-pub fn init() {
+pub(crate) fn init() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = ffmpeg_next::init();

@@ -15,12 +15,12 @@ use crate::codec::h264;
 use crate::media::Frame;
 
 /// The re-encoder of one broadcast's video.
-pub struct Reencoder {
+pub(crate) struct Reencoder {
     /// The source's decoder ([`SourceDecoder`], shared with the ladder).
     decoder: SourceDecoder,
     encoder: Option<ff::encoder::Video>,
     /// The output's AVCDecoderConfigurationRecord, once the encoder produced SPS and PPS.
-    pub config: Option<Bytes>,
+    pub(crate) config: Option<Bytes>,
     /// The source's frame rate (frames per second), for the encoder's rate control and level.
     fps: u32,
 }
@@ -28,7 +28,7 @@ pub struct Reencoder {
 impl Reencoder {
     /// A re-encoder for a source of about `fps` frames a second (30 when not known yet); the
     /// encoder opens on the first decoded picture (its size comes from it).
-    pub fn new(fps: Option<f64>) -> Result<Self, FfmpegError> {
+    pub(crate) fn new(fps: Option<f64>) -> Result<Self, FfmpegError> {
         Ok(Self {
             decoder: SourceDecoder::new()?,
             encoder: None,
@@ -37,14 +37,9 @@ impl Reencoder {
         })
     }
 
-    /// Frames FFmpeg could not decode.
-    pub fn errors(&self) -> u64 {
-        self.decoder.errors
-    }
-
     /// Re-encodes one source frame (`avcc` is the source track's config); appends finished
     /// frames, length-prefixed, to `out`.
-    pub fn push(
+    pub(crate) fn push(
         &mut self,
         frame: &Frame,
         avcc: Option<&[u8]>,

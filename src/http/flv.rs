@@ -29,14 +29,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_HEAD: usize = 8 << 10;
 
 /// The node's HTTP listener as axum sees it: connections that are not HTTP-FLV requests.
-pub struct HttpListener {
+pub(crate) struct HttpListener {
     rx: mpsc::Receiver<(TcpStream, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl HttpListener {
     /// Accepts on `listener`, serving HTTP-FLV requests itself.
-    pub fn new(listener: TcpListener, ctx: Arc<NodeContext>) -> std::io::Result<Self> {
+    pub(crate) fn new(listener: TcpListener, ctx: Arc<NodeContext>) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(async move {

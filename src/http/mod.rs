@@ -3,8 +3,8 @@
 //!
 //! Guarantees: a request never blocks another.
 
-pub mod flv;
-pub mod page;
+pub(crate) mod flv;
+pub(crate) mod page;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,12 +17,12 @@ use axum::routing::get;
 
 use crate::manager::embedded::Embedded;
 use crate::node::NodeContext;
-pub use page::NodeFacts;
+pub(crate) use page::NodeFacts;
 
 /// A client's address as handlers see it (`ConnectInfo<ClientAddr>`) on a node's HTTP port
 /// (served through [`flv::HttpListener`]).
 #[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub SocketAddr);
+pub(crate) struct ClientAddr(pub(crate) SocketAddr);
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, flv::HttpListener>>
     for ClientAddr
@@ -44,7 +44,11 @@ struct Pages {
 
 /// The node's routes: the first page, health, metrics, the broadcasts list, the player and
 /// publisher pages, and with an embedded `manager` (standalone) its console.
-pub fn router(ctx: Arc<NodeContext>, facts: NodeFacts, manager: Option<Arc<Embedded>>) -> Router {
+pub(crate) fn router(
+    ctx: Arc<NodeContext>,
+    facts: NodeFacts,
+    manager: Option<Arc<Embedded>>,
+) -> Router {
     let console = manager.is_some();
     let pages = Pages {
         ctx: ctx.clone(),
@@ -70,7 +74,7 @@ pub fn router(ctx: Arc<NodeContext>, facts: NodeFacts, manager: Option<Arc<Embed
 
 /// Adds the CORS headers browsers need to read a WHIP/WHEP (or redirect) answer from another
 /// origin: any origin, and the `Location` header exposed.
-pub fn cors(mut r: axum::response::Response) -> axum::response::Response {
+pub(crate) fn cors(mut r: axum::response::Response) -> axum::response::Response {
     use axum::http::HeaderValue;
     let h = r.headers_mut();
     h.insert(
@@ -85,7 +89,7 @@ pub fn cors(mut r: axum::response::Response) -> axum::response::Response {
 }
 
 /// The answer to a CORS preflight for `methods`.
-pub fn preflight(methods: &'static str) -> axum::response::Response {
+pub(crate) fn preflight(methods: &'static str) -> axum::response::Response {
     use axum::http::{HeaderValue, StatusCode};
     let mut r = cors(StatusCode::NO_CONTENT.into_response());
     let h = r.headers_mut();

@@ -15,25 +15,25 @@ use crate::media::hub::BroadcastInfo;
 
 /// What the first page tells about the node, known once its listeners are bound.
 #[derive(Clone, Debug)]
-pub struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `standalone`, `origin`, `relay` or `edge`.
-    pub role: String,
+    pub(crate) role: String,
     /// The node's id (`--node-id`).
-    pub node_id: String,
+    pub(crate) node_id: String,
     /// `--public-host`.
-    pub public_host: String,
+    pub(crate) public_host: String,
     /// The bound HTTP port.
-    pub http_port: u16,
+    pub(crate) http_port: u16,
     /// The bound RTMP port, when the node takes RTMP.
-    pub rtmp_port: Option<u16>,
+    pub(crate) rtmp_port: Option<u16>,
     /// The WebRTC UDP address, when the node serves WHIP and WHEP.
-    pub webrtc_udp: Option<String>,
+    pub(crate) webrtc_udp: Option<String>,
     /// The node serves the console (`/console`, standalone's embedded manager).
-    pub console: bool,
+    pub(crate) console: bool,
 }
 
 /// `s` escaped for HTML text and quoted attributes (and braces).
-pub fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -60,7 +60,7 @@ fn host_ok(s: &str) -> bool {
 }
 
 /// The host (and port) the page was asked for.
-pub fn request_host(headers: &HeaderMap, uri: &Uri, facts: &NodeFacts) -> String {
+pub(crate) fn request_host(headers: &HeaderMap, uri: &Uri, facts: &NodeFacts) -> String {
     headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -79,7 +79,7 @@ fn host_name(host: &str) -> &str {
 }
 
 /// The first page for a reader who asked for it at `host`, with `broadcasts` live now.
-pub fn render(facts: &NodeFacts, host: &str, broadcasts: &[BroadcastInfo]) -> String {
+pub(crate) fn render(facts: &NodeFacts, host: &str, broadcasts: &[BroadcastInfo]) -> String {
     let http = format!("http://{host}");
     let rtmp_host = if facts.public_host == "localhost" {
         host_name(host)

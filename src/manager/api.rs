@@ -29,7 +29,7 @@ use super::{Hint, ManagerError, NodeInfo, Placement, StreamManager};
 
 /// The manager service's routes: [`api_routes`] plus the broadcasts and node-group APIs,
 /// health, metrics and the WHIP/WHEP redirects.
-pub fn router(manager: Arc<Embedded>) -> Router {
+pub(crate) fn router(manager: Arc<Embedded>) -> Router {
     api_routes(manager.clone()).merge(
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
@@ -55,7 +55,7 @@ pub fn router(manager: Arc<Embedded>) -> Router {
 
 /// The REST API a standalone node serves for its embedded manager next to its own routes:
 /// nodes, placement lookups, regions and tokens under `/api/v1`.
-pub fn api_routes(manager: Arc<Embedded>) -> Router {
+pub(crate) fn api_routes(manager: Arc<Embedded>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
         .route("/api/v1/nodes", post(register).get(nodes))
@@ -499,7 +499,7 @@ async fn preflight() -> Response {
 
 /// The management console: one page of plain HTML/JS on the REST API (nodes with live load,
 /// broadcasts with a preview and the broadcaster's URLs, node groups, regions, load charts).
-pub async fn console() -> Response {
+pub(crate) async fn console() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),

@@ -23,7 +23,7 @@ use super::{
 use crate::names::name_ok;
 
 /// The in-process manager.
-pub struct Embedded {
+pub(crate) struct Embedded {
     registry: Mutex<Registry>,
     token: String,
     store: Store,
@@ -53,53 +53,53 @@ const PLACEMENT_LABELS: [(&str, &str); 6] = [
 
 /// A node as the API lists it.
 #[derive(Debug, serde::Serialize)]
-pub struct NodeView {
+pub(crate) struct NodeView {
     /// As registered.
     #[serde(flatten)]
-    pub info: NodeInfo,
+    pub(crate) info: NodeInfo,
     /// Live, draining or failed.
-    pub status: NodeStatus,
+    pub(crate) status: NodeStatus,
     /// Its last report.
-    pub load: LoadReport,
+    pub(crate) load: LoadReport,
     /// Milliseconds since its last report.
-    pub last_seen_ms: u64,
+    pub(crate) last_seen_ms: u64,
 }
 
 /// A broadcast as the API lists it: which nodes carry it.
 #[derive(Debug, Default, serde::Serialize)]
-pub struct BroadcastView {
+pub(crate) struct BroadcastView {
     /// `app/key`.
-    pub name: String,
+    pub(crate) name: String,
     /// Viewers on every node together (people, not nodes).
-    pub viewers: u64,
+    pub(crate) viewers: u64,
     /// Node subscriptions on every node together: nodes fetching it from another node over
     /// the cluster link (an edge's one subscription, whatever its viewers).
-    pub node_subscriptions: u64,
+    pub(crate) node_subscriptions: u64,
     /// The nodes that have its publisher.
-    pub publishers: Vec<String>,
+    pub(crate) publishers: Vec<String>,
     /// Every live node that carries it, with its viewers there.
-    pub nodes: Vec<CarrierView>,
+    pub(crate) nodes: Vec<CarrierView>,
 }
 
 /// One node carrying a broadcast.
 #[derive(Debug, serde::Serialize)]
-pub struct CarrierView {
+pub(crate) struct CarrierView {
     /// The node's id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its viewers of the broadcast.
-    pub viewers: u64,
+    pub(crate) viewers: u64,
     /// Other nodes reading the broadcast from it.
-    pub node_subscriptions: u64,
+    pub(crate) node_subscriptions: u64,
 }
 
 /// A region as the API lists it.
 #[derive(Debug, serde::Serialize)]
-pub struct RegionView {
+pub(crate) struct RegionView {
     /// As configured (an empty CIDR list when only nodes name it).
     #[serde(flatten)]
-    pub region: RegionRecord,
+    pub(crate) region: RegionRecord,
     /// Live nodes that report it.
-    pub nodes: usize,
+    pub(crate) nodes: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,7 +109,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Embedded {
     /// A manager whose nodes prove `token`, failing after `ttl` without a report, keeping its
     /// configuration in `store`; placement lookups need a token when `require_token`.
-    pub fn new(
+    pub(crate) fn new(
         token: &str,
         ttl: Duration,
         default_region: &str,
@@ -132,12 +132,6 @@ impl Embedded {
         Ok(m)
     }
 
-    /// A manager with an in-memory store and no API tokens (tests, benchmarks).
-    pub fn in_memory(token: &str, ttl: Duration, default_region: &str) -> Self {
-        let store = Store::open(None).expect("an in-memory SQLite database opens");
-        Self::new(token, ttl, default_region, store, false).expect("an empty store loads")
-    }
-
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         lock(&self.registry)
     }
@@ -156,7 +150,10 @@ impl Embedded {
     /// Makes sure an admin token exists: `secret` (from `--admin-token`) is added when it is not
     /// stored yet; with no admin token at all, one is made and its secret returned (to be shown
     /// once).
-    pub fn ensure_admin(&self, secret: Option<&str>) -> Result<Option<String>, ManagerError> {
+    pub(crate) fn ensure_admin(
+        &self,
+        secret: Option<&str>,
+    ) -> Result<Option<String>, ManagerError> {
         if let Some(s) = secret
             && !self.store.has_hash(&hash_secret(s))?
         {
@@ -181,7 +178,7 @@ impl Embedded {
     }
 
     /// What an API token may do (None: not a token of this manager).
-    pub fn access(&self, bearer: &str) -> Option<Access> {
+    pub(crate) fn access(&self, bearer: &str) -> Option<Access> {
         if bearer.is_empty() {
             return None;
         }
@@ -190,17 +187,17 @@ impl Embedded {
     }
 
     /// Whether placement lookups need a token.
-    pub fn require_token(&self) -> bool {
+    pub(crate) fn require_token(&self) -> bool {
         self.require_token
     }
 
     /// Every token (never a secret).
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, ManagerError> {
+    pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, ManagerError> {
         self.store.tokens()
     }
 
     /// Makes a token; returns its record and its secret (shown once).
-    pub fn add_token(
+    pub(crate) fn add_token(
         &self,
         name: &str,
         access: Access,
@@ -217,7 +214,7 @@ impl Embedded {
     }
 
     /// Deletes a token; the last admin token cannot go.
-    pub fn delete_token(&self, id: &str) -> Result<(), ManagerError> {
+    pub(crate) fn delete_token(&self, id: &str) -> Result<(), ManagerError> {
         let all = self.store.tokens()?;
         let Some(t) = all.iter().find(|t| t.id == id) else {
             return Err(ManagerError::NotFound(format!("token {id}")));
@@ -234,7 +231,7 @@ impl Embedded {
     }
 
     /// Configured regions and the regions nodes report.
-    pub fn regions(&self) -> Result<Vec<RegionView>, ManagerError> {
+    pub(crate) fn regions(&self) -> Result<Vec<RegionView>, ManagerError> {
         let mut by_name: BTreeMap<String, RegionView> = self
             .store
             .regions()?
@@ -268,7 +265,7 @@ impl Embedded {
     }
 
     /// Creates or replaces a region's CIDR table.
-    pub fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
+    pub(crate) fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
         if !name_ok(&r.name) || r.cidrs.len() > 10_000 {
             return Err(ManagerError::Invalid(
                 "region: 1 to 128 printable ASCII characters, at most 10000 CIDRs".into(),
@@ -280,7 +277,7 @@ impl Embedded {
     }
 
     /// Deletes a region's CIDR table.
-    pub fn delete_region(&self, name: &str) -> Result<(), ManagerError> {
+    pub(crate) fn delete_region(&self, name: &str) -> Result<(), ManagerError> {
         if !self.store.delete_region(name)? {
             return Err(ManagerError::NotFound(format!("region {name}")));
         }
@@ -289,19 +286,19 @@ impl Embedded {
     }
 
     /// Every node group.
-    pub fn node_groups(&self) -> Result<Vec<NodeGroup>, ManagerError> {
+    pub(crate) fn node_groups(&self) -> Result<Vec<NodeGroup>, ManagerError> {
         self.store.node_groups()
     }
 
     /// Creates or replaces a node group; true when it is new.
-    pub fn put_node_group(&self, g: &NodeGroup) -> Result<bool, ManagerError> {
+    pub(crate) fn put_node_group(&self, g: &NodeGroup) -> Result<bool, ManagerError> {
         let new = !self.store.node_groups()?.iter().any(|x| x.name == g.name);
         self.store.put_node_group(g)?;
         Ok(new)
     }
 
     /// Deletes a node group (its nodes are drained by the autoscaler).
-    pub fn delete_node_group(&self, name: &str) -> Result<(), ManagerError> {
+    pub(crate) fn delete_node_group(&self, name: &str) -> Result<(), ManagerError> {
         if !self.store.delete_node_group(name)? {
             return Err(ManagerError::NotFound(format!("node group {name}")));
         }
@@ -309,12 +306,12 @@ impl Embedded {
     }
 
     /// Marks silent nodes failed (also done before every placement).
-    pub fn sweep(&self) -> Vec<String> {
+    pub(crate) fn sweep(&self) -> Vec<String> {
         self.registry().sweep(Instant::now())
     }
 
     /// Drains a node: no new placements; it exits once empty, or is removed after `deadline`.
-    pub fn drain(&self, id: &str, deadline: Duration) -> Result<(), ManagerError> {
+    pub(crate) fn drain(&self, id: &str, deadline: Duration) -> Result<(), ManagerError> {
         if self.registry().drain(id, Instant::now() + deadline) {
             Ok(())
         } else {
@@ -323,19 +320,19 @@ impl Embedded {
     }
 
     /// Forgets a node that was removed.
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         self.registry().forget(id);
     }
 
     /// Runs `f` on the registry (swept first): for the autoscaler.
-    pub fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+    pub(crate) fn with_registry<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
         let mut reg = self.registry();
         reg.sweep(Instant::now());
         f(&reg)
     }
 
     /// Every node with its state.
-    pub fn nodes(&self) -> Vec<NodeView> {
+    pub(crate) fn nodes(&self) -> Vec<NodeView> {
         let now = Instant::now();
         let mut reg = self.registry();
         reg.sweep(now);
@@ -351,7 +348,7 @@ impl Embedded {
     }
 
     /// Every broadcast some live node carries, sorted by name.
-    pub fn broadcasts(&self) -> Vec<BroadcastView> {
+    pub(crate) fn broadcasts(&self) -> Vec<BroadcastView> {
         let mut reg = self.registry();
         reg.sweep(Instant::now());
         let mut out: BTreeMap<&str, BroadcastView> = BTreeMap::new();
@@ -380,7 +377,7 @@ impl Embedded {
     }
 
     /// Placement counts: ((kind, region, result), count), leaving out zeros.
-    pub fn placement_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
+    pub(crate) fn placement_counts(&self) -> Vec<((&'static str, String, &'static str), u64)> {
         let m = lock(&self.placements);
         let mut out = Vec::new();
         for (region, counts) in m.iter() {
@@ -395,26 +392,30 @@ impl Embedded {
     }
 
     /// Load reports taken: (over UDP heartbeats, over HTTP or in process).
-    pub fn report_counts(&self) -> (u64, u64) {
+    pub(crate) fn report_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
         (self.reports[0].load(Relaxed), self.reports[1].load(Relaxed))
     }
 
     /// Counts a scale action of a group.
-    pub fn count_scale_action(&self, group: &str, action: &'static str) {
+    pub(crate) fn count_scale_action(&self, group: &str, action: &'static str) {
         *lock(&self.scale_actions)
             .entry((group.to_owned(), action))
             .or_default() += 1;
     }
 
     /// Scale actions: ((group, action), count).
-    pub fn scale_action_counts(&self) -> Vec<((String, &'static str), u64)> {
+    pub(crate) fn scale_action_counts(&self) -> Vec<((String, &'static str), u64)> {
         let m = lock(&self.scale_actions);
         m.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 
     /// A node's load report, taken by value (the API's path: no copy of the report).
-    pub fn report_owned(&self, node: &str, load: LoadReport) -> Result<ReportReply, ManagerError> {
+    pub(crate) fn report_owned(
+        &self,
+        node: &str,
+        load: LoadReport,
+    ) -> Result<ReportReply, ManagerError> {
         self.reports[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
         self.registry()
@@ -427,7 +428,7 @@ impl Embedded {
 
     /// Handles one UDP heartbeat datagram (see [`super::heartbeat`]); the reply to send back,
     /// when the node must act. Unauthenticated, malformed or replayed datagrams are dropped.
-    pub fn heartbeat(&self, datagram: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn heartbeat(&self, datagram: &[u8]) -> Option<Vec<u8>> {
         let token = self.token.as_bytes();
         let r = match heartbeat::decode_report(token, datagram) {
             Ok(r) => r,
@@ -463,7 +464,7 @@ impl Embedded {
     }
 
     /// Registers a node whose caller is already authenticated (cluster or admin token).
-    pub fn register_node(&self, node: &NodeInfo) -> Result<(), ManagerError> {
+    pub(crate) fn register_node(&self, node: &NodeInfo) -> Result<(), ManagerError> {
         if !name_ok(&node.id)
             || !name_ok(&node.region)
             || node.addresses.http.is_empty()
@@ -478,12 +479,12 @@ impl Embedded {
     }
 
     /// Whether `bearer` may make node calls: the cluster token, or an admin token.
-    pub fn node_caller(&self, bearer: &str) -> bool {
+    pub(crate) fn node_caller(&self, bearer: &str) -> bool {
         self.token_ok(bearer) || self.access(bearer) == Some(Access::Admin)
     }
 
     /// Whether `token` is the cluster token.
-    pub fn token_ok(&self, token: &str) -> bool {
+    pub(crate) fn token_ok(&self, token: &str) -> bool {
         let (a, b) = (token.as_bytes(), self.token.as_bytes());
         !b.is_empty()
             && a.len() == b.len()

@@ -33,9 +33,9 @@ use sha2::Sha256;
 use crate::names::name_ok;
 
 /// The datagrams' first bytes.
-pub const MAGIC: &[u8; 4] = b"CNH1";
+pub(crate) const MAGIC: &[u8; 4] = b"CNH1";
 /// Largest report datagram a node sends (larger reports go over HTTP).
-pub const MAX_DATAGRAM: usize = 1400;
+pub(crate) const MAX_DATAGRAM: usize = 1400;
 const KIND_REPORT: u8 = 1;
 const KIND_UNKNOWN: u8 = 2;
 const KIND_DRAINING: u8 = 3;
@@ -45,7 +45,7 @@ const MAC_LEN: usize = 32;
 
 /// Why a datagram was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeartbeatError {
+pub(crate) enum HeartbeatError {
     /// Too short, wrong magic, wrong kind or a bad id.
     #[error("malformed heartbeat datagram")]
     Malformed,
@@ -56,20 +56,20 @@ pub enum HeartbeatError {
 
 /// A decoded report.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report<'a> {
+pub(crate) struct Report<'a> {
     /// The reporting node.
-    pub node: &'a str,
+    pub(crate) node: &'a str,
     /// Its sequence number (rising).
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// The load report, JSON.
-    pub body: &'a [u8],
+    pub(crate) body: &'a [u8],
     /// The node wants an answer even when it need not act.
-    pub answer: bool,
+    pub(crate) answer: bool,
 }
 
 /// What the manager tells a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Directive {
+pub(crate) enum Directive {
     /// The manager does not know the node: register again (over HTTP).
     Unknown,
     /// The node is draining; seconds left before its last viewers are cut.
@@ -125,7 +125,7 @@ fn put_id(out: &mut Vec<u8>, node: &str) {
 
 /// A report datagram (`answer`: ask for an answer even when there is nothing to do); `None`
 /// when it would exceed [`MAX_DATAGRAM`] (send it over HTTP).
-pub fn encode_report(
+pub(crate) fn encode_report(
     token: &[u8],
     node: &str,
     seq: u64,
@@ -150,7 +150,10 @@ pub fn encode_report(
 }
 
 /// Decodes and authenticates a report datagram.
-pub fn decode_report<'a>(token: &[u8], datagram: &'a [u8]) -> Result<Report<'a>, HeartbeatError> {
+pub(crate) fn decode_report<'a>(
+    token: &[u8],
+    datagram: &'a [u8],
+) -> Result<Report<'a>, HeartbeatError> {
     let signed = verified(token, datagram)?;
     let rest = &signed[4..];
     if rest.len() < 1 + 8 || !matches!(rest[0], KIND_REPORT | KIND_REPORT_ANSWER) {
@@ -171,7 +174,7 @@ pub fn decode_report<'a>(token: &[u8], datagram: &'a [u8]) -> Result<Report<'a>,
 }
 
 /// A reply datagram to node `node`'s report `seq`.
-pub fn encode_reply(token: &[u8], node: &str, seq: u64, d: Directive) -> Vec<u8> {
+pub(crate) fn encode_reply(token: &[u8], node: &str, seq: u64, d: Directive) -> Vec<u8> {
     let (kind, deadline) = match d {
         Directive::Unknown => (KIND_UNKNOWN, 0),
         Directive::Draining(s) => (KIND_DRAINING, s),
@@ -187,7 +190,7 @@ pub fn encode_reply(token: &[u8], node: &str, seq: u64, d: Directive) -> Vec<u8>
 }
 
 /// Decodes and authenticates a reply: (node, seq, directive).
-pub fn decode_reply<'a>(
+pub(crate) fn decode_reply<'a>(
     token: &[u8],
     datagram: &'a [u8],
 ) -> Result<(&'a str, u64, Directive), HeartbeatError> {

@@ -19,14 +19,14 @@
 //! The web console (`console.html`) is served by [`api`]. Not built yet: a Kubernetes
 //! provisioner, a shared store for several managers.
 
-pub mod api;
-pub mod embedded;
-pub mod heartbeat;
-pub mod provision;
+pub(crate) mod api;
+pub(crate) mod embedded;
+pub(crate) mod heartbeat;
+pub(crate) mod provision;
 pub mod registry;
-pub mod remote;
-pub mod scale;
-pub mod store;
+pub(crate) mod remote;
+pub(crate) mod scale;
+pub(crate) mod store;
 
 use std::future::Future;
 use std::net::IpAddr;
@@ -35,7 +35,7 @@ use std::pin::Pin;
 use serde::{Deserialize, Serialize};
 
 /// A boxed future (the trait is used as `dyn StreamManager`).
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What a node does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -53,7 +53,7 @@ pub enum NodeRole {
 
 impl NodeRole {
     /// The role named `s` (a role name of the command line).
-    pub fn parse(s: &str) -> Option<Self> {
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "standalone" => NodeRole::Standalone,
             "origin" => NodeRole::Origin,
@@ -64,12 +64,12 @@ impl NodeRole {
     }
 
     /// Whether publishers may be sent to it.
-    pub fn ingests(self) -> bool {
+    pub(crate) fn ingests(self) -> bool {
         matches!(self, NodeRole::Standalone | NodeRole::Origin)
     }
 
     /// Whether players may be sent to it.
-    pub fn serves_players(self) -> bool {
+    pub(crate) fn serves_players(self) -> bool {
         matches!(self, NodeRole::Standalone | NodeRole::Edge)
     }
 }
@@ -106,13 +106,13 @@ pub struct NodeInfo {
 
 /// The manager's answer to a load report.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReportReply {
+pub(crate) struct ReportReply {
     /// The node is scaled in: it gets no new placements and should exit once it has no viewers.
     #[serde(default)]
-    pub draining: bool,
+    pub(crate) draining: bool,
     /// While draining: seconds left before its last viewers are cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub drain_deadline_s: Option<u64>,
+    pub(crate) drain_deadline_s: Option<u64>,
 }
 
 /// A node's load, reported every second.
@@ -161,20 +161,20 @@ pub struct Hint {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Placement {
     /// The chosen node.
-    pub node: PlacedNode,
+    pub(crate) node: PlacedNode,
     /// Ready-to-use URLs on it.
-    pub urls: serde_json::Map<String, serde_json::Value>,
+    pub(crate) urls: serde_json::Map<String, serde_json::Value>,
 }
 
 /// The chosen node, as answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PlacedNode {
+pub(crate) struct PlacedNode {
     /// Its id.
-    pub id: String,
+    pub(crate) id: String,
     /// Its role.
-    pub role: NodeRole,
+    pub(crate) role: NodeRole,
     /// Its region.
-    pub region: String,
+    pub(crate) region: String,
 }
 
 /// Why the manager could not do what was asked.
@@ -216,7 +216,7 @@ pub enum ManagerError {
 }
 
 /// The stream manager, as media nodes and the HTTP API see it.
-pub trait StreamManager: Send + Sync {
+pub(crate) trait StreamManager: Send + Sync {
     /// Registers (or re-registers) a node; `token` is the cluster token it proves.
     fn register<'a>(
         &'a self,

@@ -26,22 +26,22 @@ use super::NodeRole;
 
 /// A node to create.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NodeSpec {
+pub(crate) struct NodeSpec {
     /// Its id (it registers with it).
-    pub id: String,
+    pub(crate) id: String,
     /// Its node group.
-    pub group: String,
+    pub(crate) group: String,
     /// Its role.
-    pub role: NodeRole,
+    pub(crate) role: NodeRole,
     /// Its region.
-    pub region: String,
+    pub(crate) region: String,
     /// Its capacity (viewers), when the group sets one.
-    pub capacity: Option<u64>,
+    pub(crate) capacity: Option<u64>,
 }
 
 /// Why a node could not be created or removed.
 #[derive(Debug, thiserror::Error)]
-pub enum ProvisionError {
+pub(crate) enum ProvisionError {
     /// Node groups start edges, relays or origins, never a standalone node.
     #[error("node groups start edges, relays or origins")]
     Role,
@@ -51,7 +51,7 @@ pub enum ProvisionError {
 }
 
 /// Creates and removes nodes.
-pub trait Provisioner: Send + Sync {
+pub(crate) trait Provisioner: Send + Sync {
     /// Its name, for logs.
     fn name(&self) -> &'static str;
     /// Starts a node; it registers with the manager by itself.
@@ -61,7 +61,7 @@ pub trait Provisioner: Send + Sync {
 }
 
 /// Starts local `castnode` processes.
-pub struct ProcessProvisioner {
+pub(crate) struct ProcessProvisioner {
     exe: PathBuf,
     manager_url: String,
     token: String,
@@ -73,7 +73,7 @@ pub struct ProcessProvisioner {
 impl ProcessProvisioner {
     /// Nodes run `exe`, report to `manager_url` proving `token`, bind on `host`, and write
     /// their logs into `dir` (created if needed).
-    pub fn new(
+    pub(crate) fn new(
         exe: PathBuf,
         manager_url: &str,
         token: &str,
@@ -95,15 +95,8 @@ impl ProcessProvisioner {
         self.children.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// How many started processes are still running.
-    pub fn running(&self) -> usize {
-        let mut c = self.children();
-        c.retain(|_, child| matches!(child.try_wait(), Ok(None)));
-        c.len()
-    }
-
     /// Stops every node it started: SIGTERM, then SIGKILL after 5 s.
-    pub async fn shutdown(&self) {
+    pub(crate) async fn shutdown(&self) {
         let mut children: Vec<(String, Child)> = self.children().drain().collect();
         for (_, child) in &children {
             if let Some(pid) = child.id() {

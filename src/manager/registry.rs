@@ -21,21 +21,22 @@ use super::store::RegionRecord;
 use super::{Hint, LoadReport, ManagerError, NodeInfo, NodeRole, PlacedNode, Placement};
 
 /// How many of the best candidates a placement picks from at random.
-pub const BEST_FEW: usize = 3;
+pub(crate) const BEST_FEW: usize = 3;
 /// Default heartbeat TTL.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(3);
+#[cfg(test)]
+pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(3);
 /// How long a placement counts against its node's room: a viewer sent to a node shows up in its
 /// reports only once it connected, so the manager counts it itself meanwhile (erring towards
 /// full, never towards over capacity).
-pub const PLACEMENT_MEMORY: Duration = Duration::from_secs(2);
+pub(crate) const PLACEMENT_MEMORY: Duration = Duration::from_secs(2);
 /// How much a node that already carries a broadcast is preferred for its players (in load
 /// fraction).
-pub const CARRY_BONUS: f64 = 0.25;
+pub(crate) const CARRY_BONUS: f64 = 0.25;
 
 /// Whether a node takes placements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum NodeStatus {
+pub(crate) enum NodeStatus {
     /// Reporting.
     Live,
     /// Reporting, but scaled in: no new placements; it exits when empty or at its deadline.
@@ -46,33 +47,33 @@ pub enum NodeStatus {
 
 /// A registered node.
 #[derive(Clone, Debug)]
-pub struct NodeEntry {
+pub(crate) struct NodeEntry {
     /// As registered.
-    pub info: NodeInfo,
+    pub(crate) info: NodeInfo,
     /// The last report.
-    pub load: LoadReport,
+    pub(crate) load: LoadReport,
     /// When it last reported (or registered).
-    pub last_seen: Instant,
+    pub(crate) last_seen: Instant,
     /// Live or failed (draining is [`NodeEntry::draining`]).
-    pub status: NodeStatus,
+    pub(crate) status: NodeStatus,
     /// When it is draining: the deadline for its last viewers.
-    pub draining: Option<Instant>,
+    pub(crate) draining: Option<Instant>,
     /// The sequence number of its last UDP heartbeat (replays at or below it are ignored).
-    pub heartbeat_seq: u64,
+    pub(crate) heartbeat_seq: u64,
     /// When viewers or publishers were sent to it, within [`PLACEMENT_MEMORY`].
-    pub placed: VecDeque<Instant>,
+    pub(crate) placed: VecDeque<Instant>,
     /// The broadcasts of its last report (for the carriers' preference).
     carried: HashSet<String>,
 }
 
 impl NodeEntry {
     /// Whether new viewers, publishers or downstream nodes may be sent to it.
-    pub fn placeable(&self) -> bool {
+    pub(crate) fn placeable(&self) -> bool {
         self.status == NodeStatus::Live && self.draining.is_none()
     }
 
     /// Its state as listed: failed, draining or live.
-    pub fn state(&self) -> NodeStatus {
+    pub(crate) fn state(&self) -> NodeStatus {
         match (self.status, self.draining) {
             (NodeStatus::Failed, _) => NodeStatus::Failed,
             (_, Some(_)) => NodeStatus::Draining,
@@ -81,7 +82,7 @@ impl NodeEntry {
     }
 
     /// Load against capacity, counting recent placements; 1.0 or more is full.
-    pub fn fill(&self) -> f64 {
+    pub(crate) fn fill(&self) -> f64 {
         let used = self.load.viewers + self.placed.len() as u64;
         used as f64 / self.info.capacity.max(1) as f64
     }
@@ -137,7 +138,7 @@ pub struct Registry {
 
 /// How often [`Registry::maybe_sweep`] sweeps (placement checks liveness by itself; the sweep
 /// keeps the listed states, the publishers and the placement memory current).
-pub const SWEEP_EVERY: Duration = Duration::from_millis(100);
+pub(crate) const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 impl Registry {
     /// An empty registry.
@@ -154,7 +155,7 @@ impl Registry {
     }
 
     /// Replaces the client network → region table.
-    pub fn set_regions(&mut self, regions: &[RegionRecord]) {
+    pub(crate) fn set_regions(&mut self, regions: &[RegionRecord]) {
         self.cidrs = regions
             .iter()
             .flat_map(|r| r.cidrs.iter().map(|c| (c.trunc(), r.name.clone())))
@@ -165,7 +166,7 @@ impl Registry {
 
     /// The region a lookup is placed in: the one asked for, else the one whose CIDR holds the
     /// client's address (longest prefix), else the default region.
-    pub fn region_for<'a>(&'a self, hint: &'a Hint) -> &'a str {
+    pub(crate) fn region_for<'a>(&'a self, hint: &'a Hint) -> &'a str {
         if let Some(r) = &hint.region {
             return r;
         }
@@ -183,15 +184,10 @@ impl Registry {
     }
 
     /// Whether some node reports `region`, a CIDR table names it, or it is the default.
-    pub fn known_region(&self, region: &str) -> bool {
+    pub(crate) fn known_region(&self, region: &str) -> bool {
         region == self.default_region
             || self.by_region.contains_key(region)
             || self.cidrs.iter().any(|(_, r)| r == region)
-    }
-
-    /// The manager's default region.
-    pub fn default_region(&self) -> &str {
-        &self.default_region
     }
 
     /// Registers or re-registers a node (it is live from now; a draining node stays draining).
@@ -225,7 +221,7 @@ impl Registry {
 
     /// Scales a node in: no new placements; `deadline` is when its last viewers are cut.
     /// False when the node is unknown.
-    pub fn drain(&mut self, id: &str, deadline: Instant) -> bool {
+    pub(crate) fn drain(&mut self, id: &str, deadline: Instant) -> bool {
         match self.nodes.get_mut(id) {
             Some(n) => {
                 n.draining.get_or_insert(deadline);
@@ -245,7 +241,7 @@ impl Registry {
     }
 
     /// Forgets a node (it was removed).
-    pub fn forget(&mut self, id: &str) {
+    pub(crate) fn forget(&mut self, id: &str) {
         if let Some(n) = self.nodes.remove(id) {
             self.unindex(id, &n.info.region);
             for b in n.publishing() {
@@ -303,7 +299,7 @@ impl Registry {
 
     /// A heartbeat datagram's report: taken only when `seq` is above the node's last one (a
     /// replay is ignored: `Ok(None)`); else as [`Registry::report`].
-    pub fn report_seq(
+    pub(crate) fn report_seq(
         &mut self,
         id: &str,
         seq: u64,
@@ -319,7 +315,7 @@ impl Registry {
     }
 
     /// [`Registry::sweep`], unless it ran less than [`SWEEP_EVERY`] ago.
-    pub fn maybe_sweep(&mut self, now: Instant) {
+    pub(crate) fn maybe_sweep(&mut self, now: Instant) {
         if self
             .last_sweep
             .is_none_or(|t| now.saturating_duration_since(t) >= SWEEP_EVERY)
@@ -329,7 +325,7 @@ impl Registry {
     }
 
     /// Marks nodes silent for the TTL as failed; returns their ids.
-    pub fn sweep(&mut self, now: Instant) -> Vec<String> {
+    pub(crate) fn sweep(&mut self, now: Instant) -> Vec<String> {
         self.last_sweep = Some(now);
         let mut failed = Vec::new();
         for n in self.nodes.values_mut() {
@@ -343,7 +339,7 @@ impl Registry {
     }
 
     /// Every node, sorted by id.
-    pub fn nodes(&self) -> Vec<&NodeEntry> {
+    pub(crate) fn nodes(&self) -> Vec<&NodeEntry> {
         let mut v: Vec<_> = self.nodes.values().collect();
         v.sort_by(|a, b| a.info.id.cmp(&b.info.id));
         v
@@ -352,7 +348,7 @@ impl Registry {
     /// Where to publish `broadcast`: the node that already has its publisher (a reconnecting
     /// broadcaster goes back there), else the least loaded ingest node. The placement counts
     /// against the node from `now` for [`PLACEMENT_MEMORY`].
-    pub fn place_publish(
+    pub(crate) fn place_publish(
         &mut self,
         broadcast: &str,
         hint: &Hint,
@@ -402,7 +398,7 @@ impl Registry {
     /// relays of its region (least loaded first), then the origins; for a relay, the origins
     /// only (relays do not chain through the manager). Among origins the one that has the
     /// publisher comes first, then by load. Failed nodes and the asker are left out.
-    pub fn upstreams(&self, broadcast: &str, asker: &str) -> Vec<String> {
+    pub(crate) fn upstreams(&self, broadcast: &str, asker: &str) -> Vec<String> {
         let me = self.nodes.get(asker);
         let region = me.map_or(self.default_region.as_str(), |n| n.info.region.as_str());
         let is_relay = me.is_some_and(|n| n.info.role == NodeRole::Relay);

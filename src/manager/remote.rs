@@ -21,15 +21,15 @@ use super::{
 use crate::node::NodeContext;
 
 /// How often a node reports.
-pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a node waits for the manager's answer to a UDP heartbeat (it answers only when the
 /// node must act: register again, or drain).
-pub const HEARTBEAT_REPLY_WAIT: Duration = Duration::from_millis(50);
+pub(crate) const HEARTBEAT_REPLY_WAIT: Duration = Duration::from_millis(50);
 
 /// A `castnode manager` reached over HTTP, with load reports as UDP heartbeats
 /// ([`super::heartbeat`]) to the same port number.
-pub struct Remote {
+pub(crate) struct Remote {
     base: String,
     token: String,
     http: reqwest::Client,
@@ -44,13 +44,13 @@ pub struct Remote {
 }
 
 /// Every how many heartbeats a node asks for an answer (the first one always does).
-pub const HEARTBEAT_ANSWER_EVERY: u64 = 10;
+pub(crate) const HEARTBEAT_ANSWER_EVERY: u64 = 10;
 /// How long a node reports over HTTP after its heartbeats went unanswered.
-pub const HEARTBEAT_OFF: Duration = Duration::from_secs(60);
+pub(crate) const HEARTBEAT_OFF: Duration = Duration::from_secs(60);
 
 impl Remote {
     /// A client of the manager at `base` (`http://host:port`) proving `token`.
-    pub fn new(base: &str, token: &str) -> Self {
+    pub(crate) fn new(base: &str, token: &str) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
@@ -219,13 +219,13 @@ impl Remote {
 
 /// Upstreams chosen by the stream manager, with the `--upstream` list as a fallback when the
 /// manager cannot answer.
-pub struct ManagerUpstreams {
+pub(crate) struct ManagerUpstreams {
     /// The manager.
-    pub manager: Arc<dyn StreamManager>,
+    pub(crate) manager: Arc<dyn StreamManager>,
     /// This node's id.
-    pub node: String,
+    pub(crate) node: String,
     /// `--upstream`, tried when the manager gives nothing.
-    pub fallback: Vec<String>,
+    pub(crate) fallback: Vec<String>,
 }
 
 impl crate::cluster::link::UpstreamChoice for ManagerUpstreams {
@@ -424,7 +424,7 @@ fn collect(ctx: &NodeContext, last: &mut Sample) -> LoadReport {
 
 /// Registers `node` with `manager`, then reports the node's load every [`REPORT_INTERVAL`]
 /// until the process ends.
-pub async fn run_reporter(
+pub(crate) async fn run_reporter(
     manager: Arc<dyn StreamManager>,
     node: NodeInfo,
     token: String,

@@ -23,13 +23,13 @@ use super::registry::{NodeEntry, NodeStatus, Registry};
 use super::store::{NodeGroup, ScaleMetric};
 
 /// How often groups are evaluated.
-pub const EVALUATE_EVERY: Duration = Duration::from_secs(2);
+pub(crate) const EVALUATE_EVERY: Duration = Duration::from_secs(2);
 /// How long a started node has to register before it is removed and started again.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the autoscaler decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Start a node with this id for the group.
     Create {
         /// The group.
@@ -57,7 +57,7 @@ pub enum Action {
 
 impl Action {
     /// The metric label of the action.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         match self {
             Action::Create { .. } => "out",
             Action::Drain { .. } => "in",
@@ -68,7 +68,7 @@ impl Action {
 
 /// The autoscaler's memory between evaluations.
 #[derive(Debug, Default)]
-pub struct Autoscaler {
+pub(crate) struct Autoscaler {
     /// Started and not registered yet: node id → (group, when).
     pending: HashMap<String, (String, Instant)>,
     /// Last scale-out or scale-in per group.
@@ -85,22 +85,22 @@ fn figure(metric: ScaleMetric, n: &NodeEntry) -> f64 {
 
 impl Autoscaler {
     /// A new autoscaler with nothing pending.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Nodes started for `group` that have not registered yet.
-    pub fn pending(&self, group: &str) -> usize {
+    pub(crate) fn pending(&self, group: &str) -> usize {
         self.pending.values().filter(|(g, _)| g == group).count()
     }
 
     /// A start failed: the node is no longer pending.
-    pub fn start_failed(&mut self, id: &str) {
+    pub(crate) fn start_failed(&mut self, id: &str) {
         self.pending.remove(id);
     }
 
     /// The actions for now. `new_id` names a node to start for a group.
-    pub fn plan(
+    pub(crate) fn plan(
         &mut self,
         groups: &[NodeGroup],
         reg: &Registry,

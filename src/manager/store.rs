@@ -26,7 +26,7 @@ use crate::names::name_ok;
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Access {
+pub(crate) enum Access {
     /// Everything: reads, and changes to tokens, regions, node groups and nodes.
     Admin,
     /// Reads only (and placement lookups when they need a token).
@@ -44,34 +44,34 @@ impl Access {
 
 /// A token as stored and listed (never its secret).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenRecord {
+pub(crate) struct TokenRecord {
     /// Its id (for deleting it).
-    pub id: String,
+    pub(crate) id: String,
     /// What the operator called it.
-    pub name: String,
+    pub(crate) name: String,
     /// What it may do.
-    pub access: Access,
+    pub(crate) access: Access,
     /// When it was made (Unix seconds).
-    pub created: u64,
+    pub(crate) created: u64,
     /// SHA-256 of the secret, hex.
     #[serde(skip)]
-    pub hash: String,
+    pub(crate) hash: String,
 }
 
 /// A region's client address table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RegionRecord {
+pub(crate) struct RegionRecord {
     /// The region's name (as nodes report it with `--region`).
-    pub name: String,
+    pub(crate) name: String,
     /// Clients from these networks are placed in this region.
     #[serde(default)]
-    pub cidrs: Vec<IpNet>,
+    pub(crate) cidrs: Vec<IpNet>,
 }
 
 /// The load figure a node group scales on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ScaleMetric {
+pub(crate) enum ScaleMetric {
     /// Viewers per node.
     Viewers,
     /// CPU cores in use per node.
@@ -91,41 +91,41 @@ fn default_cooldown() -> u64 {
 /// A node group: how many nodes of one role a region keeps, and when to add or drain one.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NodeGroup {
+pub(crate) struct NodeGroup {
     /// Its name (also the prefix of the ids of the nodes it starts).
-    pub name: String,
+    pub(crate) name: String,
     /// The region its nodes report.
-    pub region: String,
+    pub(crate) region: String,
     /// The role of its nodes: edge, relay or origin.
-    pub role: NodeRole,
+    pub(crate) role: NodeRole,
     /// Fewest nodes kept running.
-    pub min: u32,
+    pub(crate) min: u32,
     /// Most nodes started.
-    pub max: u32,
+    pub(crate) max: u32,
     /// The figure compared with the thresholds: its mean over the group's live nodes.
-    pub metric: ScaleMetric,
+    pub(crate) metric: ScaleMetric,
     /// A node is added when the figure is above this.
-    pub scale_out_above: f64,
+    pub(crate) scale_out_above: f64,
     /// A node is drained when the figure is below this (and stays at or under
     /// `scale_out_above` with one node fewer).
-    pub scale_in_below: f64,
+    pub(crate) scale_in_below: f64,
     /// Seconds a draining node may keep its last viewers before it is removed.
     #[serde(default = "default_drain_deadline")]
-    pub drain_deadline_s: u64,
+    pub(crate) drain_deadline_s: u64,
     /// Seconds between two scale actions of the group.
     #[serde(default = "default_cooldown")]
-    pub cooldown_s: u64,
+    pub(crate) cooldown_s: u64,
     /// The `--capacity` (viewers) of the nodes it starts [default: theirs].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_capacity: Option<u64>,
+    pub(crate) node_capacity: Option<u64>,
 }
 
 /// Most nodes one group may hold.
-pub const MAX_GROUP_NODES: u32 = 1000;
+pub(crate) const MAX_GROUP_NODES: u32 = 1000;
 
 impl NodeGroup {
     /// Why the group cannot be used, if it cannot.
-    pub fn check(&self) -> Result<(), ManagerError> {
+    pub(crate) fn check(&self) -> Result<(), ManagerError> {
         let bad = |r: &str| Err(ManagerError::Invalid(r.to_owned()));
         if !name_ok(&self.name) || self.name.contains('/') {
             return bad("name: 1 to 128 printable ASCII characters, no spaces or '/'");
@@ -157,13 +157,13 @@ impl NodeGroup {
 }
 
 /// SHA-256 of a token's secret, hex.
-pub fn hash_secret(secret: &str) -> String {
+pub(crate) fn hash_secret(secret: &str) -> String {
     let d = Sha256::digest(secret.as_bytes());
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A new random secret (256 bits, hex) prefixed `cn_`.
-pub fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     let bytes: [u8; 32] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
     format!("cn_{hex}")
@@ -177,7 +177,7 @@ fn unix_now() -> u64 {
 
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub(crate) enum StoreError {
     /// SQLite failed: opening the file, setting its modes, or creating the schema.
     #[error(transparent)]
     Sqlite(#[from] rusqlite::Error),
@@ -187,7 +187,7 @@ pub enum StoreError {
 }
 
 /// The database.
-pub struct Store {
+pub(crate) struct Store {
     conn: Mutex<Connection>,
 }
 
@@ -198,7 +198,7 @@ fn db_error(e: rusqlite::Error) -> ManagerError {
 impl Store {
     /// Opens (creating if needed) the database at `path`, or an in-memory one (None, or the
     /// path `:memory:`).
-    pub fn open(path: Option<&Path>) -> Result<Self, StoreError> {
+    pub(crate) fn open(path: Option<&Path>) -> Result<Self, StoreError> {
         let path = path.filter(|p| p.as_os_str() != ":memory:");
         let conn = match path {
             Some(p) => Connection::open(p)?,
@@ -230,7 +230,7 @@ impl Store {
     }
 
     /// Every token.
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, ManagerError> {
+    pub(crate) fn tokens(&self) -> Result<Vec<TokenRecord>, ManagerError> {
         let conn = self.conn();
         let mut st = conn
             .prepare("SELECT id, name, access, hash, created FROM tokens ORDER BY created, id")
@@ -255,7 +255,7 @@ impl Store {
     }
 
     /// Stores a new token for `secret`; returns its record.
-    pub fn add_token(
+    pub(crate) fn add_token(
         &self,
         name: &str,
         access: Access,
@@ -284,7 +284,7 @@ impl Store {
     }
 
     /// Deletes a token; false when there was none with that id.
-    pub fn delete_token(&self, id: &str) -> Result<bool, ManagerError> {
+    pub(crate) fn delete_token(&self, id: &str) -> Result<bool, ManagerError> {
         let n = self
             .conn()
             .execute("DELETE FROM tokens WHERE id = ?1", params![id])
@@ -337,38 +337,38 @@ impl Store {
     }
 
     /// Every region with a CIDR table.
-    pub fn regions(&self) -> Result<Vec<RegionRecord>, ManagerError> {
+    pub(crate) fn regions(&self) -> Result<Vec<RegionRecord>, ManagerError> {
         self.bodies("regions")
     }
 
     /// Creates or replaces a region's table.
-    pub fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
+    pub(crate) fn put_region(&self, r: &RegionRecord) -> Result<(), ManagerError> {
         self.put_body("regions", &r.name, r)
     }
 
     /// Deletes a region's table; false when there was none.
-    pub fn delete_region(&self, name: &str) -> Result<bool, ManagerError> {
+    pub(crate) fn delete_region(&self, name: &str) -> Result<bool, ManagerError> {
         self.delete_body("regions", name)
     }
 
     /// Every node group.
-    pub fn node_groups(&self) -> Result<Vec<NodeGroup>, ManagerError> {
+    pub(crate) fn node_groups(&self) -> Result<Vec<NodeGroup>, ManagerError> {
         self.bodies("node_groups")
     }
 
     /// Creates or replaces a node group (checked first).
-    pub fn put_node_group(&self, g: &NodeGroup) -> Result<(), ManagerError> {
+    pub(crate) fn put_node_group(&self, g: &NodeGroup) -> Result<(), ManagerError> {
         g.check()?;
         self.put_body("node_groups", &g.name, g)
     }
 
     /// Deletes a node group; false when there was none.
-    pub fn delete_node_group(&self, name: &str) -> Result<bool, ManagerError> {
+    pub(crate) fn delete_node_group(&self, name: &str) -> Result<bool, ManagerError> {
         self.delete_body("node_groups", name)
     }
 
     /// Whether a token with this hash exists (for tests and the bootstrap token).
-    pub fn has_hash(&self, hash: &str) -> Result<bool, ManagerError> {
+    pub(crate) fn has_hash(&self, hash: &str) -> Result<bool, ManagerError> {
         self.conn()
             .query_row(
                 "SELECT 1 FROM tokens WHERE hash = ?1",

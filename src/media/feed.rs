@@ -35,7 +35,7 @@ pub trait Muxer {
 
 /// What [`Feed::poll_batch`] produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum FeedStatus {
+pub(crate) enum FeedStatus {
     /// Buffers were appended; the number of frames skipped first (0 when none).
     Data {
         /// Frames passed over because the player was behind.
@@ -46,7 +46,7 @@ pub enum FeedStatus {
 }
 
 /// One player's reading of a broadcast in one format.
-pub struct Feed<M> {
+pub(crate) struct Feed<M> {
     consumer: BroadcastConsumer,
     muxer: M,
     entries: Vec<Arc<Entry>>,
@@ -72,7 +72,7 @@ pub fn rendition_param(query: &str) -> Option<&str> {
 
 impl<M: Muxer> Feed<M> {
     /// A feed of `consumer`'s broadcast in `muxer`'s format.
-    pub fn new(consumer: BroadcastConsumer, muxer: M) -> Self {
+    pub(crate) fn new(consumer: BroadcastConsumer, muxer: M) -> Self {
         Self {
             consumer,
             muxer,
@@ -94,7 +94,7 @@ impl<M: Muxer> Feed<M> {
     }
 
     /// The consumer underneath.
-    pub fn consumer(&self) -> &BroadcastConsumer {
+    pub(crate) fn consumer(&self) -> &BroadcastConsumer {
         &self.consumer
     }
 
@@ -128,7 +128,7 @@ impl<M: Muxer> Feed<M> {
 
     /// Appends the buffers of what the hub has that this feed did not read yet to `out`;
     /// `None` when there is nothing new.
-    pub fn poll_batch(&mut self, out: &mut Vec<Bytes>) -> Option<FeedStatus> {
+    pub(crate) fn poll_batch(&mut self, out: &mut Vec<Bytes>) -> Option<FeedStatus> {
         let outcome = self.consumer.read(&mut self.entries, 512);
         let skipped = match outcome {
             ReadOutcome::Ended => return Some(FeedStatus::Ended),

@@ -16,7 +16,7 @@ pub struct TrackId(pub u8);
 impl TrackId {
     /// Tracks 0 and 1 are the broadcast's own (what its publisher sent); higher ids are
     /// renditions.
-    pub const SOURCE_TRACKS: u8 = 2;
+    pub(crate) const SOURCE_TRACKS: u8 = 2;
     /// Tracks below this travel with the broadcast from node to node: the source's, then the
     /// renditions of its ABR ladder (named: [`TrackInfo::rendition`]; a transcoder makes them
     /// once for the whole cluster). Ids from here on are renditions a node makes for its own
@@ -24,7 +24,7 @@ impl TrackId {
     pub const SHARED_TRACKS: u8 = 10;
 
     /// Whether this is one of the broadcast's own tracks, not a rendition.
-    pub const fn is_source(self) -> bool {
+    pub(crate) const fn is_source(self) -> bool {
         self.0 < Self::SOURCE_TRACKS
     }
 
@@ -36,11 +36,6 @@ impl TrackId {
     /// Whether this id is a ladder rung's.
     pub const fn is_ladder(self) -> bool {
         self.0 >= Self::SOURCE_TRACKS && self.0 < Self::SHARED_TRACKS
-    }
-
-    /// The source's track ids, lowest first.
-    pub fn sources() -> impl Iterator<Item = TrackId> {
-        (0..Self::SOURCE_TRACKS).map(TrackId)
     }
 }
 
@@ -70,7 +65,7 @@ pub enum Codec {
 
 impl Codec {
     /// Short lowercase name used in APIs and metrics.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Codec::H264 => "h264",
             Codec::H265 => "h265",
@@ -81,7 +76,7 @@ impl Codec {
     }
 
     /// Whether frames of this codec are pictures.
-    pub fn kind(self) -> TrackKind {
+    pub(crate) fn kind(self) -> TrackKind {
         match self {
             Codec::H264 | Codec::H265 | Codec::Av1 => TrackKind::Video,
             Codec::Aac | Codec::Opus => TrackKind::Audio,
@@ -93,35 +88,35 @@ impl Codec {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VideoInfo {
     /// Picture width in pixels (after cropping).
-    pub width: u32,
+    pub(crate) width: u32,
     /// Picture height in pixels (after cropping).
-    pub height: u32,
+    pub(crate) height: u32,
     /// Profile name such as "high" or "baseline".
-    pub profile: String,
+    pub(crate) profile: String,
     /// Level times ten (e.g. 31 for 3.1).
-    pub level: u8,
+    pub(crate) level: u8,
 }
 
 /// Facts about an audio track, read from its codec config.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AudioInfo {
     /// Samples per second.
-    pub sample_rate: u32,
+    pub(crate) sample_rate: u32,
     /// Channel count.
-    pub channels: u8,
+    pub(crate) channels: u8,
 }
 
 /// A track's description: codec and the configuration a decoder needs first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrackInfo {
     /// The codec.
-    pub codec: Codec,
+    pub(crate) codec: Codec,
     /// Decoder configuration (codec specific), if the codec has one.
-    pub config: Option<Bytes>,
+    pub(crate) config: Option<Bytes>,
     /// Set for video tracks whose config could be parsed.
-    pub video: Option<VideoInfo>,
+    pub(crate) video: Option<VideoInfo>,
     /// Set for audio tracks whose config could be parsed.
-    pub audio: Option<AudioInfo>,
+    pub(crate) audio: Option<AudioInfo>,
     /// The ABR ladder rung this track is (`360p`: what `?rendition=` names), on ids
     /// [`TrackId::is_ladder`]; `None` for the source's tracks and a node's own renditions.
     pub rendition: Option<Arc<str>>,
@@ -132,7 +127,7 @@ impl TrackInfo {
     /// the config. Use it wherever a track is declared from received bytes, so every protocol
     /// derives the same facts. Opus is always 48 kHz; its channel count comes from an `OpusHead`
     /// config (RFC 7845 §5.1) when there is one, and is 2 otherwise (how WebRTC signals Opus).
-    pub fn from_config(codec: Codec, config: Option<Bytes>) -> TrackInfo {
+    pub(crate) fn from_config(codec: Codec, config: Option<Bytes>) -> TrackInfo {
         let cfg = config.as_deref();
         let (video, audio) = match codec {
             Codec::H264 => (cfg.and_then(crate::codec::h264::parse_avcc), None),

@@ -59,7 +59,7 @@ use super::frame::{Frame, Item, Metadata, TrackId, TrackInfo, TrackKind};
 
 /// In a broadcast without video, a group starts at the source's first audio frame this long
 /// (µs of media time) or more after the last group's start: late joiners and skips stay cheap.
-pub const GROUP_SPAN_AUDIO_ONLY_US: i64 = 1_000_000;
+pub(crate) const GROUP_SPAN_AUDIO_ONLY_US: i64 = 1_000_000;
 
 /// Declares [`MemoSlot`] and sizes every entry's memo from the same list: a slot added here
 /// gets its storage, so no output format can index past the end or share another's slot.
@@ -68,7 +68,7 @@ macro_rules! memo_slots {
         /// A slot for one derived serialization of entries: one per output format, each always
         /// storing the same type ([`Entry::memo`]).
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-        pub enum MemoSlot {
+        pub(crate) enum MemoSlot {
             $($(#[$doc])* $slot,)+
         }
 
@@ -90,15 +90,15 @@ memo_slots! {
 
 /// Hub tuning.
 #[derive(Clone, Debug)]
-pub struct HubConfig {
+pub(crate) struct HubConfig {
     /// How long a broadcast waits for its publisher to come back.
-    pub reconnect_grace: Duration,
+    pub(crate) reconnect_grace: Duration,
     /// Groups kept per broadcast (the newest is the one being written).
-    pub retain_groups: usize,
+    pub(crate) retain_groups: usize,
     /// Payload bytes kept per broadcast at most.
-    pub max_log_bytes: usize,
+    pub(crate) max_log_bytes: usize,
     /// A consumer further behind the newest frame than this skips to the newest group.
-    pub max_lag: Duration,
+    pub(crate) max_lag: Duration,
 }
 
 impl Default for HubConfig {
@@ -126,7 +126,7 @@ pub enum PublishError {
 /// The broadcast name rule, for every protocol (a stream key, a URL path, a cluster PUBLISH):
 /// printable ASCII without `\`, at most 256 bytes, no empty, `.` or `..` part between `/`s.
 /// So a name goes into a URL path, a log line or a file name as it is.
-pub fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256
         && !name
@@ -139,9 +139,9 @@ pub fn valid_name(name: &str) -> bool {
 #[derive(Debug)]
 pub struct Entry {
     /// Position in the broadcast's log.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// Decode time of the item (for configs: of the frame before it), microseconds.
-    pub dts: i64,
+    pub(crate) dts: i64,
     /// The item.
     pub item: Item,
     /// When the item entered the cluster: wall clock, microseconds since the UNIX epoch (stamped
@@ -151,7 +151,7 @@ pub struct Entry {
     /// one resumes, and where the cluster link opens a new group stream. Marked once, as the
     /// frame enters the hub, by the one rule of group boundaries (the module docs); never set on
     /// a config or on a rendition's frame.
-    pub group_start: bool,
+    pub(crate) group_start: bool,
     memo: [OnceLock<Box<dyn Any + Send + Sync>>; MEMO_SLOTS],
 }
 
@@ -168,7 +168,7 @@ impl Entry {
     }
 
     /// An entry outside any log (a config sent to one player); its memo serves only itself.
-    pub fn detached(dts: i64, item: Item) -> Self {
+    pub(crate) fn detached(dts: i64, item: Item) -> Self {
         Self::new(u64::MAX, dts, item, 0, false)
     }
 
@@ -178,7 +178,7 @@ impl Entry {
     /// # Panics
     /// When `slot` was first used with another type: each [`MemoSlot`] belongs to one output
     /// format, which always stores the same type.
-    pub fn memo<T: Send + Sync + 'static>(
+    pub(crate) fn memo<T: Send + Sync + 'static>(
         &self,
         slot: MemoSlot,
         encode: impl FnOnce(&Item) -> T,
@@ -197,28 +197,28 @@ impl Entry {
 
 /// Counters of one broadcast; readable without locks.
 #[derive(Debug, Default)]
-pub struct BroadcastStats {
+pub(crate) struct BroadcastStats {
     /// Payload bytes received from publishers.
-    pub bytes_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
     /// Bytes written to players (drivers add to it).
-    pub bytes_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// Frames received from publishers.
-    pub frames_in: AtomicU64,
+    pub(crate) frames_in: AtomicU64,
     /// Frames players skipped because they fell behind.
-    pub frames_skipped: AtomicU64,
+    pub(crate) frames_skipped: AtomicU64,
     /// Players attached now: people's RTMP, HTTP-FLV and WebRTC sessions
     /// ([`ConsumerKind::Player`]).
-    pub players: AtomicU64,
+    pub(crate) players: AtomicU64,
     /// Other nodes reading it over the cluster link now ([`ConsumerKind::Node`]).
-    pub node_subscriptions: AtomicU64,
+    pub(crate) node_subscriptions: AtomicU64,
     /// Every consumer attached now, whatever its kind (players, nodes, this node's transcoders
     /// and its publication upstream): whether anything still reads the broadcast.
-    pub consumers: AtomicU64,
+    pub(crate) consumers: AtomicU64,
 }
 
 /// Who reads a broadcast, for its counts ([`BroadcastStats`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConsumerKind {
+pub(crate) enum ConsumerKind {
     /// A person's player (RTMP, HTTP-FLV, a WebRTC viewer): what [`Hub::subscribe`] gives.
     Player,
     /// Another node fetching the broadcast over the cluster link.
@@ -476,7 +476,7 @@ pub struct Broadcast {
     state: Mutex<State>,
     notify: watch::Sender<()>,
     /// Counters, readable without locks.
-    pub stats: BroadcastStats,
+    pub(crate) stats: BroadcastStats,
 }
 
 impl Broadcast {
@@ -513,22 +513,22 @@ impl Broadcast {
 
     /// A receiver that wakes when the broadcast changes (an item appended, ended): one for a
     /// driver serving many consumers of it.
-    pub fn watch(&self) -> watch::Receiver<()> {
+    pub(crate) fn watch(&self) -> watch::Receiver<()> {
         self.notify.subscribe()
     }
 
     /// Whether a publisher is live (not gone within the grace, not ended).
-    pub fn is_live(&self) -> bool {
+    pub(crate) fn is_live(&self) -> bool {
         matches!(self.lock().publisher, Publisher::Live(_))
     }
 
     /// The broadcast's name (`app/key`).
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// A description for APIs: tracks with measured figures, players, uptime (at `now`).
-    pub fn describe(&self, now: Instant) -> BroadcastInfo {
+    pub(crate) fn describe(&self, now: Instant) -> BroadcastInfo {
         let st = self.lock();
         let tracks = st
             .tracks
@@ -573,7 +573,7 @@ impl Broadcast {
     }
 
     /// The tracks as they are now.
-    pub fn tracks(&self) -> Vec<(TrackId, TrackInfo)> {
+    pub(crate) fn tracks(&self) -> Vec<(TrackId, TrackInfo)> {
         let st = self.lock();
         st.tracks
             .iter()
@@ -583,7 +583,7 @@ impl Broadcast {
     }
 
     /// Whether a video track's frames are reordered (B-frames), as seen at ingest.
-    pub fn has_b_frames(&self, track: TrackId) -> bool {
+    pub(crate) fn has_b_frames(&self, track: TrackId) -> bool {
         self.lock()
             .figures
             .get(usize::from(track.0))
@@ -591,7 +591,7 @@ impl Broadcast {
     }
 
     /// A video track's frame rate as measured at ingest (`None` before a second's worth).
-    pub fn fps(&self, track: TrackId) -> Option<f64> {
+    pub(crate) fn fps(&self, track: TrackId) -> Option<f64> {
         self.lock()
             .figures
             .get(usize::from(track.0))
@@ -601,7 +601,7 @@ impl Broadcast {
 
     /// Frames of `track` seen since it began: whether it has B-frames ([`Self::has_b_frames`])
     /// is known only after its first few.
-    pub fn frames_seen(&self, track: TrackId) -> u64 {
+    pub(crate) fn frames_seen(&self, track: TrackId) -> u64 {
         self.lock()
             .figures
             .get(usize::from(track.0))
@@ -625,7 +625,7 @@ impl Broadcast {
     }
 
     /// One track's description.
-    pub fn track(&self, track: TrackId) -> Option<TrackInfo> {
+    pub(crate) fn track(&self, track: TrackId) -> Option<TrackInfo> {
         self.lock()
             .tracks
             .get(usize::from(track.0))
@@ -634,7 +634,7 @@ impl Broadcast {
     }
 
     /// Ingest bitrate over the last measured second, all tracks, bits per second.
-    pub fn ingest_bitrate(&self) -> f64 {
+    pub(crate) fn ingest_bitrate(&self) -> f64 {
         self.lock().figures.iter().map(|f| f.bitrate).sum()
     }
 }
@@ -645,64 +645,64 @@ fn round2(v: f64) -> f64 {
 
 /// JSON view of a broadcast.
 #[derive(Debug, Serialize)]
-pub struct BroadcastInfo {
+pub(crate) struct BroadcastInfo {
     /// `app/key`.
-    pub name: String,
+    pub(crate) name: String,
     /// Whether a publisher is connected now.
-    pub publishing: bool,
+    pub(crate) publishing: bool,
     /// Tracks with measured figures.
-    pub tracks: Vec<TrackSummary>,
+    pub(crate) tracks: Vec<TrackSummary>,
     /// The names of its ABR ladder's rungs (`?rendition=NAME`), tallest first as the ladder
     /// lists them; each is one of `tracks` (its size, frame rate and bitrate there).
     pub renditions: Vec<String>,
     /// Players attached now (people: RTMP, HTTP-FLV, WebRTC viewers).
-    pub players: u64,
+    pub(crate) players: u64,
     /// Other nodes reading it over the cluster link now (not players).
-    pub node_subscriptions: u64,
+    pub(crate) node_subscriptions: u64,
     /// Seconds since the broadcast started.
-    pub uptime_s: f64,
+    pub(crate) uptime_s: f64,
     /// Payload bytes in.
-    pub bytes_in: u64,
+    pub(crate) bytes_in: u64,
     /// Bytes out to players.
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
     /// Frames skipped by slow players.
-    pub frames_skipped: u64,
+    pub(crate) frames_skipped: u64,
 }
 
 /// JSON view of a track.
 #[derive(Debug, Serialize)]
-pub struct TrackSummary {
+pub(crate) struct TrackSummary {
     /// Track id.
-    pub id: u8,
+    pub(crate) id: u8,
     /// "video" or "audio".
-    pub kind: &'static str,
+    pub(crate) kind: &'static str,
     /// Codec name.
-    pub codec: &'static str,
+    pub(crate) codec: &'static str,
     /// Width, video only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub width: Option<u32>,
+    pub(crate) width: Option<u32>,
     /// Height, video only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub height: Option<u32>,
+    pub(crate) height: Option<u32>,
     /// Profile, video only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub profile: Option<String>,
+    pub(crate) profile: Option<String>,
     /// Sample rate, audio only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub sample_rate: Option<u32>,
+    pub(crate) sample_rate: Option<u32>,
     /// Channels, audio only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub channels: Option<u8>,
+    pub(crate) channels: Option<u8>,
     /// Frames per second over the last second of media time.
-    pub fps: f64,
+    pub(crate) fps: f64,
     /// Kilobits per second over the last second of media time.
-    pub bitrate_kbps: f64,
+    pub(crate) bitrate_kbps: f64,
     /// Whether frames are reordered (B-frames), video only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub b_frames: Option<bool>,
+    pub(crate) b_frames: Option<bool>,
     /// Seconds between the last two keyframes, video only.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub keyframe_interval_s: Option<f64>,
+    pub(crate) keyframe_interval_s: Option<f64>,
     /// The ABR ladder rung this track is (`?rendition=` names it), if it is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rendition: Option<String>,
@@ -710,13 +710,13 @@ pub struct TrackSummary {
 
 /// Hub-wide counters.
 #[derive(Debug, Default)]
-pub struct HubStats {
+pub(crate) struct HubStats {
     /// Payload bytes received from publishers, all broadcasts ever.
-    pub bytes_in: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
     /// Bytes written to players, all broadcasts ever.
-    pub bytes_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
     /// Frames skipped by slow players, all broadcasts ever.
-    pub frames_skipped: AtomicU64,
+    pub(crate) frames_skipped: AtomicU64,
 }
 
 /// The monotonic clock a [`Hub`] reads where no caller can pass the time in (see the module
@@ -745,7 +745,7 @@ impl Default for Hub {
 
 impl Hub {
     /// An empty hub on the real clock.
-    pub fn new(cfg: HubConfig) -> Self {
+    pub(crate) fn new(cfg: HubConfig) -> Self {
         Self::with_clock(cfg, Arc::new(Instant::now))
     }
 
@@ -776,13 +776,8 @@ impl Hub {
     }
 
     /// Hub-wide counters.
-    pub fn stats(&self) -> &HubStats {
+    pub(crate) fn stats(&self) -> &HubStats {
         &self.inner.stats
-    }
-
-    /// The hub's configuration.
-    pub fn config(&self) -> &HubConfig {
-        &self.inner.cfg
     }
 
     /// Start publishing `name` (at `now`, the broadcast's start for its uptime), or continue it
@@ -831,7 +826,7 @@ impl Hub {
     /// The consumer is counted in the broadcast's `consumers` under the broadcast's lock, where
     /// [`BroadcastProducer::end_if_unwatched`] looks: a broadcast is never ended as unwatched
     /// with a consumer attached, and a consumer never attaches to one so ended.
-    pub fn subscribe_as(&self, name: &str, kind: ConsumerKind) -> Option<BroadcastConsumer> {
+    pub(crate) fn subscribe_as(&self, name: &str, kind: ConsumerKind) -> Option<BroadcastConsumer> {
         let bc = self.map().get(name)?.clone();
         let st = bc.lock();
         if st.publisher == Publisher::Ended {
@@ -843,7 +838,7 @@ impl Hub {
     }
 
     /// All broadcasts, sorted by name.
-    pub fn broadcasts(&self) -> Vec<Arc<Broadcast>> {
+    pub(crate) fn broadcasts(&self) -> Vec<Arc<Broadcast>> {
         let mut v: Vec<_> = self.map().values().cloned().collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
@@ -851,7 +846,7 @@ impl Hub {
 
     /// Ends broadcasts whose publisher has been gone longer than the grace. Call about once a
     /// second.
-    pub fn reap(&self, now: Instant) {
+    pub(crate) fn reap(&self, now: Instant) {
         let grace = self.inner.cfg.reconnect_grace;
         let mut ended = Vec::new();
         self.map().retain(|_, bc| {
@@ -881,7 +876,7 @@ pub struct BroadcastProducer {
 
 impl BroadcastProducer {
     /// The broadcast being published.
-    pub fn broadcast(&self) -> &Arc<Broadcast> {
+    pub(crate) fn broadcast(&self) -> &Arc<Broadcast> {
         &self.bc
     }
 
@@ -897,7 +892,7 @@ impl BroadcastProducer {
     }
 
     /// Replaces the broadcast's metadata.
-    pub fn set_metadata(&mut self, metadata: Metadata) {
+    pub(crate) fn set_metadata(&mut self, metadata: Metadata) {
         self.bc.lock().metadata = metadata;
     }
 
@@ -908,7 +903,7 @@ impl BroadcastProducer {
 
     /// [`BroadcastProducer::push`] of a frame that entered the cluster elsewhere, at `ingest_us`
     /// (wall clock, µs since the UNIX epoch); `None` stamps now.
-    pub fn push_at(&mut self, track: TrackId, mut frame: Frame, ingest_us: Option<i64>) {
+    pub(crate) fn push_at(&mut self, track: TrackId, mut frame: Frame, ingest_us: Option<i64>) {
         let cfg = &self.hub.inner.cfg;
         let len = frame.payload.len() as u64;
         let mut st = self.bc.lock();
@@ -953,7 +948,7 @@ impl BroadcastProducer {
     /// for (a broadcast fetched from upstream whose fetch ended). Its consumers read what is
     /// logged, then [`ReadOutcome::Ended`]; [`Hub::subscribe`] finds nothing under the name
     /// from now on, and [`Hub::publish`] starts a new broadcast under it.
-    pub fn end(self) {
+    pub(crate) fn end(self) {
         // Only an unwatched end can be refused.
         let _ = self.end_when(false);
     }
@@ -962,7 +957,7 @@ impl BroadcastProducer {
     /// live. Decided under the broadcast's lock, where [`Hub::subscribe`] counts a consumer in:
     /// a consumer that attached first keeps the broadcast (and its producer), one that comes
     /// after finds nothing under the name.
-    pub fn end_if_unwatched(self) -> Result<(), Self> {
+    pub(crate) fn end_if_unwatched(self) -> Result<(), Self> {
         self.end_when(true)
     }
 
@@ -1003,7 +998,7 @@ impl Drop for BroadcastProducer {
 
 /// Writes a track derived from the broadcast itself (transcoded audio, a rendition) into the
 /// broadcast's log. Dropping it withdraws the track from new consumers.
-pub struct RenditionProducer {
+pub(crate) struct RenditionProducer {
     hub: Hub,
     bc: Arc<Broadcast>,
     track: TrackId,
@@ -1012,7 +1007,7 @@ pub struct RenditionProducer {
 
 impl Broadcast {
     /// Declares a rendition track (the first free track id) and returns its writer.
-    pub fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
+    pub(crate) fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
         let mut st = self.lock();
         let track = st.rendition_slot(false).unwrap_or(TrackId(u8::MAX));
         let video = info.codec.kind() == TrackKind::Video;
@@ -1032,7 +1027,7 @@ impl Broadcast {
     /// Declares a rung of the broadcast's ABR ladder (`info.rendition` names it), on a track id
     /// that travels with the broadcast ([`TrackId::is_ladder`]), and returns its writer; `None`
     /// when every ladder id is taken.
-    pub fn add_ladder_rendition(
+    pub(crate) fn add_ladder_rendition(
         self: &Arc<Self>,
         hub: &Hub,
         info: TrackInfo,
@@ -1054,7 +1049,7 @@ impl Broadcast {
 
 impl RenditionProducer {
     /// The rendition's track id.
-    pub fn track(&self) -> TrackId {
+    pub(crate) fn track(&self) -> TrackId {
         self.track
     }
 
@@ -1070,7 +1065,7 @@ impl RenditionProducer {
     }
 
     /// Appends a frame whose times are on the broadcast's timeline.
-    pub fn push(&mut self, frame: Frame) {
+    pub(crate) fn push(&mut self, frame: Frame) {
         self.bc
             .lock()
             .push_frame(self.track, frame, self.video, &self.hub.inner.cfg);
@@ -1146,7 +1141,7 @@ impl BroadcastConsumer {
 
     /// Counts this consumer as `kind` from now on (a consumer obtained for a player that turns
     /// out to serve another node).
-    pub fn set_kind(&mut self, kind: ConsumerKind) {
+    pub(crate) fn set_kind(&mut self, kind: ConsumerKind) {
         if kind == self.kind {
             return;
         }
@@ -1160,12 +1155,12 @@ impl BroadcastConsumer {
     }
 
     /// The broadcast being read.
-    pub fn broadcast(&self) -> &Arc<Broadcast> {
+    pub(crate) fn broadcast(&self) -> &Arc<Broadcast> {
         &self.bc
     }
 
     /// The tracks and metadata as they are now: what a player needs before the first frame.
-    pub fn snapshot(&self) -> (Vec<(TrackId, TrackInfo)>, Metadata) {
+    pub(crate) fn snapshot(&self) -> (Vec<(TrackId, TrackInfo)>, Metadata) {
         let st = self.bc.lock();
         let tracks = st
             .tracks
@@ -1246,7 +1241,7 @@ impl BroadcastConsumer {
     /// Whether a [`BroadcastConsumer::read`] now may return something: the broadcast changed
     /// since the last read, or that read was cut at its `max`, or nothing was read yet. Costs
     /// an atomic load and takes no lock, for callers that poll many consumers.
-    pub fn has_news(&self) -> bool {
+    pub(crate) fn has_news(&self) -> bool {
         self.fresh || self.resync || self.more || self.rx.has_changed().unwrap_or(true)
     }
 

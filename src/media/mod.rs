@@ -8,14 +8,15 @@
 //! ([`Entry::group_start`]).
 
 pub mod feed;
-pub mod frame;
+pub(crate) mod frame;
 pub mod hub;
-pub mod pace;
+pub(crate) mod pace;
 
 pub use frame::{
     AudioInfo, Codec, Frame, Item, MetaValue, Metadata, TrackId, TrackInfo, TrackKind, VideoInfo,
 };
-pub use hub::{
-    BroadcastConsumer, BroadcastProducer, ConsumerKind, Entry, Hub, HubConfig, MemoSlot,
-    PublishError, ReadOutcome, valid_name,
+pub(crate) use hub::{
+    BroadcastConsumer, BroadcastProducer, ConsumerKind, HubConfig, MemoSlot, PublishError,
+    valid_name,
 };
+pub use hub::{Entry, Hub, ReadOutcome};

@@ -31,14 +31,14 @@ use tokio::time::Instant;
 use tracing::error;
 
 /// Phase tasks per node.
-pub const PHASES: usize = 8;
+pub(crate) const PHASES: usize = 8;
 /// The shortest interval between two turns of a player (a node with few players).
-pub const MIN_INTERVAL: Duration = Duration::from_millis(5);
+pub(crate) const MIN_INTERVAL: Duration = Duration::from_millis(5);
 /// Turns a phase task takes before it lets other tasks run.
-pub const TURNS_PER_YIELD: usize = 64;
+pub(crate) const TURNS_PER_YIELD: usize = 64;
 
 /// A player's share of work each time its phase comes round.
-pub trait Turn: Send + 'static {
+pub(crate) trait Turn: Send + 'static {
     /// Does what is due now (read the client's input, write what is new); `false` when the
     /// player is finished, and is then dropped.
     fn turn(&mut self, now: Instant) -> bool;
@@ -48,7 +48,7 @@ pub trait Turn: Send + 'static {
 type PhaseInbox = mpsc::UnboundedSender<Box<dyn Turn>>;
 
 /// The node-wide clock.
-pub struct Pacer {
+pub(crate) struct Pacer {
     phases: Box<[OnceLock<PhaseInbox>]>,
     next_phase: AtomicUsize,
     members: AtomicU64,
@@ -61,7 +61,7 @@ pub struct Pacer {
 impl Pacer {
     /// A clock that shares `budget` turns per second among its players, each getting one at
     /// least every `cap`.
-    pub fn new(budget: u64, cap: Duration) -> Arc<Self> {
+    pub(crate) fn new(budget: u64, cap: Duration) -> Arc<Self> {
         Arc::new(Self {
             phases: (0..PHASES).map(|_| OnceLock::new()).collect(),
             next_phase: AtomicUsize::new(0),
@@ -72,20 +72,21 @@ impl Pacer {
     }
 
     /// The interval between two turns of one player now.
-    pub fn interval(&self) -> Duration {
+    pub(crate) fn interval(&self) -> Duration {
         let per_player =
             Duration::from_secs_f64(self.members.load(Relaxed) as f64 / self.budget as f64);
         per_player.clamp(MIN_INTERVAL, self.cap)
     }
 
     /// Players being paced.
-    pub fn players(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn players(&self) -> u64 {
         self.members.load(Relaxed)
     }
 
     /// Hands `player` to a phase task, which gives it turns until it is finished. Must be called
     /// on a tokio runtime.
-    pub fn adopt(self: &Arc<Self>, player: Box<dyn Turn>) {
+    pub(crate) fn adopt(self: &Arc<Self>, player: Box<dyn Turn>) {
         let phase = self.next_phase.fetch_add(1, Relaxed) % PHASES;
         let tx = self.phases[phase].get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();

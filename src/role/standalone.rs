@@ -16,11 +16,6 @@ use crate::manager::remote::ManagerUpstreams;
 use crate::node::NodeContext;
 use crate::webrtc::driver::Webrtc;
 
-/// `castnode standalone`: see [`run_role`].
-pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    run_role(cfg, "standalone").await
-}
-
 /// Binds the listeners `role` needs, prints where to publish and play, and serves until
 /// SIGINT/SIGTERM.
 pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {

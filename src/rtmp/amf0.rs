@@ -6,7 +6,7 @@
 use bytes::{BufMut, BytesMut};
 
 /// Deepest nesting of objects and arrays accepted.
-pub const MAX_DEPTH: usize = 16;
+pub(crate) const MAX_DEPTH: usize = 16;
 
 /// An AMF0 value.
 #[derive(Clone, Debug, PartialEq)]
@@ -41,7 +41,7 @@ impl Amf0 {
     }
 
     /// The number, if this is one.
-    pub fn as_f64(&self) -> Option<f64> {
+    pub(crate) fn as_f64(&self) -> Option<f64> {
         match self {
             Amf0::Number(n) => Some(*n),
             _ => None,
@@ -49,7 +49,7 @@ impl Amf0 {
     }
 
     /// A property of an object or ECMA array.
-    pub fn get(&self, key: &str) -> Option<&Amf0> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Amf0> {
         match self {
             Amf0::Object(p) | Amf0::EcmaArray(p) => {
                 p.iter().find(|(k, _)| k == key).map(|(_, v)| v)
@@ -86,7 +86,7 @@ pub fn decode_all(mut buf: &[u8]) -> Result<Vec<Amf0>, Amf0Error> {
 }
 
 /// Decodes one value from the front of `buf`, advancing it.
-pub fn decode(buf: &mut &[u8]) -> Result<Amf0, Amf0Error> {
+pub(crate) fn decode(buf: &mut &[u8]) -> Result<Amf0, Amf0Error> {
     decode_depth(buf, 0)
 }
 
@@ -182,7 +182,7 @@ fn put_key(out: &mut BytesMut, k: &str) {
 }
 
 /// Appends the encoding of `v` to `out`.
-pub fn encode(v: &Amf0, out: &mut BytesMut) {
+pub(crate) fn encode(v: &Amf0, out: &mut BytesMut) {
     match v {
         Amf0::Number(n) => {
             out.put_u8(0x00);

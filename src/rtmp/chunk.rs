@@ -9,27 +9,27 @@ use std::collections::HashMap;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// Chunk size every RTMP peer starts with.
-pub const DEFAULT_CHUNK_SIZE: usize = 128;
+pub(crate) const DEFAULT_CHUNK_SIZE: usize = 128;
 /// Largest chunk size accepted from a peer (the 24-bit message length bounds useful sizes).
-pub const MAX_CHUNK_SIZE: usize = 0xFF_FFFF;
+pub(crate) const MAX_CHUNK_SIZE: usize = 0xFF_FFFF;
 /// Chunk streams one connection may use at once.
-pub const MAX_CHUNK_STREAMS: usize = 64;
+pub(crate) const MAX_CHUNK_STREAMS: usize = 64;
 
 /// A whole RTMP message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
     /// Chunk stream it came on.
-    pub csid: u32,
+    pub(crate) csid: u32,
     /// Timestamp in milliseconds.
-    pub timestamp: u32,
+    pub(crate) timestamp: u32,
     /// Message type id (8 audio, 9 video, 18 data, 20 command, …).
-    pub type_id: u8,
+    pub(crate) type_id: u8,
     /// Message stream id.
-    pub stream_id: u32,
+    pub(crate) stream_id: u32,
     /// The body. Empty for audio/video when the decoder skims media.
     pub payload: Bytes,
     /// The body's length as announced (equals `payload.len()` unless skimmed).
-    pub length: u32,
+    pub(crate) length: u32,
 }
 
 /// Why the chunk stream cannot be decoded; the connection must close.
@@ -97,7 +97,7 @@ impl ChunkDecoder {
 
     /// A decoder that keeps the bodies of control messages but only counts audio/video bytes:
     /// what a load client needs.
-    pub fn skimming(max_message: usize) -> Self {
+    pub(crate) fn skimming(max_message: usize) -> Self {
         Self {
             skim_media: true,
             ..Self::new(max_message)

@@ -19,7 +19,7 @@ use super::message::{self as msg, OUT_CHUNK_SIZE, kind};
 
 /// What the session learned that the driver must act on.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub(crate) enum Event {
     /// The client sent `connect` for `app`.
     Connected {
         /// Application name (the first path segment of the URL).
@@ -76,13 +76,13 @@ enum Phase {
 
 /// Limits of one connection.
 #[derive(Debug, Clone)]
-pub struct ConnConfig {
+pub(crate) struct ConnConfig {
     /// Largest message accepted.
-    pub max_message: usize,
+    pub(crate) max_message: usize,
 }
 
 /// A server-side RTMP session.
-pub struct ServerConn {
+pub(crate) struct ServerConn {
     phase: Phase,
     inbuf: BytesMut,
     decoder: ChunkDecoder,
@@ -101,7 +101,7 @@ pub struct ServerConn {
 impl ServerConn {
     /// A session whose handshake must finish by `handshake_deadline`. `seed` varies the filler
     /// of S1.
-    pub fn new(cfg: &ConnConfig, handshake_deadline: Instant, seed: u64) -> Self {
+    pub(crate) fn new(cfg: &ConnConfig, handshake_deadline: Instant, seed: u64) -> Self {
         Self {
             phase: Phase::Hello,
             inbuf: BytesMut::new(),
@@ -120,12 +120,12 @@ impl ServerConn {
     }
 
     /// When [`ServerConn::handle_timeout`] must be called next.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
 
     /// Fails the session when the handshake has not finished by its deadline.
-    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), RtmpError> {
+    pub(crate) fn handle_timeout(&mut self, now: Instant) -> Result<(), RtmpError> {
         match self.deadline {
             Some(d) if now >= d => Err(RtmpError::HandshakeTimeout),
             _ => Ok(()),
@@ -133,18 +133,18 @@ impl ServerConn {
     }
 
     /// Bytes to send to the peer, if any.
-    pub fn poll_transmit(&mut self) -> Option<Bytes> {
+    pub(crate) fn poll_transmit(&mut self) -> Option<Bytes> {
         (!self.out.is_empty()).then(|| self.out.split().freeze())
     }
 
     /// The next event, if any.
-    pub fn poll_event(&mut self) -> Option<Event> {
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// Gives back buffer capacity the session no longer needs (a player's session receives
     /// little after `play`).
-    pub fn shrink(&mut self) {
+    pub(crate) fn shrink(&mut self) {
         if self.inbuf.is_empty() {
             self.inbuf = BytesMut::new();
         }
@@ -154,13 +154,8 @@ impl ServerConn {
         self.events.shrink_to_fit();
     }
 
-    /// Whether this session publishes.
-    pub fn is_publishing(&self) -> bool {
-        self.publishing.is_some()
-    }
-
     /// Feeds bytes received from the peer.
-    pub fn handle_input(&mut self, data: &[u8]) -> Result<(), RtmpError> {
+    pub(crate) fn handle_input(&mut self, data: &[u8]) -> Result<(), RtmpError> {
         self.inbuf.extend_from_slice(data);
         self.received += data.len() as u64;
         if self.phase == Phase::Hello {
@@ -365,7 +360,7 @@ impl ServerConn {
     }
 
     /// Accepts a publish request: the client may now send media.
-    pub fn accept_publish(&mut self, stream_id: u32) {
+    pub(crate) fn accept_publish(&mut self, stream_id: u32) {
         self.publishing = Some(stream_id);
         msg::user_control(&mut self.out, 0, &stream_id.to_be_bytes());
         msg::on_status(
@@ -378,7 +373,7 @@ impl ServerConn {
     }
 
     /// Refuses a publish request with `NetStream.Publish.BadName`.
-    pub fn reject_publish(&mut self, stream_id: u32, description: &str) {
+    pub(crate) fn reject_publish(&mut self, stream_id: u32, description: &str) {
         msg::on_status(
             &mut self.out,
             stream_id,
@@ -389,7 +384,7 @@ impl ServerConn {
     }
 
     /// Accepts a play request; the driver sends metadata and media next.
-    pub fn accept_play(&mut self, stream_id: u32) {
+    pub(crate) fn accept_play(&mut self, stream_id: u32) {
         msg::user_control(&mut self.out, 0, &stream_id.to_be_bytes());
         msg::on_status(
             &mut self.out,
@@ -419,7 +414,7 @@ impl ServerConn {
     }
 
     /// Refuses a play request with `NetStream.Play.StreamNotFound`.
-    pub fn reject_play(&mut self, stream_id: u32, description: &str) {
+    pub(crate) fn reject_play(&mut self, stream_id: u32, description: &str) {
         msg::on_status(
             &mut self.out,
             stream_id,
@@ -430,7 +425,7 @@ impl ServerConn {
     }
 
     /// Tells a player its stream ended (StreamEOF + `NetStream.Play.UnpublishNotify`).
-    pub fn end_play(&mut self, stream_id: u32) {
+    pub(crate) fn end_play(&mut self, stream_id: u32) {
         msg::user_control(&mut self.out, 1, &stream_id.to_be_bytes());
         msg::on_status(
             &mut self.out,

@@ -27,7 +27,7 @@ use crate::node::NodeContext;
 use crate::player::{self, PlayerError, PlayerProtocol};
 
 /// Accepts RTMP connections until the listener fails.
-pub async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
+pub(crate) async fn serve(listener: TcpListener, ctx: Arc<NodeContext>) {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(s) => s,

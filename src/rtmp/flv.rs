@@ -149,7 +149,7 @@ pub fn parse_audio(ts_ms: u32, body: &Bytes) -> Result<Tag, FlvError> {
 }
 
 /// The tag-body header for a frame: up to 8 bytes, then the payload follows.
-pub fn frame_header(codec: Codec, f: &Frame, out: &mut BytesMut) {
+pub(crate) fn frame_header(codec: Codec, f: &Frame, out: &mut BytesMut) {
     let cts = ((f.pts - f.dts) / 1000).clamp(-(1 << 23), (1 << 23) - 1) as i32;
     let cts = &cts.to_be_bytes()[1..];
     match codec {
@@ -173,7 +173,7 @@ pub fn frame_header(codec: Codec, f: &Frame, out: &mut BytesMut) {
 }
 
 /// The tag-body header of a sequence header; the config follows.
-pub fn config_header(codec: Codec, out: &mut BytesMut) {
+pub(crate) fn config_header(codec: Codec, out: &mut BytesMut) {
     match codec {
         Codec::Aac => out.put_slice(&[0xAF, 0]),
         Codec::Opus => out.put_u8(0x90),
@@ -186,7 +186,7 @@ pub fn config_header(codec: Codec, out: &mut BytesMut) {
 }
 
 /// FLV tag type for a codec's track.
-pub fn tag_type(codec: Codec) -> u8 {
+pub(crate) fn tag_type(codec: Codec) -> u8 {
     match codec.kind() {
         crate::media::TrackKind::Video => TAG_VIDEO,
         crate::media::TrackKind::Audio => TAG_AUDIO,
@@ -194,7 +194,7 @@ pub fn tag_type(codec: Codec) -> u8 {
 }
 
 /// Metadata from the properties of an `onMetaData` object: numbers, flags and strings are kept.
-pub fn metadata_from_amf(v: &Amf0) -> Metadata {
+pub(crate) fn metadata_from_amf(v: &Amf0) -> Metadata {
     match v {
         Amf0::Object(p) | Amf0::EcmaArray(p) => p
             .iter()
@@ -213,7 +213,7 @@ pub fn metadata_from_amf(v: &Amf0) -> Metadata {
 }
 
 /// The `onMetaData` script body for `metadata` (what players read first).
-pub fn on_metadata_body(metadata: &Metadata) -> BytesMut {
+pub(crate) fn on_metadata_body(metadata: &Metadata) -> BytesMut {
     let mut props: Vec<(String, Amf0)> = metadata
         .iter()
         .map(|(k, v)| {
@@ -235,13 +235,13 @@ pub fn on_metadata_body(metadata: &Metadata) -> BytesMut {
 }
 
 /// The 13 bytes that open an FLV stream: the file header and PreviousTagSize0.
-pub fn file_header(audio: bool, video: bool) -> [u8; 13] {
+pub(crate) fn file_header(audio: bool, video: bool) -> [u8; 13] {
     let flags = u8::from(audio) << 2 | u8::from(video);
     [b'F', b'L', b'V', 1, flags, 0, 0, 0, 9, 0, 0, 0, 0]
 }
 
 /// Appends one FLV tag (header, body parts, PreviousTagSize) to `out`.
-pub fn put_tag(out: &mut BytesMut, tag_type: u8, ts_ms: u32, body: &[&[u8]]) {
+pub(crate) fn put_tag(out: &mut BytesMut, tag_type: u8, ts_ms: u32, body: &[&[u8]]) {
     let len: usize = body.iter().map(|b| b.len()).sum();
     out.reserve(len + 15);
     out.put_u8(tag_type);

@@ -5,12 +5,12 @@
 //! ours is zero.
 
 /// Size of C1/S1/C2/S2.
-pub const PACKET: usize = 1536;
+pub(crate) const PACKET: usize = 1536;
 /// The RTMP version castnode speaks.
-pub const VERSION: u8 = 3;
+pub(crate) const VERSION: u8 = 3;
 
 /// Fills a handshake packet: 4 bytes time, 4 zero bytes (no digest), then filler.
-pub fn packet(time: u32, seed: u64) -> Vec<u8> {
+pub(crate) fn packet(time: u32, seed: u64) -> Vec<u8> {
     let mut p = vec![0u8; PACKET];
     p[..4].copy_from_slice(&time.to_be_bytes());
     // The filler only has to differ between sessions; xorshift is enough.

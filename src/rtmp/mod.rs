@@ -8,11 +8,11 @@
 pub mod amf0;
 pub mod chunk;
 pub mod client;
-pub mod conn;
-pub mod driver;
+pub(crate) mod conn;
+pub(crate) mod driver;
 pub mod flv;
-pub mod handshake;
-pub mod message;
+pub(crate) mod handshake;
+pub(crate) mod message;
 pub mod mux;
 
 /// Why an RTMP connection is closed.

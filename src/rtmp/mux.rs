@@ -14,7 +14,7 @@ use super::flv;
 use super::message::{CSID_AUDIO, CSID_DATA, CSID_VIDEO, OUT_CHUNK_SIZE, kind};
 
 /// Message stream that playing clients get from `createStream`.
-pub const PLAY_STREAM_ID: u32 = 1;
+pub(crate) const PLAY_STREAM_ID: u32 = 1;
 
 fn ms(us: i64) -> u32 {
     (us.max(0) / 1000) as u32
@@ -67,7 +67,7 @@ fn encode(entry: &Entry, info: &TrackInfo, rtmp: bool) -> Bytes {
 /// Encodes media for RTMP players (chunked messages on stream 1).
 pub struct RtmpMuxer;
 /// Encodes media for HTTP-FLV players (an FLV stream).
-pub struct FlvMuxer;
+pub(crate) struct FlvMuxer;
 
 fn prelude(rtmp: bool, tracks: &[(TrackId, TrackInfo)], metadata: &Metadata, out: &mut Vec<Bytes>) {
     let mut b = BytesMut::new();

@@ -4,7 +4,7 @@
 //! A viewer's `Rtc` (SDP state, ICE agent, DTLS, stream bookkeeping) costs tens of KiB and,
 //! once the media sender has the SRTP keys and the DTLS handshake is well over, does nothing
 //! but answer STUN binding requests. [`Consent`] does that with the local ICE credentials
-//! alone, so the driver drops the `Rtc` (see `HANDOVER_AFTER` in [`super::driver`]).
+//! alone, so the driver drops the `Rtc` (see `HANDOVER_AFTER` in [`super::table`]).
 //!
 //! Guarantees: only binding requests whose USERNAME starts with our ufrag and whose
 //! MESSAGE-INTEGRITY verifies with our password are answered (with XOR-MAPPED-ADDRESS,
@@ -19,7 +19,7 @@ use aws_lc_rs::hmac;
 use str0m::ice::StunMessage;
 
 /// A viewer whose browser sent no valid consent check for this long has gone.
-pub const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONSENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// HMAC-SHA1 over the concatenation of `parts` (STUN MESSAGE-INTEGRITY).
 fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
@@ -35,7 +35,7 @@ fn sha1_hmac(key: &[u8], parts: &[&[u8]]) -> [u8; 20] {
 
 /// The consent-check responder of one viewer.
 #[derive(Debug)]
-pub struct Consent {
+pub(crate) struct Consent {
     /// `"{local ufrag}:"`, what a check's USERNAME starts with.
     prefix: String,
     pwd: String,
@@ -44,7 +44,7 @@ pub struct Consent {
 
 impl Consent {
     /// A responder for the local ICE credentials `ufrag` / `pwd`; consent starts fresh at `now`.
-    pub fn new(ufrag: &str, pwd: &str, now: Instant) -> Self {
+    pub(crate) fn new(ufrag: &str, pwd: &str, now: Instant) -> Self {
         Self {
             prefix: format!("{ufrag}:"),
             pwd: pwd.to_string(),
@@ -54,7 +54,7 @@ impl Consent {
 
     /// Handles a datagram from `source`: when it is a valid binding request for us, appends
     /// the answer to `out` and returns true.
-    pub fn handle(
+    pub(crate) fn handle(
         &mut self,
         datagram: &[u8],
         source: SocketAddr,
@@ -87,7 +87,7 @@ impl Consent {
     }
 
     /// No valid check for [`CONSENT_TIMEOUT`].
-    pub fn expired(&self, now: Instant) -> bool {
+    pub(crate) fn expired(&self, now: Instant) -> bool {
         now.duration_since(self.last) > CONSENT_TIMEOUT
     }
 }

@@ -7,7 +7,7 @@
 //! The driver is only the loop: it waits for datagrams (`recvmmsg`, GRO), commands from the HTTP
 //! side (the channel behind [`Webrtc`]), the table's next deadline and the [`MEDIA_TICK`], hands
 //! each to the table, and sends what the table wrote through the [`Egress`] (flushed after each
-//! receive batch and each tick). What the sessions guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`], handover, keyframe
+//! receive batch and each tick). What the sessions guarantee (routing by source address, reaping after [`CONNECT_TIMEOUT`](super::table::CONNECT_TIMEOUT), handover, keyframe
 //! requests) is stated in [`super::table`].
 //!
 //! Guarantees:
@@ -33,16 +33,12 @@ use tracing::{debug, warn};
 use super::WebrtcError;
 use super::egress::Egress;
 use super::table::Sessions;
-pub use super::table::{
-    CONNECT_TIMEOUT, HANDOVER_AFTER, KEYFRAME_REQUEST_INTERVAL, PUBLISHER_KEYFRAME_INTERVAL,
-    VIDEO_SEND_BUFFER,
-};
 use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::node::NodeContext;
 
 /// How often viewers' hub consumers are read: frames come every ~12 ms (30 video + 50 audio a
 /// second), so most ticks find one; a shorter tick costs CPU on idle passes over every viewer.
-pub const MEDIA_TICK: Duration = Duration::from_millis(10);
+pub(crate) const MEDIA_TICK: Duration = Duration::from_millis(10);
 /// Receive buffers read by one system call (`recvmmsg`).
 const RECV_BATCH: usize = 8;
 /// One receive buffer: a GRO batch of up to 64 datagrams fits (a single datagram needs 1,500).
@@ -68,7 +64,7 @@ enum Command {
 }
 
 /// Handle to the node's WebRTC task.
-pub struct Webrtc {
+pub(crate) struct Webrtc {
     tx: mpsc::Sender<Command>,
     local: SocketAddr,
 }
@@ -77,7 +73,7 @@ impl Webrtc {
     /// Binds `addr` and starts the task. `public_ips` are the addresses handed to peers as
     /// candidates (with the bound port); empty means the bound address, or every address of
     /// this host (primary first) when bound to all interfaces.
-    pub async fn start(
+    pub(crate) async fn start(
         addr: SocketAddr,
         public_ips: &[IpAddr],
         ctx: Arc<NodeContext>,
@@ -117,12 +113,12 @@ impl Webrtc {
     }
 
     /// The bound UDP address.
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local
     }
 
     /// Answers a WHEP offer for `consumer`'s broadcast: (session id, SDP answer).
-    pub async fn whep(
+    pub(crate) async fn whep(
         &self,
         consumer: BroadcastConsumer,
         offer: &str,
@@ -140,7 +136,7 @@ impl Webrtc {
     }
 
     /// Answers a WHIP offer that publishes into `producer`: (session id, SDP answer).
-    pub async fn whip(
+    pub(crate) async fn whip(
         &self,
         producer: BroadcastProducer,
         offer: &str,
@@ -168,7 +164,7 @@ impl Webrtc {
 
     /// Ends session `id` (a publisher's when `publisher`, else a viewer's); false when there
     /// is none.
-    pub async fn close(&self, id: u64, publisher: bool) -> bool {
+    pub(crate) async fn close(&self, id: u64, publisher: bool) -> bool {
         let (reply, rx) = oneshot::channel();
         let close = Command::Close {
             id,

@@ -30,9 +30,9 @@ use tokio::net::UdpSocket;
 use tracing::debug;
 
 /// Batches per `sendmmsg` call at the most.
-pub const MMSG: usize = 64;
+pub(crate) const MMSG: usize = 64;
 /// Queued bytes that trigger a send.
-pub const SEND_AT: usize = 1 << 20;
+pub(crate) const SEND_AT: usize = 1 << 20;
 /// Kernel buffers of the WebRTC socket: a burst of viewers' packets (a keyframe for each) must
 /// not overflow them.
 const SOCKET_BUFFER: usize = 8 << 20;
@@ -47,19 +47,19 @@ struct Queued {
 }
 
 /// The socket and its send batches.
-pub struct Egress {
+pub(crate) struct Egress {
     /// The node's WebRTC socket (the driver receives on it too).
-    pub socket: UdpSocket,
+    pub(crate) socket: UdpSocket,
     /// quinn-udp's view of the socket (it turned on GRO and `IP_PKTINFO` / `IPV6_RECVPKTINFO`):
     /// what the driver receives with. `None` where the platform refused it.
-    pub state: Option<quinn_udp::UdpSocketState>,
+    pub(crate) state: Option<quinn_udp::UdpSocketState>,
     gso: bool,
     max_segments: usize,
     /// The socket is IPv6: IPv4 addresses are sent as IPv4-mapped ones.
     v6: bool,
     /// Datagrams to send: the queued batches, then the open one. Senders append a datagram at
     /// the end and [`Egress::commit`] it.
-    pub buf: Vec<u8>,
+    pub(crate) buf: Vec<u8>,
     queued: Vec<Queued>,
     /// The open batch: destination, source, first byte, segment size, datagrams.
     dest: Option<SocketAddr>,
@@ -74,7 +74,7 @@ pub struct Egress {
 
 impl Egress {
     /// Egress on `socket`, with its kernel buffers enlarged.
-    pub fn new(socket: UdpSocket) -> Self {
+    pub(crate) fn new(socket: UdpSocket) -> Self {
         let state = quinn_udp::UdpSocketState::new((&socket).into()).ok();
         if let Some(st) = &state {
             let _ = st.set_send_buffer_size((&socket).into(), SOCKET_BUFFER);
@@ -103,7 +103,7 @@ impl Egress {
 
     /// Appends one datagram to `dest`, to leave from `src` (`None`: the address the kernel
     /// picks).
-    pub fn push(&mut self, dest: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
+    pub(crate) fn push(&mut self, dest: SocketAddr, src: Option<IpAddr>, data: &[u8]) {
         let start = self.buf.len();
         self.buf.extend_from_slice(data);
         self.commit(dest, src, start);
@@ -112,7 +112,7 @@ impl Egress {
     /// The datagram written at the end of the buffer from `start` on is complete: it joins the
     /// open batch, or starts the next one (queuing the open one, and sending the queue when it
     /// is full). It leaves from `src` (`None`: the address the kernel picks).
-    pub fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize) {
+    pub(crate) fn commit(&mut self, dest: SocketAddr, src: Option<IpAddr>, start: usize) {
         let len = self.buf.len() - start;
         let fits = self.count > 0
             && self.dest == Some(dest)
@@ -140,7 +140,7 @@ impl Egress {
     }
 
     /// Sends everything.
-    pub fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         self.close(self.buf.len());
         self.send_queued();
         self.buf.clear();
@@ -249,7 +249,7 @@ impl Egress {
 
 /// Where the WebRTC session table ([`super::table`]) writes its datagrams: the [`Egress`] in the
 /// driver, a plain buffer in tests. Generic, not `dyn`: a datagram costs no indirect call.
-pub trait Out {
+pub(crate) trait Out {
     /// The buffer datagrams are written at the end of, each then [`Out::commit`]ted.
     fn buf(&mut self) -> &mut Vec<u8>;
     /// The datagram written at the end of the buffer from `start` on is complete: it goes to

@@ -19,27 +19,27 @@ use crate::codec::h264;
 use crate::media::{AudioInfo, Codec, Frame, TrackId, TrackInfo};
 
 /// The hub track of a WHIP publisher's video.
-pub const VIDEO: TrackId = TrackId(0);
+pub(crate) const VIDEO: TrackId = TrackId(0);
 /// The hub track of a WHIP publisher's audio.
-pub const AUDIO: TrackId = TrackId(1);
+pub(crate) const AUDIO: TrackId = TrackId(1);
 
 /// One depacketized frame as it arrived.
 #[derive(Clone, Copy, Debug)]
-pub struct Arrival {
+pub(crate) struct Arrival {
     /// RTP timestamp (as on the wire, 32 bits).
-    pub rtp: u32,
+    pub(crate) rtp: u32,
     /// Arrival time, microseconds on the ingest's own clock.
-    pub at_us: i64,
+    pub(crate) at_us: i64,
     /// The newest sender report of this stream: (its RTP timestamp, its wall clock in
     /// microseconds since the UNIX epoch).
-    pub sender_report: Option<(u32, i64)>,
+    pub(crate) sender_report: Option<(u32, i64)>,
     /// No RTP packet was lost since the previous frame.
-    pub contiguous: bool,
+    pub(crate) contiguous: bool,
 }
 
 /// What the ingest asks of its driver.
 #[derive(Debug, PartialEq)]
-pub enum Output {
+pub(crate) enum Output {
     /// Declare (or re-declare) a track.
     Track(TrackId, TrackInfo),
     /// Append a frame.
@@ -49,7 +49,7 @@ pub enum Output {
 }
 
 /// The Opus track's description.
-pub fn opus_track() -> TrackInfo {
+pub(crate) fn opus_track() -> TrackInfo {
     TrackInfo {
         codec: Codec::Opus,
         config: None,
@@ -106,7 +106,7 @@ impl Clock {
 
 /// A WHIP publisher's ingest state.
 #[derive(Debug)]
-pub struct Ingest {
+pub(crate) struct Ingest {
     video: Clock,
     audio: Clock,
     /// Wall clock minus timeline time, learned from video's sender reports.
@@ -129,7 +129,7 @@ impl Default for Ingest {
 
 impl Ingest {
     /// A fresh ingest: waits for an IDR with parameter sets.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             video: Clock::new(90_000),
             audio: Clock::new(48_000),
@@ -144,7 +144,7 @@ impl Ingest {
     }
 
     /// A video access unit in Annex B form.
-    pub fn video(&mut self, a: Arrival, annexb: &[u8], out: &mut Vec<Output>) {
+    pub(crate) fn video(&mut self, a: Arrival, annexb: &[u8], out: &mut Vec<Output>) {
         let pts = self.video.time(&a).max(self.last_video);
         if let Some(sr) = a.sender_report {
             self.wall_base = Some(self.video.wall(a.rtp, sr) - pts);
@@ -197,7 +197,7 @@ impl Ingest {
     }
 
     /// An Opus packet.
-    pub fn audio(&mut self, a: Arrival, opus: Bytes, out: &mut Vec<Output>) {
+    pub(crate) fn audio(&mut self, a: Arrival, opus: Bytes, out: &mut Vec<Output>) {
         if !self.audio_declared {
             self.audio_declared = true;
             out.push(Output::Track(AUDIO, opus_track()));
@@ -232,7 +232,8 @@ impl Ingest {
     }
 
     /// Audio has been aligned with video by sender reports.
-    pub fn synced(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn synced(&self) -> bool {
         self.audio_synced
     }
 }

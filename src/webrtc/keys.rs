@@ -42,7 +42,7 @@ pub struct Keying {
 }
 
 /// Where a session's keys land once its handshake completes.
-pub type KeySlot = Arc<OnceLock<Keying>>;
+pub(crate) type KeySlot = Arc<OnceLock<Keying>>;
 
 thread_local! {
     /// The slot for the DTLS instance being created by [`build`] on this thread.
@@ -56,7 +56,7 @@ pub fn build_plain(config: RtcConfig, now: Instant) -> Rtc {
 }
 
 /// Builds an `Rtc` whose DTLS keying material will be copied into the returned slot.
-pub fn build(config: RtcConfig, now: Instant) -> (Rtc, KeySlot) {
+pub(crate) fn build(config: RtcConfig, now: Instant) -> (Rtc, KeySlot) {
     let slot = KeySlot::default();
     NEXT.with(|n| *n.borrow_mut() = Some(slot.clone()));
     let rtc = config.set_crypto_provider(provider()).build(now);

@@ -23,22 +23,22 @@
 //!
 //! A WHIP publisher's session is str0m's throughout (depacketizing, NACKs, RTCP).
 
-pub mod consent;
-pub mod driver;
-pub mod egress;
-pub mod ingest;
+pub(crate) mod consent;
+pub(crate) mod driver;
+pub(crate) mod egress;
+pub(crate) mod ingest;
 pub mod keys;
 pub mod packetize;
-pub mod rtcp;
+pub(crate) mod rtcp;
 pub mod sender;
-pub mod signal;
+pub(crate) mod signal;
 pub mod srtp;
-pub mod stats;
-pub mod table;
+pub(crate) mod stats;
+pub(crate) mod table;
 
 /// Why a WebRTC session could not be set up.
 #[derive(Debug, thiserror::Error)]
-pub enum WebrtcError {
+pub(crate) enum WebrtcError {
     /// The offer is not SDP str0m can parse.
     #[error("malformed SDP offer: {0}")]
     BadOffer(String),
@@ -48,9 +48,6 @@ pub enum WebrtcError {
     /// str0m refused the offer.
     #[error("offer not accepted: {0}")]
     Rejected(String),
-    /// The node is at `--max-viewers`.
-    #[error("viewer limit reached")]
-    Full,
     /// The WebRTC task is gone (the node is shutting down).
     #[error("WebRTC is not running")]
     Stopped,

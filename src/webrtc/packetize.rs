@@ -19,7 +19,7 @@ use crate::codec::h264;
 
 /// The largest RTP payload: with the 12-byte header and a 16-byte SRTP tag, a packet stays
 /// within the 1,200 bytes WebRTC stacks assume fit every path.
-pub const MAX_PAYLOAD: usize = 1_160;
+pub(crate) const MAX_PAYLOAD: usize = 1_160;
 
 /// The RTP payloads of one frame. The marker bit goes on the last packet.
 #[derive(Debug, Default)]
@@ -41,13 +41,14 @@ impl RtpFrame {
     }
 
     /// Payload of packet `i`.
-    pub fn packet(&self, i: usize) -> &[u8] {
+    pub(crate) fn packet(&self, i: usize) -> &[u8] {
         let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
         &self.data[start..self.ends[i] as usize]
     }
 
     /// Bytes of payload in all packets.
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
         self.data.len()
     }
 

@@ -9,7 +9,7 @@
 
 /// Feedback from a receiver about one of our streams (`ssrc` is the media source).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feedback {
+pub(crate) enum Feedback {
     /// Generic NACK (RFC 4585 §6.2.1): packet `pid` and those of `blp`'s set bits
     /// (bit i: `pid + i + 1`) were lost.
     Nack {
@@ -34,7 +34,7 @@ pub enum Feedback {
 
 impl Feedback {
     /// The sequence numbers a NACK names, in order.
-    pub fn nacked(pid: u16, blp: u16) -> impl Iterator<Item = u16> {
+    pub(crate) fn nacked(pid: u16, blp: u16) -> impl Iterator<Item = u16> {
         std::iter::once(pid).chain(
             (0..16)
                 .filter(move |i| blp & (1 << i) != 0)
@@ -44,7 +44,7 @@ impl Feedback {
 }
 
 /// Appends the feedback of a plain compound RTCP packet to `out`.
-pub fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
+pub(crate) fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
     while buf.len() >= 4 {
         if buf[0] >> 6 != 2 {
             return;
@@ -90,21 +90,21 @@ pub fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
 
 /// What one stream has sent, for its sender report.
 #[derive(Debug, Clone, Copy)]
-pub struct SenderInfo {
+pub(crate) struct SenderInfo {
     /// The stream.
-    pub ssrc: u32,
+    pub(crate) ssrc: u32,
     /// Wall-clock time the report describes, as 64-bit NTP (seconds since 1900 << 32 | fraction).
-    pub ntp: u64,
+    pub(crate) ntp: u64,
     /// The RTP timestamp that corresponds to `ntp`.
-    pub rtp_time: u32,
+    pub(crate) rtp_time: u32,
     /// Packets sent since the stream started.
-    pub packets: u32,
+    pub(crate) packets: u32,
     /// Payload bytes sent since the stream started.
-    pub octets: u32,
+    pub(crate) octets: u32,
 }
 
 /// Appends a compound SR (no report blocks) + SDES CNAME for `info` to `out`.
-pub fn sender_report(out: &mut Vec<u8>, info: &SenderInfo, cname: &[u8]) {
+pub(crate) fn sender_report(out: &mut Vec<u8>, info: &SenderInfo, cname: &[u8]) {
     // SR: V=2, RC=0, PT=200, length 6 words (28 bytes).
     out.extend_from_slice(&[0x80, 200, 0, 6]);
     out.extend_from_slice(&info.ssrc.to_be_bytes());
@@ -125,7 +125,7 @@ pub fn sender_report(out: &mut Vec<u8>, info: &SenderInfo, cname: &[u8]) {
 }
 
 /// `t` as 64-bit NTP time.
-pub fn ntp(t: std::time::SystemTime) -> u64 {
+pub(crate) fn ntp(t: std::time::SystemTime) -> u64 {
     const UNIX_TO_NTP: u64 = 2_208_988_800;
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() + UNIX_TO_NTP;

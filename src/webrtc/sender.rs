@@ -25,9 +25,9 @@ use super::rtcp::{self, Feedback, SenderInfo};
 use super::srtp::{Srtp, SrtpError};
 
 /// How long sent frames are kept for retransmission.
-pub const HISTORY: Duration = Duration::from_millis(1_000);
+pub(crate) const HISTORY: Duration = Duration::from_millis(1_000);
 /// The interval between two sender reports of a stream.
-pub const SR_INTERVAL: Duration = Duration::from_millis(1_000);
+pub(crate) const SR_INTERVAL: Duration = Duration::from_millis(1_000);
 
 /// Where protected datagrams go: the egress batch of one peer.
 pub trait Sink {
@@ -48,17 +48,17 @@ pub enum Kind {
 
 /// What the sender counted since the last [`MediaSender::take_counters`].
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Counters {
+pub(crate) struct Counters {
     /// RTP bytes sent (headers, payload, SRTP tag), retransmissions included.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
     /// Of those, retransmitted.
-    pub retransmitted: u64,
+    pub(crate) retransmitted: u64,
     /// NACK entries received.
-    pub nacks: u64,
+    pub(crate) nacks: u64,
     /// PLIs received.
-    pub plis: u64,
+    pub(crate) plis: u64,
     /// FIRs received.
-    pub firs: u64,
+    pub(crate) firs: u64,
 }
 
 struct Sent {
@@ -156,11 +156,6 @@ impl MediaSender {
         })
     }
 
-    /// Whether the session has a stream of `kind`.
-    pub fn has(&self, kind: Kind) -> bool {
-        self.streams[kind as usize].is_some()
-    }
-
     /// Sends one frame of `kind` with payload type `pt` and presentation time `pts_us`.
     pub fn send(
         &mut self,
@@ -213,7 +208,11 @@ impl MediaSender {
     }
 
     /// Handles one SRTCP datagram from the viewer: retransmits what it NACKs, notes PLI/FIR.
-    pub fn handle_rtcp(&mut self, datagram: &[u8], sink: &mut impl Sink) -> Result<(), SrtpError> {
+    pub(crate) fn handle_rtcp(
+        &mut self,
+        datagram: &[u8],
+        sink: &mut impl Sink,
+    ) -> Result<(), SrtpError> {
         let mut plain = std::mem::take(&mut self.plain);
         let r = self.srtp.unprotect_rtcp(datagram, &mut plain);
         if r.is_ok() {
@@ -279,7 +278,7 @@ impl MediaSender {
     }
 
     /// Sends the sender reports that are due.
-    pub fn poll(&mut self, now: Instant, sink: &mut impl Sink) {
+    pub(crate) fn poll(&mut self, now: Instant, sink: &mut impl Sink) {
         let Some((origin_pts, origin_at)) = self.origin else {
             return;
         };
@@ -313,12 +312,12 @@ impl MediaSender {
     }
 
     /// What was counted since the last call.
-    pub fn take_counters(&mut self) -> Counters {
+    pub(crate) fn take_counters(&mut self) -> Counters {
         std::mem::take(&mut self.counters)
     }
 
     /// Whether the viewer asked for a keyframe since the last call.
-    pub fn take_keyframe_request(&mut self) -> bool {
+    pub(crate) fn take_keyframe_request(&mut self) -> bool {
         std::mem::take(&mut self.keyframe_requested)
     }
 }

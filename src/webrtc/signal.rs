@@ -28,7 +28,7 @@ use crate::media::{PublishError, valid_name};
 use crate::node::NodeContext;
 
 /// Largest offer accepted.
-pub const MAX_OFFER: usize = 64 << 10;
+pub(crate) const MAX_OFFER: usize = 64 << 10;
 
 #[derive(Clone)]
 struct SignalState {
@@ -37,7 +37,7 @@ struct SignalState {
 }
 
 /// The WHIP and WHEP routes.
-pub fn router(ctx: Arc<NodeContext>, webrtc: Arc<Webrtc>) -> Router {
+pub(crate) fn router(ctx: Arc<NodeContext>, webrtc: Arc<Webrtc>) -> Router {
     Router::new()
         .route("/whep/{app}/{key}", post(whep).options(preflight))
         .route(
@@ -120,7 +120,7 @@ fn answered(
                 WebrtcError::BadOffer(_) | WebrtcError::NoCodec(_) | WebrtcError::Rejected(_) => {
                     StatusCode::BAD_REQUEST
                 }
-                WebrtcError::Full | WebrtcError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
+                WebrtcError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
             };
             refuse(status, e.to_string())
         }

@@ -10,8 +10,9 @@
 //!   offset from the caller, is checked and refused with an [`SrtpError`].
 //! - Nothing allocates per packet: all cipher keys (AES-GCM, AES-CTR, HMAC-SHA1) are set up
 //!   once in [`Srtp::new`]; the protect calls grow the caller's `Vec` in place (no
-//!   allocation when it has [`Profile::rtp_overhead`] / [`Profile::rtcp_overhead`] bytes of
-//!   spare capacity) and the unprotect calls write into the caller's reusable `out`.
+//!   allocation when it has the profile's overhead as spare capacity: the tag, 16 bytes at
+//!   most, for RTP; the tag and the 4-byte SRTCP index for RTCP) and the unprotect calls write
+//!   into the caller's reusable `out`.
 //! - A packet that fails authentication is never decrypted into `out` (it is left empty),
 //!   and an SRTCP packet only enters the replay window once it has authenticated.
 //! - Outgoing SRTCP indices are never reused: after 2^31 - 1 packets
@@ -108,7 +109,8 @@ impl Profile {
     }
 
     /// Bytes a protected RTP packet grows by (16 for GCM, 10 for AES-CM-SHA1-80).
-    pub fn rtp_overhead(self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn rtp_overhead(self) -> usize {
         match self {
             Profile::AeadAes128Gcm | Profile::AeadAes256Gcm => GCM_TAG_LEN,
             Profile::Aes128CmSha1_80 => CM_TAG_LEN,
@@ -116,7 +118,8 @@ impl Profile {
     }
 
     /// Bytes a protected RTCP packet grows by (GCM: 16 tag + 4 index; AES-CM: 4 index + 10 tag).
-    pub fn rtcp_overhead(self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn rtcp_overhead(self) -> usize {
         self.rtp_overhead() + SRTCP_INDEX_LEN
     }
 }
@@ -326,7 +329,7 @@ impl ReplayWindow {
 }
 
 /// One direction pair of an SRTP session: protects what this side sends, unprotects what it receives.
-pub struct Srtp {
+pub(crate) struct Srtp {
     profile: Profile,
     /// Keys of what this side sends.
     tx: Direction,
@@ -356,7 +359,7 @@ impl Srtp {
     ///
     /// Derives the session keys of both directions (RFC 3711 §4.3 KDF, AES-CM PRF of the
     /// master key's size, key_derivation_rate 0) and sets up every cipher key once.
-    pub fn new(profile: Profile, material: &[u8], client: bool) -> Result<Self, SrtpError> {
+    pub(crate) fn new(profile: Profile, material: &[u8], client: bool) -> Result<Self, SrtpError> {
         check_len(
             "DTLS-SRTP keying material",
             profile.keying_material_len(),
@@ -377,7 +380,7 @@ impl Srtp {
     /// Builds a context from the two directions' master keys and salts given explicitly:
     /// `tx_*` protect what this side sends, `rx_*` unprotect what it receives. For tests, a
     /// load client, or keys that did not come from DTLS.
-    pub fn from_master(
+    pub(crate) fn from_master(
         profile: Profile,
         tx_key: &[u8],
         tx_salt: &[u8],
@@ -394,7 +397,8 @@ impl Srtp {
     }
 
     /// The protection profile of this context.
-    pub fn profile(&self) -> Profile {
+    #[cfg(test)]
+    pub(crate) fn profile(&self) -> Profile {
         self.profile
     }
 
@@ -402,7 +406,7 @@ impl Srtp {
     ///
     /// `header_len` is trusted to be the real header length (at least 12 and within the
     /// packet; anything else is refused with [`SrtpError::Layout`] and `buf` is untouched).
-    pub fn protect_rtp(
+    pub(crate) fn protect_rtp(
         &self,
         buf: &mut Vec<u8>,
         start: usize,
@@ -446,7 +450,11 @@ impl Srtp {
     /// Protects one outgoing (compound) RTCP packet in place at the end of `buf` (`buf[start..]` is the plain compound RTCP, first 8 bytes = header + sender SSRC). Uses and increments this context's own SRTCP index (31 bits, the first packet carries 1 as with libsrtp; E flag set: encrypted). Grows `buf` by `rtcp_overhead()`.
     ///
     /// Refuses with [`SrtpError::SrtcpIndexExhausted`] rather than ever reusing an index.
-    pub fn protect_rtcp(&mut self, buf: &mut Vec<u8>, start: usize) -> Result<(), SrtpError> {
+    pub(crate) fn protect_rtcp(
+        &mut self,
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), SrtpError> {
         let Some(packet) = buf.get_mut(start..) else {
             return Err(SrtpError::Layout {
                 start,
@@ -490,7 +498,11 @@ impl Srtp {
     /// Unprotects one incoming SRTCP packet (from the peer) into `out` (cleared first): checks the tag, decrypts when the E flag is set, returns the plain compound RTCP in `out`. Rejects replays of an index already seen (a 128-index sliding window) and anything malformed, with an error and no panic.
     ///
     /// On any error `out` is left empty and the replay window is unchanged.
-    pub fn unprotect_rtcp(&mut self, packet: &[u8], out: &mut Vec<u8>) -> Result<(), SrtpError> {
+    pub(crate) fn unprotect_rtcp(
+        &mut self,
+        packet: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SrtpError> {
         out.clear();
         let result = self.unprotect_rtcp_inner(packet, out);
         if result.is_err() {
@@ -569,10 +581,11 @@ impl Srtp {
         Ok(())
     }
 
-    /// Unprotects one incoming SRTP packet into `out` (the plain RTP packet). Used by tests and by a load client; `roc` supplied by caller. Header length is parsed from the packet itself (12 + 4*CC + extension if X bit), errors on malformed.
+    /// Unprotects one incoming SRTP packet into `out` (the plain RTP packet). Used by tests (the sender's and this module's); `roc` supplied by caller. Header length is parsed from the packet itself (12 + 4*CC + extension if X bit), errors on malformed.
     ///
     /// No replay check (the caller owns per-SSRC RTP state). On any error `out` is left empty.
-    pub fn unprotect_rtp(
+    #[cfg(test)]
+    pub(crate) fn unprotect_rtp(
         &self,
         packet: &[u8],
         roc: u32,
@@ -586,6 +599,7 @@ impl Srtp {
         result
     }
 
+    #[cfg(test)]
     fn unprotect_rtp_inner(
         &self,
         packet: &[u8],
@@ -651,6 +665,7 @@ fn be_u32(b: &[u8]) -> u32 {
 }
 
 /// RTP header length (12 + 4·CC + extension), checked against the packet.
+#[cfg(test)]
 fn rtp_header_len(packet: &[u8]) -> Result<usize, SrtpError> {
     if packet.len() < RTP_FIXED_HEADER_LEN {
         return Err(SrtpError::TooShort {

@@ -9,43 +9,46 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-pub use crate::metrics::Histogram;
+pub(crate) use crate::metrics::Histogram;
 
 /// One broadcast's WebRTC figures.
 #[derive(Debug, Default)]
-pub struct BroadcastRtcStats {
+pub(crate) struct BroadcastRtcStats {
     /// WHEP sessions now (connected or connecting).
-    pub viewers: AtomicU64,
+    pub(crate) viewers: AtomicU64,
     /// From the offer to the first video frame handed to the viewer's connection.
-    pub ttff: Histogram,
+    pub(crate) ttff: Histogram,
     /// RTP bytes sent to viewers, retransmissions included.
-    pub bytes_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
     /// Of those, retransmitted (answers to NACKs).
-    pub retransmitted_bytes: AtomicU64,
+    pub(crate) retransmitted_bytes: AtomicU64,
     /// NACKs received from viewers.
-    pub nacks: AtomicU64,
+    pub(crate) nacks: AtomicU64,
     /// PLIs received from viewers.
-    pub plis: AtomicU64,
+    pub(crate) plis: AtomicU64,
     /// FIRs received from viewers.
-    pub firs: AtomicU64,
+    pub(crate) firs: AtomicU64,
 }
 
 /// The node's per-broadcast WebRTC figures.
 #[derive(Debug, Default)]
-pub struct WebrtcStats {
+pub(crate) struct WebrtcStats {
     broadcasts: Mutex<HashMap<Arc<str>, Arc<BroadcastRtcStats>>>,
 }
 
 impl WebrtcStats {
     /// The figures of `broadcast` (created on first use).
-    pub fn broadcast(&self, broadcast: &Arc<str>) -> Arc<BroadcastRtcStats> {
+    pub(crate) fn broadcast(&self, broadcast: &Arc<str>) -> Arc<BroadcastRtcStats> {
         let mut map = self.broadcasts.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(broadcast.clone()).or_default().clone()
     }
 
     /// Every broadcast's figures, by name; forgets those with no viewers for which `live`
     /// says no.
-    pub fn snapshot(&self, live: impl Fn(&str) -> bool) -> Vec<(Arc<str>, Arc<BroadcastRtcStats>)> {
+    pub(crate) fn snapshot(
+        &self,
+        live: impl Fn(&str) -> bool,
+    ) -> Vec<(Arc<str>, Arc<BroadcastRtcStats>)> {
         let mut map = self.broadcasts.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|name, s| s.viewers.load(Relaxed) > 0 || live(name));
         let mut all: Vec<_> = map.iter().map(|(n, s)| (n.clone(), s.clone())).collect();

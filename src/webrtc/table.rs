@@ -61,25 +61,25 @@ use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
 
 /// A session must connect (ICE + DTLS) within this.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Send buffers str0m keeps per viewer (video and audio): it sends no media for viewers (the
 /// media sender does), so they stay small.
-pub const VIDEO_SEND_BUFFER: usize = 16;
+pub(crate) const VIDEO_SEND_BUFFER: usize = 16;
 /// How long a connected viewer keeps its str0m `Rtc` (for DTLS retransmissions and the last
 /// ICE checks) before it goes on with its media sender and a [`Consent`] responder alone.
-pub const HANDOVER_AFTER: Duration = Duration::from_secs(3);
+pub(crate) const HANDOVER_AFTER: Duration = Duration::from_secs(3);
 /// How often ended sessions are looked for.
-pub const REAP_INTERVAL: Duration = Duration::from_millis(20);
+pub(crate) const REAP_INTERVAL: Duration = Duration::from_millis(20);
 /// How often a viewer's counters are added to its broadcast's figures.
 const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 /// A WHIP publisher that sent no keyframe for this long is asked for one, so that groups (what
 /// late joiners start from and the hub keeps) stay short.
-pub const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
+pub(crate) const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
 /// The shortest interval between two keyframe requests to one publisher.
-pub const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+pub(crate) const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Every WebRTC session of the node.
-pub struct Sessions {
+pub(crate) struct Sessions {
     ctx: Arc<NodeContext>,
     /// The node's runtime, where the transcoders a viewer starts run.
     node: tokio::runtime::Handle,
@@ -103,7 +103,7 @@ pub struct Sessions {
 impl Sessions {
     /// An empty table for a socket bound to `local` that hands peers `candidates`; the
     /// transcoders viewers start run on `node`.
-    pub fn new(
+    pub(crate) fn new(
         ctx: Arc<NodeContext>,
         node: tokio::runtime::Handle,
         local: SocketAddr,
@@ -128,13 +128,14 @@ impl Sessions {
 
     /// (sessions with an `Rtc`: connecting, publishing, or viewers not handed over yet;
     /// handed-over viewers).
-    pub fn count(&self) -> (usize, usize) {
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> (usize, usize) {
         (self.sessions.len(), self.lite.len())
     }
 
     /// When [`Sessions::timeout`] is next due: the earliest `Rtc` deadline, or 100 ms from `now`
     /// when there is no session; never before `now`.
-    pub fn next_deadline(&self, now: Instant) -> Instant {
+    pub(crate) fn next_deadline(&self, now: Instant) -> Instant {
         self.sessions
             .values()
             .map(|s| s.deadline)
@@ -146,7 +147,7 @@ impl Sessions {
     /// Handles what arrived from `source` at the local address `local_ip` (`None`: unknown):
     /// `batch` holds datagrams of `stride` bytes (a GRO batch; the last may be shorter; 0: one
     /// datagram). Answers are written to `out`, which is not flushed.
-    pub fn receive(
+    pub(crate) fn receive(
         &mut self,
         batch: &[u8],
         stride: usize,
@@ -231,7 +232,7 @@ impl Sessions {
 
     /// Accepts a WHEP viewer's offer: (session id, answer SDP). With `rendition`, the viewer
     /// gets that ladder rung's video instead of the source's.
-    pub fn whep(
+    pub(crate) fn whep(
         &mut self,
         consumer: BroadcastConsumer,
         offer: SdpOffer,
@@ -283,7 +284,7 @@ impl Sessions {
     }
 
     /// Accepts a WHIP publisher's offer: (session id, answer SDP).
-    pub fn whip(
+    pub(crate) fn whip(
         &mut self,
         mut producer: BroadcastProducer,
         offer: SdpOffer,
@@ -325,7 +326,7 @@ impl Sessions {
 
     /// Ends session `id` (a WHIP publisher's when `publisher`, else a WHEP viewer's); false when
     /// there is no such session. It is removed by the next [`Sessions::reap`].
-    pub fn close(&mut self, id: u64, publisher: bool) -> bool {
+    pub(crate) fn close(&mut self, id: u64, publisher: bool) -> bool {
         match self.lite.get_mut(&id).filter(|_| !publisher) {
             Some(l) => {
                 l.closed = true;
@@ -341,7 +342,7 @@ impl Sessions {
     }
 
     /// Hands `now` to every `Rtc` whose deadline has come.
-    pub fn timeout(&mut self, now: Instant, out: &mut impl Out) {
+    pub(crate) fn timeout(&mut self, now: Instant, out: &mut impl Out) {
         for s in self.sessions.values_mut().filter(|s| s.deadline <= now) {
             let _ = s.rtc.handle_input(Input::Timeout(now));
             s.deadline = s.drain(out, &self.ctx);
@@ -350,7 +351,7 @@ impl Sessions {
 
     /// One media tick: viewers' frames and reports, publishers' keyframe requests, handovers;
     /// `out` is flushed.
-    pub fn tick(&mut self, now: Instant, out: &mut impl Out) {
+    pub(crate) fn tick(&mut self, now: Instant, out: &mut impl Out) {
         let ctx = &self.ctx;
         for s in self.sessions.values_mut() {
             s.pump(now, out, ctx);
@@ -428,7 +429,7 @@ impl Sessions {
     /// Removes the sessions that ended (disconnected, closed, not connected within
     /// [`CONNECT_TIMEOUT`], a handed-over viewer's consent expired) and updates the counters.
     /// A pass over every session, so done at most every [`REAP_INTERVAL`]: true when it was.
-    pub fn reap(&mut self, now: Instant) -> bool {
+    pub(crate) fn reap(&mut self, now: Instant) -> bool {
         if now.duration_since(self.last_reap) < REAP_INTERVAL {
             return false;
         }
