@@ -78,8 +78,9 @@ pub(crate) fn avcc_to_annexb(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool) 
     out
 }
 
-/// [`avcc_to_annexb`] into `out` (cleared first), so a caller converting every frame reuses one
-/// buffer; allocates nothing once `out` is large enough.
+/// A length-prefixed access unit as Annex B, written into `out` (cleared first), with the
+/// record's SPS and PPS in band before a keyframe that lacks them; a caller converting every
+/// frame reuses one buffer, and nothing is allocated once `out` is large enough.
 pub fn avcc_to_annexb_into(frame: &[u8], avcc: Option<&[u8]>, keyframe: bool, out: &mut Vec<u8>) {
     out.clear();
     // A record that does not parse whole counts for nothing, its length size included.
