@@ -2,7 +2,8 @@
 //! publish (x264 high with B-frames + AAC, pushed by the ffmpeg CLI) gets the default ladder's
 //! rungs that fit it; ffprobe reads each rung over HTTP-FLV and RTMP (`?rendition=NAME`) and
 //! finds its height, 30 fps, no B-frames, and keyframes on the source's keyframe timestamps;
-//! an unknown rung is refused (404, `NetStream.Play.StreamNotFound`).
+//! an unknown rung is refused (404, `NetStream.Play.StreamNotFound`). In Chromium, a WHEP
+//! viewer plays a rung, and the player page's quality menu switches between rungs.
 
 mod common;
 
@@ -232,4 +233,174 @@ fn whep_viewer_plays_a_rung_in_chromium() {
         0.0,
         "a rung is played as it is"
     );
+}
+
+/// The test's page around the player page (same origin, [`serve_page_before`]): it opens
+/// `/play/live/m?rendition=240p` in an iframe, waits for decoded 240p video, reads the quality
+/// menu, chooses 360p in it as a user would, waits for decoded 360p video, and reports.
+const MENU_PAGE: &str = r#"<!doctype html><html><head><meta charset="utf-8"></head><body><script>
+"use strict";
+const frame = document.createElement("iframe");
+frame.src = "/play/live/m?rendition=240p";
+frame.width = 800; frame.height = 450; frame.allow = "autoplay";
+document.body.appendChild(frame);
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(what, f, ms) {
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    try { const v = f(); if (v) return v; } catch (e) { /* the page is still loading */ }
+    await sleep(100);
+  }
+  throw new Error("waited " + ms + " ms for " + what);
+}
+const $ = (id) => frame.contentDocument.getElementById(id);
+// The page's video once it is w×h: its size and the frames decoded over the next 3 s.
+async function decoded(w, h) {
+  const video = $("video");
+  await until(w + "x" + h + " video", () => video.videoWidth === w && video.videoHeight === h, 30000);
+  const before = video.getVideoPlaybackQuality().totalVideoFrames;
+  await sleep(3000);
+  return { width: video.videoWidth, height: video.videoHeight, frames: video.getVideoPlaybackQuality().totalVideoFrames - before };
+}
+(async () => {
+  await until("the player page", () => frame.contentDocument.readyState === "complete" && $("quality"), 10000);
+  const first = await decoded(426, 240);
+  const select = $("quality");
+  const label = frame.contentDocument.querySelector("label[for=quality]").textContent;
+  await until("the rungs in the menu", () => [...select.options].some((o) => o.textContent.includes("×")), 20000);
+  const options = [...select.options].map((o) => ({ value: o.value, label: o.textContent, selected: o.selected }));
+  // The page's WHEP resource (a script-level binding of the page: read in its global scope).
+  const firstResource = frame.contentWindow.eval("resource");
+  select.value = "360p";
+  select.dispatchEvent(new Event("change"));
+  const second = await decoded(640, 360);
+  return { first, label, options, firstResource, second, resource: frame.contentWindow.eval("resource"),
+           search: frame.contentWindow.location.search };
+})().then((r) => fetch("/report", { method: "POST", body: JSON.stringify(r) }))
+  .catch((e) => fetch("/report", { method: "POST", body: JSON.stringify({ error: String(e) }) }));
+</script></body></html>"#;
+
+/// The player page's quality menu in Chromium, driven by a page of the test around it: opened
+/// with `?rendition=240p` it plays that rung; the menu (a labelled select) lists the source and
+/// the rungs with their sizes, learnt from the broadcasts API; choosing 360p in it deletes the
+/// 240p session's WHEP resource and plays the 360p rung. No B-frame re-encode ran, so neither
+/// session played the source. The first page links each rung's player; the standalone console
+/// lists the rungs with their sizes and bitrates.
+#[test]
+fn play_page_quality_menu_plays_the_chosen_rung_in_chromium() {
+    if !has_chromium() {
+        return;
+    }
+    let server = Server::start(&["--ladder", "default"]);
+    let _publisher = ffmpeg_publish(&server.rtmp_url("m"), &fixture("obs-like.flv"), 100);
+    server.wait_live("live/m", Duration::from_secs(15));
+    let (port, reports, requests) = serve_page_before(MENU_PAGE.to_owned(), server.http_port);
+    let profile = temp_dir("chromium-profile-menu");
+    let browser = chromium(&format!("http://127.0.0.1:{port}/"), &profile);
+    let report = reports
+        .recv_timeout(Duration::from_secs(90))
+        .expect("the page reported within 90 s");
+    println!("ladder: menu: {report}");
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(
+        v.get("error").is_none(),
+        "page failed: {report}\nrequests: {:?}\nserver log:\n{}",
+        requests.lock().unwrap(),
+        server.log()
+    );
+    let size = |p: &serde_json::Value| (p["width"].as_u64(), p["height"].as_u64());
+    assert_eq!(size(&v["first"]), (Some(426), Some(240)), "{report}");
+    assert_eq!(size(&v["second"]), (Some(640), Some(360)), "{report}");
+    for p in [&v["first"], &v["second"]] {
+        let frames = p["frames"].as_u64().unwrap_or(0);
+        assert!(frames >= 30, "{frames} frames decoded in 3 s: {report}");
+    }
+    assert_eq!(v["label"], "Quality", "{report}");
+    let options: Vec<(&str, &str, bool)> = v["options"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["value"].as_str().unwrap(),
+                o["label"].as_str().unwrap(),
+                o["selected"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        options,
+        [
+            ("", "Source", false),
+            ("360p", "360p (640×360)", false),
+            ("240p", "240p (426×240)", true),
+        ]
+    );
+    assert_eq!(
+        v["search"], "?rendition=360p",
+        "the page's URL names the rung"
+    );
+    // The switch: the 240p session's resource deleted, a 360p session made.
+    let first = v["firstResource"].as_str().expect("a first resource");
+    assert_ne!(v["resource"].as_str(), Some(first), "{report}");
+    let seen = requests.lock().unwrap().clone();
+    for want in [
+        "POST /whep/live/m?rendition=240p HTTP/1.1".to_owned(),
+        format!("DELETE {first} HTTP/1.1"),
+        "POST /whep/live/m?rendition=360p HTTP/1.1".to_owned(),
+    ] {
+        assert!(seen.contains(&want), "no {want:?} in {seen:#?}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || server
+            .metric("castnode_webrtc_viewers")
+            == 1.0),
+        "the 240p session did not end"
+    );
+    assert_eq!(
+        server.metric("castnode_transcoders{kind=\"bframe_reencode\"}"),
+        0.0,
+        "the source was played"
+    );
+    drop(browser);
+
+    // The first page: a player link per rung.
+    let (_, _, page) = server.get("/");
+    for r in ["360p", "240p"] {
+        let url = format!("http://127.0.0.1/play/live/m?rendition={r}");
+        assert!(
+            page.contains(&format!("<a href=\"{url}\">{r}</a>")),
+            "{page}"
+        );
+    }
+    // The console (standalone's, with the admin token it printed): the rungs, sized, with
+    // their bitrates.
+    const PREFIX: &str = "admin token (generated; shown only now): ";
+    let printed = server.printed();
+    let token = printed[printed.find(PREFIX).expect("an admin token printed") + PREFIX.len()..]
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .to_owned();
+    let profile = temp_dir("chromium-profile-menu-console");
+    let out = chromium_command(&profile)
+        .args(["--dump-dom", "--virtual-time-budget=5000"])
+        .arg(format!(
+            "http://127.0.0.1:{}/console#token={token}",
+            server.http_port
+        ))
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let row = dom
+        .find("<td>live/m<br>")
+        .map(|at| &dom[at..at + dom[at..].find("</td>").unwrap()])
+        .unwrap_or_else(|| panic!("no live/m row with renditions in:\n{dom}"));
+    for s in ["360p 640×360 ", "240p 426×240 "] {
+        assert!(row.contains(s), "{row}");
+    }
+    assert_eq!(row.matches(" kbit/s").count(), 2, "{row}");
 }

@@ -1,5 +1,6 @@
-//! The first page (`GET /`): what is live with its play links, the OBS settings, the publisher
-//! page, and links to the console, the API and the metrics. Rendered on the server from
+//! The first page (`GET /`): what is live with its play links (one per ABR rung too, with the
+//! rung's size and measured bitrate), the OBS settings, the publisher page, and links to the
+//! console, the API and the metrics. Rendered on the server from
 //! `assets/index.html`, so that it reads without scripts; its script only refreshes the list.
 //!
 //! Guarantees: HTTP links name the host the page was asked for (its `Host` header, else the
@@ -125,14 +126,24 @@ fn live(facts: &NodeFacts, http: &str, rtmp: Option<&str>, broadcasts: &[Broadca
     );
     for b in broadcasts {
         let (app, key) = b.name.split_once('/').unwrap_or(("live", b.name.as_str()));
+        // The source's tracks; a ladder's rungs are listed apart, by name.
         let tracks: Vec<String> = b
             .tracks
             .iter()
+            .filter(|t| t.rendition.is_none())
             .map(|t| match (t.width, t.height) {
                 (Some(w), Some(h)) => format!("{} {w}×{h} {} fps", t.codec, t.fps),
                 _ => t.codec.to_owned(),
             })
             .collect();
+        let mut tracks = escape(&tracks.join(", "));
+        if !b.renditions.is_empty() {
+            let _ = write!(
+                tracks,
+                "<br><span class=\"small\">renditions:</span> {}",
+                escape(&renditions(b).join(", "))
+            );
+        }
         let state = if b.publishing {
             ""
         } else {
@@ -151,6 +162,27 @@ fn live(facts: &NodeFacts, http: &str, rtmp: Option<&str>, broadcasts: &[Broadca
             "HTTP-FLV: {}",
             link(&format!("{http}/{}.flv", b.name))
         );
+        if !b.renditions.is_empty() {
+            // The browser player where the node serves WHEP, else HTTP-FLV. (Names go in the
+            // query raw: castnode matches `?rendition=` as written.)
+            let rungs: Vec<String> = b
+                .renditions
+                .iter()
+                .map(|r| {
+                    let url = match facts.webrtc_udp {
+                        Some(_) => format!("{http}/play/{}?rendition={r}", b.name),
+                        None => format!("{http}/{}.flv?rendition={r}", b.name),
+                    };
+                    format!("<a href=\"{}\">{}</a>", escape(&url), escape(r))
+                })
+                .collect();
+            let _ = write!(
+                watch,
+                "<br>Renditions: {}<br><span class=\"small\">(HTTP-FLV, RTMP and WHEP URLs \
+                 take <code>?rendition=NAME</code>)</span>",
+                rungs.join(" · ")
+            );
+        }
         if let Some(rtmp) = rtmp {
             let _ = write!(
                 watch,
@@ -166,13 +198,30 @@ fn live(facts: &NodeFacts, http: &str, rtmp: Option<&str>, broadcasts: &[Broadca
             "    <tr><td><b>{}</b>{state}</td><td>{}</td><td>{watch}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
             escape(&b.name),
-            escape(&tracks.join(", ")),
+            tracks,
             b.players,
             b.node_subscriptions
         );
     }
     s.push_str("    </tbody></table>\n");
     s
+}
+
+/// A broadcast's ABR rungs as the first page lists them: name, size and measured bitrate
+/// (`360p 640×360 790 kbit/s`), tallest first.
+fn renditions(b: &BroadcastInfo) -> Vec<String> {
+    b.renditions
+        .iter()
+        .map(
+            |r| match b.tracks.iter().find(|t| t.rendition.as_ref() == Some(r)) {
+                Some(t) => match (t.width, t.height) {
+                    (Some(w), Some(h)) => format!("{r} {w}×{h} {:.0} kbit/s", t.bitrate_kbps),
+                    _ => format!("{r} {:.0} kbit/s", t.bitrate_kbps),
+                },
+                None => r.clone(),
+            },
+        )
+        .collect()
 }
 
 fn publish(facts: &NodeFacts, http: &str, rtmp: Option<&str>) -> String {
@@ -249,6 +298,7 @@ fn links(facts: &NodeFacts, http: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::media::hub::TrackSummary;
 
     fn facts(public_host: &str) -> NodeFacts {
         NodeFacts {
@@ -292,5 +342,67 @@ mod tests {
         };
         let page = render(&facts("localhost"), "h:1", &[b]);
         assert!(page.contains("live/&lt;x&gt;") && !page.contains("<x>"));
+    }
+
+    fn video(id: u8, w: u32, h: u32, kbps: f64, rendition: Option<&str>) -> TrackSummary {
+        TrackSummary {
+            id,
+            kind: "video",
+            codec: "h264",
+            width: Some(w),
+            height: Some(h),
+            profile: None,
+            sample_rate: None,
+            channels: None,
+            fps: 30.0,
+            bitrate_kbps: kbps,
+            b_frames: Some(false),
+            keyframe_interval_s: None,
+            rendition: rendition.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn renditions_are_listed_with_play_links() {
+        let b = BroadcastInfo {
+            name: "live/abr".into(),
+            publishing: true,
+            tracks: vec![
+                video(0, 1280, 720, 3012.4, None),
+                video(2, 640, 360, 801.6, Some("360p")),
+                video(3, 426, 240, 398.2, Some("240p")),
+            ],
+            renditions: vec!["360p".into(), "240p".into()],
+            players: 0,
+            node_subscriptions: 0,
+            uptime_s: 0.0,
+            bytes_in: 0,
+            bytes_out: 0,
+            frames_skipped: 0,
+        };
+        let page = render(&facts("localhost"), "h:1", std::slice::from_ref(&b));
+        // The source's track alone among the tracks; the rungs by name, size and bitrate.
+        assert!(page.contains("<td>h264 1280×720 30 fps<br>"), "{page}");
+        assert!(
+            page.contains("360p 640×360 802 kbit/s, 240p 426×240 398 kbit/s"),
+            "{page}"
+        );
+        // A play link per rung: the browser player where the node serves WHEP.
+        for r in ["360p", "240p"] {
+            let url = format!("http://h:1/play/live/abr?rendition={r}");
+            assert!(
+                page.contains(&format!("<a href=\"{url}\">{r}</a>")),
+                "{page}"
+            );
+        }
+        // Without WebRTC, HTTP-FLV.
+        let mut no_webrtc = facts("localhost");
+        no_webrtc.webrtc_udp = None;
+        let page = render(&no_webrtc, "h:1", &[b]);
+        assert!(
+            page.contains("<a href=\"http://h:1/live/abr.flv?rendition=240p\">240p</a>"),
+            "{page}"
+        );
+        assert!(!page.contains("/play/"), "{page}");
     }
 }

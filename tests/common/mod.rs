@@ -764,6 +764,81 @@ pub fn serve_page(html: String) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
+/// [`serve_page`] in front of a node: `GET /` is `html` and a `POST /report` body is handed
+/// over, as there; every other request goes on to the node at `127.0.0.1:upstream` (one request
+/// per connection, the answer passed back as it comes) and its request line is added to the
+/// returned list. The node's pages so share the test page's origin: the test page can open one
+/// in an iframe, read it and drive it as a user would.
+pub fn serve_page_before(
+    html: String,
+    upstream: u16,
+) -> (u16, mpsc::Receiver<String>, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = mpsc::channel();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let (tx, html, seen) = (tx.clone(), html.clone(), seen.clone());
+            // A thread each: a WHEP offer may wait seconds for its answer.
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                let line = line.trim_end().to_owned();
+                let (mut len, mut ctype) = (0, String::new());
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    let lower = h.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.starts_with("content-type:") {
+                        ctype = h.trim_end().to_owned();
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                let page = |conn: &mut TcpStream, ctype: &str, out: &str| {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                        out.len()
+                    );
+                };
+                if line.starts_with("POST /report ") {
+                    let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                    page(&mut conn, "text/plain", "");
+                } else if line.starts_with("GET / ") {
+                    page(&mut conn, "text/html", &html);
+                } else if !line.is_empty() {
+                    seen.lock().unwrap().push(line.clone());
+                    let Ok(mut node) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    let ctype = if ctype.is_empty() {
+                        ctype
+                    } else {
+                        ctype + "\r\n"
+                    };
+                    let _ = write!(
+                        node,
+                        "{line}\r\nHost: 127.0.0.1:{upstream}\r\n{ctype}Content-Length: {len}\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = node.write_all(&body);
+                    let _ = std::io::copy(&mut node, &mut conn);
+                }
+            });
+        }
+    });
+    (port, rx, requests)
+}
+
 /// Headless Chromium with the flags these tests need (see docs/testing.md), on its own
 /// profile; the caller adds what it opens.
 pub fn chromium_command(profile: &std::path::Path) -> Command {
