@@ -109,8 +109,8 @@ pub struct Ladder {
 /// What is wrong with one rung.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RungProblem {
-    /// No name, or one that is not 1 to 32 printable characters without spaces.
-    #[error("a rung's name is 1 to 32 printable characters, no spaces")]
+    /// No name, or one that is not 1 to 32 letters, digits, `.`, `_` or `-`.
+    #[error("a rung's name is 1 to 32 letters, digits, '.', '_' or '-'")]
     BadName,
     /// Two rungs with this name.
     #[error("two rungs have this name")]
@@ -139,7 +139,7 @@ pub enum RungProblem {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LadderError {
     /// The ladder's own name is not usable.
-    #[error("ladder {0:?}: a ladder's name is 1 to 32 printable characters, no spaces")]
+    #[error("ladder {0:?}: a ladder's name is 1 to 32 letters, digits, '.', '_' or '-'")]
     BadName(String),
     /// The ladder has no rungs.
     #[error("ladder {0:?} has no rungs")]
@@ -156,10 +156,12 @@ pub enum LadderError {
     },
 }
 
-/// A ladder's or rung's name: 1 to 32 printable ASCII characters, no spaces (it will name
-/// renditions in URLs and metrics labels).
+/// A ladder's or rung's name: 1 to 32 ASCII letters, digits, `.`, `_` or `-` (it names
+/// renditions in URLs, `?rendition=NAME`, where nothing needs escaping, and in metrics labels).
 fn name_ok(s: &str) -> bool {
-    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_graphic())
+    (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// `num / den` rounded to the nearest even number, at least 2.
