@@ -95,15 +95,21 @@
 //!   every protocol's broadcasts to one name rule, [`media::valid_name`]) and the
 //!   per-player [`media::feed`]; [`media::pace`], the write clock whose few tasks take the
 //!   players' turns.
-//! - [`codec`]: bitstream parsers (H.264 SPS, AAC AudioSpecificConfig).
+//! - [`codec`]: bitstream parsers (H.264 SPS, AAC AudioSpecificConfig) and the facts they find
+//!   ([`codec::VideoInfo`], [`codec::AudioInfo`]); it depends on nothing else of castnode's.
 //! - [`rtmp`]: handshake, chunk stream, AMF0, server and client sessions (sans-IO), FLV tag
 //!   conversions, muxers, and the tokio driver.
-//! - [`http`]: `/healthz`, `/metrics`, `/api/v1/broadcasts` (axum), the client address handlers
-//!   see ([`http::ClientAddr`]) and HTTP-FLV ([`http::flv`]).
+//! - [`http`]: `/healthz`, `/metrics` (rendered in `http::metrics`), `/api/v1/broadcasts`
+//!   (axum), the pages, and HTTP-FLV ([`http::flv`]); `web`: what every HTTP surface shares (the
+//!   client address handlers see, CORS), below the node's pages, WHIP/WHEP and the manager's API.
 //! - [`player`]: the player shared by RTMP and HTTP-FLV (one turn: read input, read the feed,
 //!   write).
-//! - [`metrics`], [`node`], [`shutdown`]: counters (the cluster link's too), shared node state,
-//!   signals.
+//! - `metrics`, [`node`], [`shutdown`]: counters (the node's, the cluster link's, the
+//!   per-broadcast WebRTC figures; no protocol and no node in it), shared node state, signals.
+//!
+//! The top-level modules form no circle (`tests/module_graph.rs` checks it). From the bottom:
+//! `codec`, `names`, `shutdown`, `web`; `media`, `ladder`; `config`, `metrics`, `ffmpeg`;
+//! `transcode`, `cluster`; `node`; `player`, `rtmp`, `webrtc`, `manager`; `http`; `role`.
 //! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; the sans-IO
 //!   session table [`webrtc::table`] (routing, handover, reaping) under a thin
 //!   [`webrtc::driver`]; str0m does SDP, ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
@@ -180,4 +186,5 @@ pub mod role;
 pub mod rtmp;
 pub(crate) mod shutdown;
 pub(crate) mod transcode;
+pub(crate) mod web;
 pub mod webrtc;

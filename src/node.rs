@@ -20,7 +20,7 @@ pub struct NodeContext {
     /// The ABR ladders this node makes itself (`--ladder`), when it has one.
     pub ladders: Option<crate::transcode::Ladders>,
     /// Per-broadcast WebRTC figures.
-    pub(crate) webrtc: crate::webrtc::stats::WebrtcStats,
+    pub(crate) webrtc: crate::metrics::webrtc::WebrtcStats,
     /// When players write: the node's write budget (`--write-budget` writes per second across
     /// all players) shared out among them, at most `--player-batch-ms` apart. Few players get
     /// every frame at once; many get frames merged, because each write costs the kernel about

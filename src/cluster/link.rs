@@ -39,10 +39,13 @@ use super::encoding::Sink;
 use super::session::{FlowEnd, SessionConfig};
 use super::tls::{self, TlsFiles};
 use crate::config::ClusterConfig;
-use crate::manager::BoxFuture;
 use crate::media::hub::Hub;
 use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::metrics::ClusterStats;
+
+/// A boxed future, as [`UpstreamChoice`] returns (the same shape as the stream manager's).
+pub(crate) type BoxFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// How long a SUBSCRIBE (or PUBLISH) may wait for its answer.
 pub(crate) const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(3);

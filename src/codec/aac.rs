@@ -1,7 +1,7 @@
 //! AAC AudioSpecificConfig (ISO 14496-3 1.6.2.1): object type, sample rate, channels.
 
+use super::AudioInfo;
 use super::bits::BitReader;
-use crate::media::AudioInfo;
 
 const RATES: [u32; 13] = [
     96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,

@@ -2,8 +2,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::VideoInfo;
 use super::bits::{BitReader, unescape_rbsp};
-use crate::media::VideoInfo;
 
 /// The first SPS of an AVCDecoderConfigurationRecord (ISO 14496-15 5.3.3.1).
 pub(crate) fn avcc_first_sps(avcc: &[u8]) -> Option<&[u8]> {

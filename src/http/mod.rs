@@ -4,9 +4,9 @@
 //! Guarantees: a request never blocks another.
 
 pub(crate) mod flv;
+mod metrics;
 pub(crate) mod page;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -19,11 +19,10 @@ use crate::manager::embedded::Embedded;
 use crate::node::NodeContext;
 pub(crate) use page::NodeFacts;
 
-/// A client's address as handlers see it (`ConnectInfo<ClientAddr>`) on a node's HTTP port
-/// (served through [`flv::HttpListener`]).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ClientAddr(pub(crate) SocketAddr);
+pub(crate) use crate::web::ClientAddr;
 
+/// The client's address of a connection to the node's HTTP port (served through
+/// [`flv::HttpListener`]).
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, flv::HttpListener>>
     for ClientAddr
 {
@@ -72,42 +71,10 @@ pub(crate) fn router(
     )
 }
 
-/// Adds the CORS headers browsers need to read a WHIP/WHEP (or redirect) answer from another
-/// origin: any origin, and the `Location` header exposed.
-pub(crate) fn cors(mut r: axum::response::Response) -> axum::response::Response {
-    use axum::http::HeaderValue;
-    let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_EXPOSE_HEADERS,
-        HeaderValue::from_static("Location"),
-    );
-    r
-}
-
-/// The answer to a CORS preflight for `methods`.
-pub(crate) fn preflight(methods: &'static str) -> axum::response::Response {
-    use axum::http::{HeaderValue, StatusCode};
-    let mut r = cors(StatusCode::NO_CONTENT.into_response());
-    let h = r.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static(methods),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Content-Type, Authorization, If-Match"),
-    );
-    r
-}
-
 async fn metrics(State(ctx): State<Arc<NodeContext>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::metrics::render(&ctx),
+        metrics::render(&ctx),
     )
 }
 

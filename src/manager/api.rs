@@ -139,7 +139,7 @@ fn client_ip(ext: &Extensions) -> Option<IpAddr> {
     ext.get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .or_else(|| {
-            ext.get::<ConnectInfo<crate::http::ClientAddr>>()
+            ext.get::<ConnectInfo<crate::web::ClientAddr>>()
                 .map(|c| c.0.0.ip())
         })
 }
@@ -468,7 +468,7 @@ fn redirect(url: &str) -> Response {
     if let Ok(v) = HeaderValue::from_str(url) {
         r.headers_mut().insert(header::LOCATION, v);
     }
-    crate::http::cors(r)
+    crate::web::cors(r)
 }
 
 async fn whip(
@@ -494,7 +494,7 @@ async fn whep(
 }
 
 async fn preflight() -> Response {
-    crate::http::preflight("POST, OPTIONS")
+    crate::web::preflight("POST, OPTIONS")
 }
 
 /// The management console: one page of plain HTML/JS on the REST API (nodes with live load,

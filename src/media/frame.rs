@@ -84,27 +84,7 @@ impl Codec {
     }
 }
 
-/// Facts about a video track, read from its codec config.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VideoInfo {
-    /// Picture width in pixels (after cropping).
-    pub(crate) width: u32,
-    /// Picture height in pixels (after cropping).
-    pub(crate) height: u32,
-    /// Profile name such as "high" or "baseline".
-    pub(crate) profile: String,
-    /// Level times ten (e.g. 31 for 3.1).
-    pub(crate) level: u8,
-}
-
-/// Facts about an audio track, read from its codec config.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct AudioInfo {
-    /// Samples per second.
-    pub(crate) sample_rate: u32,
-    /// Channel count.
-    pub(crate) channels: u8,
-}
+pub use crate::codec::{AudioInfo, VideoInfo};
 
 /// A track's description: codec and the configuration a decoder needs first.
 #[derive(Clone, Debug, PartialEq, Eq)]

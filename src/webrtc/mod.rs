@@ -33,7 +33,7 @@ pub(crate) mod rtcp;
 pub mod sender;
 pub(crate) mod signal;
 pub mod srtp;
-pub(crate) mod stats;
+pub(crate) use crate::metrics::webrtc as stats;
 pub(crate) mod table;
 
 /// Why a WebRTC session could not be set up.

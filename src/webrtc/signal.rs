@@ -22,10 +22,10 @@ use tracing::{debug, info};
 
 use super::WebrtcError;
 use super::driver::Webrtc;
-use crate::http::cors;
 use crate::media::feed::rendition_param;
 use crate::media::{PublishError, valid_name};
 use crate::node::NodeContext;
+use crate::web::cors;
 
 /// Largest offer accepted.
 pub(crate) const MAX_OFFER: usize = 64 << 10;
@@ -65,7 +65,7 @@ fn refuse(status: StatusCode, reason: String) -> Response {
 }
 
 async fn preflight() -> Response {
-    crate::http::preflight("POST, PATCH, DELETE, OPTIONS")
+    crate::web::preflight("POST, PATCH, DELETE, OPTIONS")
 }
 
 /// The offer in a request, or the refusal to answer with.
