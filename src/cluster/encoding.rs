@@ -91,7 +91,7 @@ impl Sink {
         while let Some(ev) = decoder.decode(buf)? {
             match ev {
                 GroupEvent::Header(_) => {}
-                GroupEvent::Config { track, info } => p.set_track(track, info),
+                GroupEvent::Config { track, info } => p.set_track(track, *info),
                 GroupEvent::Frame(f) => {
                     let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
                     if f.frame.dts <= self.last_dts[i] {

@@ -339,8 +339,9 @@ pub enum GroupEvent {
     Config {
         /// The track.
         track: TrackId,
-        /// Its description from here on.
-        info: TrackInfo,
+        /// Its description from here on (boxed: configs are rare, and every frame's event is as
+        /// large as the largest variant).
+        info: Box<TrackInfo>,
     },
     /// A frame.
     Frame(WireFrame),
@@ -1058,7 +1059,10 @@ impl GroupDecoder {
                 let r = &mut Reader::new(&payload);
                 let info = read_track_info(r)?;
                 r.finish()?;
-                GroupEvent::Config { track, info }
+                GroupEvent::Config {
+                    track,
+                    info: Box::new(info),
+                }
             }
             ItemHeader::Frame {
                 track,

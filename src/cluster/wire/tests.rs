@@ -465,7 +465,7 @@ fn group_bytes() {
             }),
             GroupEvent::Config {
                 track: TrackId(1),
-                info: aac()
+                info: Box::new(aac())
             },
         ])
     );
@@ -757,7 +757,7 @@ proptest! {
                 }
                 Item::Config(t, info) => {
                     encode_config_item(*t, info, &mut bytes).unwrap();
-                    want.push(GroupEvent::Config { track: *t, info: info.clone() });
+                    want.push(GroupEvent::Config { track: *t, info: Box::new(info.clone()) });
                 }
             }
         }
