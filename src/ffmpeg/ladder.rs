@@ -99,9 +99,10 @@ impl X264 {
         super::init();
         let x264 = ff::encoder::find_by_name("libx264")
             .ok_or(FfmpegError::MissingCodec("libx264 encoder"))?;
-        let mut enc = ff::codec::context::Context::new_with_codec(x264)
-            .encoder()
-            .video()?;
+        let mut ctx = ff::codec::context::Context::new_with_codec(x264);
+        // One thread: the caller's (libx264 would start its own threads otherwise).
+        ctx.set_threading(ff::threading::Config::count(1));
+        let mut enc = ctx.encoder().video()?;
         enc.set_width(s.width);
         enc.set_height(s.height);
         enc.set_format(Pixel::YUV420P);
@@ -217,9 +218,9 @@ impl SourceDecoder {
         super::init();
         let codec = ff::decoder::find(ff::codec::Id::H264)
             .ok_or(FfmpegError::MissingCodec("H.264 decoder"))?;
-        let decoder = ff::codec::context::Context::new_with_codec(codec)
-            .decoder()
-            .video()?;
+        let mut ctx = ff::codec::context::Context::new_with_codec(codec);
+        ctx.set_threading(ff::threading::Config::count(1));
+        let decoder = ctx.decoder().video()?;
         Ok(SourceDecoder {
             decoder,
             decoded: ff::frame::Video::empty(),
