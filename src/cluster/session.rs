@@ -513,10 +513,7 @@ impl Session {
 
     /// Stops receiving flow `id` (UNSUBSCRIBE); its sink comes back (no event).
     pub(crate) fn unsubscribe(&mut self, id: u64) -> Option<Sink> {
-        let mut flow = self.ins.remove(&id)?;
-        for s in flow.order.take_all() {
-            self.drop_group(s, ResetCode::Cancelled);
-        }
+        let flow = self.remove_in(id)?;
         self.send_control(&ControlMessage::Unsubscribe {
             id: SubscriptionId(id),
         });
@@ -582,11 +579,8 @@ impl Session {
 
     /// Refuses the peer's PUBLISH `id`.
     pub(crate) fn refuse_publish(&mut self, id: u64, code: ErrorCode, reason: String) {
-        let Some(mut flow) = self.ins.remove(&id) else {
+        if self.remove_in(id).is_none() {
             return;
-        };
-        for s in flow.order.take_all() {
-            self.drop_group(s, ResetCode::Cancelled);
         }
         self.send_control(&ControlMessage::PublishError {
             id: SubscriptionId(id),
@@ -964,10 +958,7 @@ impl Session {
                 });
             }
             (_, ControlMessage::Ended { id }) => {
-                if let Some(mut flow) = self.ins.remove(&id.0) {
-                    for s in flow.order.take_all() {
-                        self.drop_group(s, ResetCode::Cancelled);
-                    }
+                if let Some(flow) = self.remove_in(id.0) {
                     self.events.push_back(SessionEvent::InEnded {
                         id: id.0,
                         sink: flow.sink,
@@ -994,10 +985,7 @@ impl Session {
                 });
             }
             (Side::Client, ControlMessage::SubscribeError { id, code, reason }) => {
-                if let Some(mut flow) = self.ins.remove(&id.0) {
-                    for s in flow.order.take_all() {
-                        self.drop_group(s, ResetCode::Cancelled);
-                    }
+                if let Some(flow) = self.remove_in(id.0) {
                     self.events.push_back(SessionEvent::SubscribeError {
                         id: id.0,
                         code,
@@ -1351,6 +1339,15 @@ impl Session {
             self.advance(id, now);
         }
         self.scratch = stalled;
+    }
+
+    /// Removes flow `id` that this end receives, its group streams stopped.
+    fn remove_in(&mut self, id: u64) -> Option<InFlow> {
+        let mut flow = self.ins.remove(&id)?;
+        for s in flow.order.take_all() {
+            self.drop_group(s, ResetCode::Cancelled);
+        }
+        Some(flow)
     }
 
     /// Stops group stream `s` (STOP_SENDING `code`) and forgets it.

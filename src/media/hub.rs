@@ -1008,22 +1008,10 @@ pub(crate) struct RenditionProducer {
 impl Broadcast {
     /// Declares a rendition track (the first free track id) and returns its writer.
     pub(crate) fn add_rendition(self: &Arc<Self>, hub: &Hub, info: TrackInfo) -> RenditionProducer {
-        let mut st = self.lock();
-        let track = st.rendition_slot(false).unwrap_or(TrackId(u8::MAX));
-        let video = info.codec.kind() == TrackKind::Video;
-        st.declare_track(track, info, &hub.inner.cfg);
-        drop(st);
-        self.notify.send_replace(());
-        RenditionProducer {
-            hub: hub.clone(),
-            bc: self.clone(),
-            track,
-            video,
-        }
+        self.declare_rendition(hub, info, false)
+            .unwrap_or_else(|| unreachable!("a node's own rendition always gets an id"))
     }
-}
 
-impl Broadcast {
     /// Declares a rung of the broadcast's ABR ladder (`info.rendition` names it), on a track id
     /// that travels with the broadcast ([`TrackId::is_ladder`]), and returns its writer; `None`
     /// when every ladder id is taken.
@@ -1032,8 +1020,23 @@ impl Broadcast {
         hub: &Hub,
         info: TrackInfo,
     ) -> Option<RenditionProducer> {
+        self.declare_rendition(hub, info, true)
+    }
+
+    /// Declares a rendition track of the kind `ladder` says ([`State::rendition_slot`]).
+    fn declare_rendition(
+        self: &Arc<Self>,
+        hub: &Hub,
+        info: TrackInfo,
+        ladder: bool,
+    ) -> Option<RenditionProducer> {
         let mut st = self.lock();
-        let track = st.rendition_slot(true)?;
+        let track = match st.rendition_slot(ladder) {
+            Some(t) => t,
+            // All 246 ids of a node's own renditions taken and none withdrawn: the last one.
+            None if !ladder => TrackId(u8::MAX),
+            None => return None,
+        };
         let video = info.codec.kind() == TrackKind::Video;
         st.declare_track(track, info, &hub.inner.cfg);
         drop(st);

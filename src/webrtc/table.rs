@@ -55,7 +55,8 @@ use super::packetize::RtpFrame;
 use super::sender::{Kind, MediaSender, Sink};
 use super::stats::BroadcastRtcStats;
 use crate::media::{
-    BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackInfo,
+    BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackId,
+    TrackInfo,
 };
 use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
@@ -257,6 +258,7 @@ impl Sessions {
                     None => video_for(&ctx.transcoders, &ctx.hub, &bc),
                 },
                 ladder: rendition,
+                rung: None,
                 await_key: false,
                 consumer,
                 entries: Vec::with_capacity(64),
@@ -550,6 +552,8 @@ struct Viewer {
     video_rendition: Option<Arc<Rendition>>,
     /// The ABR ladder rung played instead of the source's video (`?rendition=NAME`).
     ladder: Option<Arc<str>>,
+    /// The track of that rung, once its description was seen.
+    rung: Option<TrackId>,
     /// After a skip, a rung's frames wait for its next keyframe (it follows the group's start).
     await_key: bool,
     /// A keyframe of the chosen video track has been sent.
@@ -945,7 +949,7 @@ impl Viewer {
         if self.tracks.is_empty() {
             let (tracks, _) = self.consumer.snapshot();
             for (id, info) in tracks {
-                set_track(&mut self.tracks, id.0, info);
+                self.set_track(id, info);
             }
         }
         if !self.consumer.has_news() {
@@ -962,7 +966,7 @@ impl Viewer {
         let mut entries = std::mem::take(&mut self.entries);
         for e in entries.drain(..) {
             match &e.item {
-                Item::Config { track, info } => set_track(&mut self.tracks, track.0, info.clone()),
+                Item::Config { track, info } => self.set_track(*track, info.clone()),
                 Item::Frame { track, frame } => {
                     let Some(Some(info)) = self.tracks.get(usize::from(track.0)) else {
                         continue;
@@ -970,7 +974,7 @@ impl Viewer {
                     match info.codec {
                         Codec::H264
                             if match (&self.ladder, &self.video_rendition) {
-                                (Some(rung), _) => info.rendition.as_deref() == Some(&**rung),
+                                (Some(_), _) => self.rung == Some(*track),
                                 (None, Some(r)) => r.track() == Some(*track),
                                 (None, None) => track.is_source(),
                             } =>
@@ -1049,12 +1053,23 @@ fn choose_pt(
     *chosen
 }
 
-fn set_track(tracks: &mut Vec<Option<TrackInfo>>, id: u8, info: TrackInfo) {
-    let i = usize::from(id);
-    if tracks.len() <= i {
-        tracks.resize(i + 1, None);
+impl Viewer {
+    /// A track's description arrived: kept, and the ladder rung asked for found by its name once
+    /// here rather than per frame.
+    fn set_track(&mut self, id: TrackId, info: TrackInfo) {
+        let i = usize::from(id.0);
+        if self.tracks.len() <= i {
+            self.tracks.resize(i + 1, None);
+        }
+        if self.ladder.is_some() {
+            if info.rendition == self.ladder {
+                self.rung = Some(id);
+            } else if self.rung == Some(id) {
+                self.rung = None;
+            }
+        }
+        self.tracks[i] = Some(info);
     }
-    tracks[i] = Some(info);
 }
 
 /// The egress batches towards one peer, as a media sender's [`Sink`].
