@@ -314,6 +314,9 @@ struct State {
     needs_keyframe: bool,
     /// The ingest time of the item being appended, when it came from another node.
     ingest_us: Option<i64>,
+    /// The node whose transcoder publishes the broadcast's ABR ladder here over the cluster
+    /// link, while it does.
+    ladder_from: Option<Arc<str>>,
 }
 
 /// Wall clock, microseconds since the UNIX epoch.
@@ -499,6 +502,7 @@ impl Broadcast {
                 rebase_from: None,
                 needs_keyframe: false,
                 ingest_us: None,
+                ladder_from: None,
             }),
             notify: watch::channel(()).0,
             stats: BroadcastStats::default(),
@@ -613,6 +617,12 @@ impl Broadcast {
         let mut r = self.tracks();
         r.retain(|(id, t)| id.is_ladder() && t.rendition.is_some());
         r
+    }
+
+    /// The node whose transcoder publishes the ladder here over the cluster link, while one
+    /// does (on the origin of a cluster with transcoder nodes).
+    pub(crate) fn ladder_from(&self) -> Option<Arc<str>> {
+        self.lock().ladder_from.clone()
     }
 
     /// Whether the ladder has a rung named `name`.
