@@ -296,6 +296,11 @@ pub struct NodeArgs {
     #[arg(skip)]
     #[serde(default)]
     pub ladders: BTreeMap<String, LadderSpec>,
+    /// Transcoder: broadcasts (`app/key`, comma-separated) to make the ladder of whenever they
+    /// are live upstream, without a stream manager (with one, the manager gives the jobs).
+    #[arg(long, env = "CASTNODE_JOBS", value_delimiter = ',')]
+    #[serde(default)]
+    pub jobs: Vec<String>,
 }
 
 /// A configuration value that cannot be used.
@@ -510,8 +515,10 @@ pub struct NodeConfig {
     pub cluster: ClusterConfig,
     /// The stream manager's settings.
     pub(crate) manager: ManagerConfig,
-    /// The ladder `--ladder` chose (none given: `None`).
+    /// The ladder `--ladder` chose (none given: `None`; a transcoder's default is `default`).
     pub ladder: Option<Ladder>,
+    /// Transcoder: the broadcasts whose ladders it makes without a manager (`--jobs`).
+    pub(crate) jobs: Vec<String>,
 }
 
 /// Where a node reports, and the manager's own settings.
@@ -611,6 +618,20 @@ impl NodeArgs {
         };
         let a = self.clone();
         let ladder = ladder_config(role, &a, &file)?;
+        let jobs = if a.jobs.is_empty() {
+            file.jobs.clone()
+        } else {
+            a.jobs.clone()
+        };
+        if !jobs.is_empty() && role != "transcoder" {
+            return Err(bad("jobs", format!("a {role} takes no transcode jobs")));
+        }
+        if let Some(j) = jobs.iter().find(|j| !crate::media::valid_name(j)) {
+            return Err(bad(
+                "jobs",
+                format!("{j:?} is not a broadcast name (app/key)"),
+            ));
+        }
         let cluster = cluster_config(role, &a, &file)?;
         // The manager's state: --db, else manager.db in the data directory (the manager's, or
         // standalone's when it is given one); never the working directory.
@@ -819,6 +840,7 @@ impl NodeArgs {
             },
             max_viewers: a.max_viewers.or(file.max_viewers).unwrap_or(2000),
             ladder,
+            jobs,
         })
     }
 }
@@ -831,7 +853,8 @@ fn ladder_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<Option<Lad
         let ladder = Ladder::from_spec(name, spec).map_err(|e| bad("ladders", e.to_string()))?;
         ladders.insert(name.as_str(), ladder);
     }
-    let Some(name) = a.ladder.as_deref().or(file.ladder.as_deref()) else {
+    let name = a.ladder.as_deref().or(file.ladder.as_deref());
+    let Some(name) = name.or((role == "transcoder").then_some(DEFAULT_LADDER)) else {
         return Ok(None);
     };
     if !matches!(role, "standalone" | "transcoder") {
@@ -897,7 +920,7 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         }
     }
     let managed = a.manager.is_some() || file.manager.is_some();
-    if matches!(role, "relay" | "edge") && upstream.is_empty() && !managed {
+    if matches!(role, "relay" | "edge" | "transcoder") && upstream.is_empty() && !managed {
         return Err(bad(
             "upstream",
             format!("a {role} needs at least one --upstream HOST:PORT, or a --manager to ask"),
@@ -925,8 +948,9 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         }
         (None, None) => String::new(),
     };
-    let linked =
-        listen.is_some() || !upstream.is_empty() || (managed && matches!(role, "relay" | "edge"));
+    let linked = listen.is_some()
+        || !upstream.is_empty()
+        || (managed && matches!(role, "relay" | "edge" | "transcoder"));
     if linked && token.len() < 16 {
         return Err(bad(
             "cluster-token",

@@ -44,9 +44,13 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    if !matches!(role, "standalone" | "origin" | "relay" | "edge" | "manager") {
+    if !matches!(
+        role,
+        "standalone" | "origin" | "relay" | "edge" | "transcoder" | "manager"
+    ) {
         eprintln!(
-            "castnode: the {role} role is not built yet; standalone, origin, relay, edge and manager are"
+            "castnode: the {role} role is not built yet; standalone, origin, relay, edge, \
+             transcoder and manager are"
         );
         return ExitCode::from(2);
     }

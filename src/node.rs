@@ -19,6 +19,8 @@ pub struct NodeContext {
     pub(crate) transcoders: crate::transcode::Transcoders,
     /// The ABR ladders this node makes itself (`--ladder`), when it has one.
     pub ladders: Option<crate::transcode::Ladders>,
+    /// A transcoder's jobs (the ladders it makes of broadcasts fetched from upstream).
+    pub(crate) jobs: crate::transcode::Jobs,
     /// Per-broadcast WebRTC figures.
     pub(crate) webrtc: crate::metrics::webrtc::WebrtcStats,
     /// When players write: the node's write budget (`--write-budget` writes per second across
@@ -46,6 +48,7 @@ impl NodeContext {
             stats: NodeStats::default(),
             cfg,
             transcoders: Default::default(),
+            jobs: Default::default(),
             webrtc: Default::default(),
             link: Default::default(),
         })

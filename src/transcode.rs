@@ -9,11 +9,14 @@
 //! [`crate::media::Entry::group_start`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::cluster::link::Link;
 use crate::codec::h264;
 use crate::ffmpeg::FfmpegError;
 use crate::ffmpeg::audio::{AAC_48K_STEREO_ASC, AudioTranscoder};
@@ -26,6 +29,7 @@ use crate::media::{
     AudioInfo, BroadcastConsumer, Codec, ConsumerKind, Entry, Hub, Item, ReadOutcome, TrackId,
     TrackInfo,
 };
+use crate::node::NodeContext;
 
 /// A running transcoder; dropping the last handle stops it.
 pub(crate) struct Rendition {
@@ -358,16 +362,18 @@ async fn run_audio(
     info!(broadcast = %bc.name(), "{from} → {to_name} transcoder stopped");
 }
 
-/// The ABR ladders a node makes itself (`castnode standalone --ladder NAME`): one per live
-/// broadcast published here, each rung a named track of the broadcast
+/// The ABR ladders a node makes itself: `castnode standalone --ladder NAME` makes one per live
+/// broadcast published here; a transcoder makes one per job ([`Jobs`]), of a broadcast fetched
+/// from upstream. Each rung is a named track of the broadcast
 /// ([`Broadcast::add_ladder_rendition`]) that players choose with `?rendition=`.
 ///
 /// Guarantees: a ladder starts for every broadcast whose source video is H.264 and that carries
 /// no ladder yet (one fetched from upstream brings its own), within [`Ladders::start_new`]'s
 /// period of going live, on a thread of its own (a ladder is whole-core work, and FFmpeg's
-/// scaler cannot move between threads); it stops when its broadcast ends, its rung tracks
-/// withdrawn. Every rung's keyframes fall on the same source timestamps
-/// ([`crate::ffmpeg::ladder`]). A ladder that fails logs why; viewers keep the source.
+/// scaler cannot move between threads); it stops when its broadcast ends or it is stopped
+/// ([`Ladders::stop`], within a frame), its rung tracks withdrawn. Every rung's keyframes fall
+/// on the same source timestamps ([`crate::ffmpeg::ladder`]). A ladder that fails logs why;
+/// viewers keep the source.
 pub struct Ladders {
     ladder: Ladder,
     /// Running ladders, by broadcast (the broadcast's address: a new broadcast of the same
@@ -375,8 +381,18 @@ pub struct Ladders {
     running: Mutex<HashMap<usize, LadderThread>>,
 }
 
-/// A running ladder: its broadcast and its thread.
-type LadderThread = (Weak<Broadcast>, std::thread::JoinHandle<()>);
+/// A running ladder: its broadcast, its thread, and the flag that stops it.
+struct LadderThread {
+    bc: Weak<Broadcast>,
+    thread: std::thread::JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl LadderThread {
+    fn running(&self) -> bool {
+        self.bc.strong_count() > 0 && !self.thread.is_finished()
+    }
+}
 
 impl Ladders {
     /// Ladders of `ladder`'s rungs.
@@ -387,48 +403,79 @@ impl Ladders {
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, LadderThread>> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|_, t| t.running());
+        running
+    }
+
+    /// How many rungs the ladder has at most (a source smaller than a rung gets no such rung).
+    pub fn rungs(&self) -> usize {
+        self.ladder.rungs.len()
+    }
+
     /// How many ladders run.
     pub fn running(&self) -> usize {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.retain(|_, (bc, t)| bc.strong_count() > 0 && !t.is_finished());
-        running.len()
+        self.lock().len()
     }
 
     /// Starts a ladder for each live broadcast of `hub` that needs one; `fetched` tells the
     /// broadcasts that come from upstream (they are not laddered here).
     pub fn start_new(&self, hub: &Hub, fetched: impl Fn(&str) -> bool) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.retain(|_, (bc, t)| bc.strong_count() > 0 && !t.is_finished());
         for bc in hub.broadcasts() {
-            let key = Arc::as_ptr(&bc) as usize;
-            if !bc.is_live() || running.contains_key(&key) || fetched(bc.name()) {
-                continue;
+            if bc.is_live() && !fetched(bc.name()) {
+                self.start(hub, &bc);
             }
-            let tracks = bc.tracks();
-            let h264 = tracks
-                .iter()
-                .any(|(id, t)| id.is_source() && t.codec == Codec::H264);
-            if !h264 || tracks.iter().any(|(id, _)| id.is_ladder()) {
-                continue;
+        }
+    }
+
+    /// Starts `bc`'s ladder unless it runs, or `bc` has no H.264 source video or carries a
+    /// ladder already.
+    pub(crate) fn start(&self, hub: &Hub, bc: &Arc<Broadcast>) {
+        let mut running = self.lock();
+        let key = Arc::as_ptr(bc) as usize;
+        if running.contains_key(&key) {
+            return;
+        }
+        let tracks = bc.tracks();
+        let h264 = tracks
+            .iter()
+            .any(|(id, t)| id.is_source() && t.codec == Codec::H264);
+        if !h264 || tracks.iter().any(|(id, _)| id.is_ladder()) {
+            return;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let (hub2, bc2, ladder, stop2) =
+            (hub.clone(), bc.clone(), self.ladder.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("ladder-{}", bc.name()))
+            .spawn(move || run_ladder(hub2, bc2, ladder, stop2));
+        match thread {
+            Ok(thread) => {
+                running.insert(
+                    key,
+                    LadderThread {
+                        bc: Arc::downgrade(bc),
+                        thread,
+                        stop,
+                    },
+                );
             }
-            let (hub2, bc2, ladder) = (hub.clone(), bc.clone(), self.ladder.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("ladder-{}", bc.name()))
-                .spawn(move || run_ladder(hub2, bc2, ladder));
-            match thread {
-                Ok(t) => {
-                    running.insert(key, (Arc::downgrade(&bc), t));
-                }
-                Err(e) => {
-                    warn!(broadcast = %bc.name(), error = %e, "cannot start the ladder's thread")
-                }
-            }
+            Err(e) => warn!(broadcast = %bc.name(), error = %e, "cannot start the ladder's thread"),
+        }
+    }
+
+    /// Stops `bc`'s ladder, if it runs (its thread ends after the frame it is on).
+    pub(crate) fn stop(&self, bc: &Arc<Broadcast>) {
+        if let Some(t) = self.lock().remove(&(Arc::as_ptr(bc) as usize)) {
+            t.stop.store(true, Relaxed);
         }
     }
 }
 
-/// A ladder's thread: reads the broadcast's source video, writes its rungs, until it ends.
-fn run_ladder(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
+/// A ladder's thread: reads the broadcast's source video, writes its rungs, until it ends or
+/// `stop`.
+fn run_ladder(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder, stop: Arc<AtomicBool>) {
     let rt = match tokio::runtime::Builder::new_current_thread().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -436,10 +483,10 @@ fn run_ladder(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
             return;
         }
     };
-    rt.block_on(ladder_loop(hub, bc, ladder));
+    rt.block_on(ladder_loop(hub, bc, ladder, stop));
 }
 
-async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
+async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder, stop: Arc<AtomicBool>) {
     let Some(mut consumer) = hub.subscribe_as(bc.name(), ConsumerKind::Internal) else {
         return;
     };
@@ -464,7 +511,7 @@ async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
     let mut producers: Vec<Option<crate::media::hub::RenditionProducer>> = Vec::new();
     let mut entries = Vec::with_capacity(64);
     let mut out = Vec::with_capacity(16);
-    while next_entries(&mut consumer, &mut entries).await {
+    while !stop.load(Relaxed) && next_entries(&mut consumer, &mut entries).await {
         for e in entries.drain(..) {
             let Some(frame) = source.frame(&e) else {
                 continue;
@@ -498,4 +545,120 @@ async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder) {
         }
     }
     info!(broadcast = %name, "ABR ladder stopped");
+}
+
+/// A transcoder's jobs: the broadcasts whose ladders it makes (given by the stream manager, or
+/// `--jobs`). For each: the broadcast fetched from upstream (without upstream's own ladder), its
+/// ladder made here ([`Ladders`]), and the rungs published back upstream over the cluster link
+/// ([`Link::publish_ladder`]), where they join the live broadcast as its ladder.
+///
+/// Guarantees: a job waits for its broadcast to be live upstream and starts again when it comes
+/// back after ending; a job taken away stops its ladder and ends its publication at once (the
+/// upstream withdraws the rungs, so another transcoder can take the job over); nothing a job
+/// does fails another.
+pub struct Jobs {
+    running: Mutex<HashMap<String, Job>>,
+}
+
+struct Job {
+    task: JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // The task ends its publication and its ladder when told; it is aborted only if it
+        // does not end by itself.
+        let _ = self.stop.send(true);
+        let task = self.task.abort_handle();
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    task.abort();
+                });
+            }
+            Err(_) => task.abort(),
+        }
+    }
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Self {
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Jobs {
+    /// Runs exactly the jobs in `wanted` (broadcast names): starts the new ones, stops those
+    /// no longer wanted.
+    pub(crate) fn set(&self, ctx: &Arc<NodeContext>, wanted: &[String]) {
+        let (Some(link), Some(_)) = (ctx.link.get(), ctx.ladders.as_ref()) else {
+            return;
+        };
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.retain(|name, job| wanted.contains(name) && !job.task.is_finished());
+        for name in wanted {
+            if running.contains_key(name) {
+                continue;
+            }
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let task = tokio::spawn(run_job(ctx.clone(), link.clone(), name.clone(), stopped));
+            info!(broadcast = %name, "transcode job taken");
+            running.insert(name.clone(), Job { task, stop });
+        }
+    }
+
+    /// The jobs running, by broadcast name.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = running.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// One job, until `stop`.
+async fn run_job(
+    ctx: Arc<NodeContext>,
+    link: Arc<Link>,
+    name: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(ladders) = ctx.ladders.as_ref() else {
+        return;
+    };
+    while !*stop.borrow() {
+        let Some(mut consumer) = link.subscribe(&name).await else {
+            // Not live upstream (yet): ask again soon.
+            let _ = tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s)).await;
+            continue;
+        };
+        consumer.set_kind(ConsumerKind::Internal);
+        let bc = consumer.broadcast().clone();
+        ladders.start(&ctx.hub, &bc);
+        // The rungs are declared from the first decoded picture; publish once they are.
+        let mut changes = bc.watch();
+        while bc.renditions().is_empty() && bc.is_live() && !*stop.borrow() {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                _ = stop.wait_for(|s| *s) => {}
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+        if !bc.renditions().is_empty() && !*stop.borrow() {
+            link.clone()
+                .publish_ladder(name.clone(), stop.clone())
+                .await;
+        }
+        ladders.stop(&bc);
+        drop(consumer);
+        if !*stop.borrow() {
+            // The broadcast ended (or its ladder failed): look again in a moment.
+            let _ = tokio::time::timeout(Duration::from_millis(500), stop.wait_for(|s| *s)).await;
+        }
+    }
+    info!(broadcast = %name, "transcode job ended");
 }

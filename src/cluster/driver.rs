@@ -50,7 +50,7 @@ use super::encoding::Sink;
 use super::link::Link;
 use super::session::{FlowEnd, HelloError, Session, SessionConfig, SessionEvent};
 use super::wire::ErrorCode;
-use crate::media::hub::Broadcast;
+use crate::media::hub::{Broadcast, LadderError};
 use crate::media::{
     BroadcastConsumer, BroadcastProducer, ConsumerKind, Metadata, PublishError, TrackId, TrackInfo,
 };
@@ -260,8 +260,17 @@ pub(crate) enum Command {
         id: u64,
         /// What.
         consumer: BroadcastConsumer,
+        /// Only its ABR ladder's rungs (a transcoder's publication).
+        ladder_only: bool,
         /// Where the flow's news go.
         events: mpsc::UnboundedSender<FlowEvent>,
+    },
+    /// Ends publication `id` before its broadcast ends.
+    Unpublish {
+        /// On which connection.
+        peer: PeerId,
+        /// The flow.
+        id: u64,
     },
     /// Ends received flow `id` (UNSUBSCRIBE) if `decide`, given its sink, says so; the answer
     /// says whether it did.
@@ -662,6 +671,32 @@ impl Driver {
                     metadata,
                 } => {
                     let now = Instant::now();
+                    if !tracks.is_empty() && tracks.iter().all(|(t, _)| t.is_ladder()) {
+                        // Only ladder rungs: a transcoder's ladder of a broadcast live here.
+                        let peer = s.session.peer().unwrap_or("?").to_owned();
+                        match self.link.hub().ladder_writer(&broadcast, &peer) {
+                            Ok(mut ladder) => {
+                                for (track, info) in tracks {
+                                    ladder.set_track(track, info);
+                                }
+                                info!(%peer, %broadcast, id, "ABR ladder published over the cluster link");
+                                self.link.stats.publications_in.fetch_add(1, Relaxed);
+                                if let Some(sink) = s.session.sink_mut(id) {
+                                    sink.ladder = Some(ladder);
+                                }
+                                s.session.feed(id, None, now);
+                            }
+                            Err(e) => {
+                                info!(%peer, %broadcast, "ladder PUBLISH refused: {e}");
+                                let code = match e {
+                                    LadderError::NotLive(_) => ErrorCode::NotFound,
+                                    LadderError::Taken(..) => ErrorCode::AlreadyLive,
+                                };
+                                s.session.refuse_publish(id, code, e.to_string());
+                            }
+                        }
+                        continue;
+                    }
                     match self.link.hub().publish(&broadcast, now) {
                         Ok(mut producer) => {
                             describe(&mut producer, tracks, metadata);
@@ -697,7 +732,7 @@ impl Driver {
                 SessionEvent::InEnded { id, sink, end } => {
                     if s.outgoing.is_some() {
                         forward(s, id, FlowEvent::InEnded(sink, end), true);
-                    } else if sink.producer.is_some() {
+                    } else if sink.is_ready() {
                         // A publication from downstream: its broadcast waits out the publish
                         // grace in the hub (the producer drops here).
                         self.link.stats.publications_in.fetch_sub(1, Relaxed);
@@ -869,6 +904,7 @@ impl Driver {
                 peer,
                 id,
                 consumer,
+                ladder_only,
                 events,
             } => {
                 if self.peer(peer).is_none() {
@@ -881,7 +917,7 @@ impl Driver {
                 if let Some(o) = s.outgoing.as_mut() {
                     o.flows.insert(id, events);
                 }
-                s.session.publish(id, consumer);
+                s.session.publish(id, consumer, ladder_only);
                 self.touched(peer.slot);
             }
             Command::Release {
@@ -902,6 +938,11 @@ impl Driver {
                     }
                 }
                 let _ = reply.send(released);
+                self.touched(peer.slot);
+            }
+            Command::Unpublish { peer, id } => {
+                let Some(s) = self.peer(peer) else { return };
+                s.session.unpublish(id);
                 self.touched(peer.slot);
             }
             Command::Close { peer, why } => {

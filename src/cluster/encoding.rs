@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 
 use super::wire::{self, GroupDecoder, GroupEvent, GroupHeader, GroupSeq, SubscriptionId};
-use crate::media::hub::{Broadcast, wall_clock_us};
+use crate::media::hub::{Broadcast, LadderWriter, wall_clock_us};
 use crate::media::{
     BroadcastConsumer, BroadcastProducer, Entry, Item, MemoSlot, TrackId, TrackInfo,
 };
@@ -43,9 +43,15 @@ pub(crate) fn encoded(e: &Entry) -> &Option<Bytes> {
     })
 }
 
-/// A group stream's opening: its header, then the current config of each source track (a config
-/// change inside a dropped group is not lost).
-pub(crate) fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Option<Bytes> {
+/// A group stream's opening: its header, then the current config of each track the flow sends
+/// (`ladder_only`: only the ladder's rungs; else every track that travels), so a config change
+/// inside a dropped group is not lost.
+pub(crate) fn group_opening(
+    id: SubscriptionId,
+    seq: u64,
+    bc: &Broadcast,
+    ladder_only: bool,
+) -> Option<Bytes> {
     let mut buf = BytesMut::with_capacity(64);
     let header = GroupHeader {
         subscription: id,
@@ -53,16 +59,30 @@ pub(crate) fn group_opening(id: SubscriptionId, seq: u64, bc: &Broadcast) -> Opt
     };
     wire::encode_group_header(&header, &mut buf).ok()?;
     for (track, info) in bc.tracks() {
-        if track.travels() {
+        if sends(track, ladder_only) {
             let _ = wire::encode_config_item(track, &info, &mut buf);
         }
     }
     Some(buf.freeze())
 }
 
-/// Where a fetched (or published) broadcast goes: the local hub.
+/// Whether a flow that sends `ladder_only` (only the ABR ladder's rungs, as a transcoder
+/// publishes them) or every track that travels sends `track`.
+pub(crate) fn sends(track: TrackId, ladder_only: bool) -> bool {
+    if ladder_only {
+        track.is_ladder()
+    } else {
+        track.travels()
+    }
+}
+
+/// Where a fetched (or published) broadcast goes: the local hub, as a broadcast of its own
+/// (`producer`), or as the ladder of a live one (`ladder`, a transcoder's publication).
 pub(crate) struct Sink {
     pub(crate) producer: Option<BroadcastProducer>,
+    pub(crate) ladder: Option<LadderWriter>,
+    /// The peer's ladder rungs are not written (a transcoder fetching a source makes its own).
+    skip_ladder: bool,
     /// The newest dts written per source track (a peer's frame of another id counts with the
     /// last): after a failover, frames the hub already has are skipped.
     last_dts: [i64; TrackId::SHARED_TRACKS as usize],
@@ -72,8 +92,21 @@ impl Sink {
     pub(crate) fn new(producer: Option<BroadcastProducer>) -> Self {
         Self {
             producer,
+            ladder: None,
+            skip_ladder: false,
             last_dts: [i64::MIN; TrackId::SHARED_TRACKS as usize],
         }
+    }
+
+    /// A sink that leaves the peer's ladder rungs out (they are made here).
+    pub(crate) fn without_ladder(mut self) -> Self {
+        self.skip_ladder = true;
+        self
+    }
+
+    /// Whether it writes anywhere yet.
+    pub(crate) fn is_ready(&self) -> bool {
+        self.producer.is_some() || self.ladder.is_some()
     }
 
     /// Writes the items `decoder` finds in `buf` into the hub; `backlog`: the frames are a
@@ -85,13 +118,21 @@ impl Sink {
         stats: &ClusterStats,
         backlog: bool,
     ) -> Result<(), wire::WireError> {
-        let Some(p) = self.producer.as_mut() else {
+        if !self.is_ready() {
             return Ok(());
-        };
+        }
         while let Some(ev) = decoder.decode(buf)? {
             match ev {
                 GroupEvent::Header(_) => {}
-                GroupEvent::Config { track, info } => p.set_track(track, *info),
+                GroupEvent::Config { track, .. } if self.skip_ladder && track.is_ladder() => {}
+                GroupEvent::Config { track, info } => {
+                    match (&mut self.producer, &mut self.ladder) {
+                        (Some(p), _) => p.set_track(track, *info),
+                        (None, Some(l)) => l.set_track(track, *info),
+                        (None, None) => {}
+                    }
+                }
+                GroupEvent::Frame(f) if self.skip_ladder && f.track.is_ladder() => {}
                 GroupEvent::Frame(f) => {
                     let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
                     if f.frame.dts <= self.last_dts[i] {
@@ -103,7 +144,11 @@ impl Sink {
                         let age = wall_clock_us().saturating_sub(ingest).max(0);
                         stats.latency.observe(Duration::from_micros(age as u64));
                     }
-                    p.push_at(f.track, f.frame, Some(ingest));
+                    match (&mut self.producer, &mut self.ladder) {
+                        (Some(p), _) => p.push_at(f.track, f.frame, Some(ingest)),
+                        (None, Some(l)) => l.push(f.track, f.frame, Some(ingest)),
+                        (None, None) => {}
+                    }
                 }
             }
         }
@@ -111,14 +156,18 @@ impl Sink {
     }
 }
 
-/// The tracks of a consumer's broadcast that travel ([`TrackId::travels`]: a node's own
-/// renditions are made on every node) and its metadata.
+/// The tracks of a consumer's broadcast that a flow sends ([`sends`]: a node's own renditions
+/// are made on every node) and its metadata.
 pub(crate) fn shared_tracks(
     consumer: &BroadcastConsumer,
+    ladder_only: bool,
 ) -> (Vec<(TrackId, TrackInfo)>, crate::media::Metadata) {
     let (tracks, metadata) = consumer.snapshot();
     (
-        tracks.into_iter().filter(|(t, _)| t.travels()).collect(),
+        tracks
+            .into_iter()
+            .filter(|(t, _)| sends(*t, ladder_only))
+            .collect(),
         metadata,
     )
 }

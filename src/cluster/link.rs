@@ -226,6 +226,9 @@ pub struct Link {
     publishing: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     next_id: AtomicU64,
     linger: Duration,
+    /// Fetched broadcasts keep their ABR ladder's rungs (not on a transcoder, which makes its
+    /// own).
+    keep_ladders: bool,
     /// Counters for `/metrics`.
     pub stats: Arc<ClusterStats>,
 }
@@ -337,6 +340,7 @@ impl Link {
             publishing: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             linger: cfg.linger,
+            keep_ladders: role != "transcoder",
             stats,
         });
         driver::spawn_client(link.clone(), client_socket, client, command_rx, &link.rt)?;
@@ -432,6 +436,25 @@ impl Link {
 
     /// Pushes local broadcast `name` upstream until it ends; follows upstream failures.
     async fn publish(self: Arc<Self>, name: String) {
+        self.publish_flow(name, false, None).await;
+    }
+
+    /// Publishes the ABR ladder this node makes of broadcast `name` (fetched from upstream) to
+    /// an upstream, which adds the rungs to its live broadcast: until `stop` turns true (then
+    /// the upstream lets go of the rungs at once) or the broadcast ends. Follows upstream
+    /// failures; an upstream that refuses (another node's ladder still attached there, the
+    /// broadcast not live there yet) is asked again every second.
+    pub(crate) async fn publish_ladder(self: Arc<Self>, name: String, stop: watch::Receiver<bool>) {
+        self.publish_flow(name, true, Some(stop)).await;
+    }
+
+    /// PUBLISH of `name` (only its ladder when `ladder_only`) until it ends or `stop`.
+    async fn publish_flow(
+        self: Arc<Self>,
+        name: String,
+        ladder_only: bool,
+        mut stop: Option<watch::Receiver<bool>>,
+    ) {
         let subscribe = || {
             self.hub
                 .subscribe_as(&name, crate::media::ConsumerKind::Internal)
@@ -441,7 +464,12 @@ impl Link {
         };
         self.stats.publications_out.fetch_add(1, Relaxed);
         let _guard = Gauge(&self.stats.publications_out);
+        let stopped =
+            |stop: &Option<watch::Receiver<bool>>| stop.as_ref().is_some_and(|s| *s.borrow());
         loop {
+            if stopped(&stop) {
+                return;
+            }
             let Some(peer) = self.upstream(&name).await else {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 if !consumer.broadcast().is_live() {
@@ -455,6 +483,7 @@ impl Link {
                 peer: peer.id,
                 id,
                 consumer,
+                ladder_only,
                 events,
             });
             if sent.is_err() {
@@ -463,11 +492,31 @@ impl Link {
             let answer = tokio::time::timeout(SUBSCRIBE_TIMEOUT, rx.recv()).await;
             match answer {
                 Ok(Some(FlowEvent::PublishOk)) => {
-                    info!(broadcast = %name, upstream = %peer.addr, "published upstream");
+                    let what = if ladder_only {
+                        "ABR ladder"
+                    } else {
+                        "broadcast"
+                    };
+                    info!(broadcast = %name, upstream = %peer.addr, "{what} published upstream");
                 }
                 Ok(Some(FlowEvent::PublishError { code, reason })) => {
                     warn!(broadcast = %name, upstream = %peer.addr, ?code, %reason, "upstream refused the broadcast");
-                    return;
+                    if !ladder_only {
+                        return;
+                    }
+                    // The flow ended on the refusal: its consumer comes back.
+                    consumer = match take_back(&mut rx, |ev| match ev {
+                        FlowEvent::OutEnded(c, _) => Some(c),
+                        _ => None,
+                    })
+                    .await
+                    .or_else(subscribe)
+                    {
+                        Some(c) => c,
+                        None => return,
+                    };
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
                 }
                 other => {
                     // No answer: this upstream is gone; the consumer comes back as the
@@ -493,15 +542,29 @@ impl Link {
                 }
             }
             let end = loop {
-                match rx.recv().await {
-                    Some(FlowEvent::OutEnded(c, end)) => break Some((c, end)),
-                    Some(_) => {}
-                    None => break None,
+                let stop_now = async {
+                    match stop.as_mut() {
+                        Some(s) => {
+                            let _ = s.wait_for(|v| *v).await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    ev = rx.recv() => match ev {
+                        Some(FlowEvent::OutEnded(c, end)) => break Some((c, end)),
+                        Some(_) => {}
+                        None => break None,
+                    },
+                    () = stop_now => {
+                        let _ = self.commands.send(Command::Unpublish { peer: peer.id, id });
+                        stop = None;
+                    }
                 }
             };
             match end {
                 Some((_, FlowEnd::Ended)) => {
-                    info!(broadcast = %name, "local broadcast ended; upstream told");
+                    info!(broadcast = %name, ladder_only, "publication ended; upstream told");
                     return;
                 }
                 Some((c, _)) => consumer = c,
@@ -596,7 +659,11 @@ impl Link {
         let _guard = Gauge(&self.stats.subscriptions_up);
         // The sink travels with the subscription (on the connecting driver) and comes back when
         // it ends: after a failover it keeps the hub's producer, so local players go on.
-        let mut sink = Some(Sink::new(None));
+        let new_sink = || match self.keep_ladders {
+            true => Sink::new(None),
+            false => Sink::new(None).without_ladder(),
+        };
+        let mut sink = Some(new_sink());
         let mut tries = 0;
         loop {
             let has_producer = sink.as_ref().is_some_and(|s| s.producer.is_some());
@@ -614,7 +681,7 @@ impl Link {
                 peer: peer.id,
                 id,
                 broadcast: name.clone(),
-                sink: sink.take().unwrap_or_else(|| Sink::new(None)),
+                sink: sink.take().unwrap_or_else(new_sink),
                 events,
             });
             if sent.is_err() {

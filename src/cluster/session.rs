@@ -224,6 +224,9 @@ struct OutFlow {
     blocked: bool,
     /// A publication waiting for PUBLISH_OK sends nothing yet.
     open: bool,
+    /// It sends only the ladder's rungs (a transcoder's publication): groups still open at the
+    /// source's keyframes, without the source's frames.
+    ladder_only: bool,
 }
 
 /// A flow this end receives.
@@ -521,12 +524,14 @@ impl Session {
     }
 
     /// Pushes `consumer`'s broadcast to the peer as flow `id` (PUBLISH); its groups go out
-    /// after PUBLISH_OK.
-    pub(crate) fn publish(&mut self, id: u64, consumer: BroadcastConsumer) {
-        let (tracks, metadata) = shared_tracks(&consumer);
+    /// after PUBLISH_OK. `ladder_only`: only its ABR ladder's rungs, which the peer adds to
+    /// its live broadcast of that name (a transcoder's publication).
+    pub(crate) fn publish(&mut self, id: u64, consumer: BroadcastConsumer, ladder_only: bool) {
+        let (tracks, metadata) = shared_tracks(&consumer, ladder_only);
         let broadcast = consumer.broadcast().name().to_owned();
-        self.outs
-            .insert(id, OutFlow::new(SubscriptionId(id), consumer, false));
+        let mut flow = OutFlow::new(SubscriptionId(id), consumer, false);
+        flow.ladder_only = ladder_only;
+        self.outs.insert(id, flow);
         self.send_control(&ControlMessage::Publish {
             id: SubscriptionId(id),
             broadcast,
@@ -548,7 +553,7 @@ impl Session {
         if !self.asked.remove(&id) {
             return Err(consumer);
         }
-        let (tracks, metadata) = shared_tracks(&consumer);
+        let (tracks, metadata) = shared_tracks(&consumer, false);
         self.send_control(&ControlMessage::SubscribeOk {
             id: SubscriptionId(id),
             tracks,
@@ -701,7 +706,8 @@ impl Session {
                     let _ = conn
                         .send_stream(s)
                         .set_priority(seq.min(i32::MAX as u64) as i32);
-                    let Some(opening) = group_opening(flow.id, seq, flow.consumer.broadcast())
+                    let Some(opening) =
+                        group_opening(flow.id, seq, flow.consumer.broadcast(), flow.ladder_only)
                     else {
                         let _ = conn
                             .send_stream(s)
@@ -727,6 +733,11 @@ impl Session {
                     (encoding, payload)
                 }
             };
+            if flow.ladder_only && !entry_track(&e).is_ladder() {
+                // A source entry of a ladder-only flow: it opened the group, if it did; its
+                // bytes stay here.
+                continue;
+            }
             flow.pending[1] = encoding;
             flow.pending[2] = payload;
         };
@@ -761,6 +772,16 @@ impl Session {
             self.pump(id);
         }
         self.scratch = unblocked;
+    }
+
+    /// Ends publication `id` before its broadcast ends (ENDED; the peer lets go of what it
+    /// wrote); its consumer comes back in [`SessionEvent::OutEnded`].
+    pub(crate) fn unpublish(&mut self, id: u64) {
+        if let Some(flow) = self.outs.get(&id) {
+            let sid = flow.id;
+            self.drop_out(id, FlowEnd::Ended);
+            self.send_control(&ControlMessage::Ended { id: sid });
+        }
     }
 
     /// Ends flow `id` that this end sends, its groups reset; its consumer comes back in
@@ -1423,6 +1444,16 @@ impl OutFlow {
             pending: Default::default(),
             blocked: false,
             open,
+            ladder_only: false,
+        }
+    }
+}
+
+/// The track an entry belongs to.
+fn entry_track(e: &Entry) -> TrackId {
+    match &e.item {
+        crate::media::Item::Config { track, .. } | crate::media::Item::Frame { track, .. } => {
+            *track
         }
     }
 }

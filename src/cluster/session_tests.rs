@@ -477,7 +477,7 @@ fn a_publication_from_the_client_lands_in_the_servers_hub() {
     net.connect();
     let mut p = broadcast(&net.client.hub, "live/up");
     let consumer = net.client.hub.subscribe("live/up").unwrap();
-    net.client.session().publish(3, consumer);
+    net.client.session().publish(3, consumer, false);
     net.run(Duration::from_millis(50));
     assert!(net.server.seen.contains(&Seen::Publish(3)));
     assert!(net.client.seen.contains(&Seen::PublishOk(3)));
@@ -557,7 +557,7 @@ fn a_stalled_group_is_dropped_when_a_newer_one_waits() {
     // in the middle of a frame, the second is whole.
     let p = broadcast(&net.client.hub, "live/s");
     let consumer = net.client.hub.subscribe("live/s").unwrap();
-    net.client.session().publish(9, consumer);
+    net.client.session().publish(9, consumer, false);
     net.run(Duration::from_millis(50));
     assert!(net.client.seen.contains(&Seen::PublishOk(9)));
     let group = |seq: u64, ms: i64, cut: usize| {
@@ -596,7 +596,7 @@ fn a_peer_that_stops_answering_gives_every_flow_back() {
         .session()
         .subscribe(1, "live/d", Sink::new(None), net.now);
     let consumer = net.client.hub.subscribe("live/u").unwrap();
-    net.client.session().publish(2, consumer);
+    net.client.session().publish(2, consumer, false);
     net.run(Duration::from_millis(50));
     gop(&mut p, 0, 5_000);
     gop(&mut up, 0, 5_000);

@@ -229,6 +229,21 @@ pub(crate) fn render(ctx: &crate::node::NodeContext) -> String {
         ],
     );
     metric(
+        "castnode_abr_ladders",
+        "gauge",
+        "ABR ladders this node makes (--ladder on standalone; a transcoder's, one per job).",
+        &[(
+            String::new(),
+            ctx.ladders.as_ref().map_or(0, |l| l.running()) as f64,
+        )],
+    );
+    metric(
+        "castnode_transcode_jobs",
+        "gauge",
+        "Transcode jobs this transcoder holds (running or waiting for their broadcast).",
+        &[(String::new(), ctx.jobs.names().len() as f64)],
+    );
+    metric(
         "castnode_bytes_in_total",
         "counter",
         "Media payload bytes received.",

@@ -339,6 +339,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             frames_skipped: 0,
+            ladder_from: None,
         };
         let page = render(&facts("localhost"), "h:1", &[b]);
         assert!(page.contains("live/&lt;x&gt;") && !page.contains("<x>"));
@@ -379,6 +380,7 @@ mod tests {
             bytes_in: 0,
             bytes_out: 0,
             frames_skipped: 0,
+            ladder_from: None,
         };
         let page = render(&facts("localhost"), "h:1", std::slice::from_ref(&b));
         // The source's track alone among the tracks; the rungs by name, size and bitrate.

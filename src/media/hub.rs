@@ -315,8 +315,11 @@ struct State {
     /// The ingest time of the item being appended, when it came from another node.
     ingest_us: Option<i64>,
     /// The node whose transcoder publishes the broadcast's ABR ladder here over the cluster
-    /// link, while it does.
+    /// link, while it does ([`LadderWriter`]).
     ladder_from: Option<Arc<str>>,
+    /// The rungs an earlier [`LadderWriter`] wrote: name, track id and last dts, so that the
+    /// next writer (a transcoder taking over) continues each rung on its id.
+    rung_history: Vec<(Arc<str>, TrackId, i64)>,
 }
 
 /// Wall clock, microseconds since the UNIX epoch.
@@ -503,6 +506,7 @@ impl Broadcast {
                 needs_keyframe: false,
                 ingest_us: None,
                 ladder_from: None,
+                rung_history: Vec::new(),
             }),
             notify: watch::channel(()).0,
             stats: BroadcastStats::default(),
@@ -573,6 +577,7 @@ impl Broadcast {
             bytes_in: self.stats.bytes_in.load(Relaxed),
             bytes_out: self.stats.bytes_out.load(Relaxed),
             frames_skipped: self.stats.frames_skipped.load(Relaxed),
+            ladder_from: st.ladder_from.as_deref().map(str::to_owned),
         }
     }
 
@@ -621,6 +626,7 @@ impl Broadcast {
 
     /// The node whose transcoder publishes the ladder here over the cluster link, while one
     /// does (on the origin of a cluster with transcoder nodes).
+    #[allow(dead_code)] // read by the load reports to the stream manager (in progress)
     pub(crate) fn ladder_from(&self) -> Option<Arc<str>> {
         self.lock().ladder_from.clone()
     }
@@ -677,6 +683,9 @@ pub(crate) struct BroadcastInfo {
     pub(crate) bytes_out: u64,
     /// Frames skipped by slow players.
     pub(crate) frames_skipped: u64,
+    /// The transcoder node whose ladder `renditions` are, when another node makes them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ladder_from: Option<String>,
 }
 
 /// JSON view of a track.
@@ -1079,9 +1088,177 @@ impl RenditionProducer {
 
     /// Appends a frame whose times are on the broadcast's timeline.
     pub(crate) fn push(&mut self, frame: Frame) {
-        self.bc
-            .lock()
-            .push_frame(self.track, frame, self.video, &self.hub.inner.cfg);
+        self.push_at(frame, None);
+    }
+
+    /// [`RenditionProducer::push`] of a frame made on another node, stamped with its ingest time
+    /// there (`None`: now).
+    fn push_at(&mut self, frame: Frame, ingest_us: Option<i64>) {
+        let mut st = self.bc.lock();
+        st.ingest_us = ingest_us;
+        st.push_frame(self.track, frame, self.video, &self.hub.inner.cfg);
+        drop(st);
+        self.bc.notify.send_replace(());
+    }
+}
+
+/// Why a [`LadderWriter`] was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum LadderError {
+    /// No live broadcast of that name.
+    #[error("broadcast {0} is not live here")]
+    NotLive(String),
+    /// Another node's ladder is attached, or this node makes the ladder itself.
+    #[error("broadcast {0} has a ladder already (from {1})")]
+    Taken(String, Arc<str>),
+}
+
+/// Writes the ABR ladder another node (a transcoder) makes of a live broadcast into it: each
+/// rung the writer is told of becomes a ladder track of the broadcast ([`TrackId::is_ladder`]).
+///
+/// Guarantees: one writer per broadcast at a time ([`Hub::ladder_writer`]); its rungs are
+/// withdrawn when it drops. A rung that an earlier writer wrote (a transcoder that died, and the
+/// one that took its job over) continues on the same track id, from a keyframe later than the
+/// last frame written there: players of the rung, here and on every node fetching from here,
+/// see a gap and then a picture they can decode, never a frame from the past.
+pub(crate) struct LadderWriter {
+    hub: Hub,
+    bc: Arc<Broadcast>,
+    /// Per track id of the writer's peer: the rung's producer, the dts its next frame must pass
+    /// (set when continuing an earlier writer's rung, until a keyframe past it), its name and
+    /// the last dts written.
+    rungs: Vec<Option<Rung>>,
+}
+
+struct Rung {
+    producer: RenditionProducer,
+    name: Arc<str>,
+    resume_after: Option<i64>,
+    last_dts: i64,
+}
+
+impl Hub {
+    /// A writer of live broadcast `name`'s ladder, made on node `from`.
+    pub(crate) fn ladder_writer(
+        &self,
+        name: &str,
+        from: &str,
+    ) -> Result<LadderWriter, LadderError> {
+        let bc = self
+            .map()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LadderError::NotLive(name.to_owned()))?;
+        let mut st = bc.lock();
+        if !matches!(st.publisher, Publisher::Live(_)) {
+            return Err(LadderError::NotLive(name.to_owned()));
+        }
+        if let Some(other) = &st.ladder_from {
+            return Err(LadderError::Taken(name.to_owned(), other.clone()));
+        }
+        if st.tracks.iter().flatten().any(|t| t.rendition.is_some()) {
+            return Err(LadderError::Taken(name.to_owned(), "this node".into()));
+        }
+        st.ladder_from = Some(from.into());
+        drop(st);
+        Ok(LadderWriter {
+            hub: self.clone(),
+            bc,
+            rungs: Vec::new(),
+        })
+    }
+}
+
+impl LadderWriter {
+    /// The writer's track `track` is (now) described by `info`; ignored unless it names a rung
+    /// (`info.rendition`), or when every ladder id is taken.
+    pub(crate) fn set_track(&mut self, track: TrackId, info: TrackInfo) {
+        let Some(name) = info.rendition.as_deref().map(Arc::<str>::from) else {
+            return;
+        };
+        let i = usize::from(track.0);
+        if self.rungs.len() <= i {
+            self.rungs.resize_with(i + 1, || None);
+        }
+        if let Some(r) = &mut self.rungs[i]
+            && r.name == name
+        {
+            r.producer.set_info(info);
+            return;
+        }
+        self.rungs[i] = None;
+        let mut st = self.bc.lock();
+        // The id this rung had under an earlier writer, when nothing took it since.
+        let earlier = st
+            .rung_history
+            .iter()
+            .position(|(n, id, _)| {
+                *n == name && st.tracks.get(usize::from(id.0)).is_none_or(Option::is_none)
+            })
+            .map(|pos| st.rung_history.remove(pos));
+        let (id, resume_after) = match earlier {
+            Some((_, id, last)) => {
+                st.retired.retain(|(t, _)| *t != id);
+                (Some(id), Some(last))
+            }
+            None => (st.rendition_slot(true), None),
+        };
+        let Some(id) = id else { return };
+        let video = info.codec.kind() == TrackKind::Video;
+        st.declare_track(id, info, &self.hub.inner.cfg);
+        drop(st);
+        self.bc.notify.send_replace(());
+        self.rungs[i] = Some(Rung {
+            producer: RenditionProducer {
+                hub: self.hub.clone(),
+                bc: self.bc.clone(),
+                track: id,
+                video,
+            },
+            name,
+            resume_after,
+            last_dts: i64::MIN,
+        });
+    }
+
+    /// A frame of the writer's track `track`, made at `ingest_us` (wall clock) where the source
+    /// entered the cluster; dropped when the track names no rung, or while a continued rung
+    /// waits for its keyframe.
+    pub(crate) fn push(&mut self, track: TrackId, frame: Frame, ingest_us: Option<i64>) {
+        let Some(Some(r)) = self.rungs.get_mut(usize::from(track.0)) else {
+            return;
+        };
+        if let Some(after) = r.resume_after {
+            if !frame.keyframe || frame.dts <= after {
+                return;
+            }
+            r.resume_after = None;
+        }
+        r.last_dts = frame.dts;
+        r.producer.push_at(frame, ingest_us);
+    }
+}
+
+impl Drop for LadderWriter {
+    fn drop(&mut self) {
+        let rungs = std::mem::take(&mut self.rungs);
+        let mut history = Vec::new();
+        for r in rungs.into_iter().flatten() {
+            let last = match r.resume_after {
+                // Nothing written since it was continued: the earlier writer's last frame.
+                Some(after) => after.max(r.last_dts),
+                None => r.last_dts,
+            };
+            history.push((r.name, r.producer.track, last));
+            drop(r.producer);
+        }
+        let mut st = self.bc.lock();
+        st.ladder_from = None;
+        for h in history {
+            st.rung_history.retain(|(n, _, _)| *n != h.0);
+            st.rung_history.push(h);
+        }
+        drop(st);
         self.bc.notify.send_replace(());
     }
 }
@@ -1358,6 +1535,77 @@ mod tests {
             bc.track(TrackId(3)).unwrap().rendition.as_deref(),
             Some("r1")
         );
+    }
+
+    /// A transcoder's ladder written into a live broadcast: one writer at a time, its rungs
+    /// withdrawn when it goes, and the next writer's rungs continue on the same ids from a
+    /// keyframe past the last frame written there.
+    #[test]
+    fn a_ladder_writer_hands_its_rungs_to_the_next_one_on_the_same_ids() {
+        let hub = Hub::default();
+        assert!(matches!(
+            hub.ladder_writer("live/w", "t1"),
+            Err(LadderError::NotLive(_))
+        ));
+        let mut p = hub.publish("live/w", Instant::now()).unwrap();
+        p.set_track(TrackId(0), video());
+        let bc = p.broadcast().clone();
+        let rung = |name: &str| TrackInfo {
+            rendition: Some(name.into()),
+            ..video()
+        };
+        let mut c = hub.subscribe("live/w").unwrap();
+        let mut w1 = hub.ladder_writer("live/w", "t1").unwrap();
+        assert_eq!(bc.ladder_from().as_deref(), Some("t1"));
+        assert!(matches!(
+            hub.ladder_writer("live/w", "t2"),
+            Err(LadderError::Taken(_, from)) if &*from == "t1"
+        ));
+        // The writer's ids are its peer's; the broadcast's are the first ladder ids.
+        w1.set_track(TrackId(5), rung("360p"));
+        w1.set_track(TrackId(6), rung("240p"));
+        w1.set_track(TrackId(7), video()); // names no rung: ignored
+        let ids: Vec<(u8, String)> = bc
+            .renditions()
+            .into_iter()
+            .map(|(id, t)| (id.0, t.rendition.unwrap().to_string()))
+            .collect();
+        assert_eq!(ids, [(2, "360p".into()), (3, "240p".into())]);
+        p.push(TrackId(0), frame(0, true));
+        w1.push(TrackId(5), frame(0, true), None);
+        w1.push(TrackId(5), frame(33, false), None);
+        w1.push(TrackId(7), frame(33, false), None);
+        drop(w1);
+        assert_eq!(bc.ladder_from(), None);
+        assert!(bc.renditions().is_empty());
+
+        // The next transcoder starts from an older keyframe (its fetch's first group).
+        let mut w2 = hub.ladder_writer("live/w", "t2").unwrap();
+        w2.set_track(TrackId(2), rung("240p"));
+        w2.set_track(TrackId(3), rung("360p"));
+        let mut ids: Vec<(u8, String)> = bc
+            .renditions()
+            .into_iter()
+            .map(|(id, t)| (id.0, t.rendition.unwrap().to_string()))
+            .collect();
+        ids.sort();
+        assert_eq!(ids, [(2, "360p".into()), (3, "240p".into())]);
+        w2.push(TrackId(3), frame(0, true), None); // in the past
+        w2.push(TrackId(3), frame(66, false), None); // not a keyframe
+        w2.push(TrackId(3), frame(100, true), None);
+        w2.push(TrackId(3), frame(133, false), None);
+        let mut out = Vec::new();
+        c.read(&mut out, 100);
+        let rung_frames: Vec<(u8, i64)> = out
+            .iter()
+            .filter_map(|e| match &e.item {
+                Item::Frame { track, frame } if track.is_ladder() => {
+                    Some((track.0, frame.dts / 1000))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rung_frames, [(2, 0), (2, 33), (2, 100), (2, 133)]);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The media-node roles: `castnode standalone` (RTMP and WHIP ingest; RTMP, HTTP-FLV and WHEP
 //! playback; API and metrics, in one process), `origin` (the same, serving other nodes over the
 //! cluster link), `relay` (cluster link in and out, plus health and metrics) and `edge`
-//! (playback of broadcasts fetched from upstream on demand). Each only wires modules together.
+//! (playback of broadcasts fetched from upstream on demand) and `transcoder` (ABR ladders of
+//! broadcasts fetched from upstream, published back as their rungs: [`crate::transcode::Jobs`]).
+//! Each only wires modules together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +21,8 @@ use crate::webrtc::driver::Webrtc;
 /// Binds the listeners `role` needs, prints where to publish and play, and serves until
 /// SIGINT/SIGTERM.
 pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
-    let relay = role == "relay";
+    // Roles without players or publishers of their own: no RTMP, no WebRTC.
+    let relay = matches!(role, "relay" | "transcoder");
     let rtmp = match relay {
         true => None,
         false => Some(
@@ -77,7 +80,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     let manager_token = embedded
         .as_ref()
         .map_or_else(|| cluster.token.clone(), |(_, t)| t.clone());
-    let fetches = matches!(role, "relay" | "edge");
+    let fetches = matches!(role, "relay" | "edge" | "transcoder");
     let linked =
         cluster.listen.is_some() || !cluster.upstream.is_empty() || (manager.is_some() && fetches);
     let link = if linked {
@@ -141,7 +144,24 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             ctx.clone(),
         ));
     }
-    if role == "relay" || role == "edge" {
+    if role == "transcoder" {
+        let jobs = ctx.cfg.jobs.clone();
+        let ladder = ctx.ladders.as_ref().map_or(0, |l| l.rungs());
+        println!("castnode transcoder {} is running.", cluster.node_id);
+        println!("  ABR ladder: up to {ladder} rungs, none above the source (--ladder)");
+        if jobs.is_empty() {
+            println!("  Jobs: given by the stream manager");
+        } else {
+            println!("  Jobs: {} (--jobs)", jobs.join(", "));
+        }
+        println!(
+            "  Upstream (fetches sources, takes the ladders): {}",
+            cluster.upstream.join(", ")
+        );
+        println!("  Metrics:    http://{host}:{http_port}/metrics");
+        let ctx2 = ctx.clone();
+        tokio::spawn(async move { ctx2.jobs.set(&ctx2, &jobs) });
+    } else if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
         if ctx.cfg.manager.url.is_some() {
             println!(

@@ -3,6 +3,8 @@
 //! here is killed when its guard drops.
 #![allow(dead_code)] // Each test file uses a different part of the harness.
 
+pub mod probe;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
