@@ -24,7 +24,7 @@ use crate::ffmpeg::ladder::{LadderEncoder, LadderEvent};
 use crate::ffmpeg::log::Scope;
 use crate::ffmpeg::video::Reencoder;
 use crate::ladder::Ladder;
-use crate::media::hub::Broadcast;
+use crate::media::hub::{Broadcast, wall_clock_us};
 use crate::media::{
     AudioInfo, BroadcastConsumer, Codec, ConsumerKind, Entry, Hub, Item, ReadOutcome, TrackId,
     TrackInfo,
@@ -473,6 +473,12 @@ impl Ladders {
     }
 }
 
+/// How far before a ladder's start a source frame may have been ingested and still count as
+/// live (the ladder encodes from the first such frame).
+const LIVE_SLACK_US: i64 = 300_000;
+/// After this long, a ladder encodes whatever comes, whatever its ingest stamp says.
+const LIVE_WAIT: Duration = Duration::from_secs(3);
+
 /// A ladder's thread: reads the broadcast's source video, writes its rungs, until it ends or
 /// `stop`.
 fn run_ladder(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder, stop: Arc<AtomicBool>) {
@@ -507,6 +513,13 @@ async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder, stop: Arc<Ato
         }
     };
     info!(broadcast = %name, rungs, "ABR ladder started");
+    // Join at the live edge: frames ingested before the ladder started (the group a new
+    // subscription starts with, up to a GOP old) are decoded but not encoded; the first frame
+    // ingested since is, as an IDR. With clocks that disagree by more than the slack, whatever
+    // comes after LIVE_WAIT counts as live.
+    let started = (std::time::Instant::now(), wall_clock_us());
+    let mut live = false;
+    encoder.encode_from(i64::MAX);
     let mut source = SourceVideo::new(source_track, &source);
     let mut producers: Vec<Option<crate::media::hub::RenditionProducer>> = Vec::new();
     let mut entries = Vec::with_capacity(64);
@@ -516,6 +529,12 @@ async fn ladder_loop(hub: Hub, bc: Arc<Broadcast>, ladder: Ladder, stop: Arc<Ato
             let Some(frame) = source.frame(&e) else {
                 continue;
             };
+            if !live
+                && (e.ingest_us >= started.1 - LIVE_SLACK_US || started.0.elapsed() >= LIVE_WAIT)
+            {
+                live = true;
+                encoder.encode_from(frame.pts);
+            }
             let r = {
                 let _scope = Scope::enter(&name);
                 encoder.push(frame, source.config(), &mut out)

@@ -212,6 +212,18 @@ fn answer(
             tracks,
             ..
         } => {
+            if tracks.iter().all(|(t, _)| t.is_ladder()) {
+                // A transcoder's ladder, as the driver takes it (`driver.rs`).
+                let mut ladder = hub.ladder_writer(&broadcast, "peer").expect("live");
+                for (t, info) in tracks {
+                    ladder.set_track(t, info);
+                }
+                if let Some(sink) = s.sink_mut(id) {
+                    sink.ladder = Some(ladder);
+                }
+                s.feed(id, None, now);
+                return Seen::Publish(id);
+            }
             let mut p = hub.publish(&broadcast, now).expect("publish");
             for (t, info) in tracks {
                 p.set_track(t, info);
@@ -488,6 +500,82 @@ fn a_publication_from_the_client_lands_in_the_servers_hub() {
     }
     assert_eq!(net.server.read(), pushed);
     assert!(net.server.hub.subscribe("live/up").is_some());
+}
+
+/// A transcoder's publication: only the ladder's rungs go, and they join the server's live
+/// broadcast of that name (the server's own source untouched); unpublishing withdraws them.
+#[test]
+fn a_ladder_publication_adds_its_rungs_to_the_servers_live_broadcast() {
+    let mut net = Net::new("secret", "secret");
+    net.connect();
+    let mut origin = broadcast(&net.server.hub, "live/abr");
+    net.server
+        .readers
+        .extend(net.server.hub.subscribe("live/abr"));
+    // The transcoder's copy of the source, with two rungs made there.
+    let mut copy = broadcast(&net.client.hub, "live/abr");
+    let bc = copy.broadcast().clone();
+    let rung = |name: &str| TrackInfo {
+        rendition: Some(name.into()),
+        ..track(Codec::H264)
+    };
+    let mut r360 = bc
+        .add_ladder_rendition(&net.client.hub, rung("360p"))
+        .unwrap();
+    let mut r240 = bc
+        .add_ladder_rendition(&net.client.hub, rung("240p"))
+        .unwrap();
+    let consumer = net.client.hub.subscribe("live/abr").unwrap();
+    net.client.session().publish(4, consumer, true);
+    net.run(Duration::from_millis(50));
+    assert!(net.server.seen.contains(&Seen::Publish(4)));
+    assert!(net.client.seen.contains(&Seen::PublishOk(4)));
+    let server_bc = net
+        .server
+        .hub
+        .subscribe("live/abr")
+        .unwrap()
+        .broadcast()
+        .clone();
+    assert_eq!(server_bc.ladder_from().as_deref(), Some("peer"));
+    let mut want = Vec::new();
+    for g in 0..2 {
+        let ms = g * 330;
+        want.extend(gop(&mut origin, ms, 5_000));
+        // The transcoder's source copy goes nowhere; its rungs follow it, keyframe first.
+        gop(&mut copy, ms, 5_000);
+        for i in 0..10 {
+            r360.push(frame(ms + i * 33, i == 0, 300));
+            r240.push(frame(ms + i * 33, i == 0, 200));
+            want.push((2, ms + i * 33));
+            want.push((3, ms + i * 33));
+        }
+        net.run(Duration::from_millis(330));
+    }
+    let mut got = net.server.read();
+    got.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    let names: Vec<Option<String>> = server_bc
+        .renditions()
+        .iter()
+        .map(|(_, t)| t.rendition.as_deref().map(str::to_owned))
+        .collect();
+    assert_eq!(names, [Some("360p".into()), Some("240p".into())]);
+
+    net.client.session().unpublish(4);
+    net.run(Duration::from_millis(50));
+    assert!(net.client.seen.contains(&Seen::OutEnded(4, FlowEnd::Ended)));
+    assert!(
+        net.server
+            .seen
+            .contains(&Seen::InEnded(4, FlowEnd::Ended, false))
+    );
+    // The driver drops an ended publication's sink; so does this test.
+    net.server.sinks.clear();
+    assert!(server_bc.renditions().is_empty());
+    assert_eq!(server_bc.ladder_from(), None);
+    assert!(server_bc.is_live(), "the source goes on");
 }
 
 #[test]

@@ -7,8 +7,8 @@
 //!
 //! Guarantees:
 //! - Keyframes line up: the encoder decides once per decoded picture whether it is a keyframe
-//!   (the source's keyframe, or [`MAX_GOP_US`] since the last one, or a timestamp that went
-//!   back) and forces an IDR for that picture in every rung; the encoders never place one of
+//!   (the source's keyframe, the first picture it encodes, or [`MAX_GOP_US`] since the last one,
+//!   or a timestamp that went back) and forces an IDR for that picture in every rung; the encoders never place one of
 //!   their own (`keyint=infinite`, `scenecut=0`), and a rung with a lower frame rate never drops
 //!   a keyframe. So every rendition has its IDRs at the same source timestamps, and a player can
 //!   switch at any of them.
@@ -447,6 +447,8 @@ struct Rungs {
     rungs: Vec<RungEncoder>,
     /// The pts of the last keyframe forced in every rung.
     last_key: Option<i64>,
+    /// Pictures before this pts are decoded (later ones refer to them) but not encoded.
+    encode_from: i64,
 }
 
 impl Rungs {
@@ -466,6 +468,9 @@ impl Rungs {
             }
         }
         let pts = picture.pts().unwrap_or_default();
+        if pts < self.encode_from {
+            return Ok(());
+        }
         let key = picture.is_key()
             || self
                 .last_key
@@ -508,6 +513,7 @@ impl LadderEncoder {
                 open,
                 rungs: Vec::new(),
                 last_key: None,
+                encode_from: i64::MIN,
             },
         })
     }
@@ -535,6 +541,14 @@ impl LadderEncoder {
         let rungs = &mut self.rungs;
         self.decoder
             .push(frame, avcc, |picture| rungs.picture(picture, out))
+    }
+
+    /// Encodes only the pictures from `pts` on (those before are still decoded): a ladder that
+    /// starts on a broadcast already running joins at its live edge, not a group behind it. The
+    /// first picture encoded is an IDR in every rung; the following ones fall on the source's
+    /// keyframes again.
+    pub fn encode_from(&mut self, pts: i64) {
+        self.rungs.encode_from = pts;
     }
 
     /// Ends the source: the pictures still held for reordering are encoded and every encoder
@@ -626,6 +640,49 @@ mod tests {
             .collect();
         k.sort_unstable();
         k
+    }
+
+    /// A ladder that joins a running source mid-GOP (a transcoder taking a job over) encodes
+    /// from there, starting with an IDR in every rung, and is back on the source's keyframes
+    /// from the next one.
+    #[test]
+    fn a_ladder_joining_mid_gop_starts_with_an_idr_there() {
+        let src = source(640, 360, 60, 20);
+        let mut sorted: Vec<i64> = src.frames.iter().map(|f| f.pts).collect();
+        sorted.sort_unstable();
+        let join = sorted[25]; // between the source's IDRs at frames 20 and 40
+        let ladder = Ladder::new(
+            "test",
+            vec![
+                Rung::new("360p", 360, None, 800, Profile::High),
+                Rung::new("180p", 180, None, 200, Profile::Baseline),
+            ],
+        )
+        .unwrap();
+        let mut enc = LadderEncoder::new(ladder, Some(30.0)).unwrap();
+        enc.encode_from(join);
+        let mut out = Vec::new();
+        for f in &src.frames {
+            enc.push(f, Some(&src.avcc), &mut out).unwrap();
+        }
+        enc.flush(&mut out).unwrap();
+        for rung in 0..2 {
+            let frames: Vec<&Frame> = out
+                .iter()
+                .filter_map(|e| match e {
+                    LadderEvent::Frame { rung: r, frame } if *r == rung => Some(frame),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(frames.len(), 60 - 25, "rung {rung}");
+            assert_eq!(frames[0].pts, join, "rung {rung}");
+            let keys: Vec<i64> = frames
+                .iter()
+                .filter(|f| f.keyframe)
+                .map(|f| f.pts)
+                .collect();
+            assert_eq!(keys, [join, sorted[40]], "rung {rung}");
+        }
     }
 
     #[test]
