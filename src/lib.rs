@@ -117,11 +117,16 @@
 //!   the hub through the sans-IO [`webrtc::ingest`].
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
-//!   H.264), written back into the hub as extra tracks.
+//!   H.264), written back into the hub as extra tracks; the ABR ladders a node makes
+//!   (`transcode::Ladders`: standalone's, one per broadcast published there) and a transcoder's
+//!   jobs (`transcode::Jobs`: a broadcast fetched over the cluster link, its ladder made, the
+//!   rungs published back to the origin, where the hub's `LadderWriter` adds them to the
+//!   broadcast).
 //! - [`ladder`], [`ffmpeg::ladder`]: ABR ladders (the built-in default and the configuration's
 //!   named ones, checked before the node binds; how a ladder fits a source, never upscaling) and
 //!   the ladder encoder (decode once, scale and encode once per rung, IDRs at the same source
-//!   timestamps in every rung). Not wired into a role yet.
+//!   timestamps in every rung; a ladder that starts on a running broadcast joins at its live
+//!   edge).
 //! - [`cluster`]: the node-to-node link over QUIC: the sans-IO [`cluster::wire`] codec; the
 //!   sans-IO `cluster::session` (one connection's protocol, either end, over quinn-proto's
 //!   connection; tested with two endpoints in memory) with its group policy
@@ -132,9 +137,8 @@
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and web console, the reporter every node runs and its UDP heartbeats; the
 //!   SQLite store (tokens, regions, node groups), the autoscaler and the provisioners.
-//! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`) in
-//!   [`role::standalone`], the stream manager in [`role::manager`]; transcoder and mixer are not
-//!   built yet.
+//! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`, `transcoder`) in
+//!   [`role::standalone`], the stream manager in [`role::manager`]; the mixer is not built yet.
 //!
 //! # The sans-IO contract
 //!

@@ -18,7 +18,7 @@ pub struct NodeContext {
     /// On-demand transcoders.
     pub(crate) transcoders: crate::transcode::Transcoders,
     /// The ABR ladders this node makes itself (`--ladder`), when it has one.
-    pub ladders: Option<crate::transcode::Ladders>,
+    pub ladders: Option<Arc<crate::transcode::Ladders>>,
     /// A transcoder's jobs (the ladders it makes of broadcasts fetched from upstream).
     pub(crate) jobs: crate::transcode::Jobs,
     /// Per-broadcast WebRTC figures.
@@ -40,7 +40,10 @@ impl NodeContext {
             ..HubConfig::default()
         });
         let pacer = crate::media::pace::Pacer::new(cfg.write_budget, cfg.player_batch);
-        let ladders = cfg.ladder.clone().map(crate::transcode::Ladders::new);
+        let ladders = cfg
+            .ladder
+            .clone()
+            .map(|l| Arc::new(crate::transcode::Ladders::new(l)));
         Arc::new(Self {
             ladders,
             hub,

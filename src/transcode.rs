@@ -29,7 +29,6 @@ use crate::media::{
     AudioInfo, BroadcastConsumer, Codec, ConsumerKind, Entry, Hub, Item, ReadOutcome, TrackId,
     TrackInfo,
 };
-use crate::node::NodeContext;
 
 /// A running transcoder; dropping the last handle stops it.
 pub(crate) struct Rendition {
@@ -613,10 +612,14 @@ impl Default for Jobs {
 impl Jobs {
     /// Runs exactly the jobs in `wanted` (broadcast names): starts the new ones, stops those
     /// no longer wanted.
-    pub(crate) fn set(&self, ctx: &Arc<NodeContext>, wanted: &[String]) {
-        let (Some(link), Some(_)) = (ctx.link.get(), ctx.ladders.as_ref()) else {
-            return;
-        };
+    /// Jobs fetch through `link` into `hub` and make their ladders with `ladders`.
+    pub(crate) fn set(
+        &self,
+        hub: &Hub,
+        link: &Arc<Link>,
+        ladders: &Arc<Ladders>,
+        wanted: &[String],
+    ) {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running.retain(|name, job| wanted.contains(name) && !job.task.is_finished());
         for name in wanted {
@@ -624,7 +627,13 @@ impl Jobs {
                 continue;
             }
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let task = tokio::spawn(run_job(ctx.clone(), link.clone(), name.clone(), stopped));
+            let task = tokio::spawn(run_job(
+                hub.clone(),
+                link.clone(),
+                ladders.clone(),
+                name.clone(),
+                stopped,
+            ));
             info!(broadcast = %name, "transcode job taken");
             running.insert(name.clone(), Job { task, stop });
         }
@@ -641,14 +650,12 @@ impl Jobs {
 
 /// One job, until `stop`.
 async fn run_job(
-    ctx: Arc<NodeContext>,
+    hub: Hub,
     link: Arc<Link>,
+    ladders: Arc<Ladders>,
     name: String,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let Some(ladders) = ctx.ladders.as_ref() else {
-        return;
-    };
     while !*stop.borrow() {
         let Some(mut consumer) = link.subscribe(&name).await else {
             // Not live upstream (yet): ask again soon.
@@ -657,7 +664,7 @@ async fn run_job(
         };
         consumer.set_kind(ConsumerKind::Internal);
         let bc = consumer.broadcast().clone();
-        ladders.start(&ctx.hub, &bc);
+        ladders.start(&hub, &bc);
         // The rungs are declared from the first decoded picture; publish once they are.
         let mut changes = bc.watch();
         while bc.renditions().is_empty() && bc.is_live() && !*stop.borrow() {

@@ -159,8 +159,9 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
             cluster.upstream.join(", ")
         );
         println!("  Metrics:    http://{host}:{http_port}/metrics");
-        let ctx2 = ctx.clone();
-        tokio::spawn(async move { ctx2.jobs.set(&ctx2, &jobs) });
+        if let (Some(link), Some(ladders)) = (ctx.link.get(), ctx.ladders.as_ref()) {
+            ctx.jobs.set(&ctx.hub, link, ladders, &jobs);
+        }
     } else if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
         if ctx.cfg.manager.url.is_some() {
