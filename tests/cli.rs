@@ -20,11 +20,27 @@ fn castnode(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 #[test]
 fn roles_not_built_yet_exit_2() {
-    for role in ["transcoder", "mixer"] {
-        let (code, _, err) = castnode(&[role], &[]);
-        assert_eq!(code, 2, "{role}: {err}");
-        assert!(err.contains("not built yet"), "{role}: {err}");
-    }
+    let (code, _, err) = castnode(&["mixer"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("not built yet"), "{err}");
+}
+
+#[test]
+fn a_transcoder_needs_an_upstream_and_jobs_are_a_transcoders() {
+    let token = "0123456789abcdef";
+    let (code, _, err) = castnode(&["transcoder", "--cluster-token", token], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("upstream"), "{err}");
+    let up = ["--upstream", "127.0.0.1:4443", "--cluster-token", token];
+    let (code, _, err) = castnode(&[&["edge"][..], &up, &["--jobs", "live/a"]].concat(), &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("jobs") && err.contains("edge"), "{err}");
+    let (code, _, err) = castnode(
+        &[&["transcoder"][..], &up, &["--jobs", "live/a,live/../b"]].concat(),
+        &[],
+    );
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--jobs") && err.contains("live/../b"), "{err}");
 }
 
 #[test]
@@ -142,7 +158,7 @@ fn a_bad_ladder_rung_exits_64_naming_the_rung() {
     )
     .unwrap();
     let config = file.to_str().unwrap();
-    // Refused before the role is even looked at: the transcoder (not built yet) too.
+    // Refused before the role is even looked at.
     for role in ["standalone", "transcoder"] {
         let (code, _, err) = castnode(&[role, "--config", config], &[]);
         assert_eq!(code, 64, "{role}: {err}");
