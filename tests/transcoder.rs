@@ -89,3 +89,90 @@ fn transcoder_ladder_reaches_an_edge_with_the_sources_keyframes() {
     let (status, _, _) = edge.get("/live/tc.flv?rendition=999p");
     assert_eq!(status, 404);
 }
+
+/// A node reporting to `manager`.
+fn managed(manager: &Server, role: &str, extra: &[&str]) -> Server {
+    let url = format!("http://127.0.0.1:{}", manager.http_port);
+    let mut args = vec!["--manager", &url, "--cluster-token", TOKEN];
+    args.extend_from_slice(extra);
+    Server::start_role(role, &args)
+}
+
+/// The node whose ladder `server`'s broadcast `name` carries (its API's `ladder_from`).
+fn ladder_from(server: &Server, name: &str) -> Option<String> {
+    let (_, _, body) = server.get("/api/v1/broadcasts");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["broadcasts"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == name)?["ladder_from"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// The stream manager gives the job to one of two transcoders (`--transcode all`); when that
+/// one is killed (-9), the job moves to the other, and a reader of a rung at an edge sees a gap
+/// of at most 3 s in the rung's frames, then frames again.
+#[test]
+fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
+    let manager = Server::start_role(
+        "manager",
+        &["--cluster-token", TOKEN, "--transcode", "all"],
+    );
+    let origin = managed(&manager, "origin", &["--node-id", "origin-1"]);
+    let up = upstream_of(&origin);
+    let mut transcoders: Vec<Server> = ["tc-1", "tc-2"]
+        .iter()
+        .map(|id| managed(&manager, "transcoder", &["--node-id", id, "--upstream", &up]))
+        .collect();
+    let edge = managed(&manager, "edge", &["--upstream", &up, "--linger", "2"]);
+    let _publisher = ffmpeg_publish(&origin.rtmp_url("job"), &fixture("obs-like.flv"), 100);
+    origin.wait_live("live/job", Duration::from_secs(15));
+    let mut holder = None;
+    let placed = wait_until(Duration::from_secs(20), || {
+        holder = ladder_from(&origin, "live/job");
+        holder.is_some()
+    });
+    let logs = |t: &[Server]| t.iter().map(|s| s.log()).collect::<Vec<_>>().join("\n---\n");
+    assert!(
+        placed,
+        "no transcoder's ladder on the origin\nmanager:\n{}\norigin:\n{}\ntranscoders:\n{}",
+        manager.log(),
+        origin.log(),
+        logs(&transcoders)
+    );
+    let holder = holder.unwrap();
+    assert_eq!(
+        wait_rungs(&edge, "live/job", 2, Duration::from_secs(10)),
+        ["360p", "240p"]
+    );
+
+    // A reader of the 360p rung at the edge for 16 s; the holder is killed 5 s in.
+    let url = format!("{}?rendition=360p", edge.flv_url("job"));
+    let reader = probe_cmd(&url, 16).output_async();
+    std::thread::sleep(Duration::from_secs(5));
+    let killed = if holder == "tc-1" { 0 } else { 1 };
+    transcoders[killed].kill();
+    let other = if killed == 0 { "tc-2" } else { "tc-1" };
+    let moved = wait_until(Duration::from_secs(10), || {
+        ladder_from(&origin, "live/job").as_deref() == Some(other)
+    });
+    assert!(
+        moved,
+        "the job did not move to {other}\nmanager:\n{}\norigin:\n{}",
+        manager.log(),
+        origin.log()
+    );
+    let p = parse(&reader.wait(), &url);
+    assert_eq!(p.height, 360);
+    let pts: Vec<f64> = {
+        let mut v: Vec<f64> = p.packets.iter().map(|(t, _)| *t).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let (first, last) = (pts[0], *pts.last().unwrap());
+    let gap = pts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
+    println!("360p reader: {first:.2}..{last:.2} s, longest gap {gap:.2} s");
+    assert!(gap <= 3.0, "a gap of {gap:.2} s in the rung");
+    assert!(last - first >= 13.0, "the rung stopped: {first:.2}..{last:.2}");
+}
