@@ -26,7 +26,8 @@
 //!   [`AVOID_FOR`] while another can take it.
 //! - A job whose broadcast moves to another origin keeps its transcoder, with a fresh start
 //!   grace.
-//! - Every node's job list has a version, changed whenever the list changes. Versions come from
+//! - Every node's job list has a version, changed exactly when the list changes (a job taken
+//!   from its only transcoder and given back to it is no change). Versions come from
 //!   one counter that only rises, started at [`Jobs::new`]'s seed (the manager passes the wall
 //!   clock in µs): no version goes backwards, not when a node registers again, nor across a
 //!   manager restart.
@@ -291,6 +292,20 @@ impl Jobs {
         JobList { version, jobs }
     }
 
+    /// Transcoder → its jobs' broadcasts.
+    fn lists(&self) -> HashMap<String, BTreeSet<String>> {
+        let mut lists: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for j in self.jobs.values() {
+            if let Some(t) = &j.transcoder {
+                lists
+                    .entry(t.clone())
+                    .or_default()
+                    .insert(j.broadcast.clone());
+            }
+        }
+        lists
+    }
+
     /// Brings the jobs in line with the registry's nodes at `now` (swept: failed nodes marked);
     /// answers the nodes whose job list changed, with their new versions.
     pub(crate) fn update(&mut self, reg: &Registry, now: Instant) -> Vec<(String, u64)> {
@@ -328,6 +343,8 @@ impl Jobs {
             !v.is_empty()
         });
         let mut changed: HashSet<String> = HashSet::new();
+        // Who had which jobs, to tell a changed list from one taken and given back.
+        let before = self.lists();
         // Jobs whose broadcast is no longer wanted go.
         self.jobs.retain(|name, job| {
             let keep = wanted.contains_key(name.as_str());
@@ -440,9 +457,10 @@ impl Jobs {
         // Versions: the changed lists get new ones; forgotten nodes' go (a node seen again
         // gets a fresh one, above every earlier one).
         self.versions.retain(|id, _| reg.node(id).is_some());
+        let after = self.lists();
         let mut changed: Vec<String> = changed
             .into_iter()
-            .filter(|id| reg.node(id).is_some())
+            .filter(|id| reg.node(id).is_some() && before.get(id) != after.get(id))
             .collect();
         changed.sort();
         changed
@@ -885,6 +903,28 @@ mod tests {
                 .version
                 > ended.version
         );
+    }
+
+    #[test]
+    fn a_job_given_back_to_its_only_transcoder_changes_no_version() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(TTL, "a");
+        r.register(info("origin-a", NodeRole::Origin, "a"), t0);
+        r.register(info("t", NodeRole::Transcoder, "a"), t0);
+        let mut j = jobs(TranscodeRule::All, t0);
+        r.report("origin-a", published(&[("live/x", None)]), t0)
+            .unwrap();
+        assert_eq!(j.update(&r, t0).len(), 1);
+        let v = j.list("t").version;
+        // Never started: taken after the grace, and given back to t, the only one.
+        let t1 = t0 + START_GRACE + Duration::from_secs(1);
+        r.report("origin-a", published(&[("live/x", None)]), t1)
+            .unwrap();
+        r.report("t", busy(8.0, 0.0), t1).unwrap();
+        assert_eq!(j.update(&r, t1), []);
+        assert_eq!(table(&j)["live/x"], on("t", JobState::Assigned));
+        assert_eq!(j.taken().collect::<Vec<_>>(), [(Taken::NoStart, 1)]);
+        assert_eq!(j.list("t").version, v);
     }
 
     #[test]
