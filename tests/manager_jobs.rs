@@ -88,7 +88,7 @@ fn poll(port: u16, after: u64) -> (u64, Vec<String>, f64) {
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{raw}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
     let jobs = v["jobs"]
         .as_array()
         .unwrap()

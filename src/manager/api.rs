@@ -279,8 +279,6 @@ async fn broadcasts(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiRe
 #[derive(Deserialize)]
 struct RegionQuery {
     region: Option<String>,
-    /// Publish lookups: `true` marks the broadcast for a transcoder's ladder.
-    transcode: Option<String>,
 }
 
 /// Where to publish (`publish`) or watch `app/key`, for this caller.
@@ -305,14 +303,28 @@ async fn lookup(
     }
 }
 
+/// A publish lookup; `?transcode=true` also marks the broadcast for a transcoder's ladder. Its
+/// query is read as pairs, so that a repeated or malformed parameter is refused with a reason.
 async fn publish(
     State(m): State<Arc<Embedded>>,
     Path(name): Path<(String, String)>,
-    Query(q): Query<RegionQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     ext: Extensions,
 ) -> ApiResult {
-    let transcode = match q.transcode.as_deref() {
+    let (mut region, mut transcode) = (None, None);
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "region" => &mut region,
+            "transcode" => &mut transcode,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ManagerError::BadRequest(format!("{k}: given twice")));
+        }
+        *slot = Some(v);
+    }
+    let transcode = match transcode.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
         Some(v) => {
@@ -321,6 +333,7 @@ async fn publish(
             )));
         }
     };
+    let q = RegionQuery { region };
     let broadcast = format!("{}/{}", name.0, name.1);
     let placed = lookup(&m, true, name, q, &headers, &ext).await?;
     if transcode {
