@@ -37,6 +37,7 @@ fn cluster(nodes: usize) -> Registry {
                 name: format!("live/{}", (i + b) % 200),
                 viewers: 10,
                 node_subscriptions: 0,
+                ladder_from: None,
                 publishing: role == NodeRole::Origin,
             })
             .collect();
@@ -74,6 +75,7 @@ fn bench(c: &mut Criterion) {
                 name: format!("live/{b}"),
                 viewers: 3,
                 node_subscriptions: 0,
+                ladder_from: None,
                 publishing: false,
             })
             .collect(),

@@ -14,6 +14,7 @@ use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::ladder::{DEFAULT_LADDER, Ladder, LadderSpec};
+use crate::manager::jobs::TranscodeRule;
 
 /// castnode: a live-streaming cluster in one binary.
 #[derive(Parser, Debug)]
@@ -287,6 +288,11 @@ pub struct NodeArgs {
     /// folder in the temporary directory].
     #[arg(long, env = "CASTNODE_PROVISION_DIR")]
     pub provision_dir: Option<PathBuf>,
+    /// Manager: which broadcasts published on origins get an ABR ladder from a transcoder
+    /// node: `none`, `all`, or a comma-separated list of apps (`live,events`); a publish lookup
+    /// with `?transcode=true` asks for one as well [default: none].
+    #[arg(long, env = "CASTNODE_TRANSCODE")]
+    pub transcode: Option<String>,
     /// The ABR ladder to build: `default` (built in) or a `[ladders.NAME]` table of the
     /// --config file (standalone: its broadcasts get the ladder's renditions; transcoder).
     #[arg(long, env = "CASTNODE_LADDER")]
@@ -552,6 +558,8 @@ pub(crate) struct ManagerConfig {
     pub(crate) provision_host: String,
     /// Manager: where provisioned processes log.
     pub(crate) provision_dir: PathBuf,
+    /// Manager: which broadcasts get a transcoder's ladder unasked.
+    pub(crate) transcode: TranscodeRule,
 }
 
 /// The cluster link's validated settings.
@@ -736,6 +744,27 @@ impl NodeArgs {
                 .unwrap_or_else(|| {
                     std::env::temp_dir().join(format!("castnode-nodes-{}", std::process::id()))
                 }),
+            transcode: match a.transcode.as_deref().or(file.transcode.as_deref()) {
+                None => TranscodeRule::None,
+                Some(t) => {
+                    let rule = TranscodeRule::parse(t).map_err(|e| bad("transcode", e))?;
+                    if rule != TranscodeRule::None && role != "manager" {
+                        return Err(bad(
+                            "transcode",
+                            format!(
+                                "only the manager (castnode manager) gives transcode jobs, not a \
+                                 {role}{}",
+                                if role == "standalone" {
+                                    " (it makes its own ladder: --ladder)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        ));
+                    }
+                    rule
+                }
+            },
         };
         if role == "manager" && cluster.token.len() < 16 {
             return Err(bad(
@@ -1160,6 +1189,45 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.key, "ladder");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn transcode_rule() {
+        let manager = |args: &[&str]| {
+            let mut v = vec!["castnode", "manager", "--cluster-token", "0123456789abcdef"];
+            v.extend_from_slice(args);
+            match Cli::try_parse_from(v).unwrap().role {
+                Role::Manager(a) => a.resolve_for("manager"),
+                _ => unreachable!(),
+            }
+        };
+        let none = manager(&["--db", ":memory:"]).unwrap();
+        assert_eq!(none.manager.transcode, TranscodeRule::None);
+        let all = manager(&["--db", ":memory:", "--transcode", "all"]).unwrap();
+        assert_eq!(all.manager.transcode, TranscodeRule::All);
+        let apps = manager(&["--db", ":memory:", "--transcode", "live, events"]).unwrap();
+        assert_eq!(
+            apps.manager.transcode,
+            TranscodeRule::Apps(["events".to_owned(), "live".to_owned()].into())
+        );
+        assert_eq!(apps.manager.transcode.to_string(), "events,live");
+        for bad in ["", "live,,events", "live/key", "a b"] {
+            let err = manager(&["--db", ":memory:", "--transcode", bad]).unwrap_err();
+            assert_eq!(err.key, "transcode", "{bad}");
+        }
+        // Only the manager gives jobs; `none` is harmless anywhere.
+        let err = parse(&["--transcode", "all"]).resolve().unwrap_err();
+        assert_eq!(err.key, "transcode");
+        assert!(err.reason.contains("--ladder"), "{}", err.reason);
+        assert!(parse(&["--transcode", "none"]).resolve().is_ok());
+        let dir = std::env::temp_dir().join(format!("castnode-transcode-{}", std::process::id()));
+        std::fs::write(&dir, "transcode = \"live\"\n").unwrap();
+        let file = manager(&["--db", ":memory:", "--config", dir.to_str().unwrap()]).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        assert_eq!(
+            file.manager.transcode,
+            TranscodeRule::Apps(["live".to_owned()].into())
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! (400 malformed body, 422 contradicting values, 401 missing or unknown token, 403 a read-only token asking for a change,
 //! 404 not live or no such record, 409 deleting the last admin token, 503 no node with room); a
 //! malformed request never reaches the registry or the store. Node calls (register, report,
-//! upstream) prove the cluster token (or an admin token); reads need an API token (admin or read-only); changes an
+//! upstream, job list) prove the cluster token (or an admin token); reads need an API token (admin or read-only); changes an
 //! admin token; placement lookups and redirects nothing unless `--require-token`.
 
 use std::fmt::Write as _;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, RawQuery, State};
 use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
@@ -40,6 +40,7 @@ pub(crate) fn router(manager: Arc<Embedded>) -> Router {
             .route("/console", get(console))
             .route("/metrics", get(metrics))
             .route("/api/v1/broadcasts", get(broadcasts))
+            .route("/api/v1/transcodes", get(transcodes))
             .route("/api/v1/nodegroups", get(node_groups))
             .route(
                 "/api/v1/nodegroups/{name}",
@@ -61,6 +62,7 @@ pub(crate) fn api_routes(manager: Arc<Embedded>) -> Router {
         .route("/api/v1/nodes", post(register).get(nodes))
         .route("/api/v1/nodes/{id}/load", put(report))
         .route("/api/v1/nodes/{id}/drain", post(drain))
+        .route("/api/v1/nodes/{id}/jobs", get(jobs))
         .route("/api/v1/broadcasts/{app}/{key}/publish", get(publish))
         .route("/api/v1/broadcasts/{app}/{key}/subscribe", get(subscribe))
         .route("/api/v1/broadcasts/{app}/{key}/upstream", get(upstream))
@@ -211,6 +213,31 @@ async fn report(
     if r.draining { json(r) } else { no_content() }
 }
 
+/// A transcoder's job list, as a long poll: `?after=VERSION` (default 0) waits while the list's
+/// version is `VERSION`, at most [`super::jobs::LONG_POLL`].
+async fn jobs(
+    State(m): State<Arc<Embedded>>,
+    Path(id): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize_node(&m, &headers)?;
+    let mut after = 0;
+    for pair in query.as_deref().unwrap_or_default().split('&') {
+        if let Some(v) = pair.strip_prefix("after=") {
+            after = v.parse().map_err(|_| {
+                ManagerError::BadRequest(format!("after: {v:?} is not a version (0 to 2^64 − 1)"))
+            })?;
+        }
+    }
+    json(m.jobs(&id, after).await?)
+}
+
+async fn transcodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
+    authorize(&m, &headers, Need::Read)?;
+    json(serde_json::json!({ "transcodes": m.transcodes() }))
+}
+
 async fn nodes(State(m): State<Arc<Embedded>>, headers: HeaderMap) -> ApiResult {
     authorize(&m, &headers, Need::Read)?;
     json(serde_json::json!({ "nodes": m.nodes() }))
@@ -276,14 +303,43 @@ async fn lookup(
     }
 }
 
+/// A publish lookup; `?transcode=true` also marks the broadcast for a transcoder's ladder. Its
+/// query is read as pairs, so that a repeated or malformed parameter is refused with a reason.
 async fn publish(
     State(m): State<Arc<Embedded>>,
     Path(name): Path<(String, String)>,
-    Query(q): Query<RegionQuery>,
+    Query(pairs): Query<Vec<(String, String)>>,
     headers: HeaderMap,
     ext: Extensions,
 ) -> ApiResult {
-    json(lookup(&m, true, name, q, &headers, &ext).await?)
+    let (mut region, mut transcode) = (None, None);
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "region" => &mut region,
+            "transcode" => &mut transcode,
+            _ => continue,
+        };
+        if slot.is_some() {
+            return Err(ManagerError::BadRequest(format!("{k}: given twice")));
+        }
+        *slot = Some(v);
+    }
+    let transcode = match transcode.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(v) => {
+            return Err(ManagerError::BadRequest(format!(
+                "transcode: {v:?} is not true or false"
+            )));
+        }
+    };
+    let q = RegionQuery { region };
+    let broadcast = format!("{}/{}", name.0, name.1);
+    let placed = lookup(&m, true, name, q, &headers, &ext).await?;
+    if transcode {
+        m.mark_transcode(&broadcast)?;
+    }
+    json(placed)
 }
 
 async fn subscribe(
@@ -558,6 +614,27 @@ async fn metrics(State(m): State<Arc<Embedded>>) -> Response {
         let _ = writeln!(
             s,
             "castnode_manager_scale_actions_total{{group=\"{group}\",action=\"{action}\"}} {n}"
+        );
+    }
+    let (states, taken) = m.job_counts();
+    let _ = writeln!(
+        s,
+        "# HELP castnode_manager_transcode_jobs Transcode jobs by state (unassigned: no transcoder can take it; assigned: given, not yet running; running: the origin reports its ladder).\n# TYPE castnode_manager_transcode_jobs gauge"
+    );
+    for (state, n) in states {
+        let _ = writeln!(
+            s,
+            "castnode_manager_transcode_jobs{{state=\"{state}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "# HELP castnode_manager_transcode_reassignments_total Transcode jobs taken from their transcoder, by why (failed, draining, gone, lost: the origin no longer shows its ladder, no_start: it never showed it).\n# TYPE castnode_manager_transcode_reassignments_total counter"
+    );
+    for (why, n) in taken {
+        let _ = writeln!(
+            s,
+            "castnode_manager_transcode_reassignments_total{{reason=\"{why}\"}} {n}"
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s).into_response()

@@ -7,6 +7,11 @@
 //!
 //! The [`Registry`] reads no clock: this is where the time is read (once per call) and passed
 //! in, for sweeps, reports, drains and placements.
+//!
+//! Transcode jobs ([`Jobs`]) are brought in line with the registry after every change that can
+//! matter to them (a node coming, going, failing, draining, or reporting other publishers or
+//! ladders) and on every sweep; a job list long poll ([`StreamManager::jobs`]) waits on a watch
+//! of its node's list version, which every such update that changes the list moves on.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, RwLock};
@@ -15,10 +20,12 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use super::heartbeat;
+use super::jobs::{JobState, Jobs, LONG_POLL, TranscodeRule};
 use super::registry::{NodeEntry, NodeStatus, Registry};
 use super::store::{Access, NodeGroup, RegionRecord, Store, TokenRecord, hash_secret, new_secret};
 use super::{
-    BoxFuture, Hint, LoadReport, ManagerError, NodeInfo, Placement, ReportReply, StreamManager,
+    BoxFuture, Hint, JobList, LoadReport, ManagerError, NodeInfo, Placement, ReportReply,
+    StreamManager,
 };
 use crate::names::name_ok;
 
@@ -39,7 +46,36 @@ pub(crate) struct Embedded {
     reports: [std::sync::atomic::AtomicU64; 2],
     /// Scale actions by (group, action), for `/metrics`.
     scale_actions: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Transcode jobs and their long polls (locked after the registry, never before).
+    jobs: Mutex<JobBook>,
 }
+
+/// The transcode jobs with what their long polls wait on.
+struct JobBook {
+    jobs: Jobs,
+    /// Node → a watch of its job list's version, while someone polls it.
+    watches: HashMap<String, tokio::sync::watch::Sender<u64>>,
+    /// The registry generation the jobs were last updated at.
+    generation: Option<u64>,
+}
+
+/// A transcode job as the API lists it.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct TranscodeView {
+    /// `app/key`.
+    pub(crate) broadcast: String,
+    /// The origin that has its publisher.
+    pub(crate) origin: String,
+    /// The transcoder making its ladder (none: no transcoder can take it now).
+    pub(crate) transcoder: Option<String>,
+    /// Unassigned, assigned, or running (the origin reports that transcoder's ladder).
+    pub(crate) state: JobState,
+    /// Milliseconds since it entered that state.
+    pub(crate) since_ms: u64,
+}
+
+/// Counts by label, for `/metrics`.
+pub(crate) type Counts = Vec<(&'static str, u64)>;
 
 /// The (kind, result) of each placement counter slot.
 const PLACEMENT_LABELS: [(&str, &str); 6] = [
@@ -118,6 +154,10 @@ impl Embedded {
     ) -> Result<Self, ManagerError> {
         let mut registry = Registry::new(ttl, default_region);
         registry.set_regions(&store.regions()?);
+        // Versions rise across restarts: they start at the wall clock in microseconds.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
         let m = Self {
             registry: Mutex::new(registry),
             token: token.to_owned(),
@@ -127,6 +167,13 @@ impl Embedded {
             placements: Mutex::new(BTreeMap::new()),
             reports: Default::default(),
             scale_actions: Mutex::new(BTreeMap::new()),
+            // For one TTL after a start, jobs only go back to transcoders already making them:
+            // those of a restarted manager register again first.
+            jobs: Mutex::new(JobBook {
+                jobs: Jobs::new(TranscodeRule::None, seed, Instant::now(), ttl),
+                watches: HashMap::new(),
+                generation: None,
+            }),
         };
         m.reload_tokens()?;
         Ok(m)
@@ -134,6 +181,74 @@ impl Embedded {
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         lock(&self.registry)
+    }
+
+    /// Which broadcasts get a transcoder's ladder unasked (`--transcode`).
+    pub(crate) fn set_transcode(&self, rule: TranscodeRule) {
+        lock(&self.jobs).jobs.set_rule(rule);
+        let reg = self.registry();
+        self.update_jobs(&reg, Instant::now(), true);
+    }
+
+    /// Brings the jobs in line with `reg` (when it changed since, or `always`) and wakes the
+    /// long polls of the nodes whose list changed.
+    fn update_jobs(&self, reg: &Registry, now: Instant, always: bool) {
+        let mut book = lock(&self.jobs);
+        if !always && book.generation == Some(reg.generation()) {
+            return;
+        }
+        book.generation = Some(reg.generation());
+        for (node, version) in book.jobs.update(reg, now) {
+            if let Some(tx) = book.watches.get(&node) {
+                tx.send_replace(version);
+            }
+        }
+        book.watches.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// Marks `broadcast` for a transcoder's ladder (a publish lookup with `?transcode=true`).
+    pub(crate) fn mark_transcode(&self, broadcast: &str) -> Result<(), ManagerError> {
+        let now = Instant::now();
+        if !lock(&self.jobs).jobs.mark(broadcast, now) {
+            return Err(ManagerError::Full("transcode request"));
+        }
+        let reg = self.registry();
+        self.update_jobs(&reg, now, true);
+        Ok(())
+    }
+
+    /// Every transcode job, sorted by broadcast.
+    pub(crate) fn transcodes(&self) -> Vec<TranscodeView> {
+        let now = Instant::now();
+        let mut reg = self.registry();
+        reg.maybe_sweep(now);
+        self.update_jobs(&reg, now, false);
+        drop(reg);
+        let book = lock(&self.jobs);
+        book.jobs
+            .jobs()
+            .map(|j| TranscodeView {
+                broadcast: j.broadcast.clone(),
+                origin: j.origin.clone(),
+                transcoder: j.transcoder.clone(),
+                state: j.state,
+                since_ms: now.saturating_duration_since(j.since).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    /// Transcode jobs by state, and jobs taken from a transcoder by why (for `/metrics`).
+    pub(crate) fn job_counts(&self) -> (Counts, Counts) {
+        let book = lock(&self.jobs);
+        let states = JobState::ALL
+            .iter()
+            .map(|s| {
+                let n = book.jobs.jobs().filter(|j| j.state == *s).count();
+                (s.label(), n as u64)
+            })
+            .collect();
+        let taken = book.jobs.taken().map(|(why, n)| (why.label(), n)).collect();
+        (states, taken)
     }
 
     fn reload_tokens(&self) -> Result<(), ManagerError> {
@@ -307,12 +422,19 @@ impl Embedded {
 
     /// Marks silent nodes failed (also done before every placement).
     pub(crate) fn sweep(&self) -> Vec<String> {
-        self.registry().sweep(Instant::now())
+        let now = Instant::now();
+        let mut reg = self.registry();
+        let failed = reg.sweep(now);
+        self.update_jobs(&reg, now, true);
+        failed
     }
 
     /// Drains a node: no new placements; it exits once empty, or is removed after `deadline`.
     pub(crate) fn drain(&self, id: &str, deadline: Duration) -> Result<(), ManagerError> {
-        if self.registry().drain(id, Instant::now() + deadline) {
+        let now = Instant::now();
+        let mut reg = self.registry();
+        if reg.drain(id, now + deadline) {
+            self.update_jobs(&reg, now, false);
             Ok(())
         } else {
             Err(ManagerError::NotFound(format!("node {id}")))
@@ -321,7 +443,9 @@ impl Embedded {
 
     /// Forgets a node that was removed.
     pub(crate) fn forget(&self, id: &str) {
-        self.registry().forget(id);
+        let mut reg = self.registry();
+        reg.forget(id);
+        self.update_jobs(&reg, Instant::now(), false);
     }
 
     /// Runs `f` on the registry (swept first): for the autoscaler.
@@ -418,12 +542,14 @@ impl Embedded {
     ) -> Result<ReportReply, ManagerError> {
         self.reports[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
-        self.registry()
-            .report(node, load, now)
-            .map(|drain| ReportReply {
-                draining: drain.is_some(),
-                drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
-            })
+        let mut reg = self.registry();
+        let r = reg.report(node, load, now);
+        self.update_jobs(&reg, now, false);
+        drop(reg);
+        r.map(|drain| ReportReply {
+            draining: drain.is_some(),
+            drain_deadline_s: drain.map(|d| d.saturating_duration_since(now).as_secs()),
+        })
     }
 
     /// Handles one UDP heartbeat datagram (see [`super::heartbeat`]); the reply to send back,
@@ -445,7 +571,10 @@ impl Embedded {
             }
         };
         let now = Instant::now();
-        let reply = self.registry().report_seq(r.node, r.seq, load, now);
+        let mut reg = self.registry();
+        let reply = reg.report_seq(r.node, r.seq, load, now);
+        self.update_jobs(&reg, now, false);
+        drop(reg);
         if reply.is_ok() {
             self.reports[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
@@ -474,7 +603,10 @@ impl Embedded {
                 "a node needs an id and a region (1 to 128 printable ASCII characters, no spaces) and an HTTP address".into(),
             ));
         }
-        self.registry().register(node.clone(), Instant::now());
+        let now = Instant::now();
+        let mut reg = self.registry();
+        reg.register(node.clone(), now);
+        self.update_jobs(&reg, now, false);
         Ok(())
     }
 
@@ -580,5 +712,161 @@ impl StreamManager for Embedded {
         reg.sweep(Instant::now());
         let list = reg.upstreams(broadcast, node);
         Box::pin(std::future::ready(Ok(list)))
+    }
+
+    fn jobs<'a>(
+        &'a self,
+        node: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<JobList, ManagerError>> {
+        Box::pin(async move {
+            let mut version = {
+                if self.registry().node(node).is_none() {
+                    return Err(ManagerError::UnknownNode(node.to_owned()));
+                }
+                let mut book = lock(&self.jobs);
+                let list = book.jobs.list(node);
+                if list.version != after {
+                    return Ok(list);
+                }
+                let tx = book
+                    .watches
+                    .entry(node.to_owned())
+                    .or_insert_with(|| tokio::sync::watch::channel(list.version).0);
+                tx.send_if_modified(|v| {
+                    let moved = *v != list.version;
+                    *v = list.version;
+                    moved
+                });
+                tx.subscribe()
+            };
+            // Changed, or the poll's time is up: either way the list as it is now.
+            let _ = tokio::time::timeout(LONG_POLL, version.wait_for(|v| *v != after)).await;
+            Ok(lock(&self.jobs).jobs.list(node))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manager::{BroadcastLoad, NodeAddresses, NodeRole};
+    use std::sync::Arc;
+
+    const TOKEN: &str = "cluster-token-0123456789";
+
+    fn manager() -> Embedded {
+        let store = Store::open(None).unwrap();
+        // A long TTL: the nodes below report only when the test says.
+        let m = Embedded::new(TOKEN, Duration::from_secs(600), "a", store, false).unwrap();
+        m.set_transcode(TranscodeRule::All);
+        for (id, role) in [
+            ("origin-a", NodeRole::Origin),
+            ("t-1", NodeRole::Transcoder),
+        ] {
+            let info = NodeInfo {
+                id: id.into(),
+                role,
+                region: "a".into(),
+                addresses: NodeAddresses {
+                    rtmp: None,
+                    http: format!("http://{id}"),
+                    cluster: None,
+                },
+                capacity: 10,
+                group: None,
+            };
+            m.register_node(&info).unwrap();
+        }
+        m.report_owned(
+            "t-1",
+            LoadReport {
+                cores: 8.0,
+                ..LoadReport::default()
+            },
+        )
+        .unwrap();
+        m
+    }
+
+    fn origin_publishes(m: &Embedded, ladder_from: Option<&str>, publishing: bool) {
+        let load = LoadReport {
+            broadcasts: vec![BroadcastLoad {
+                name: "live/x".into(),
+                publishing,
+                ladder_from: ladder_from.map(str::to_owned),
+                ..BroadcastLoad::default()
+            }],
+            ..LoadReport::default()
+        };
+        m.report_owned("origin-a", load).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn job_lists_are_long_polls() {
+        let m = Arc::new(manager());
+        // Unknown nodes are told so at once.
+        assert_eq!(
+            m.jobs("nobody", 0).await,
+            Err(ManagerError::UnknownNode("nobody".into()))
+        );
+        let empty = m.jobs("t-1", 0).await.unwrap();
+        assert!(empty.jobs.is_empty());
+        // Nothing changes: the poll answers after LONG_POLL with the same list.
+        let start = tokio::time::Instant::now();
+        assert_eq!(m.jobs("t-1", empty.version).await.unwrap(), empty);
+        assert_eq!(start.elapsed(), LONG_POLL);
+        // A poll waiting when the origin reports the broadcast (with t-1 already publishing its
+        // ladder, as after a manager restart: it is t-1's at once) wakes with the new list.
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move { m.jobs("t-1", empty.version).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished());
+        origin_publishes(&m, Some("t-1"), true);
+        let got = waiting.await.unwrap().unwrap();
+        assert!(got.version > empty.version);
+        assert_eq!(
+            got.jobs,
+            [crate::manager::TranscodeJob {
+                broadcast: "live/x".into()
+            }]
+        );
+        assert_eq!(m.transcodes()[0].state, JobState::Running);
+        // A version from elsewhere (an earlier manager) gets the list at once.
+        let start = tokio::time::Instant::now();
+        assert_eq!(m.jobs("t-1", got.version + 7).await.unwrap(), got);
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // The broadcast ends: the waiting poll answers the empty list.
+        let waiting = tokio::spawn({
+            let m = m.clone();
+            async move { m.jobs("t-1", got.version).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        origin_publishes(&m, None, false);
+        let ended = waiting.await.unwrap().unwrap();
+        assert!(ended.jobs.is_empty() && ended.version > got.version);
+        assert!(m.transcodes().is_empty());
+    }
+
+    #[test]
+    fn jobs_are_counted_for_metrics() {
+        let m = manager();
+        origin_publishes(&m, Some("t-1"), true);
+        let (states, taken) = m.job_counts();
+        assert_eq!(states, [("unassigned", 0), ("assigned", 0), ("running", 1)]);
+        assert!(taken.is_empty());
+        // The origin loses t-1's ladder: taken (lost); unassigned, as in the manager's first TTL
+        // (600 s here) jobs only go back to a transcoder already making them.
+        origin_publishes(&m, None, true);
+        let (states, taken) = m.job_counts();
+        assert_eq!(states, [("unassigned", 1), ("assigned", 0), ("running", 0)]);
+        assert_eq!(taken, [("lost", 1)]);
+        let view = &m.transcodes()[0];
+        assert_eq!(
+            (view.origin.as_str(), view.transcoder.as_deref()),
+            ("origin-a", None)
+        );
     }
 }

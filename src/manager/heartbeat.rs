@@ -258,6 +258,36 @@ mod tests {
     }
 
     #[test]
+    fn an_origin_with_transcoded_broadcasts_still_fits_a_datagram() {
+        // Eight broadcasts, each with a transcoder's ladder: one datagram. Fifteen do not fit:
+        // such a report goes over HTTP (`Remote::report` when this answers None).
+        let report = |n: usize| {
+            let load = crate::manager::LoadReport {
+                cpu: 1.25,
+                cores: 16.0,
+                memory: 1 << 30,
+                bandwidth_in: 123_456_789.0,
+                bandwidth_out: 987_654_321.0,
+                connections: 1000,
+                viewers: 990,
+                broadcasts: (0..n)
+                    .map(|i| crate::manager::BroadcastLoad {
+                        name: format!("live/stream-{i:04}"),
+                        viewers: 100,
+                        node_subscriptions: 12,
+                        publishing: true,
+                        ladder_from: Some(format!("transcoder-host-{i:05}")),
+                    })
+                    .collect(),
+            };
+            let body = serde_json::to_vec(&load).unwrap();
+            encode_report(T, "origin-host-12345", u64::MAX, &body, true)
+        };
+        assert!(report(8).is_some());
+        assert!(report(15).is_none());
+    }
+
+    #[test]
     fn forged_or_broken_datagrams_are_refused() {
         let d = encode_report(T, "edge-1", 7, b"{}", false).unwrap();
         assert_eq!(

@@ -8,6 +8,7 @@
 //! # Module map
 //!
 //! - [`registry`]: nodes, liveness (heartbeat TTL) and the placement functions (pure).
+//! - [`jobs`]: transcode jobs: which broadcasts get an ABR ladder, on which transcoder (pure).
 //! - [`embedded`]: the in-process manager.
 //! - [`api`]: the manager's HTTP API (axum), including the WHIP/WHEP redirects.
 //! - [`remote`]: the HTTP client of that API, and the reporter task every node runs.
@@ -22,6 +23,7 @@
 pub(crate) mod api;
 pub(crate) mod embedded;
 pub(crate) mod heartbeat;
+pub(crate) mod jobs;
 pub(crate) mod provision;
 pub mod registry;
 pub(crate) mod remote;
@@ -49,6 +51,9 @@ pub enum NodeRole {
     Relay,
     /// Takes players.
     Edge,
+    /// Makes ABR ladders of origins' broadcasts (its jobs come from the manager): takes neither
+    /// publishers nor players.
+    Transcoder,
 }
 
 impl NodeRole {
@@ -59,6 +64,7 @@ impl NodeRole {
             "origin" => NodeRole::Origin,
             "relay" => NodeRole::Relay,
             "edge" => NodeRole::Edge,
+            "transcoder" => NodeRole::Transcoder,
             _ => return None,
         })
     }
@@ -120,6 +126,10 @@ pub(crate) struct ReportReply {
 pub struct LoadReport {
     /// CPU in use, in cores.
     pub cpu: f64,
+    /// Cores the node may use (`std::thread::available_parallelism`); 0 from nodes too old to
+    /// say. Its CPU headroom is `cores - cpu`.
+    #[serde(default)]
+    pub cores: f64,
     /// Resident memory, bytes.
     pub memory: u64,
     /// Bytes per second in.
@@ -146,6 +156,28 @@ pub struct BroadcastLoad {
     pub node_subscriptions: u64,
     /// The node has its publisher.
     pub publishing: bool,
+    /// On an origin: the node whose transcoder publishes the broadcast's ABR ladder here, while
+    /// one does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ladder_from: Option<String>,
+}
+
+/// A transcoder's jobs, as the manager answers [`StreamManager::jobs`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobList {
+    /// The version of the node's job list: it changes whenever the list does, and never goes
+    /// back, not even when the node registers again or the manager restarts.
+    pub version: u64,
+    /// The jobs, sorted by broadcast.
+    pub jobs: Vec<TranscodeJob>,
+}
+
+/// One transcode job: make the ABR ladder of a broadcast and publish its rungs back to the
+/// origin that has its publisher.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscodeJob {
+    /// `app/key`.
+    pub broadcast: String,
 }
 
 /// What the asker tells about itself.
@@ -249,4 +281,13 @@ pub(crate) trait StreamManager: Send + Sync {
         broadcast: &'a str,
         node: &'a str,
     ) -> BoxFuture<'a, Result<Vec<String>, ManagerError>>;
+    /// Node `node`'s transcode jobs (a long poll): answers at once when the list's version
+    /// differs from `after` (it is newer, or `after` came from an earlier manager), else when
+    /// the list changes, or after [`jobs::LONG_POLL`] with the list as it is.
+    /// `UnknownNode` when the node is not registered.
+    fn jobs<'a>(
+        &'a self,
+        node: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<JobList, ManagerError>>;
 }

@@ -42,8 +42,8 @@ pub(crate) struct NodeSpec {
 /// Why a node could not be created or removed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProvisionError {
-    /// Node groups start edges, relays or origins, never a standalone node.
-    #[error("node groups start edges, relays or origins")]
+    /// Node groups start edges, relays, origins or transcoders, never a standalone node.
+    #[error("node groups start edges, relays, origins or transcoders")]
     Role,
     /// A directory, log file or process could not be made.
     #[error(transparent)]
@@ -129,6 +129,7 @@ impl Provisioner for ProcessProvisioner {
                 NodeRole::Edge => "edge",
                 NodeRole::Relay => "relay",
                 NodeRole::Origin => "origin",
+                NodeRole::Transcoder => "transcoder",
                 NodeRole::Standalone => return Err(ProvisionError::Role),
             };
             let log = std::fs::File::create(self.dir.join(format!("{}.log", spec.id)))?;
@@ -156,7 +157,9 @@ impl Provisioner for ProcessProvisioner {
             if let Some(c) = spec.capacity {
                 cmd.args(["--capacity", &c.to_string()]);
             }
-            if spec.role != NodeRole::Edge {
+            // Origins and relays serve other nodes; edges and transcoders only fetch (and a
+            // transcoder publishes its ladder upstream).
+            if matches!(spec.role, NodeRole::Origin | NodeRole::Relay) {
                 cmd.args(["--cluster", &any]);
             }
             let child = cmd.spawn()?;

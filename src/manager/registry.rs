@@ -134,6 +134,9 @@ pub struct Registry {
     by_region: HashMap<String, Vec<String>>,
     /// When [`Registry::sweep`] last ran.
     last_sweep: Option<Instant>,
+    /// Rises whenever a node comes, goes, fails, revives or drains, or reports other published
+    /// broadcasts or ladders: what transcode jobs depend on.
+    generation: u64,
 }
 
 /// How often [`Registry::maybe_sweep`] sweeps (placement checks liveness by itself; the sweep
@@ -151,6 +154,7 @@ impl Registry {
             cidrs: Vec::new(),
             by_region: HashMap::new(),
             last_sweep: None,
+            generation: 0,
         }
     }
 
@@ -183,6 +187,22 @@ impl Registry {
             .map_or(self.default_region.as_str(), |(_, r)| r.as_str())
     }
 
+    /// The heartbeat TTL.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Node `id`, when registered.
+    pub(crate) fn node(&self, id: &str) -> Option<&NodeEntry> {
+        self.nodes.get(id)
+    }
+
+    /// A number that rises whenever a node registers, is forgotten, fails, revives or is
+    /// drained, or reports other broadcasts, publishers or ladders than before.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Whether some node reports `region`, a CIDR table names it, or it is the default.
     pub(crate) fn known_region(&self, region: &str) -> bool {
         region == self.default_region
@@ -192,6 +212,7 @@ impl Registry {
 
     /// Registers or re-registers a node (it is live from now; a draining node stays draining).
     pub fn register(&mut self, info: NodeInfo, now: Instant) {
+        self.generation += 1;
         let old = self.nodes.get(&info.id);
         let load = old.map(|n| n.load.clone()).unwrap_or_default();
         let draining = old.and_then(|n| n.draining);
@@ -224,6 +245,9 @@ impl Registry {
     pub(crate) fn drain(&mut self, id: &str, deadline: Instant) -> bool {
         match self.nodes.get_mut(id) {
             Some(n) => {
+                if n.draining.is_none() {
+                    self.generation += 1;
+                }
                 n.draining.get_or_insert(deadline);
                 true
             }
@@ -243,6 +267,7 @@ impl Registry {
     /// Forgets a node (it was removed).
     pub(crate) fn forget(&mut self, id: &str) {
         if let Some(n) = self.nodes.remove(id) {
+            self.generation += 1;
             self.unindex(id, &n.info.region);
             for b in n.publishing() {
                 if let Some(set) = self.publishers.get_mut(b) {
@@ -270,7 +295,14 @@ impl Registry {
                 .broadcasts
                 .iter()
                 .zip(&load.broadcasts)
-                .all(|(a, b)| a.name == b.name && a.publishing == b.publishing);
+                .all(|(a, b)| {
+                    a.name == b.name
+                        && a.publishing == b.publishing
+                        && a.ladder_from == b.ladder_from
+                });
+        if node.status != NodeStatus::Live || !same {
+            self.generation += 1;
+        }
         if same {
             node.load = load;
         } else {
@@ -332,6 +364,7 @@ impl Registry {
             n.forget_placements(now);
             if n.status == NodeStatus::Live && now.duration_since(n.last_seen) > self.ttl {
                 n.status = NodeStatus::Failed;
+                self.generation += 1;
                 failed.push(n.info.id.clone());
             }
         }
@@ -571,6 +604,7 @@ mod tests {
                     viewers: 0,
                     node_subscriptions: 0,
                     publishing: *p,
+                    ladder_from: None,
                 })
                 .collect(),
             ..LoadReport::default()

@@ -1,8 +1,10 @@
 //! The stream manager over HTTP ([`Remote`], a client of [`super::api`]) and the reporter task
 //! every node with `--manager URL` runs.
 //!
-//! Guarantees: a node registers, then reports its load every [`REPORT_INTERVAL`]; when the
-//! manager forgot it (restart, or marked failed and pruned) it registers again at once; while the
+//! Guarantees: a node registers, then reports its load every [`REPORT_INTERVAL`], and at once
+//! (checked every [`LADDER_CHECK`]) when the ladder publisher of one of its broadcasts changed,
+//! so the manager learns of a transcoder lost by an origin within a fraction of a second of the
+//! origin noticing; when the manager forgot it (restart, or marked failed and pruned) it registers again at once; while the
 //! manager is unreachable it keeps serving and retries every interval (logged once per streak).
 //! A node the manager drains keeps serving whoever is connected and stops the process (as
 //! SIGTERM would) once nobody is (no viewer, publisher or downstream node), or at the deadline.
@@ -15,13 +17,20 @@ use reqwest::StatusCode;
 use tracing::{info, warn};
 
 use super::{
-    BoxFuture, BroadcastLoad, Hint, LoadReport, ManagerError, NodeInfo, Placement, ReportReply,
-    StreamManager,
+    BoxFuture, BroadcastLoad, Hint, JobList, LoadReport, ManagerError, NodeInfo, Placement,
+    ReportReply, StreamManager,
 };
 use crate::node::NodeContext;
 
 /// How often a node reports.
 pub(crate) const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often an ingest node looks whether a broadcast's ladder publisher changed (then it
+/// reports at once).
+pub(crate) const LADDER_CHECK: Duration = Duration::from_millis(100);
+
+/// How long a job list long poll may take over HTTP: the manager's longest wait and a margin.
+const JOBS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a node waits for the manager's answer to a UDP heartbeat (it answers only when the
 /// node must act: register again, or drain).
@@ -334,6 +343,39 @@ impl StreamManager for Remote {
     ) -> BoxFuture<'a, Result<Placement, ManagerError>> {
         Box::pin(self.lookup("subscribe", broadcast, hint))
     }
+
+    fn jobs<'a>(
+        &'a self,
+        node: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<JobList, ManagerError>> {
+        Box::pin(async move {
+            let url = format!(
+                "{}/api/v1/nodes/{}/jobs?after={after}",
+                self.base,
+                path_segment(node)
+            );
+            // The manager holds the answer up to its long poll's length: more than the client's
+            // timeout for other calls.
+            let resp = self.send(self.http.get(url).timeout(JOBS_TIMEOUT)).await?;
+            resp.json()
+                .await
+                .map_err(|e| ManagerError::Unreachable(e.to_string()))
+        })
+    }
+}
+
+/// `s` percent-encoded for a URL path segment or query value.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// What the last load sample saw, to turn counters into rates.
@@ -364,6 +406,31 @@ fn proc_self() -> (u64, u64) {
         })
         .map_or(0, |kb| kb * 1024);
     (ticks, rss)
+}
+
+/// The cores this process may use (read once: it reads cgroup files).
+fn cores() -> f64 {
+    static CORES: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from) as f64)
+}
+
+/// A digest of which node publishes the ladder of which broadcast: it changes when one
+/// starts, stops or moves (an order-independent sum of one hash per ladder).
+fn ladders(ctx: &NodeContext) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(Default::default);
+    let mut sum = 0u64;
+    for b in ctx.hub.broadcasts() {
+        if let Some(from) = b.ladder_from() {
+            let mut h = keys.build_hasher();
+            b.name().hash(&mut h);
+            from.hash(&mut h);
+            sum = sum.wrapping_add(h.finish());
+        }
+    }
+    sum
 }
 
 /// The node's load now.
@@ -409,10 +476,12 @@ fn collect(ctx: &NodeContext, last: &mut Sample) -> LoadReport {
             viewers: b.stats.players.load(Relaxed),
             node_subscriptions: b.stats.node_subscriptions.load(Relaxed),
             publishing: b.is_live() && !cluster.is_some_and(|l| l.fetches(b.name())),
+            ladder_from: b.ladder_from().map(|n| n.to_string()),
         })
         .collect();
     LoadReport {
         cpu,
+        cores: cores(),
         memory,
         bandwidth_in: report_in,
         bandwidth_out: report_out,
@@ -435,8 +504,29 @@ pub(crate) async fn run_reporter(
     let mut draining = false;
     let mut last = Sample::default();
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    // Only ingest nodes take ladders over the cluster link.
+    let watch_ladders = node.role.ingests();
+    let mut check = tokio::time::interval(LADDER_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reported_ladders = 0u64;
     loop {
-        tick.tick().await;
+        if watch_ladders {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = check.tick() => {
+                    if ladders(&ctx) == reported_ladders {
+                        continue;
+                    }
+                    // Reported now: the next regular report is a full interval away.
+                    tick.reset();
+                }
+            }
+        } else {
+            tick.tick().await;
+        }
+        if watch_ladders {
+            reported_ladders = ladders(&ctx);
+        }
         if !registered {
             match manager.register(&node, &token).await {
                 Ok(()) => {

@@ -371,6 +371,85 @@ mod tests {
     }
 
     #[test]
+    fn transcoder_groups_scale_on_cpu() {
+        let t0 = Instant::now();
+        let mut reg = Registry::new(Duration::from_secs(3), "a");
+        let g = NodeGroup {
+            name: "t".into(),
+            role: NodeRole::Transcoder,
+            metric: ScaleMetric::Cpu,
+            scale_out_above: 3.0,
+            scale_in_below: 1.0,
+            ..group()
+        };
+        let mut a = Autoscaler::new();
+        let mut k = 0;
+        let mut ids = |_: &NodeGroup| {
+            k += 1;
+            format!("t-{k}")
+        };
+        assert_eq!(
+            a.plan(std::slice::from_ref(&g), &reg, t0, &mut ids).len(),
+            1
+        );
+        let cpu = |reg: &mut Registry, id: &str, cpu: f64, now: Instant| {
+            let load = LoadReport {
+                cpu,
+                cores: 4.0,
+                ..LoadReport::default()
+            };
+            reg.report(id, load, now).unwrap();
+        };
+        let join = |reg: &mut Registry, id: &str, now: Instant| {
+            reg.register(
+                NodeInfo {
+                    id: id.into(),
+                    role: NodeRole::Transcoder,
+                    region: "a".into(),
+                    addresses: NodeAddresses {
+                        rtmp: None,
+                        http: format!("http://{id}"),
+                        cluster: None,
+                    },
+                    capacity: 0,
+                    group: Some("t".into()),
+                },
+                now,
+            );
+        };
+        join(&mut reg, "t-1", t0);
+        // Three ladders on one transcoder (3.5 cores > 3): a second one.
+        let t1 = t0 + Duration::from_secs(6);
+        cpu(&mut reg, "t-1", 3.5, t1);
+        assert_eq!(
+            a.plan(std::slice::from_ref(&g), &reg, t1, &mut ids),
+            vec![Action::Create {
+                group: "t".into(),
+                id: "t-2".into()
+            }]
+        );
+        join(&mut reg, "t-2", t1);
+        // Jobs spread (2.0 and 1.5: mean 1.75): nothing to do; then they end: one drains.
+        let t2 = t1 + Duration::from_secs(6);
+        cpu(&mut reg, "t-1", 2.0, t2);
+        cpu(&mut reg, "t-2", 1.5, t2);
+        assert!(
+            a.plan(std::slice::from_ref(&g), &reg, t2, &mut ids)
+                .is_empty()
+        );
+        let t3 = t2 + Duration::from_secs(6);
+        cpu(&mut reg, "t-1", 0.1, t3);
+        cpu(&mut reg, "t-2", 0.0, t3);
+        assert_eq!(
+            a.plan(std::slice::from_ref(&g), &reg, t3, &mut ids),
+            vec![Action::Drain {
+                group: "t".into(),
+                id: "t-2".into()
+            }]
+        );
+    }
+
+    #[test]
     fn nodes_of_a_deleted_group_drain() {
         let t0 = Instant::now();
         let mut reg = Registry::new(Duration::from_secs(3), "a");

@@ -96,7 +96,7 @@ pub(crate) struct NodeGroup {
     pub(crate) name: String,
     /// The region its nodes report.
     pub(crate) region: String,
-    /// The role of its nodes: edge, relay or origin.
+    /// The role of its nodes: edge, relay, origin or transcoder.
     pub(crate) role: NodeRole,
     /// Fewest nodes kept running.
     pub(crate) min: u32,
@@ -135,9 +135,9 @@ impl NodeGroup {
         }
         if !matches!(
             self.role,
-            NodeRole::Edge | NodeRole::Relay | NodeRole::Origin
+            NodeRole::Edge | NodeRole::Relay | NodeRole::Origin | NodeRole::Transcoder
         ) {
-            return bad("role: edge, relay or origin");
+            return bad("role: edge, relay, origin or transcoder");
         }
         if self.min > self.max || self.max > MAX_GROUP_NODES {
             return bad("min ≤ max ≤ 1000 is needed");
@@ -444,6 +444,11 @@ mod tests {
         let mut g = group();
         g.role = NodeRole::Standalone;
         assert!(s.put_node_group(&g).is_err());
+        // Transcoder groups are fine (they scale on CPU, like edges can).
+        let mut t = group();
+        t.name = "transcoders".into();
+        t.role = NodeRole::Transcoder;
+        t.check().unwrap();
         assert!(s.node_groups().unwrap().is_empty());
     }
 }

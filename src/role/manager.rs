@@ -1,6 +1,6 @@
 //! `castnode manager`: the stream manager service — node registry with heartbeats, placement
 //! lookups, WHIP/WHEP redirects, tokens, regions, node groups with the autoscaler and the
-//! process provisioner — on its HTTP port (default 5080).
+//! process provisioner, transcode jobs for transcoder nodes — on its HTTP port (default 5080).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -55,6 +55,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         cfg.manager.require_token,
     )?);
     let generated = manager.ensure_admin(cfg.manager.admin_token.as_deref())?;
+    manager.set_transcode(cfg.manager.transcode.clone());
     let provisioner = if cfg.manager.process_provisioner {
         let host = &cfg.manager.provision_host;
         let reach = if addr.ip().is_unspecified() {
@@ -120,6 +121,10 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     println!("  Nodes:   http://{host}:{port}/api/v1/nodes   (Authorization: Bearer <API token>)");
     println!("  OpenAPI: http://{host}:{port}/api/v1/openapi.json");
     println!("  Metrics: http://{host}:{port}/metrics");
+    println!(
+        "  Transcode jobs (ladders by transcoder nodes): {} (+ publish lookups with ?transcode=true); http://{host}:{port}/api/v1/transcodes",
+        cfg.manager.transcode
+    );
     match &cfg.manager.db {
         Some(p) if p.as_os_str() != ":memory:" => println!("  Database: {}", p.display()),
         _ => println!("  Database: in memory (nothing survives a restart)"),
