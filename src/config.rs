@@ -634,6 +634,13 @@ impl NodeArgs {
         if !jobs.is_empty() && role != "transcoder" {
             return Err(bad("jobs", format!("a {role} takes no transcode jobs")));
         }
+        let managed = a.manager.is_some() || file.manager.is_some();
+        if role == "transcoder" && jobs.is_empty() && !managed {
+            return Err(bad(
+                "jobs",
+                "a transcoder needs --jobs app/key,… or a --manager that gives it jobs",
+            ));
+        }
         if let Some(j) = jobs.iter().find(|j| !crate::media::valid_name(j)) {
             return Err(bad(
                 "jobs",

@@ -26,9 +26,13 @@ fn roles_not_built_yet_exit_2() {
 }
 
 #[test]
-fn a_transcoder_needs_an_upstream_and_jobs_are_a_transcoders() {
+fn a_transcoder_needs_jobs_and_an_upstream_and_jobs_are_a_transcoders() {
     let token = "0123456789abcdef";
     let (code, _, err) = castnode(&["transcoder", "--cluster-token", token], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--jobs") && err.contains("--manager"), "{err}");
+    let jobs = ["--jobs", "live/a", "--cluster-token", token];
+    let (code, _, err) = castnode(&[&["transcoder"][..], &jobs].concat(), &[]);
     assert_eq!(code, 64, "{err}");
     assert!(err.contains("upstream"), "{err}");
     let up = ["--upstream", "127.0.0.1:4443", "--cluster-token", token];

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -50,67 +50,7 @@ fn watch(server_http: u16, server_rtmp: u16, key: &str, player: Player) -> usize
 }
 
 fn watch_flv(port: u16, key: &str) -> usize {
-    let end = Instant::now() + READ;
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return 0;
-    };
-    let _ = write!(
-        s,
-        "GET /live/{key}.flv HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    );
-    let mut raw = Vec::new();
-    let mut head_done = false;
-    // De-chunked FLV bytes and where the next tag starts in them (after the 13-byte header).
-    let mut flv = Vec::new();
-    let mut at = 13;
-    let mut frames = 0;
-    let mut buf = vec![0u8; 64 << 10];
-    while let Some(left) = end.checked_duration_since(Instant::now()) {
-        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
-        let n = match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(_) => break,
-        };
-        raw.extend_from_slice(&buf[..n]);
-        if !head_done {
-            let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            if !raw.starts_with(b"HTTP/1.1 200") {
-                return 0;
-            }
-            raw.drain(..i + 4);
-            head_done = true;
-        }
-        // Chunked transfer encoding: `len-hex\r\n data \r\n`.
-        while let Some(i) = raw.windows(2).position(|w| w == b"\r\n") {
-            let len = std::str::from_utf8(&raw[..i])
-                .ok()
-                .and_then(|h| usize::from_str_radix(h.trim(), 16).ok())
-                .expect("a chunk length");
-            if raw.len() < i + 2 + len + 2 {
-                break;
-            }
-            flv.extend_from_slice(&raw[i + 2..i + 2 + len]);
-            raw.drain(..i + 2 + len + 2);
-        }
-        // FLV tags: type, 3-byte size, 4-byte time, 3-byte stream id, body, 4-byte back pointer.
-        while flv.len() >= at + 11 {
-            let size = usize::from(flv[at + 1]) << 16
-                | usize::from(flv[at + 2]) << 8
-                | usize::from(flv[at + 3]);
-            if flv.len() < at + 11 + size + 4 {
-                break;
-            }
-            // H.264 (FLV codec 7): AVCPacketType 1 is a frame, 0 the sequence header.
-            if flv[at] == 9 && size >= 2 && flv[at + 12] == 1 {
-                frames += 1;
-            }
-            at += 11 + size + 4;
-        }
-    }
-    frames
+    read_flv_video(port, &format!("/live/{key}.flv"), READ).map_or(0, |f| f.len())
 }
 
 fn watch_rtmp(port: u16, key: &str) -> usize {

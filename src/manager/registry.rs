@@ -428,13 +428,16 @@ impl Registry {
     }
 
     /// The cluster-link addresses node `asker` should use for `broadcast`: for an edge, the
-    /// relays of its region (least loaded first), then the origins; for a relay, the origins
-    /// only (relays do not chain through the manager). Among origins the one that has the
-    /// publisher comes first, then by load. Failed nodes and the asker are left out.
+    /// relays of its region (least loaded first), then the origins; for a relay or a
+    /// transcoder, the origins only (relays do not chain through the manager, and a
+    /// transcoder's ladder must reach the origin that has the publisher, where the broadcast
+    /// is). Among origins the one that has the publisher comes first, then by load. Failed
+    /// nodes and the asker are left out.
     pub(crate) fn upstreams(&self, broadcast: &str, asker: &str) -> Vec<String> {
         let me = self.nodes.get(asker);
         let region = me.map_or(self.default_region.as_str(), |n| n.info.region.as_str());
-        let is_relay = me.is_some_and(|n| n.info.role == NodeRole::Relay);
+        let is_relay =
+            me.is_some_and(|n| matches!(n.info.role, NodeRole::Relay | NodeRole::Transcoder));
         let usable = |n: &&NodeEntry| {
             n.placeable() && n.info.id != asker && n.info.addresses.cluster.is_some()
         };
@@ -737,9 +740,14 @@ mod tests {
             r.upstreams("live/x", "edge-b1"),
             vec!["relay-b:4443", "origin-a:4443", "origin-b:4443"]
         );
-        // Relays go straight to the origins.
+        // Relays go straight to the origins, and so do transcoders.
         assert_eq!(
             r.upstreams("live/x", "relay-b"),
+            vec!["origin-a:4443", "origin-b:4443"]
+        );
+        r.register(node("tc-b", NodeRole::Transcoder, "b", 100), now);
+        assert_eq!(
+            r.upstreams("live/x", "tc-b"),
             vec!["origin-a:4443", "origin-b:4443"]
         );
     }

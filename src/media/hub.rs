@@ -626,7 +626,6 @@ impl Broadcast {
 
     /// The node whose transcoder publishes the ladder here over the cluster link, while one
     /// does (on the origin of a cluster with transcoder nodes).
-    #[allow(dead_code)] // read by the load reports to the stream manager (in progress)
     pub(crate) fn ladder_from(&self) -> Option<Arc<str>> {
         self.lock().ladder_from.clone()
     }

@@ -120,7 +120,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     };
     let http_addr = http.local_addr()?;
     tracing::info!(rtmp = %rtmp_addr, http = %http_addr, webrtc_udp = %webrtc_udp, cluster = %cluster_addr, node_id = %cluster.node_id, "{role} node started");
-    if let Some(manager) = manager {
+    if let Some(manager) = manager.clone() {
         let cluster_port = link
             .as_ref()
             .and_then(|l| cluster.listen.and(l.local_addr()))
@@ -154,13 +154,32 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
         } else {
             println!("  Jobs: {} (--jobs)", jobs.join(", "));
         }
-        println!(
-            "  Upstream (fetches sources, takes the ladders): {}",
-            cluster.upstream.join(", ")
-        );
+        if manager.is_some() {
+            println!(
+                "  Upstream (fetches sources, takes the ladders): the origin the stream manager \
+                 names, else {:?}",
+                cluster.upstream
+            );
+        } else {
+            println!(
+                "  Upstream (fetches sources, takes the ladders): {}",
+                cluster.upstream.join(", ")
+            );
+        }
         println!("  Metrics:    http://{host}:{http_port}/metrics");
-        if let (Some(link), Some(ladders)) = (ctx.link.get(), ctx.ladders.as_ref()) {
-            ctx.jobs.set(&ctx.hub, link, ladders, &jobs);
+        if let (Some(link), Some(ladders)) = (ctx.link.get(), ctx.ladders.clone()) {
+            match (&manager, jobs.is_empty()) {
+                (Some(m), true) => {
+                    tokio::spawn(take_jobs(
+                        m.clone(),
+                        cluster.node_id.clone(),
+                        ctx.clone(),
+                        link.clone(),
+                        ladders,
+                    ));
+                }
+                _ => ctx.jobs.set(&ctx.hub, link, &ladders, &jobs),
+            }
         }
     } else if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
@@ -209,6 +228,37 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     };
     let manager = embedded.map(|(m, _)| m);
     serve(ctx, rtmp, http, webrtc, facts, manager).await
+}
+
+/// A transcoder's jobs from the stream manager: asked again as soon as the last answer came
+/// (the manager answers when they change, or after a while), every second while it cannot be
+/// reached or does not know the node yet (the reporter registers it).
+async fn take_jobs(
+    manager: Arc<dyn StreamManager>,
+    node: String,
+    ctx: Arc<NodeContext>,
+    link: Arc<Link>,
+    ladders: Arc<crate::transcode::Ladders>,
+) {
+    let mut after = 0;
+    let mut failing = false;
+    loop {
+        match manager.jobs(&node, after).await {
+            Ok(list) => {
+                failing = false;
+                after = list.version;
+                let wanted: Vec<String> = list.jobs.into_iter().map(|j| j.broadcast).collect();
+                ctx.jobs.set(&ctx.hub, &link, &ladders, &wanted);
+            }
+            Err(e) => {
+                if !failing && !matches!(e, crate::manager::ManagerError::UnknownNode(_)) {
+                    tracing::warn!(error = %e, "cannot get transcode jobs from the stream manager; retrying every second");
+                }
+                failing = true;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 fn print_banner(

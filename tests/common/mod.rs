@@ -874,3 +874,89 @@ pub fn chromium(url: &str, profile: &std::path::Path) -> Proc {
             .expect("start chromium"),
     )
 }
+
+/// One video frame an HTTP-FLV reader got: when it arrived, its presentation time (ms) and
+/// whether it is a keyframe.
+#[derive(Clone, Copy, Debug)]
+pub struct FlvFrame {
+    pub arrived: Instant,
+    pub pts_ms: i64,
+    pub keyframe: bool,
+}
+
+/// Plays `path` (`/live/key.flv?…`) from 127.0.0.1:`port` over HTTP-FLV for `read` of wall-clock
+/// time; the H.264 frames it got (not sequence headers), stamped on arrival. `None` when it was
+/// refused (not a 200).
+pub fn read_flv_video(port: u16, path: &str, read: Duration) -> Option<Vec<FlvFrame>> {
+    let end = Instant::now() + read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    let mut head_done = false;
+    // De-chunked FLV bytes and where the next tag starts in them (after the 13-byte header).
+    let mut flv = Vec::new();
+    let mut at = 13;
+    let mut frames = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        let n = match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let arrived = Instant::now();
+        raw.extend_from_slice(&buf[..n]);
+        if !head_done {
+            let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            if !raw.starts_with(b"HTTP/1.1 200") {
+                return None;
+            }
+            raw.drain(..i + 4);
+            head_done = true;
+        }
+        // Chunked transfer encoding: `len-hex\r\n data \r\n`.
+        while let Some(i) = raw.windows(2).position(|w| w == b"\r\n") {
+            let len = std::str::from_utf8(&raw[..i])
+                .ok()
+                .and_then(|h| usize::from_str_radix(h.trim(), 16).ok())
+                .expect("a chunk length");
+            if raw.len() < i + 2 + len + 2 {
+                break;
+            }
+            flv.extend_from_slice(&raw[i + 2..i + 2 + len]);
+            raw.drain(..i + 2 + len + 2);
+        }
+        // FLV tags: type, 3-byte size, 4-byte time, 3-byte stream id, body, 4-byte back pointer.
+        while flv.len() >= at + 11 {
+            let size = usize::from(flv[at + 1]) << 16
+                | usize::from(flv[at + 2]) << 8
+                | usize::from(flv[at + 3]);
+            if flv.len() < at + 11 + size + 4 {
+                break;
+            }
+            // H.264 (FLV codec 7): AVCPacketType 1 is a frame, 0 the sequence header; then a
+            // 24-bit signed composition offset.
+            if flv[at] == 9 && size >= 5 && flv[at + 12] == 1 {
+                let dts = i64::from(flv[at + 7]) << 24
+                    | i64::from(flv[at + 4]) << 16
+                    | i64::from(flv[at + 5]) << 8
+                    | i64::from(flv[at + 6]);
+                let cts =
+                    (i32::from_be_bytes([flv[at + 13], flv[at + 14], flv[at + 15], 0]) >> 8) as i64;
+                frames.push(FlvFrame {
+                    arrived,
+                    pts_ms: dts + cts,
+                    keyframe: flv[at + 11] >> 4 == 1,
+                });
+            }
+            at += 11 + size + 4;
+        }
+    }
+    Some(frames)
+}
