@@ -1157,9 +1157,20 @@ mod tests {
             "[ladders.mobile]\nrungs = [\n  { name = \"720p\", height = 720, bitrate-kbps = 2500 },\n  \
              { name = \"360p\", height = 360, bitrate-kbps = 700, fps = 30, profile = \"main\" },\n]\n",
         );
-        let cfg = parse(&["--config", &good, "--ladder", "mobile"])
-            .resolve_for("transcoder")
-            .unwrap();
+        let cfg = parse(&[
+            "--config",
+            &good,
+            "--ladder",
+            "mobile",
+            "--jobs",
+            "live/a",
+            "--upstream",
+            "127.0.0.1:4443",
+            "--cluster-token",
+            "0123456789abcdef",
+        ])
+        .resolve_for("transcoder")
+        .unwrap();
         let ladder = cfg.ladder.unwrap();
         assert_eq!(ladder.name, "mobile");
         assert_eq!(ladder.rungs[1].fps, Some(30));
