@@ -118,7 +118,7 @@ fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
     let manager = Server::start_role("manager", &["--cluster-token", TOKEN, "--transcode", "all"]);
     let origin = managed(&manager, "origin", &["--node-id", "origin-1"]);
     let up = upstream_of(&origin);
-    let mut transcoders: Vec<Server> = ["tc-1", "tc-2"]
+    let transcoders: Vec<Server> = ["tc-1", "tc-2"]
         .iter()
         .map(|id| {
             managed(
@@ -129,11 +129,58 @@ fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
         })
         .collect();
     let edge = managed(&manager, "edge", &["--upstream", &up, "--linger", "2"]);
+    kill_the_ladders_transcoder(Some(&manager), &origin, transcoders, &edge);
+}
+
+/// Without a manager: two transcoders given the same broadcast (`--jobs`); the origin takes one
+/// ladder, the other stands by and takes over when the first is killed.
+#[test]
+fn a_standby_transcoder_takes_over_without_a_manager() {
+    let origin = Server::start_role(
+        "origin",
+        &["--cluster-token", TOKEN, "--node-id", "origin-1"],
+    );
+    let up = upstream_of(&origin);
+    let transcoders: Vec<Server> = ["tc-1", "tc-2"]
+        .iter()
+        .map(|id| {
+            Server::start_role(
+                "transcoder",
+                &[
+                    "--node-id",
+                    id,
+                    "--upstream",
+                    &up,
+                    "--cluster-token",
+                    TOKEN,
+                    "--jobs",
+                    "live/job",
+                ],
+            )
+        })
+        .collect();
+    let edge = Server::start_role(
+        "edge",
+        &["--upstream", &up, "--cluster-token", TOKEN, "--linger", "2"],
+    );
+    kill_the_ladders_transcoder(None, &origin, transcoders, &edge);
+}
+
+/// Publishes `live/job` to `origin`, waits for one of `transcoders` (ids tc-1, tc-2) to attach
+/// its ladder, reads the 360p rung at `edge` for 16 s and kills the ladder's transcoder 5 s in:
+/// the other one takes over, and the reader waits at most 3 s and goes on.
+fn kill_the_ladders_transcoder(
+    manager: Option<&Server>,
+    origin: &Server,
+    mut transcoders: Vec<Server>,
+    edge: &Server,
+) {
+    let manager_log = || manager.map(Server::log).unwrap_or_default();
     let _publisher = ffmpeg_publish(&origin.rtmp_url("job"), &fixture("obs-like.flv"), 100);
     origin.wait_live("live/job", Duration::from_secs(15));
     let mut holder = None;
     let placed = wait_until(Duration::from_secs(20), || {
-        holder = ladder_from(&origin, "live/job");
+        holder = ladder_from(origin, "live/job");
         holder.is_some()
     });
     let logs = |t: &[Server]| {
@@ -145,14 +192,14 @@ fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
     assert!(
         placed,
         "no transcoder's ladder on the origin\nmanager:\n{}\norigin:\n{}\ntranscoders:\n{}",
-        manager.log(),
+        manager_log(),
         origin.log(),
         logs(&transcoders)
     );
     let holder = holder.unwrap();
     // The 640×360 source gets the default ladder's rungs no taller than itself.
     assert_eq!(
-        wait_rungs(&origin, "live/job", 2, Duration::from_secs(10)),
+        wait_rungs(origin, "live/job", 2, Duration::from_secs(10)),
         ["360p", "240p"]
     );
 
@@ -166,12 +213,12 @@ fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
     let killed_at = std::time::Instant::now();
     let other = if killed == 0 { "tc-2" } else { "tc-1" };
     let moved = wait_until(Duration::from_secs(10), || {
-        ladder_from(&origin, "live/job").as_deref() == Some(other)
+        ladder_from(origin, "live/job").as_deref() == Some(other)
     });
     assert!(
         moved,
         "the job did not move to {other}\nmanager:\n{}\norigin:\n{}",
-        manager.log(),
+        manager_log(),
         origin.log()
     );
     let frames = reader.join().unwrap().expect("the edge plays the rung");
@@ -202,6 +249,9 @@ fn a_killed_transcoders_job_moves_and_a_rungs_reader_goes_on() {
     );
     assert!(
         after_kill > 90,
-        "the rung did not go on: {after_kill} frames"
+        "the rung did not go on: {after_kill} frames\nedge:\n{}\norigin:\n{}\ntranscoders:\n{}",
+        edge.log(),
+        origin.log(),
+        logs(&transcoders)
     );
 }

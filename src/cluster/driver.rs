@@ -826,9 +826,13 @@ impl Driver {
             return;
         };
         let upstream = s.session.remote();
-        let Some(kept) = s.session.sink_mut(id).map(|k| k.producer.is_some()) else {
+        let Some(sink) = s.session.sink_mut(id) else {
             return;
         };
+        let kept = sink.producer.is_some();
+        // A transcoder leaves upstream's ladder out: its own takes those ids.
+        let mut tracks = tracks;
+        tracks.retain(|(t, _)| sink.keeps(*t));
         let bc = if kept {
             self.link.stats.failovers.fetch_add(1, Relaxed);
             info!(%broadcast, %upstream, "fetch moved to another upstream");

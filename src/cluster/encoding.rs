@@ -104,6 +104,12 @@ impl Sink {
         self
     }
 
+    /// Whether it writes `track` (not a peer's ladder rung it leaves out): for the tracks a
+    /// SUBSCRIBE_OK describes, as for those its groups carry.
+    pub(crate) fn keeps(&self, track: TrackId) -> bool {
+        !(self.skip_ladder && track.is_ladder())
+    }
+
     /// Whether it writes anywhere yet.
     pub(crate) fn is_ready(&self) -> bool {
         self.producer.is_some() || self.ladder.is_some()
@@ -124,7 +130,7 @@ impl Sink {
         while let Some(ev) = decoder.decode(buf)? {
             match ev {
                 GroupEvent::Header(_) => {}
-                GroupEvent::Config { track, .. } if self.skip_ladder && track.is_ladder() => {}
+                GroupEvent::Config { track, .. } if !self.keeps(track) => {}
                 GroupEvent::Config { track, info } => {
                     match (&mut self.producer, &mut self.ladder) {
                         (Some(p), _) => p.set_track(track, *info),
@@ -132,7 +138,7 @@ impl Sink {
                         (None, None) => {}
                     }
                 }
-                GroupEvent::Frame(f) if self.skip_ladder && f.track.is_ladder() => {}
+                GroupEvent::Frame(f) if !self.keeps(f.track) => {}
                 GroupEvent::Frame(f) => {
                     let i = usize::from(f.track.0).min(self.last_dts.len() - 1);
                     if f.frame.dts <= self.last_dts[i] {
