@@ -113,8 +113,9 @@
 //! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; the sans-IO
 //!   session table [`webrtc::table`] (routing, handover, reaping) under a thin
 //!   [`webrtc::driver`]; str0m does SDP, ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
-//!   [`webrtc::sender`], [`webrtc::srtp`], [`webrtc::rtcp`]); a WHIP publisher's frames enter
-//!   the hub through the sans-IO [`webrtc::ingest`].
+//!   [`webrtc::sender`], [`webrtc::srtp`], [`webrtc::rtcp`]); `auto` viewers' ABR (bandwidth
+//!   estimate, rung choice, keyframe-aligned switching) is the sans-IO [`webrtc::abr`]; a WHIP
+//!   publisher's frames enter the hub through the sans-IO [`webrtc::ingest`].
 //! - [`ffmpeg`], [`transcode`]: in-process FFmpeg and the on-demand renditions built with it
 //!   (AAC → Opus for WebRTC viewers, Opus → AAC for RTMP/FLV players of WHIP sources, B-frame-free
 //!   H.264), written back into the hub as extra tracks; the ABR ladders a node makes

@@ -355,6 +355,36 @@ pub(crate) fn render(ctx: &crate::node::NodeContext) -> String {
     }
     let mut samples = Vec::new();
     for (n, r) in &rtc {
+        for (direction, v) in [("up", &r.abr_switches_up), ("down", &r.abr_switches_down)] {
+            samples.push((
+                format!("{{{},direction=\"{direction}\"}}", label(n)),
+                v.load(Relaxed) as f64,
+            ));
+        }
+    }
+    metric(
+        "castnode_broadcast_webrtc_abr_switches_total",
+        "counter",
+        "Rendition switches of a broadcast's auto (ABR) WebRTC viewers, by direction.",
+        &samples,
+    );
+    let mut samples = Vec::new();
+    for (n, r) in &rtc {
+        for (rendition, secs) in r.rendition_seconds() {
+            samples.push((
+                format!("{{{},rendition=\"{}\"}}", label(n), escape(&rendition)),
+                secs,
+            ));
+        }
+    }
+    metric(
+        "castnode_broadcast_webrtc_abr_rendition_seconds_total",
+        "counter",
+        "Seconds a broadcast's auto (ABR) WebRTC viewers played each rendition (source: the source).",
+        &samples,
+    );
+    let mut samples = Vec::new();
+    for (n, r) in &rtc {
         let (buckets, count, sum) = r.ttff.snapshot();
         let l = label(n);
         for (le, c) in buckets {

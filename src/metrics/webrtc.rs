@@ -1,5 +1,6 @@
 //! Per-broadcast WebRTC figures for `/metrics`: viewers, time to first frame (a histogram),
-//! bytes sent, NACKs, PLIs and FIRs received.
+//! bytes sent, NACKs, PLIs and FIRs received, and for `auto` (ABR) viewers their switches by
+//! direction and the time they spent in each rendition.
 //!
 //! Guarantees: sessions hold their broadcast's counters (an `Arc`), so nothing on the media path
 //! looks anything up; counters are atomics, read without locks; a broadcast's figures are
@@ -28,6 +29,35 @@ pub(crate) struct BroadcastRtcStats {
     pub(crate) plis: AtomicU64,
     /// FIRs received from viewers.
     pub(crate) firs: AtomicU64,
+    /// `auto` viewers' switches to a higher rendition.
+    pub(crate) abr_switches_up: AtomicU64,
+    /// `auto` viewers' switches to a lower rendition.
+    pub(crate) abr_switches_down: AtomicU64,
+    /// Milliseconds `auto` viewers played each rendition (`source` for the source), by name;
+    /// a few entries, updated about once a second per viewer.
+    abr_time: Mutex<Vec<(Arc<str>, u64)>>,
+}
+
+impl BroadcastRtcStats {
+    /// `ms` more milliseconds played of rendition `name`.
+    pub(crate) fn add_rendition_time(&self, name: &Arc<str>, ms: u64) {
+        let mut t = self.abr_time.lock().unwrap_or_else(|p| p.into_inner());
+        match t.iter_mut().find(|(n, _)| n == name) {
+            Some((_, total)) => *total += ms,
+            None => t.push((name.clone(), ms)),
+        }
+    }
+
+    /// Seconds played of each rendition, by name.
+    pub(crate) fn rendition_seconds(&self) -> Vec<(Arc<str>, f64)> {
+        let t = self.abr_time.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = t
+            .iter()
+            .map(|(n, ms)| (n.clone(), *ms as f64 / 1000.0))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
 }
 
 /// The node's per-broadcast WebRTC figures.
@@ -70,5 +100,13 @@ mod tests {
         assert_eq!(stats.broadcast(&name).bytes_sent.load(Relaxed), 1500);
         assert_eq!(stats.snapshot(|_| true).len(), 1);
         assert_eq!(stats.snapshot(|_| false).len(), 0, "no viewers, not live");
+        let b = stats.broadcast(&name);
+        b.add_rendition_time(&"360p".into(), 1500);
+        b.add_rendition_time(&"240p".into(), 250);
+        b.add_rendition_time(&"360p".into(), 500);
+        assert_eq!(
+            b.rendition_seconds(),
+            vec![("240p".into(), 0.25), ("360p".into(), 2.0)]
+        );
     }
 }

@@ -32,7 +32,7 @@ use tracing::{debug, warn};
 
 use super::WebrtcError;
 use super::egress::Egress;
-use super::table::Sessions;
+use super::table::{Play, Sessions};
 use crate::media::{BroadcastConsumer, BroadcastProducer};
 use crate::node::NodeContext;
 
@@ -48,7 +48,7 @@ enum Command {
     Whep {
         consumer: BroadcastConsumer,
         offer: SdpOffer,
-        rendition: Option<Arc<str>>,
+        play: Play,
         reply: oneshot::Sender<Result<(u64, String), WebrtcError>>,
     },
     Whip {
@@ -122,14 +122,13 @@ impl Webrtc {
         &self,
         consumer: BroadcastConsumer,
         offer: &str,
-        rendition: Option<&str>,
+        play: Play,
     ) -> Result<(u64, String), WebrtcError> {
         let offer = parse_offer(offer)?;
-        let rendition = rendition.map(Arc::from);
         self.call(|reply| Command::Whep {
             consumer,
             offer,
-            rendition,
+            play,
             reply,
         })
         .await
@@ -311,8 +310,8 @@ async fn run(
             }
             cmd = rx.recv() => match cmd {
                 None => return,
-                Some(Command::Whep { consumer, offer, rendition, reply }) => {
-                    let _ = reply.send(table.whep(consumer, offer, rendition, &mut egress));
+                Some(Command::Whep { consumer, offer, play, reply }) => {
+                    let _ = reply.send(table.whep(consumer, offer, play, &mut egress));
                 }
                 Some(Command::Whip { producer, offer, reply }) => {
                     let _ = reply.send(table.whip(producer, offer, &mut egress));

@@ -21,8 +21,13 @@
 //!                 PLI/FIR → WHIP publisher; sender reports every second
 //! ```
 //!
+//! An `auto` viewer (WHEP's default on a broadcast with an ABR ladder) is moved between the
+//! ladder's rungs by [`abr`]: its sender paces video at the estimated bandwidth and probes with
+//! padding; the table switches rungs at keyframes on the viewer's one RTP stream.
+//!
 //! A WHIP publisher's session is str0m's throughout (depacketizing, NACKs, RTCP).
 
+pub(crate) mod abr;
 pub(crate) mod consent;
 pub(crate) mod driver;
 pub(crate) mod egress;

@@ -3,9 +3,13 @@
 //!
 //! Guarantees: [`parse`] reads a compound (or reduced-size, RFC 5506) packet that has already
 //! been authenticated and decrypted, never panics, never allocates beyond the caller's output
-//! vector, and skips what it does not use (receiver reports' blocks, SDES, BYE, transport-wide
-//! feedback, REMB) or cannot read; [`sender_report`] writes an SR with an SDES CNAME, the
-//! compound a receiver needs to map RTP timestamps to wall-clock time (lip sync).
+//! vector, and skips what it does not use (SDES, BYE, APP) or cannot read. What it reads:
+//! NACK, PLI, FIR, the report blocks of receiver and sender reports (loss, jitter, LSR/DLSR for
+//! the round-trip time), REMB (draft-alvestrand-rmcat-remb) and transport-wide congestion
+//! control feedback (draft-holmer-rmcat-transport-wide-cc-extensions-01), the last as a range of
+//! the input that [`transport_cc`] walks without allocating. [`sender_report`] writes an SR with
+//! an SDES CNAME, the compound a receiver needs to map RTP timestamps to wall-clock time (lip
+//! sync).
 
 /// Feedback from a receiver about one of our streams (`ssrc` is the media source).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +34,32 @@ pub(crate) enum Feedback {
         /// The media stream.
         ssrc: u32,
     },
+    /// A report block of a receiver (or sender) report (RFC 3550 §6.4.1).
+    Report {
+        /// The media stream reported on.
+        ssrc: u32,
+        /// Fraction of its packets lost since the previous report, in 1/256.
+        fraction_lost: u8,
+        /// Interarrival jitter, in the stream's RTP clock units.
+        jitter: u32,
+        /// The middle 32 bits of the NTP time of the last sender report received (0: none).
+        lsr: u32,
+        /// Delay since that sender report, in 1/65536 s.
+        dlsr: u32,
+    },
+    /// Receiver estimated maximum bitrate (draft-alvestrand-rmcat-remb), bits per second.
+    Remb {
+        /// The estimate.
+        bps: u64,
+    },
+    /// Transport-wide congestion control feedback: the whole RTCP packet is `buf[start..end]`
+    /// of the parsed buffer, for [`transport_cc`].
+    TransportCc {
+        /// Where the packet starts in the parsed buffer.
+        start: usize,
+        /// Where it ends.
+        end: usize,
+    },
 }
 
 impl Feedback {
@@ -44,18 +74,38 @@ impl Feedback {
 }
 
 /// Appends the feedback of a plain compound RTCP packet to `out`.
-pub(crate) fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
-    while buf.len() >= 4 {
-        if buf[0] >> 6 != 2 {
+pub(crate) fn parse(buf: &[u8], out: &mut Vec<Feedback>) {
+    let mut at = 0;
+    while buf.len() >= at + 4 {
+        let rest = &buf[at..];
+        if rest[0] >> 6 != 2 {
             return;
         }
-        let count = buf[0] & 0x1f;
-        let kind = buf[1];
-        let len = (usize::from(u16::from_be_bytes([buf[2], buf[3]])) + 1) * 4;
-        let Some(packet) = buf.get(..len) else {
+        let count = rest[0] & 0x1f;
+        let kind = rest[1];
+        let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
+        let Some(packet) = rest.get(..len) else {
             return;
         };
-        buf = &buf[len..];
+        let start = at;
+        at += len;
+        // Receiver report: header (4), sender SSRC (4), blocks; a sender report has 20 bytes of
+        // sender info before its blocks.
+        if kind == 200 || kind == 201 {
+            let first = if kind == 200 { 28 } else { 8 };
+            let blocks = packet.get(first..).unwrap_or_default();
+            for b in blocks.chunks_exact(24).take(usize::from(count)) {
+                let word = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                out.push(Feedback::Report {
+                    ssrc: word(0),
+                    fraction_lost: b[4],
+                    jitter: word(12),
+                    lsr: word(16),
+                    dlsr: word(20),
+                });
+            }
+            continue;
+        }
         // Feedback: header (4), sender SSRC (4), media SSRC (4), then the FCI.
         if packet.len() < 12 {
             continue;
@@ -73,6 +123,11 @@ pub(crate) fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
                     });
                 }
             }
+            // RTPFB, transport-wide CC: read by `transport_cc` when wanted.
+            (205, 15) => out.push(Feedback::TransportCc {
+                start,
+                end: start + len,
+            }),
             // PSFB, PLI.
             (206, 1) => out.push(Feedback::Pli { ssrc: media }),
             // PSFB, FIR: entries of SSRC (4), seq (1), reserved (3); the media SSRC field is 0.
@@ -83,8 +138,104 @@ pub(crate) fn parse(mut buf: &[u8], out: &mut Vec<Feedback>) {
                     });
                 }
             }
+            // PSFB, application layer: REMB is "REMB", SSRC count (1), exponent (6 bits) and
+            // mantissa (18 bits), then the SSRCs.
+            (206, 15) if fci.len() >= 8 && &fci[..4] == b"REMB" => {
+                let exp = u32::from(fci[5] >> 2);
+                let mantissa = u64::from(u32::from_be_bytes([0, fci[5] & 3, fci[6], fci[7]]));
+                let bps = mantissa.checked_shl(exp).filter(|b| b >> exp == mantissa);
+                out.push(Feedback::Remb {
+                    bps: bps.unwrap_or(u64::MAX),
+                });
+            }
             _ => {}
         }
+    }
+}
+
+/// Walks a transport-wide CC feedback packet (the whole RTCP packet, as
+/// [`Feedback::TransportCc`] locates it): `f(sequence number, arrival)` for every packet it
+/// reports, in order, the arrival in microseconds on the receiver's clock (its reference time
+/// plus the deltas; only differences mean anything) or `None` for a packet not received. False
+/// when the packet is malformed; what came before the fault has been passed on.
+pub(crate) fn transport_cc(packet: &[u8], mut f: impl FnMut(u16, Option<i64>)) -> bool {
+    if packet.len() < 20 {
+        return false;
+    }
+    let base = u16::from_be_bytes([packet[12], packet[13]]);
+    let count = usize::from(u16::from_be_bytes([packet[14], packet[15]]));
+    // Reference time: 24 bits, signed, in 64 ms.
+    let reference = i32::from_be_bytes([packet[16], packet[17], packet[18], 0]) >> 8;
+    let mut arrival = i64::from(reference) * 64_000;
+    let body = &packet[20..];
+    let chunk = |i: usize| {
+        body.get(2 * i..2 * i + 2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+    };
+    // Status chunks first, then the receive deltas: find where the deltas start.
+    let (mut chunks, mut covered) = (0, 0);
+    while covered < count {
+        let Some(c) = chunk(chunks) else {
+            return false;
+        };
+        covered += chunk_len(c);
+        chunks += 1;
+    }
+    let mut deltas = &body[2 * chunks..];
+    let (mut seq, mut left) = (base, count);
+    for i in 0..chunks {
+        let c = chunk(i).unwrap_or_default();
+        for j in 0..chunk_len(c).min(left) {
+            let delta = match chunk_symbol(c, j) {
+                0 => None,
+                1 => {
+                    let Some((&d, rest)) = deltas.split_first() else {
+                        return false;
+                    };
+                    deltas = rest;
+                    Some(i64::from(d))
+                }
+                2 => {
+                    let [a, b, rest @ ..] = deltas else {
+                        return false;
+                    };
+                    deltas = rest;
+                    Some(i64::from(i16::from_be_bytes([*a, *b])))
+                }
+                _ => return false,
+            };
+            f(
+                seq,
+                delta.map(|d| {
+                    arrival += d * 250;
+                    arrival
+                }),
+            );
+            seq = seq.wrapping_add(1);
+            left -= 1;
+        }
+    }
+    true
+}
+
+/// How many packets a transport-wide CC status chunk describes.
+fn chunk_len(c: u16) -> usize {
+    match (c & 0x8000 != 0, c & 0x4000 != 0) {
+        // Run length: 13 bits of length.
+        (false, _) => usize::from(c & 0x1fff),
+        // Status vector of 14 one-bit symbols, or of 7 two-bit symbols.
+        (true, false) => 14,
+        (true, true) => 7,
+    }
+}
+
+/// The status symbol of the `j`th packet of chunk `c`: 0 not received, 1 received with a
+/// one-byte delta, 2 received with a two-byte (signed) delta, 3 reserved.
+fn chunk_symbol(c: u16, j: usize) -> u16 {
+    match (c & 0x8000 != 0, c & 0x4000 != 0) {
+        (false, _) => (c >> 13) & 3,
+        (true, false) => (c >> (13 - j)) & 1,
+        (true, true) => (c >> (12 - 2 * j)) & 3,
     }
 }
 
@@ -150,7 +301,7 @@ mod tests {
         b.extend_from_slice(&[
             0x84, 206, 0, 4, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9, 1, 0, 0, 0,
         ]);
-        // REMB (PSFB fmt 15): ignored.
+        // A PSFB fmt 15 that is not REMB: ignored.
         b.extend_from_slice(&[0x8f, 206, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0]);
         let mut out = Vec::new();
         parse(&b, &mut out);
@@ -171,6 +322,93 @@ mod tests {
     }
 
     #[test]
+    fn reads_report_blocks_remb_and_locates_transport_cc() {
+        let mut b = Vec::new();
+        // RR with one block about SSRC 7: 25% lost, jitter 90, LSR 0x1234_5678, DLSR 65536.
+        b.extend_from_slice(&[0x81, 201, 0, 7, 0, 0, 0, 1, 0, 0, 0, 7, 64, 0, 0, 3]);
+        b.extend_from_slice(&[
+            0, 0, 0x10, 0, 0, 0, 0, 90, 0x12, 0x34, 0x56, 0x78, 0, 1, 0, 0,
+        ]);
+        // REMB: exponent 2, mantissa 250000 → 1 Mbit/s, one SSRC.
+        let m: u32 = 250_000;
+        b.extend_from_slice(&[0x8f, 206, 0, 5, 0, 0, 0, 1, 0, 0, 0, 0]);
+        b.extend_from_slice(b"REMB");
+        b.extend_from_slice(&[1, (2 << 2) | (m >> 16) as u8, (m >> 8) as u8, m as u8]);
+        b.extend_from_slice(&[0, 0, 0, 7]);
+        let twcc_at = b.len();
+        b.extend_from_slice(&twcc_example());
+        let mut out = Vec::new();
+        parse(&b, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Feedback::Report {
+                    ssrc: 7,
+                    fraction_lost: 64,
+                    jitter: 90,
+                    lsr: 0x1234_5678,
+                    dlsr: 65536
+                },
+                Feedback::Remb { bps: 1_000_000 },
+                Feedback::TransportCc {
+                    start: twcc_at,
+                    end: b.len()
+                },
+            ]
+        );
+    }
+
+    /// A transport-wide CC feedback: base 65534, 5 packets, reference time 2 (128 ms): a run of
+    /// 2 received (small deltas 4 and 8: +1 ms, +2 ms), then a 2-bit vector: lost, large delta
+    /// -4 (-1 ms), small delta 0.
+    fn twcc_example() -> Vec<u8> {
+        let mut b = vec![0x8f, 205, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7];
+        b.extend_from_slice(&[0xff, 0xfe, 0, 5, 0, 0, 2, 9]);
+        // Run length chunk: T=0, symbol 01, length 2.
+        b.extend_from_slice(&(0x2000u16 | 2).to_be_bytes());
+        // Status vector, 2-bit: 00 10 01 then padding symbols.
+        b.extend_from_slice(&(0xc000u16 | (0b00_10_01 << 8)).to_be_bytes());
+        b.extend_from_slice(&[4, 8, 0xff, 0xfc, 0]);
+        while b.len() % 4 != 0 {
+            b.push(0);
+        }
+        let words = (b.len() / 4 - 1) as u16;
+        b[2..4].copy_from_slice(&words.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn transport_cc_arrivals_and_losses() {
+        let packet = twcc_example();
+        let mut seen = Vec::new();
+        assert!(transport_cc(&packet, |s, at| seen.push((s, at))));
+        assert_eq!(
+            seen,
+            vec![
+                (65534, Some(129_000)),
+                (65535, Some(131_000)),
+                (0, None),
+                (1, Some(130_000)),
+                (2, Some(130_000)),
+            ]
+        );
+        // One-bit vectors and a truncated packet.
+        let mut b = vec![
+            0x8f, 205, 0, 0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 10, 0, 14, 0, 0, 0, 0,
+        ];
+        b.extend_from_slice(&(0x8000u16 | 0b10_0000_0000_0001).to_be_bytes());
+        b.extend_from_slice(&[1, 2]);
+        let mut seen = Vec::new();
+        assert!(transport_cc(&b, |s, at| seen.push((s, at))));
+        assert_eq!(seen.len(), 14);
+        assert_eq!(seen[0], (10, Some(250)));
+        assert_eq!(seen[13], (23, Some(750)));
+        assert!(seen[1..13].iter().all(|(_, at)| at.is_none()));
+        assert!(!transport_cc(&b[..b.len() - 1], |_, _| {}));
+        assert!(!transport_cc(&b[..21], |_, _| {}));
+    }
+
+    #[test]
     fn never_panics_on_junk() {
         let mut out = Vec::new();
         let mut x = 0x1234_5678u32;
@@ -184,6 +422,7 @@ mod tests {
                 })
                 .collect();
             parse(&junk, &mut out);
+            transport_cc(&junk, |_, _| {});
         }
     }
 

@@ -14,11 +14,22 @@
 //!   RTP time to wall-clock time through one media clock, so receivers keep audio and video in
 //!   sync.
 //! - Nothing from the network can make it panic: unauthentic or malformed RTCP is dropped.
+//! - With ABR ([`MediaSender::enable_abr`], for `auto` viewers) every packet carries the
+//!   transport-cc header extension (RFC 5285 one-byte form: 8 more header bytes, within the
+//!   1,200-byte budget), and the viewer's feedback (TWCC, receiver reports with their loss,
+//!   jitter and round-trip time, REMB) drives its [`Bwe`]. Video is then paced: frames wait in a
+//!   queue of references to the shared frames and leave at the estimator's pacing rate, so that
+//!   on a path that narrowed the excess waits here, where a switch to a lower rung drops it
+//!   ([`MediaSender::drop_queued`]), instead of in the network, where it would be lost. Sequence
+//!   numbers are given as packets leave, so dropped frames leave no gap. Audio and
+//!   retransmissions are never held. Probes are RTP padding on the viewer's RTX stream (own SSRC
+//!   and sequence numbers, padding-only packets).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use super::abr::Bwe;
 use super::keys::Keying;
 use super::packetize::RtpFrame;
 use super::rtcp::{self, Feedback, SenderInfo};
@@ -28,6 +39,12 @@ use super::srtp::{Srtp, SrtpError};
 pub(crate) const HISTORY: Duration = Duration::from_millis(1_000);
 /// The interval between two sender reports of a stream.
 pub(crate) const SR_INTERVAL: Duration = Duration::from_millis(1_000);
+/// The most bytes the pacer lets out at once after an idle spell: its rate over this.
+const PACE_BURST: Duration = Duration::from_millis(20);
+/// The SRTP tag (AES-GCM's; HMAC-SHA1-80's is shorter), for the size the estimator is told.
+const TAG_LEN: usize = 16;
+/// The most padding in one packet.
+const MAX_PADDING: usize = 255;
 
 /// Where protected datagrams go: the egress batch of one peer.
 pub trait Sink {
@@ -59,6 +76,8 @@ pub(crate) struct Counters {
     pub(crate) plis: u64,
     /// FIRs received.
     pub(crate) firs: u64,
+    /// Of `bytes`, probe padding.
+    pub(crate) padding: u64,
 }
 
 struct Sent {
@@ -119,6 +138,41 @@ impl Stream {
     }
 }
 
+/// A video frame waiting for the pacer.
+struct Queued {
+    frame: Arc<RtpFrame>,
+    pt: u8,
+    rtp_time: u32,
+    /// Its next packet to send.
+    next: usize,
+    /// When it was queued.
+    at: Instant,
+}
+
+/// The RTX stream probes pad on.
+struct Rtx {
+    ssrc: u32,
+    pt: u8,
+    /// Extended sequence number of the next packet.
+    next: u64,
+}
+
+/// What ABR adds to a sender.
+struct Abr {
+    bwe: Bwe,
+    /// The transport-cc extension's id.
+    ext: Option<u8>,
+    rtx: Option<Rtx>,
+    queue: VecDeque<Queued>,
+    /// Bytes the pacer may still send.
+    budget: f64,
+    last_pace: Instant,
+    /// The middle 32 bits of our last sender reports' NTP times and when they left.
+    reports: [(u32, Option<Instant>); 4],
+    /// The RTP timestamp and payload type of the last video frame (for padding).
+    last_video: (u32, u8),
+}
+
 /// One viewer's media sender.
 pub struct MediaSender {
     srtp: Srtp,
@@ -131,6 +185,7 @@ pub struct MediaSender {
     counters: Counters,
     /// A PLI or FIR arrived since the last [`MediaSender::take_keyframe_request`].
     keyframe_requested: bool,
+    abr: Option<Box<Abr>>,
 }
 
 impl MediaSender {
@@ -153,10 +208,61 @@ impl MediaSender {
             feedback: Vec::with_capacity(16),
             counters: Counters::default(),
             keyframe_requested: false,
+            abr: None,
         })
     }
 
-    /// Sends one frame of `kind` with payload type `pt` and presentation time `pts_us`.
+    /// Turns on what ABR needs (see the module docs): the transport-cc extension with id `ext`
+    /// (when negotiated), the RTX stream (`ssrc`, payload type) probes pad on (when negotiated),
+    /// the estimator and the pacer.
+    pub(crate) fn enable_abr(&mut self, ext: Option<u8>, rtx: Option<(u32, u8)>, now: Instant) {
+        self.abr = Some(Box::new(Abr {
+            bwe: Bwe::new(now),
+            ext,
+            rtx: rtx.map(|(ssrc, pt)| Rtx {
+                ssrc,
+                pt,
+                next: u64::from(rand::random::<u16>() >> 1),
+            }),
+            queue: VecDeque::with_capacity(128),
+            budget: 0.0,
+            last_pace: now,
+            reports: [(0, None); 4],
+            last_video: (0, 0),
+        }));
+    }
+
+    /// The estimator, with ABR.
+    pub(crate) fn bwe_mut(&mut self) -> Option<&mut Bwe> {
+        self.abr.as_deref_mut().map(|a| &mut a.bwe)
+    }
+
+    /// Whether probes can be sent and judged: transport-wide feedback and an RTX stream.
+    pub(crate) fn can_probe(&self) -> bool {
+        self.abr
+            .as_deref()
+            .is_some_and(|a| a.ext.is_some() && a.rtx.is_some() && a.bwe.has_transport_feedback())
+    }
+
+    /// Drops the queued video frames that have not started to leave (a partly sent one
+    /// finishes): after a switch they are no longer wanted.
+    pub(crate) fn drop_queued(&mut self) {
+        if let Some(a) = self.abr.as_deref_mut() {
+            let keep = usize::from(a.queue.front().is_some_and(|q| q.next > 0));
+            a.queue.truncate(keep);
+        }
+    }
+
+    /// How long the oldest queued video frame has waited.
+    pub(crate) fn queued_for(&self, now: Instant) -> Duration {
+        self.abr
+            .as_deref()
+            .and_then(|a| a.queue.front())
+            .map_or(Duration::ZERO, |q| now.saturating_duration_since(q.at))
+    }
+
+    /// Sends one frame of `kind` with payload type `pt` and presentation time `pts_us` (video
+    /// waits for the pacer with ABR).
     pub fn send(
         &mut self,
         kind: Kind,
@@ -166,7 +272,7 @@ impl MediaSender {
         now: Instant,
         sink: &mut impl Sink,
     ) {
-        let Some(s) = self.streams[kind as usize].as_mut() else {
+        let Some(s) = self.streams[kind as usize].as_ref() else {
             return;
         };
         if frame.is_empty() {
@@ -174,23 +280,64 @@ impl MediaSender {
         }
         self.origin.get_or_insert((pts_us, now));
         let rtp_time = s.rtp_time(pts_us);
-        while s
-            .history
-            .front()
-            .is_some_and(|h| now.duration_since(h.at) > HISTORY)
+        if kind == Kind::Video
+            && let Some(a) = self.abr.as_deref_mut()
         {
-            s.history.pop_front();
+            a.last_video = (rtp_time, pt);
+            a.queue.push_back(Queued {
+                frame: frame.clone(),
+                pt,
+                rtp_time,
+                next: 0,
+                at: now,
+            });
+            self.pace(now, sink);
+            return;
         }
-        s.history.push_back(Sent {
-            first: s.next,
-            pt,
-            rtp_time,
-            at: now,
-            frame: frame.clone(),
-        });
+        self.send_packets(kind, pt, frame, rtp_time, 0, usize::MAX, now, sink);
+    }
+
+    /// Sends packets `from..` of a frame, at most `budget` bytes' worth (at least one packet);
+    /// returns the next packet's index and the bytes sent.
+    #[allow(clippy::too_many_arguments)]
+    fn send_packets(
+        &mut self,
+        kind: Kind,
+        pt: u8,
+        frame: &Arc<RtpFrame>,
+        rtp_time: u32,
+        from: usize,
+        budget: usize,
+        now: Instant,
+        sink: &mut impl Sink,
+    ) -> (usize, usize) {
+        let Some(s) = self.streams[kind as usize].as_mut() else {
+            return (frame.len(), 0);
+        };
+        if from == 0 {
+            while s
+                .history
+                .front()
+                .is_some_and(|h| now.duration_since(h.at) > HISTORY)
+            {
+                s.history.pop_front();
+            }
+            s.history.push_back(Sent {
+                first: s.next,
+                pt,
+                rtp_time,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
         let last = frame.len() - 1;
-        for i in 0..frame.len() {
+        let (mut i, mut sent) = (from, 0);
+        while i < frame.len() && (i == from || sent < budget) {
             let payload = frame.packet(i);
+            let ext = self.abr.as_deref_mut().and_then(|a| {
+                let seq = a.bwe.on_send(12 + 8 + payload.len() + TAG_LEN, now);
+                a.ext.map(|id| (id, seq))
+            });
             let n = write_rtp(
                 &self.srtp,
                 sink,
@@ -199,11 +346,81 @@ impl MediaSender {
                 rtp_time,
                 i == last,
                 payload,
+                ext,
+                0,
             );
             s.next += 1;
             s.packets = s.packets.wrapping_add(1);
             s.octets = s.octets.wrapping_add(payload.len() as u32);
             self.counters.bytes += n as u64;
+            sent += n;
+            i += 1;
+        }
+        (i, sent)
+    }
+
+    /// Lets queued video out as the pacing rate allows.
+    fn pace(&mut self, now: Instant, sink: &mut impl Sink) {
+        let Some(a) = self.abr.as_deref_mut() else {
+            return;
+        };
+        let rate = a.bwe.pacing_rate(now) as f64 / 8.0;
+        let elapsed = now.saturating_duration_since(a.last_pace).as_secs_f64();
+        a.last_pace = now;
+        a.budget = (a.budget + rate * elapsed).min(rate * PACE_BURST.as_secs_f64());
+        loop {
+            let Some(a) = self.abr.as_deref_mut() else {
+                return;
+            };
+            if a.budget <= 0.0 {
+                return;
+            }
+            let Some(q) = a.queue.front() else {
+                return;
+            };
+            let (frame, pt, rtp_time, from) = (q.frame.clone(), q.pt, q.rtp_time, q.next);
+            let budget = a.budget as usize;
+            let (next, sent) =
+                self.send_packets(Kind::Video, pt, &frame, rtp_time, from, budget, now, sink);
+            let Some(a) = self.abr.as_deref_mut() else {
+                return;
+            };
+            a.budget -= sent as f64;
+            if next >= frame.len() {
+                a.queue.pop_front();
+            } else if let Some(q) = a.queue.front_mut() {
+                q.next = next;
+            }
+        }
+    }
+
+    /// Sends `bytes` of padding on the RTX stream (for a probe).
+    fn pad(&mut self, mut bytes: usize, now: Instant, sink: &mut impl Sink) {
+        let Some(a) = self.abr.as_deref_mut() else {
+            return;
+        };
+        let Some(rtx) = a.rtx.as_mut() else {
+            return;
+        };
+        let (rtp_time, _) = a.last_video;
+        while bytes > 0 {
+            let padding = bytes.min(MAX_PADDING);
+            let seq = a.bwe.on_send(12 + 8 + padding + TAG_LEN, now);
+            let n = write_rtp(
+                &self.srtp,
+                sink,
+                (rtx.ssrc, rtx.pt),
+                rtx.next,
+                rtp_time,
+                false,
+                &[],
+                a.ext.map(|id| (id, seq)),
+                padding,
+            );
+            rtx.next += 1;
+            self.counters.bytes += n as u64;
+            self.counters.padding += n as u64;
+            bytes = bytes.saturating_sub(n.max(1));
         }
     }
 
@@ -211,6 +428,7 @@ impl MediaSender {
     pub(crate) fn handle_rtcp(
         &mut self,
         datagram: &[u8],
+        now: Instant,
         sink: &mut impl Sink,
     ) -> Result<(), SrtpError> {
         let mut plain = std::mem::take(&mut self.plain);
@@ -223,7 +441,7 @@ impl MediaSender {
                     Feedback::Nack { ssrc, pid, blp } => {
                         for seq in Feedback::nacked(pid, blp) {
                             self.counters.nacks += 1;
-                            self.retransmit(ssrc, seq, sink);
+                            self.retransmit(ssrc, seq, now, sink);
                         }
                     }
                     Feedback::Pli { ssrc } if self.is_video(ssrc) => {
@@ -233,6 +451,43 @@ impl MediaSender {
                     Feedback::Fir { ssrc } if self.is_video(ssrc) => {
                         self.counters.firs += 1;
                         self.keyframe_requested = true;
+                    }
+                    Feedback::Report {
+                        ssrc,
+                        fraction_lost,
+                        jitter,
+                        lsr,
+                        dlsr,
+                    } if self.is_video(ssrc) => {
+                        if let Some(a) = self.abr.as_deref_mut() {
+                            let rtt = a
+                                .reports
+                                .iter()
+                                .find(|(mid, at)| *mid == lsr && lsr != 0 && at.is_some())
+                                .and_then(|(_, at)| {
+                                    let held =
+                                        Duration::from_micros(u64::from(dlsr) * 1_000_000 / 65_536);
+                                    now.checked_duration_since((*at)?)?.checked_sub(held)
+                                });
+                            // Video's RTP clock: 90 kHz.
+                            let jitter = Duration::from_micros(u64::from(jitter) * 100 / 9);
+                            a.bwe.on_receiver_report(fraction_lost, jitter, rtt, now);
+                        }
+                    }
+                    Feedback::Remb { bps } => {
+                        if let Some(a) = self.abr.as_deref_mut() {
+                            a.bwe.on_remb(bps, now);
+                        }
+                    }
+                    Feedback::TransportCc { start, end } => {
+                        if let Some(a) = self.abr.as_deref_mut()
+                            && let Some(packet) = plain.get(start..end)
+                        {
+                            let bwe = &mut a.bwe;
+                            let mut counts = (0, 0);
+                            rtcp::transport_cc(packet, |seq, at| bwe.report(seq, at, &mut counts));
+                            bwe.end_feedback(counts, now);
+                        }
                     }
                     _ => {}
                 }
@@ -246,7 +501,7 @@ impl MediaSender {
         self.streams[0].as_ref().is_some_and(|s| s.ssrc == ssrc)
     }
 
-    fn retransmit(&mut self, ssrc: u32, seq: u16, sink: &mut impl Sink) {
+    fn retransmit(&mut self, ssrc: u32, seq: u16, now: Instant, sink: &mut impl Sink) {
         let Some(s) = self.streams.iter().flatten().find(|s| s.ssrc == ssrc) else {
             return;
         };
@@ -264,6 +519,11 @@ impl MediaSender {
             return;
         };
         let i = (ext - sent.first) as usize;
+        let payload = sent.frame.packet(i);
+        let twcc = self.abr.as_deref_mut().and_then(|a| {
+            let seq = a.bwe.on_send(12 + 8 + payload.len() + TAG_LEN, now);
+            a.ext.map(|id| (id, seq))
+        });
         let n = write_rtp(
             &self.srtp,
             sink,
@@ -271,14 +531,27 @@ impl MediaSender {
             ext,
             sent.rtp_time,
             i + 1 == sent.frame.len(),
-            sent.frame.packet(i),
+            payload,
+            twcc,
+            0,
         );
         self.counters.bytes += n as u64;
         self.counters.retransmitted += n as u64;
     }
 
-    /// Sends the sender reports that are due.
+    /// Sends the sender reports that are due, the paced video the pacer allows and a running
+    /// probe's padding.
     pub(crate) fn poll(&mut self, now: Instant, sink: &mut impl Sink) {
+        self.pace(now, sink);
+        if let Some(a) = self.abr.as_deref_mut() {
+            a.bwe.poll(now);
+            let padding = if a.rtx.is_some() && a.ext.is_some() {
+                a.bwe.padding_wanted(now)
+            } else {
+                0
+            };
+            self.pad(padding, now, sink);
+        }
         let Some((origin_pts, origin_at)) = self.origin else {
             return;
         };
@@ -293,9 +566,14 @@ impl MediaSender {
             s.last_sr = Some(now);
             let wall = *wall.get_or_insert_with(SystemTime::now);
             let media_now = origin_pts + now.duration_since(origin_at).as_micros() as i64;
+            let ntp = rtcp::ntp(wall);
+            if let Some(a) = self.abr.as_deref_mut() {
+                a.reports.rotate_right(1);
+                a.reports[0] = ((ntp >> 16) as u32, Some(now));
+            }
             let info = SenderInfo {
                 ssrc: s.ssrc,
-                ntp: rtcp::ntp(wall),
+                ntp,
                 rtp_time: s.rtp_time(media_now),
                 packets: s.packets,
                 octets: s.octets,
@@ -322,7 +600,10 @@ impl MediaSender {
     }
 }
 
-/// Writes and protects one RTP packet; returns its size on the wire.
+/// Writes and protects one RTP packet; returns its size on the wire. `twcc`: the
+/// transport-cc extension's (id, transport-wide sequence number); `padding`: bytes of RTP
+/// padding after the payload (1..=255, 0 for none).
+#[allow(clippy::too_many_arguments)]
 fn write_rtp(
     srtp: &Srtp,
     sink: &mut impl Sink,
@@ -331,16 +612,31 @@ fn write_rtp(
     rtp_time: u32,
     marker: bool,
     payload: &[u8],
+    twcc: Option<(u8, u16)>,
+    padding: usize,
 ) -> usize {
     let buf = sink.buffer();
     let start = buf.len();
-    buf.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
+    let padding = padding.min(MAX_PADDING);
+    let first = 0x80 | (u8::from(twcc.is_some()) << 4) | (u8::from(padding > 0) << 5);
+    buf.extend_from_slice(&[first, (u8::from(marker) << 7) | (pt & 0x7f)]);
     buf.extend_from_slice(&(ext as u16).to_be_bytes());
     buf.extend_from_slice(&rtp_time.to_be_bytes());
     buf.extend_from_slice(&ssrc.to_be_bytes());
+    let mut header = 12;
+    if let Some((id, seq)) = twcc {
+        // RFC 8285 one-byte header: 0xBEDE, one word: id and length - 1, the 16-bit number, pad.
+        let [hi, lo] = seq.to_be_bytes();
+        buf.extend_from_slice(&[0xbe, 0xde, 0, 1, (id << 4) | 1, hi, lo, 0]);
+        header += 8;
+    }
     buf.extend_from_slice(payload);
+    if padding > 0 {
+        buf.resize(buf.len() + padding - 1, 0);
+        buf.push(padding as u8);
+    }
     if srtp
-        .protect_rtp(buf, start, 12, (ext >> 16) as u32)
+        .protect_rtp(buf, start, header, (ext >> 16) as u32)
         .is_err()
     {
         buf.truncate(start);
@@ -448,16 +744,16 @@ mod tests {
         fb.extend_from_slice(&[0x81, 206, 0, 2, 0, 0, 0, 9, 0, 0, 0, 11]);
         let start = 0;
         rx.protect_rtcp(&mut fb, start).unwrap();
-        tx.handle_rtcp(&fb, &mut out).unwrap();
+        tx.handle_rtcp(&fb, now, &mut out).unwrap();
         assert_eq!(out.packets, vec![sent[1].clone(), sent[3].clone()]);
         assert!(tx.take_keyframe_request());
         let c = tx.take_counters();
         assert_eq!((c.nacks, c.plis), (2, 1));
         assert_eq!(c.retransmitted, (sent[1].len() + sent[3].len()) as u64);
         // A replayed or forged datagram is refused and changes nothing.
-        assert!(tx.handle_rtcp(&fb, &mut out).is_err());
+        assert!(tx.handle_rtcp(&fb, now, &mut out).is_err());
         assert!(
-            tx.handle_rtcp(&[0x80, 201, 0, 1, 1, 2, 3, 4], &mut out)
+            tx.handle_rtcp(&[0x80, 201, 0, 1, 1, 2, 3, 4], now, &mut out)
                 .is_err()
         );
         // Frames older than the history are gone.
@@ -467,7 +763,7 @@ mod tests {
         fb.extend_from_slice(&pid.to_be_bytes());
         fb.extend_from_slice(&0u16.to_be_bytes());
         rx.protect_rtcp(&mut fb, 0).unwrap();
-        tx.handle_rtcp(&fb, &mut out).unwrap();
+        tx.handle_rtcp(&fb, now, &mut out).unwrap();
         assert!(out.packets.is_empty());
     }
 

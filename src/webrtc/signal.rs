@@ -4,9 +4,14 @@
 //! ignored, since an ICE-lite server learns the peer's address from its checks; `OPTIONS`
 //! answers CORS preflights.
 //!
+//! What a WHEP viewer plays comes from the offer's query: `?rendition=NAME` one rung of the
+//! broadcast's ABR ladder, `?rendition=source` the source, `?rendition=auto` or nothing the
+//! ladder with ABR ([`super::abr`]) when the broadcast has one (waiting up to 3 s for a ladder
+//! this node makes to declare its rungs), else the source.
+//!
 //! Guarantees: every refusal says why in a plain-text body: 415 (not `application/sdp`), 413 (a
-//! body over 64 KiB), 400 (malformed SDP, or no codec castnode can use), 404 (WHEP: not live),
-//! 409 (WHIP: the broadcast already has a publisher), 503 (`--max-viewers`).
+//! body over 64 KiB), 400 (malformed SDP, or no codec castnode can use), 404 (WHEP: not live, or
+//! no such rung), 409 (WHIP: the broadcast already has a publisher), 503 (`--max-viewers`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,8 +27,8 @@ use tracing::{debug, info};
 
 use super::WebrtcError;
 use super::driver::Webrtc;
-use crate::media::feed::rendition_param;
-use crate::media::{PublishError, valid_name};
+use super::table::Play;
+use crate::media::{Codec, PublishError, valid_name};
 use crate::node::NodeContext;
 use crate::web::cors;
 
@@ -185,18 +190,65 @@ async fn whep(
             format!("broadcast {name} is not live"),
         );
     };
-    let rendition = rendition_param(query.as_deref().unwrap_or(""));
-    if let Some(r) = rendition
-        && !st.ctx.rendition_ready(consumer.broadcast(), r).await
-    {
-        return refuse(
-            StatusCode::NOT_FOUND,
-            format!("broadcast {name} has no rendition {r}"),
-        );
-    }
-    settle_reordering(consumer.broadcast()).await;
-    let r = st.webrtc.whep(consumer, sdp, rendition).await;
+    let asked = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("rendition="))
+        .filter(|r| !r.is_empty());
+    let bc = consumer.broadcast().clone();
+    let play = match asked {
+        Some("source") => Play::Source,
+        Some(r) if r != "auto" => {
+            if !st.ctx.rendition_ready(&bc, r).await {
+                return refuse(
+                    StatusCode::NOT_FOUND,
+                    format!("broadcast {name} has no rendition {r}"),
+                );
+            }
+            Play::Rung(r.into())
+        }
+        _ => Play::Auto { source: false },
+    };
+    settle_reordering(&bc).await;
+    let play = match play {
+        Play::Auto { .. } if has_ladder(&st.ctx, &bc).await => {
+            // The source is the top rung where it plays as it is; with B-frames it would need a
+            // re-encode of its own, and the ladder's tallest rung is that already.
+            let source = bc
+                .tracks()
+                .iter()
+                .find(|(id, t)| id.is_source() && t.codec == Codec::H264)
+                .is_some_and(|(id, _)| !bc.has_b_frames(*id));
+            Play::Auto { source }
+        }
+        Play::Auto { .. } => Play::Source,
+        play => play,
+    };
+    debug!(broadcast = %name, ?play, "WHEP viewer");
+    let r = st.webrtc.whep(consumer, sdp, play).await;
     answered("WHEP", &name, |id| format!("/whep/{app}/{key}/{id}"), r)
+}
+
+/// Whether `bc` has an ABR ladder, waiting (at most 3 s) for the ladder this node makes to
+/// declare its rungs (a broadcast that just went live).
+async fn has_ladder(ctx: &NodeContext, bc: &Arc<crate::media::hub::Broadcast>) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut changes = bc.watch();
+    loop {
+        if !bc.renditions().is_empty() {
+            return true;
+        }
+        if ctx.ladders.is_none() || !bc.is_live() {
+            return false;
+        }
+        if !matches!(
+            tokio::time::timeout_at(deadline, changes.changed()).await,
+            Ok(Ok(()))
+        ) {
+            return !bc.renditions().is_empty();
+        }
+    }
 }
 
 async fn whip(

@@ -43,10 +43,12 @@ use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tracing::{debug, info, warn};
 
 use super::WebrtcError;
+use super::abr::{self, Controller, RateMeter, Signals, Switcher, Verdict};
 use super::consent::Consent;
 use super::egress::Out;
 use super::ingest::{self, Arrival, Ingest};
@@ -55,8 +57,8 @@ use super::packetize::RtpFrame;
 use super::sender::{Kind, MediaSender, Sink};
 use super::stats::BroadcastRtcStats;
 use crate::media::{
-    BroadcastConsumer, BroadcastProducer, Codec, Entry, Item, MemoSlot, ReadOutcome, TrackId,
-    TrackInfo,
+    BroadcastConsumer, BroadcastProducer, Codec, Entry, Frame, Item, MemoSlot, ReadOutcome,
+    TrackId, TrackInfo,
 };
 use crate::node::NodeContext;
 use crate::transcode::{Rendition, opus_for, video_for};
@@ -78,6 +80,30 @@ const COUNTERS_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const PUBLISHER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(2);
 /// The shortest interval between two keyframe requests to one publisher.
 pub(crate) const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+/// How often an `auto` viewer's controller decides.
+const ABR_INTERVAL: Duration = Duration::from_millis(50);
+/// An `auto` viewer whose paced video waited longer than this resumes at the next keyframe.
+const MAX_QUEUED: Duration = Duration::from_secs(1);
+/// What a rung needs over its video and audio bitrates (RTP, SRTP and header extensions).
+const OVERHEAD: f64 = 1.1;
+/// The transport-cc header extension's URI in SDP.
+const TRANSPORT_CC_URI: &str =
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+
+/// What a WHEP viewer plays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Play {
+    /// The source's video (its B-frame-free re-encode where it has B-frames).
+    Source,
+    /// One ladder rung, by name (`?rendition=NAME`).
+    Rung(Arc<str>),
+    /// The ladder with ABR ([`super::abr`]); `source`: the source is its top rung (it has no
+    /// B-frames, so it plays as it is).
+    Auto {
+        /// Whether the source is a rung.
+        source: bool,
+    },
+}
 
 /// Every WebRTC session of the node.
 pub(crate) struct Sessions {
@@ -188,7 +214,7 @@ impl Sessions {
                     peer: source,
                     src: local_ip,
                 };
-                if !v.rtcp(data, &mut to) {
+                if !v.rtcp(data, now, &mut to) {
                     ctx.stats.webrtc_datagrams_dropped.fetch_add(1, Relaxed);
                 }
                 continue;
@@ -231,20 +257,22 @@ impl Sessions {
         }
     }
 
-    /// Accepts a WHEP viewer's offer: (session id, answer SDP). With `rendition`, the viewer
-    /// gets that ladder rung's video instead of the source's.
+    /// Accepts a WHEP viewer's offer: (session id, answer SDP). `play` says which video the
+    /// viewer gets: the source's, one ladder rung's, or the ladder with ABR.
     pub(crate) fn whep(
         &mut self,
         consumer: BroadcastConsumer,
         offer: SdpOffer,
-        rendition: Option<Arc<str>>,
+        play: Play,
         out: &mut impl Out,
     ) -> Result<(u64, String), WebrtcError> {
         let id = self.next_id;
         self.next_id += 1;
         let ctx = &self.ctx;
         let broadcast: Arc<str> = consumer.broadcast().name().into();
-        accept(id, offer, &self.candidates, false).map(|(rtc, keys, answer)| {
+        let auto = matches!(play, Play::Auto { .. });
+        accept(id, offer, &self.candidates, false, auto).map(|(rtc, keys, answer)| {
+            let twcc = auto.then(|| transport_cc_id(&answer)).flatten();
             // Start the broadcast's audio rendition now, not at connect: it is ready by the
             // time ICE and DTLS are.
             let bc = consumer.broadcast().clone();
@@ -252,12 +280,23 @@ impl Sessions {
             let _node = self.node.enter();
             let viewer = Viewer {
                 _opus: opus_for(&ctx.transcoders, &ctx.hub, &bc),
-                // A ladder's rung has no B-frames: no re-encode for its viewers.
-                video_rendition: match rendition {
-                    Some(_) => None,
-                    None => video_for(&ctx.transcoders, &ctx.hub, &bc),
+                // A ladder's rung has no B-frames: no re-encode for its viewers; `auto` plays
+                // the source only where it has none.
+                video_rendition: match &play {
+                    Play::Source => video_for(&ctx.transcoders, &ctx.hub, &bc),
+                    _ => None,
                 },
-                ladder: rendition,
+                ladder: match &play {
+                    Play::Rung(name) => Some(name.clone()),
+                    _ => None,
+                },
+                auto: match play {
+                    Play::Auto { source } => {
+                        Some(Box::new(Auto::new(source, twcc, Instant::now())))
+                    }
+                    _ => None,
+                },
+                rtx_pt: None,
                 rung: None,
                 await_key: false,
                 consumer,
@@ -296,7 +335,7 @@ impl Sessions {
         self.next_id += 1;
         let ctx = &self.ctx;
         let broadcast: Arc<str> = producer.broadcast().name().into();
-        accept(id, offer, &self.candidates, true).map(|(rtc, _, answer)| {
+        accept(id, offer, &self.candidates, true, false).map(|(rtc, _, answer)| {
             if answer.contains("opus") {
                 // Declared now so that players joining before the first packet see the track
                 // (and start its AAC rendition).
@@ -552,6 +591,10 @@ struct Viewer {
     video_rendition: Option<Arc<Rendition>>,
     /// The ABR ladder rung played instead of the source's video (`?rendition=NAME`).
     ladder: Option<Arc<str>>,
+    /// `auto`: the ladder with ABR.
+    auto: Option<Box<Auto>>,
+    /// The RTX payload type probes pad with.
+    rtx_pt: Option<Pt>,
     /// The track of that rung, once its description was seen.
     rung: Option<TrackId>,
     /// After a skip, a rung's frames wait for its next keyframe (it follows the group's start).
@@ -605,7 +648,7 @@ impl Lite {
                 peer: self.peer,
                 src: self.local,
             };
-            return self.viewer.rtcp(data, &mut to);
+            return self.viewer.rtcp(data, now, &mut to);
         }
         let start = egress.buf().len();
         if self.consent.handle(data, self.peer, now, egress.buf()) {
@@ -821,6 +864,13 @@ impl Viewer {
     /// Opus) from the session, so that sending needs the `Rtc` no more.
     fn read_pts(&mut self, rtc: &mut Rtc) {
         if let Some(writer) = self.video.and_then(|mid| rtc.writer(mid)) {
+            self.rtx_pt = writer
+                .payload_params()
+                .filter(|p| {
+                    p.spec().codec == RtcCodec::H264
+                        && p.spec().format.packetization_mode == Some(1)
+                })
+                .find_map(|p| p.resend());
             self.h264_pts = writer
                 .payload_params()
                 .filter(|p| {
@@ -858,9 +908,19 @@ impl Viewer {
                 .map(|s| *s.ssrc())
         };
         let (video, audio) = (ssrc(self.video), ssrc(self.audio));
+        let rtx = self
+            .video
+            .and_then(|mid| api.stream_tx_by_mid(mid, None))
+            .and_then(|s| s.rtx())
+            .map(|s| *s);
         self.read_pts(rtc);
         match MediaSender::new(keying, video, audio, format!("castnode-{id}").into()) {
-            Ok(sender) => {
+            Ok(mut sender) => {
+                if let Some(auto) = &self.auto {
+                    let rtx = rtx.zip(self.rtx_pt).map(|(ssrc, pt)| (ssrc, *pt));
+                    sender.enable_abr(auto.twcc, rtx, Instant::now());
+                    debug!(session = id, twcc = ?auto.twcc, rtx = ?rtx, "WHEP viewer plays auto");
+                }
                 debug!(session = id, profile = ?keying.profile, "WHEP media sender started");
                 self.sender = Some(sender);
                 true
@@ -885,6 +945,7 @@ impl Viewer {
         ctx: &NodeContext,
     ) {
         self.pump(rtc, id, created, now, to);
+        self.abr_tick(id, now);
         if let Some(sender) = &mut self.sender {
             sender.poll(now, to);
         }
@@ -893,10 +954,10 @@ impl Viewer {
 
     /// Hands an SRTCP datagram to the media sender (NACKs are answered through `to`); false
     /// when there is no sender yet or the datagram is not authentic.
-    fn rtcp(&mut self, data: &[u8], to: &mut To<'_, impl Out>) -> bool {
+    fn rtcp(&mut self, data: &[u8], now: Instant, to: &mut To<'_, impl Out>) -> bool {
         self.sender
             .as_mut()
-            .is_some_and(|s| s.handle_rtcp(data, to).is_ok())
+            .is_some_and(|s| s.handle_rtcp(data, now, to).is_ok())
     }
 
     /// Adds the sender's counters to the broadcast's figures, once per [`COUNTERS_INTERVAL`],
@@ -912,6 +973,9 @@ impl Viewer {
         if now.duration_since(self.counted) >= COUNTERS_INTERVAL {
             self.counted = now;
             self.add_counters();
+            if let Some(auto) = self.auto.as_deref_mut() {
+                auto.count_time(now, &self.stats);
+            }
         }
     }
 
@@ -960,7 +1024,14 @@ impl Viewer {
                 self.ended = true;
                 return;
             }
-            ReadOutcome::Skipped { .. } if self.ladder.is_some() => self.await_key = true,
+            ReadOutcome::Skipped { .. } => {
+                if self.ladder.is_some() {
+                    self.await_key = true;
+                }
+                if let Some(auto) = self.auto.as_deref_mut() {
+                    auto.switcher.skipped();
+                }
+            }
             _ => {}
         }
         let mut entries = std::mem::take(&mut self.entries);
@@ -972,6 +1043,72 @@ impl Viewer {
                         continue;
                     };
                     match info.codec {
+                        Codec::H264 if self.auto.is_some() => {
+                            let Some(auto) = self.auto.as_deref_mut() else {
+                                continue;
+                            };
+                            if let Some(i) = auto.index(*track) {
+                                auto.rungs[i].rate.add(frame.pts, frame.payload.len());
+                            }
+                            let (verdict, event) = auto.switcher.frame(
+                                track.0,
+                                frame.pts,
+                                frame.keyframe,
+                                e.group_start,
+                                || e.clone(),
+                            );
+                            let Some(sender) = self.sender.as_mut() else {
+                                continue;
+                            };
+                            match event {
+                                abr::Event::Switched { from, to: rung } => {
+                                    sender.drop_queued();
+                                    auto.switched(id, from, rung, &self.stats, now);
+                                    let held: Vec<Arc<Entry>> = auto.switcher.take_held().collect();
+                                    for h in &held {
+                                        if let Item::Frame { track, frame } = &h.item
+                                            && let Some(Some(info)) =
+                                                self.tracks.get(usize::from(track.0))
+                                        {
+                                            send_h264(
+                                                sender,
+                                                &mut self.video_pt,
+                                                &self.h264_pts,
+                                                info,
+                                                h,
+                                                frame,
+                                                now,
+                                                to,
+                                            );
+                                            auto.switcher.sent(frame.pts);
+                                        }
+                                    }
+                                }
+                                abr::Event::GaveUp => {
+                                    debug!(
+                                        session = id,
+                                        "ABR switch given up: no keyframe at the cut"
+                                    )
+                                }
+                                abr::Event::None => {}
+                            }
+                            if verdict == Verdict::Send {
+                                if !self.video_started {
+                                    self.video_started = true;
+                                    self.stats.ttff.observe(created.elapsed());
+                                }
+                                send_h264(
+                                    sender,
+                                    &mut self.video_pt,
+                                    &self.h264_pts,
+                                    info,
+                                    &e,
+                                    frame,
+                                    now,
+                                    to,
+                                );
+                            }
+                        }
                         Codec::H264
                             if match (&self.ladder, &self.video_rendition) {
                                 (Some(_), _) => self.rung == Some(*track),
@@ -1021,6 +1158,9 @@ impl Viewer {
                             let Some(pt) = self.audio_pt else {
                                 continue;
                             };
+                            if let Some(auto) = self.auto.as_deref_mut() {
+                                auto.audio.add(frame.pts, frame.payload.len());
+                            }
                             let rtp: &Arc<RtpFrame> =
                                 e.memo(MemoSlot::Rtp, |_| Arc::new(RtpFrame::opus(&frame.payload)));
                             if let Some(sender) = &mut self.sender {
@@ -1068,7 +1208,232 @@ impl Viewer {
                 self.rung = None;
             }
         }
+        if let Some(auto) = self.auto.as_deref_mut() {
+            auto.set_track(id, &info);
+        }
         self.tracks[i] = Some(info);
+    }
+
+    /// An `auto` viewer's controller, every [`ABR_INTERVAL`]: the rung to go to, a probe to
+    /// start; a paced queue that waited over [`MAX_QUEUED`] resumes at the next keyframe.
+    fn abr_tick(&mut self, id: u64, now: Instant) {
+        let (Some(auto), Some(sender)) = (self.auto.as_deref_mut(), self.sender.as_mut()) else {
+            return;
+        };
+        if now.duration_since(auto.last_decide) < ABR_INTERVAL || auto.rungs.is_empty() {
+            return;
+        }
+        auto.last_decide = now;
+        if sender.queued_for(now) > MAX_QUEUED && auto.switcher.target() == auto.switcher.current()
+        {
+            debug!(
+                session = id,
+                "WHEP viewer's paced video over {MAX_QUEUED:?} behind; resuming at the next keyframe"
+            );
+            sender.drop_queued();
+            auto.switcher.skipped();
+        }
+        let audio = auto.audio.bps();
+        auto.needs.clear();
+        auto.needs.extend(
+            auto.rungs
+                .iter()
+                .map(|r| ((r.rate.bps() + audio) as f64 * OVERHEAD) as u64),
+        );
+        let measured = auto.rungs.iter().all(|r| r.rate.bps() > 0);
+        let can_probe = sender.can_probe();
+        let Some(bwe) = sender.bwe_mut() else {
+            return;
+        };
+        let current = auto.switcher.target().and_then(|t| auto.index(TrackId(t)));
+        let target = match current {
+            // Until every rung's bitrate is known: the lowest (it climbs by probing).
+            None if !measured => auto.rungs.len() - 1,
+            None => Controller::fit(&auto.needs, bwe.estimate(now)),
+            Some(current) if !measured => current,
+            Some(current) => {
+                let signals = Signals {
+                    estimate: bwe.estimate(now),
+                    last_overuse: bwe.last_overuse(),
+                    can_probe,
+                    probing: bwe.probing(),
+                    outcome: bwe.take_probe_outcome(),
+                };
+                let d = auto.controller.decide(now, &signals, &auto.needs, current);
+                if let Some(rate) = d.probe {
+                    debug!(session = id, rate, "ABR probe");
+                    bwe.start_probe(rate, now);
+                }
+                d.target
+            }
+        };
+        if current != Some(target) {
+            debug!(
+                session = id,
+                to = %auto.rungs[target].name,
+                estimate = bwe.estimate(now),
+                needs = ?auto.needs,
+                "ABR target"
+            );
+            auto.switcher.request(auto.rungs[target].track.0);
+        }
+    }
+}
+
+/// Packetizes (once per frame, memoized in its entry) and sends one H.264 frame of a track
+/// described by `info`.
+#[allow(clippy::too_many_arguments)]
+fn send_h264(
+    sender: &mut MediaSender,
+    video_pt: &mut Option<Pt>,
+    h264_pts: &[(Pt, Option<u8>)],
+    info: &TrackInfo,
+    e: &Entry,
+    frame: &Frame,
+    now: Instant,
+    to: &mut To<'_, impl Out>,
+) {
+    // High: what every rung's profile (high, main, constrained baseline) decodes as.
+    let Some(pt) = choose_pt(video_pt, h264_pts, 0x64) else {
+        return;
+    };
+    let rtp: &Arc<RtpFrame> = e.memo(MemoSlot::Rtp, |_| {
+        Arc::new(RtpFrame::h264(
+            &frame.payload,
+            info.config.as_deref(),
+            frame.keyframe,
+        ))
+    });
+    sender.send(Kind::Video, *pt, rtp, frame.pts, now, to);
+}
+
+/// One rung an `auto` viewer can play.
+struct AutoRung {
+    track: TrackId,
+    /// The rendition's name (`source` for the source).
+    name: Arc<str>,
+    height: u32,
+    rate: RateMeter,
+}
+
+/// An `auto` viewer's ABR state ([`super::abr`]).
+struct Auto {
+    /// Whether the source is the top rung.
+    source: bool,
+    /// The transport-cc extension id the answer named.
+    twcc: Option<u8>,
+    /// Top first: the source (where it is a rung), then the ladder's rungs by height.
+    rungs: Vec<AutoRung>,
+    /// What each rung needs, bits per second (rebuilt at each decision).
+    needs: Vec<u64>,
+    controller: Controller,
+    switcher: Switcher<Arc<Entry>>,
+    audio: RateMeter,
+    last_decide: Instant,
+    /// When time in the current rung was last counted.
+    counted: Instant,
+}
+
+impl Auto {
+    fn new(source: bool, twcc: Option<u8>, now: Instant) -> Self {
+        Self {
+            source,
+            twcc,
+            rungs: Vec::with_capacity(8),
+            needs: Vec::with_capacity(8),
+            controller: Controller::new(now),
+            switcher: Switcher::new(),
+            audio: RateMeter::default(),
+            last_decide: now,
+            counted: now,
+        }
+    }
+
+    fn index(&self, track: TrackId) -> Option<usize> {
+        self.rungs.iter().position(|r| r.track == track)
+    }
+
+    /// A track's description arrived: a rung is added (or updated, or removed when it is no
+    /// longer H.264), the rungs ordered again.
+    fn set_track(&mut self, id: TrackId, info: &TrackInfo) {
+        let name = match (&info.rendition, id.is_source()) {
+            (Some(name), false) if id.is_ladder() => Some(name.clone()),
+            (None, true) if self.source => Some(Arc::from("source")),
+            _ => None,
+        };
+        let at = self.index(id);
+        match (name, at) {
+            (Some(name), at) if info.codec == Codec::H264 => {
+                let height = info.video.as_ref().map_or(0, |v| v.height);
+                match at {
+                    Some(i) => {
+                        self.rungs[i].name = name;
+                        self.rungs[i].height = height;
+                    }
+                    None => self.rungs.push(AutoRung {
+                        track: id,
+                        name,
+                        height,
+                        rate: RateMeter::default(),
+                    }),
+                }
+                self.rungs.sort_by_key(|r| {
+                    (!r.track.is_source(), std::cmp::Reverse(r.height), r.track.0)
+                });
+            }
+            (_, Some(i)) => {
+                self.rungs.remove(i);
+            }
+            _ => {}
+        }
+    }
+
+    /// The viewer now plays `to` (from `from`): counted by direction, the controller told.
+    fn switched(
+        &mut self,
+        id: u64,
+        from: Option<u8>,
+        to: u8,
+        stats: &BroadcastRtcStats,
+        now: Instant,
+    ) {
+        if let Some(from) = from {
+            let (rf, rt) = (self.index(TrackId(from)), self.index(TrackId(to)));
+            let up = rt < rf;
+            let counter = if up {
+                &stats.abr_switches_up
+            } else {
+                &stats.abr_switches_down
+            };
+            counter.fetch_add(1, Relaxed);
+            self.count_time_in(from, now, stats);
+            self.controller.switched(now);
+            let name = |r: Option<usize>| r.map_or("?".into(), |i| self.rungs[i].name.clone());
+            info!(
+                session = id,
+                from = %name(rf),
+                to = %name(rt),
+                up,
+                "ABR switch"
+            );
+        } else {
+            self.counted = now;
+        }
+    }
+
+    /// Adds the time since the last count to the rung played.
+    fn count_time(&mut self, now: Instant, stats: &BroadcastRtcStats) {
+        if let Some(current) = self.switcher.current() {
+            self.count_time_in(current, now, stats);
+        }
+    }
+
+    fn count_time_in(&mut self, track: u8, now: Instant, stats: &BroadcastRtcStats) {
+        let ms = now.saturating_duration_since(self.counted).as_millis() as u64;
+        self.counted = now;
+        if let Some(i) = self.index(TrackId(track)) {
+            stats.add_rendition_time(&self.rungs[i].name, ms);
+        }
     }
 }
 
@@ -1143,6 +1508,7 @@ fn accept(
     offer: SdpOffer,
     candidates: &[SocketAddr],
     publisher: bool,
+    abr: bool,
 ) -> Result<(Rtc, KeySlot, String), WebrtcError> {
     let builder = Rtc::builder()
         .set_ice_lite(true)
@@ -1155,12 +1521,15 @@ fn accept(
             KeySlot::default(),
         )
     } else {
-        // castnode sends a viewer's media itself, without RTP header extensions; str0m's send
-        // buffers stay unused.
-        let builder = builder
+        // castnode sends a viewer's media itself, without RTP header extensions but the
+        // transport-wide sequence number of an `auto` viewer; str0m's send buffers stay unused.
+        let mut builder = builder
             .clear_extension_map()
             .set_send_buffer_video(VIDEO_SEND_BUFFER)
             .set_send_buffer_audio(VIDEO_SEND_BUFFER);
+        if abr {
+            builder = builder.set_extension(3, Extension::TransportSequenceNumber);
+        }
         keys::build(builder, Instant::now())
     };
     for c in candidates {
@@ -1181,6 +1550,16 @@ fn accept(
     }
     debug!(session = id, publisher, "offer accepted");
     Ok((rtc, keys, sdp))
+}
+
+/// The id the SDP answer gives the transport-cc header extension.
+fn transport_cc_id(sdp: &str) -> Option<u8> {
+    sdp.lines().find_map(|l| {
+        let rest = l.trim().strip_prefix("a=extmap:")?;
+        let (id, uri) = rest.split_once(' ')?;
+        let id = id.split('/').next()?.parse().ok()?;
+        (uri.trim() == TRANSPORT_CC_URI && (1..=14).contains(&id)).then_some(id)
+    })
 }
 
 #[cfg(test)]
@@ -1256,7 +1635,7 @@ mod tests {
         let publisher = ctx.hub.publish("live/t", Instant::now()).unwrap();
         let consumer = ctx.hub.subscribe("live/t").unwrap();
         let (mut rtc, offer, pending) = client("192.0.2.50:40000".parse().unwrap());
-        let (id, answer) = table.whep(consumer, offer, None, out).unwrap();
+        let (id, answer) = table.whep(consumer, offer, Play::Source, out).unwrap();
         let answer = SdpAnswer::from_sdp_string(&answer).unwrap();
         rtc.sdp_api().accept_answer(pending, answer).unwrap();
         (id, rtc, publisher)
