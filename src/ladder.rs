@@ -115,6 +115,9 @@ pub enum RungProblem {
     /// Two rungs with this name.
     #[error("two rungs have this name")]
     Duplicate,
+    /// `auto` or `source`: players ask for those with `?rendition=` (ABR, the source).
+    #[error("'auto' and 'source' are not rung names: players ask for ABR and the source with them")]
+    Reserved,
     /// A zero height or width.
     #[error("zero size")]
     ZeroSize,
@@ -173,6 +176,9 @@ fn even_round(num: u64, den: u64) -> u32 {
 fn check_rung(r: &Rung) -> Result<(), RungProblem> {
     if !name_ok(&r.name) {
         return Err(RungProblem::BadName);
+    }
+    if matches!(r.name.as_str(), "auto" | "source") {
+        return Err(RungProblem::Reserved);
     }
     for size in [r.width, r.height] {
         if size == 0 {
@@ -439,6 +445,10 @@ mod tests {
         assert_eq!(
             problem(vec![rung("a", 360, 1), rung("", 240, 1)]),
             ("#2".into(), RungProblem::BadName)
+        );
+        assert_eq!(
+            problem(vec![rung("source", 360, 1)]),
+            ("\"source\"".into(), RungProblem::Reserved)
         );
         assert_eq!(
             problem(vec![rung("8k", 8640, 1)]),

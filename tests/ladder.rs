@@ -206,9 +206,10 @@ fn play_page_quality_menu_plays_the_chosen_rung_in_chromium() {
     assert_eq!(
         options,
         [
-            ("", "Source", false),
+            ("", "Auto", false),
             ("360p", "360p (640×360)", false),
             ("240p", "240p (426×240)", true),
+            ("source", "Source", false),
         ]
     );
     assert_eq!(

@@ -62,12 +62,12 @@ pub(crate) struct Feed<M> {
 }
 
 /// The ladder rung a player's query string asks for (`rendition=360p`); `None` when it names
-/// none (or `auto`, which only WHEP plays as such).
+/// none, `source`, or `auto` (which only WHEP plays as such; other players get the source).
 pub fn rendition_param(query: &str) -> Option<&str> {
     query
         .split('&')
         .find_map(|kv| kv.strip_prefix("rendition="))
-        .filter(|v| !v.is_empty() && *v != "auto")
+        .filter(|v| !v.is_empty() && *v != "auto" && *v != "source")
 }
 
 impl<M: Muxer> Feed<M> {
