@@ -13,8 +13,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
+use crate::ladder::TranscodeRule;
 use crate::ladder::{DEFAULT_LADDER, Ladder, LadderSpec};
-use crate::manager::jobs::TranscodeRule;
 
 /// castnode: a live-streaming cluster in one binary.
 #[derive(Parser, Debug)]

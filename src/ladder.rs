@@ -1,15 +1,17 @@
 //! ABR ladders: the renditions a transcoder makes of one source (size, frame rate, bitrate and
 //! H.264 profile per rung), the built-in default ladder, named ladders from the configuration
-//! file, and how a ladder fits a given source ([`Ladder::for_source`]).
+//! file, how a ladder fits a given source ([`Ladder::for_source`]), and which broadcasts of a
+//! cluster get one from a transcoder ([`TranscodeRule`], the stream manager's `--transcode`).
 //!
 //! Guarantees: a [`Ladder`] that exists passed [`Ladder::new`]'s checks (at least one rung; every
 //! rung named, names unique; heights even and in 2..=[`MAX_HEIGHT`]; bitrates above zero; frame
-//! rates in 1..=[`MAX_FPS`]), and an error names the ladder and the rung. [`Ladder::for_source`]
+//! rates in 1..=[`MAX_FPS`]; `auto` and `source` are not rung names), and an error names the
+//! ladder and the rung. [`Ladder::for_source`]
 //! never upscales, keeps the source's aspect ratio (the rung's height applies, the width follows,
 //! rounded to even) and always yields at least one rung. No FFmpeg here: the encoder that builds
 //! the renditions is [`crate::ffmpeg::ladder`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::fmt;
 
 use serde::Deserialize;
@@ -344,6 +346,67 @@ pub struct RungSpec {
     /// `baseline`, `main` or `high` [default: high].
     #[serde(default)]
     pub profile: Option<String>,
+}
+
+/// Which broadcasts get a ladder without being asked (`--transcode`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum TranscodeRule {
+    /// None (only marked ones).
+    #[default]
+    None,
+    /// Every broadcast published on an origin.
+    All,
+    /// Those of these apps (the part of `app/key` before the `/`).
+    Apps(BTreeSet<String>),
+}
+
+impl TranscodeRule {
+    /// `none`, `all`, or a comma-separated list of apps (`live,events`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "none" => return Ok(TranscodeRule::None),
+            "all" => return Ok(TranscodeRule::All),
+            _ => {}
+        }
+        let mut apps = BTreeSet::new();
+        for app in s.split(',').map(str::trim) {
+            if app.is_empty() || app.len() > 128 || !app.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "{s:?}: none, all, or a comma-separated list of apps (1 to 128 printable \
+                     characters each, no spaces)"
+                ));
+            }
+            if app.contains('/') {
+                return Err(format!("{app:?}: an app has no '/' (live, not live/key)"));
+            }
+            apps.insert(app.to_owned());
+        }
+        Ok(TranscodeRule::Apps(apps))
+    }
+
+    /// Whether `broadcast` (`app/key`) gets a ladder by the rule.
+    pub(crate) fn matches(&self, broadcast: &str) -> bool {
+        match self {
+            TranscodeRule::None => false,
+            TranscodeRule::All => true,
+            TranscodeRule::Apps(apps) => broadcast
+                .split_once('/')
+                .is_some_and(|(app, _)| apps.contains(app)),
+        }
+    }
+}
+
+impl std::fmt::Display for TranscodeRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TranscodeRule::None => f.write_str("none"),
+            TranscodeRule::All => f.write_str("all"),
+            TranscodeRule::Apps(apps) => {
+                let list: Vec<&str> = apps.iter().map(String::as_str).collect();
+                f.write_str(&list.join(","))
+            }
+        }
+    }
 }
 
 #[cfg(test)]

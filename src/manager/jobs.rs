@@ -56,66 +56,7 @@ pub(crate) const MAX_MARKS: usize = 10_000;
 /// Longest wait of a job list long poll.
 pub(crate) const LONG_POLL: Duration = Duration::from_secs(10);
 
-/// Which broadcasts get a ladder without being asked (`--transcode`).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum TranscodeRule {
-    /// None (only marked ones).
-    #[default]
-    None,
-    /// Every broadcast published on an origin.
-    All,
-    /// Those of these apps (the part of `app/key` before the `/`).
-    Apps(BTreeSet<String>),
-}
-
-impl TranscodeRule {
-    /// `none`, `all`, or a comma-separated list of apps (`live,events`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "none" => return Ok(TranscodeRule::None),
-            "all" => return Ok(TranscodeRule::All),
-            _ => {}
-        }
-        let mut apps = BTreeSet::new();
-        for app in s.split(',').map(str::trim) {
-            if app.is_empty() || app.len() > 128 || !app.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!(
-                    "{s:?}: none, all, or a comma-separated list of apps (1 to 128 printable \
-                     characters each, no spaces)"
-                ));
-            }
-            if app.contains('/') {
-                return Err(format!("{app:?}: an app has no '/' (live, not live/key)"));
-            }
-            apps.insert(app.to_owned());
-        }
-        Ok(TranscodeRule::Apps(apps))
-    }
-
-    /// Whether `broadcast` (`app/key`) gets a ladder by the rule.
-    pub(crate) fn matches(&self, broadcast: &str) -> bool {
-        match self {
-            TranscodeRule::None => false,
-            TranscodeRule::All => true,
-            TranscodeRule::Apps(apps) => broadcast
-                .split_once('/')
-                .is_some_and(|(app, _)| apps.contains(app)),
-        }
-    }
-}
-
-impl std::fmt::Display for TranscodeRule {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TranscodeRule::None => f.write_str("none"),
-            TranscodeRule::All => f.write_str("all"),
-            TranscodeRule::Apps(apps) => {
-                let list: Vec<&str> = apps.iter().map(String::as_str).collect();
-                f.write_str(&list.join(","))
-            }
-        }
-    }
-}
+pub use crate::ladder::TranscodeRule;
 
 /// Where a job stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
