@@ -607,7 +607,7 @@ mod tests {
         let mut c = Compositor::new(layout, Yuv::GREY, 300_000).unwrap();
         c.add_input("red").unwrap();
         c.add_input("blue").unwrap();
-        // Not added: the layout may name an input before it exists.
+        // Frames for an input never added are refused (its rectangle shows the slate).
         assert!(matches!(
             c.push("green", &r.frames[0], None, 0),
             Err(MixError::UnknownInput(_))
