@@ -122,7 +122,11 @@
 //!   (`transcode::Ladders`: standalone's, one per broadcast published there) and a transcoder's
 //!   jobs (`transcode::Jobs`: a broadcast fetched over the cluster link, its ladder made, the
 //!   rungs published back to the origin, where the hub's `LadderWriter` adds them to the
-//!   broadcast).
+//!   broadcast). [`ffmpeg::mix`] is the mixer's core (issue 18; no role or API uses it yet):
+//!   layouts (grid, picture-in-picture, rectangles with z-order, PNG overlays), the compositor
+//!   ticked by the output's clock (repeat, then slate) with one H.264 encode, and the audio mix
+//!   (gain, mute) to AAC and Opus, built from the ladder's decoder/encoder and the audio
+//!   transcoder's pieces.
 //! - [`ladder`], [`ffmpeg::ladder`]: ABR ladders (the built-in default and the configuration's
 //!   named ones, checked before the node binds; how a ladder fits a source, never upscaling) and
 //!   the ladder encoder (decode once, scale and encode once per rung, IDRs at the same source
@@ -162,7 +166,8 @@
 //! - the benches (`benches/`): the RTMP chunk stream, FLV and muxers, the hub's fan-out
 //!   ([`media::Hub`], [`media::feed`]), placement ([`manager::registry`]), the cluster's wire
 //!   and QUIC, WebRTC packetizing, sending and SRTP, the ladder encoder ([`ffmpeg::ladder`],
-//!   [`ladder`]) with its in-process test source ([`ffmpeg::testsrc`]);
+//!   [`ladder`]) with its in-process test source ([`ffmpeg::testsrc`]), the mixer's core
+//!   ([`ffmpeg::mix`], public whole ahead of the role that will drive it);
 //! - the integration tests (`tests/`): the RTMP client, AMF0, FLV, chunk stream and H.264
 //!   helpers they drive castnode with.
 //!

@@ -1,11 +1,13 @@
 //! In-process FFmpeg (ffmpeg-next over Debian's libraries): the transcoders that make a
 //! broadcast playable where its original codecs are not, and the ladder encoder that makes its
-//! ABR renditions ([`ladder`]). Pure frame-in, frames-out objects; the tasks that feed them from
+//! ABR renditions ([`ladder`]), and the mixing core that composites several inputs into one
+//! output ([`mix`]). Pure frame-in, frames-out objects; the tasks that feed them from
 //! the hub live in [`crate::transcode`].
 
 pub(crate) mod audio;
 pub mod ladder;
 pub(crate) mod log;
+pub mod mix;
 pub mod testsrc;
 pub(crate) mod video;
 

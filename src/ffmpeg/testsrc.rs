@@ -5,7 +5,8 @@
 //! SPS and PPS in band before every IDR, pts/dts in microseconds from 0, keyframes flagged), with
 //! the source's AVCDecoderConfigurationRecord. The pictures are deterministic: moving XOR bars
 //! with a band of noise that changes every frame, so the encoders that read them have real work
-//! (motion and texture) and cannot meet a bitrate by skipping blocks.
+//! (motion and texture) and cannot meet a bitrate by skipping blocks; or, from [`solid`], one
+//! colour throughout.
 
 use bytes::{Bytes, BytesMut};
 use ffmpeg_next as ff;
@@ -74,8 +75,30 @@ pub fn fill(picture: &mut ff::frame::Video, n: u32) {
     }
 }
 
+/// Fills `picture` (YUV 4:2:0) with one colour, `[y, u, v]`.
+pub fn fill_solid(picture: &mut ff::frame::Video, [y, u, v]: [u8; 3]) {
+    for (plane, value) in [y, u, v].into_iter().enumerate() {
+        let (stride, rows) = (picture.stride(plane), picture.plane_height(plane) as usize);
+        picture.data_mut(plane)[..stride * rows].fill(value);
+    }
+}
+
 /// Encodes `spec.frames` pictures of the pattern with libx264 (`ultrafast`, closed GOPs).
 pub fn h264(spec: &SourceSpec) -> Result<Source, FfmpegError> {
+    encode(spec, fill)
+}
+
+/// Encodes `spec.frames` pictures of one colour (`[y, u, v]`, e.g. from
+/// [`crate::ffmpeg::mix::Yuv`]) like [`h264`]: a source whose colour a test can recognise after
+/// scaling and re-encoding.
+pub fn solid(spec: &SourceSpec, yuv: [u8; 3]) -> Result<Source, FfmpegError> {
+    encode(spec, |picture, _| fill_solid(picture, yuv))
+}
+
+fn encode(
+    spec: &SourceSpec,
+    mut fill: impl FnMut(&mut ff::frame::Video, u32),
+) -> Result<Source, FfmpegError> {
     super::init();
     let x264 =
         ff::encoder::find_by_name("libx264").ok_or(FfmpegError::MissingCodec("libx264 encoder"))?;
