@@ -59,23 +59,10 @@ fn page(whep: &str) -> String {
     format!(
         r#"<!doctype html><html><body><script>
 "use strict";
+{WHEP_RECVONLY_JS}
 const WHEP = "{whep}";
 (async () => {{
-  const pc = new RTCPeerConnection();
-  pc.addTransceiver("video", {{ direction: "recvonly" }});
-  pc.addTransceiver("audio", {{ direction: "recvonly" }});
-  const video = document.createElement("video");
-  video.muted = true; video.autoplay = true; video.playsInline = true;
-  document.body.appendChild(video);
-  const stream = new MediaStream();
-  video.srcObject = stream;
-  pc.ontrack = (e) => stream.addTrack(e.track);
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((r) => {{
-    if (pc.iceGatheringState === "complete") return r();
-    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r();
-    setTimeout(r, 2000);
-  }});
+  const {{ pc, video }} = await recvonly();
   const res = await fetch(WHEP, {{ method: "POST", headers: {{ "Content-Type": "application/sdp" }}, body: pc.localDescription.sdp }});
   if (res.status !== 201) throw new Error("WHEP answered " + res.status + ": " + await res.text());
   await pc.setRemoteDescription({{ type: "answer", sdp: await res.text() }});
@@ -178,16 +165,7 @@ fn auto_follows_a_bandwidth_cut_and_its_restore_without_freezing() {
         &["ip", "netns", "exec", &ns.name],
         &server_ip,
         "standalone",
-        &[
-            "--ladder",
-            "default",
-            "--rtmp",
-            "0.0.0.0:0",
-            "--http",
-            "0.0.0.0:0",
-            "--webrtc-udp",
-            "0.0.0.0:0",
-        ],
+        &[&["--ladder", "default"][..], &WILDCARD_V4].concat(),
         |_| {},
     );
     // The publisher inside the namespace, on its loopback (the shaped link carries only what

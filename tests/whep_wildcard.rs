@@ -15,16 +15,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// RTMP, HTTP and WebRTC on the IPv4 wildcard address, as the defaults bind them (free ports).
-const WILDCARD_V4: [&str; 6] = [
-    "--rtmp",
-    "0.0.0.0:0",
-    "--http",
-    "0.0.0.0:0",
-    "--webrtc-udp",
-    "0.0.0.0:0",
-];
-
 /// Publishes the OBS-like clip to `server` (reached at `host`), opens one WHEP viewer of it in
 /// headless Chromium (page and browser on this host) and checks it decodes video.
 fn plays_in_chromium(server: &Server, name: &str) {

@@ -627,23 +627,10 @@ pub fn has_chromium() -> bool {
 pub fn whep_viewers_page(whep: &str, viewers: usize) -> String {
     format!(
         r#"<!doctype html><html><body><script>
+{WHEP_RECVONLY_JS}
 const WHEP = "{whep}";
 async function viewer(i) {{
-  const pc = new RTCPeerConnection();
-  pc.addTransceiver("video", {{ direction: "recvonly" }});
-  pc.addTransceiver("audio", {{ direction: "recvonly" }});
-  const video = document.createElement("video");
-  video.muted = true; video.autoplay = true; video.playsInline = true;
-  document.body.appendChild(video);
-  const stream = new MediaStream();
-  video.srcObject = stream;
-  pc.ontrack = (e) => stream.addTrack(e.track);
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise((r) => {{
-    if (pc.iceGatheringState === "complete") return r();
-    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r();
-    setTimeout(r, 2000);
-  }});
+  const {{ pc, video }} = await recvonly();
   const t0 = performance.now();
   // When the connection came up, for the breakdown of the time to first frame.
   const connected = new Promise((r) => {{
@@ -960,3 +947,38 @@ pub fn read_flv_video(port: u16, path: &str, read: Duration) -> Option<Vec<FlvFr
     }
     Some(frames)
 }
+
+/// JavaScript for test pages: `recvonly()` makes a receive-only WHEP viewer's peer connection
+/// (video and audio) with a muted, autoplaying `<video>` on the page, and sets its offer once
+/// every candidate is gathered (at most 2 s); it resolves to `{ pc, video }`. Pages put it in
+/// their `<script>` (a `format!` argument, so its braces are not escaped).
+pub const WHEP_RECVONLY_JS: &str = r#"
+async function recvonly() {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  const video = document.createElement("video");
+  video.muted = true; video.autoplay = true; video.playsInline = true;
+  document.body.appendChild(video);
+  const stream = new MediaStream();
+  video.srcObject = stream;
+  pc.ontrack = (e) => stream.addTrack(e.track);
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((r) => {
+    if (pc.iceGatheringState === "complete") return r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && r();
+    setTimeout(r, 2000);
+  });
+  return { pc, video };
+}
+"#;
+
+/// RTMP, HTTP and WebRTC on the IPv4 wildcard address, as the defaults bind them (free ports).
+pub const WILDCARD_V4: [&str; 6] = [
+    "--rtmp",
+    "0.0.0.0:0",
+    "--http",
+    "0.0.0.0:0",
+    "--webrtc-udp",
+    "0.0.0.0:0",
+];
