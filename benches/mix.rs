@@ -19,35 +19,16 @@ use std::hint::black_box;
 
 use castnode::ffmpeg::ladder::SourceDecoder;
 use castnode::ffmpeg::mix::{Compositor, Layout, MixSettings, VideoMixer, Yuv};
-use castnode::ffmpeg::testsrc::{self, SourceSpec};
-use castnode::media::Frame;
+#[path = "common/clip.rs"]
+mod clip;
+
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-const FPS: i64 = 30;
-const FRAMES: u32 = 60;
+use clip::{FPS, FRAMES};
 
 fn mix(c: &mut Criterion) {
-    let src = testsrc::h264(&SourceSpec {
-        width: 1280,
-        height: 720,
-        fps: FPS as u32,
-        frames: FRAMES,
-        keyint: 60,
-        b_frames: 2,
-        bitrate_kbps: 3000,
-    })
-    .expect("libx264 makes the source");
-    let clip_us = i64::from(FRAMES) * 1_000_000 / FPS;
-    // The n-th frame of the clip played in a loop, its timestamps moved on by whole clips.
-    let nth = |n: usize| {
-        let f = &src.frames[n % src.frames.len()];
-        let shift = (n / src.frames.len()) as i64 * clip_us;
-        Frame {
-            pts: f.pts + shift,
-            dts: f.dts + shift,
-            ..f.clone()
-        }
-    };
+    let src = clip::clip_720p();
+    let nth = |n: usize| clip::nth(&src, n);
     let layout = Layout::grid(["a", "b"], 1280, 720, FPS as u32).unwrap();
 
     let mut g = c.benchmark_group("mix");

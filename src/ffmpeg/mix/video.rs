@@ -187,6 +187,14 @@ impl Compositor {
             .map(|i| i.decoder.errors)
     }
 
+    /// Input `id`, or [`MixError::UnknownInput`].
+    fn input_mut(&mut self, id: &str) -> Result<&mut VideoInput, MixError> {
+        self.inputs
+            .iter_mut()
+            .find(|i| i.id == id)
+            .ok_or_else(|| MixError::UnknownInput(id.into()))
+    }
+
     /// Decodes one H.264 access unit of input `id` (`avcc`: its track's config) that arrived at
     /// `now` on the output's clock; the pictures it completes become the input's newest.
     pub fn push(
@@ -196,18 +204,13 @@ impl Compositor {
         avcc: Option<&[u8]>,
         now: i64,
     ) -> Result<(), MixError> {
-        let input = self
-            .inputs
-            .iter_mut()
-            .find(|i| i.id == id)
-            .ok_or_else(|| MixError::UnknownInput(id.into()))?;
         let VideoInput {
             decoder,
             latest,
             arrived,
             fresh,
             ..
-        } = input;
+        } = self.input_mut(id)?;
         decoder.push(frame, avcc, |picture| {
             copy_picture(picture, latest);
             *arrived = Some(now);
@@ -226,11 +229,7 @@ impl Compositor {
         picture: &ff::frame::Video,
         now: i64,
     ) -> Result<(), MixError> {
-        let input = self
-            .inputs
-            .iter_mut()
-            .find(|i| i.id == id)
-            .ok_or_else(|| MixError::UnknownInput(id.into()))?;
+        let input = self.input_mut(id)?;
         copy_picture(picture, &mut input.latest);
         input.arrived = Some(now);
         input.fresh = true;
