@@ -16,6 +16,9 @@ use serde::Deserialize;
 use crate::ladder::TranscodeRule;
 use crate::ladder::{DEFAULT_LADDER, Ladder, LadderSpec};
 
+mod mix;
+pub use mix::MixConfig;
+
 /// castnode: a live-streaming cluster in one binary.
 #[derive(Parser, Debug)]
 #[command(name = "castnode", version, about)]
@@ -307,6 +310,10 @@ pub struct NodeArgs {
     #[arg(long, env = "CASTNODE_JOBS", value_delimiter = ',')]
     #[serde(default)]
     pub jobs: Vec<String>,
+    /// Mixer: the mix to make, a JSON file ([`MixConfig`]: output, canvas, inputs' rectangles,
+    /// gains, PNG overlays), checked whole before anything binds.
+    #[arg(long, env = "CASTNODE_MIX")]
+    pub mix: Option<PathBuf>,
 }
 
 /// A configuration value that cannot be used.
@@ -525,6 +532,8 @@ pub struct NodeConfig {
     pub ladder: Option<Ladder>,
     /// Transcoder: the broadcasts whose ladders it makes without a manager (`--jobs`).
     pub(crate) jobs: Vec<String>,
+    /// Mixer: the mix it makes (`--mix`).
+    pub(crate) mix: Option<MixConfig>,
 }
 
 /// Where a node reports, and the manager's own settings.
@@ -645,6 +654,25 @@ impl NodeArgs {
             return Err(bad(
                 "jobs",
                 format!("{j:?} is not a broadcast name (app/key)"),
+            ));
+        }
+        let mix = match a.mix.clone().or(file.mix.clone()) {
+            Some(_) if role != "mixer" => {
+                return Err(bad(
+                    "mix",
+                    format!("a {role} makes no mix: only a mixer takes --mix"),
+                ));
+            }
+            Some(path) => Some(MixConfig::read(&path).map_err(|e| bad("mix", e))?),
+            None if role == "mixer" => {
+                return Err(bad("mix", "a mixer needs --mix FILE (the mix, as JSON)"));
+            }
+            None => None,
+        };
+        if role == "mixer" && (a.manager.is_some() || file.manager.is_some()) {
+            return Err(bad(
+                "manager",
+                "a mixer does not work with a stream manager yet: give it --upstream and --mix",
             ));
         }
         let cluster = cluster_config(role, &a, &file)?;
@@ -877,6 +905,7 @@ impl NodeArgs {
             max_viewers: a.max_viewers.or(file.max_viewers).unwrap_or(2000),
             ladder,
             jobs,
+            mix,
         })
     }
 }
@@ -956,7 +985,8 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
         }
     }
     let managed = a.manager.is_some() || file.manager.is_some();
-    if matches!(role, "relay" | "edge" | "transcoder") && upstream.is_empty() && !managed {
+    if matches!(role, "relay" | "edge" | "transcoder" | "mixer") && upstream.is_empty() && !managed
+    {
         return Err(bad(
             "upstream",
             format!("a {role} needs at least one --upstream HOST:PORT, or a --manager to ask"),
@@ -986,7 +1016,7 @@ fn cluster_config(role: &str, a: &NodeArgs, file: &NodeArgs) -> Result<ClusterCo
     };
     let linked = listen.is_some()
         || !upstream.is_empty()
-        || (managed && matches!(role, "relay" | "edge" | "transcoder"));
+        || (managed && matches!(role, "relay" | "edge" | "transcoder" | "mixer"));
     if linked && token.len() < 16 {
         return Err(bad(
             "cluster-token",
