@@ -109,7 +109,7 @@
 //!
 //! The top-level modules form no circle (`tests/module_graph.rs` checks it). From the bottom:
 //! `codec`, `names`, `shutdown`, `web`; `media`, `ladder`; `config`, `metrics`, `ffmpeg`;
-//! `transcode`, `cluster`; `node`; `player`, `rtmp`, `webrtc`, `manager`; `http`; `role`.
+//! `transcode`, `cluster`; `mix`, `node`; `player`, `rtmp`, `webrtc`, `manager`; `http`; `role`.
 //! - [`webrtc`]: WHEP playback and WHIP ingest, every peer on one UDP socket; the sans-IO
 //!   session table [`webrtc::table`] (routing, handover, reaping) under a thin
 //!   [`webrtc::driver`]; str0m does SDP, ICE and DTLS; viewers' RTP/SRTP/RTCP are castnode's own (sans-IO [`webrtc::packetize`],
@@ -122,11 +122,13 @@
 //!   (`transcode::Ladders`: standalone's, one per broadcast published there) and a transcoder's
 //!   jobs (`transcode::Jobs`: a broadcast fetched over the cluster link, its ladder made, the
 //!   rungs published back to the origin, where the hub's `LadderWriter` adds them to the
-//!   broadcast). [`ffmpeg::mix`] is the mixer's core (issue 18; no role or API uses it yet):
+//!   broadcast). [`ffmpeg::mix`] is the mixer's core (issue 18):
 //!   layouts (grid, picture-in-picture, rectangles with z-order, PNG overlays), the compositor
 //!   ticked by the output's clock (repeat, then slate) with one H.264 encode, and the audio mix
 //!   (gain, mute) to AAC and Opus, built from the ladder's decoder/encoder and the audio
-//!   transcoder's pieces.
+//!   transcoder's pieces. [`mix`] drives it for the `mixer` role: the inputs fetched over the
+//!   cluster link, the output clock on a thread of its own, the mix written into the hub as a
+//!   broadcast that the link publishes upstream.
 //! - [`ladder`], [`ffmpeg::ladder`]: ABR ladders (the built-in default and the configuration's
 //!   named ones, checked before the node binds; how a ladder fits a source, never upscaling) and
 //!   the ladder encoder (decode once, scale and encode once per rung, IDRs at the same source
@@ -142,8 +144,8 @@
 //! - [`manager`]: the stream manager seam ([`manager::StreamManager`]): registry, placement,
 //!   its HTTP API and web console, the reporter every node runs and its UDP heartbeats; the
 //!   SQLite store (tokens, regions, node groups), the autoscaler and the provisioners.
-//! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`, `transcoder`) in
-//!   [`role::standalone`], the stream manager in [`role::manager`]; the mixer is not built yet.
+//! - [`role`]: the roles: media nodes (`standalone`, `origin`, `relay`, `edge`, `transcoder`,
+//!   `mixer`) in [`role::standalone`], the stream manager in [`role::manager`].
 //!
 //! # The sans-IO contract
 //!
@@ -167,7 +169,7 @@
 //!   ([`media::Hub`], [`media::feed`]), placement ([`manager::registry`]), the cluster's wire
 //!   and QUIC, WebRTC packetizing, sending and SRTP, the ladder encoder ([`ffmpeg::ladder`],
 //!   [`ladder`]) with its in-process test source ([`ffmpeg::testsrc`]), the mixer's core
-//!   ([`ffmpeg::mix`], public whole ahead of the role that will drive it);
+//!   ([`ffmpeg::mix`], public whole: the benches drive it without the role);
 //! - the integration tests (`tests/`): the RTMP client, AMF0, FLV, chunk stream and H.264
 //!   helpers they drive castnode with.
 //!
@@ -189,6 +191,7 @@ pub mod ladder;
 pub mod manager;
 pub mod media;
 pub(crate) mod metrics;
+pub(crate) mod mix;
 pub(crate) mod names;
 pub mod node;
 pub(crate) mod player;

@@ -44,16 +44,6 @@ fn main() -> ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
-    if !matches!(
-        role,
-        "standalone" | "origin" | "relay" | "edge" | "transcoder" | "manager"
-    ) {
-        eprintln!(
-            "castnode: the {role} role is not built yet; standalone, origin, relay, edge, \
-             transcoder and manager are"
-        );
-        return ExitCode::from(2);
-    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -2,8 +2,9 @@
 //! playback; API and metrics, in one process), `origin` (the same, serving other nodes over the
 //! cluster link), `relay` (cluster link in and out, plus health and metrics) and `edge`
 //! (playback of broadcasts fetched from upstream on demand) and `transcoder` (ABR ladders of
-//! broadcasts fetched from upstream, published back as their rungs: [`crate::transcode::Jobs`]).
-//! Each only wires modules together.
+//! broadcasts fetched from upstream, published back as their rungs: [`crate::transcode::Jobs`])
+//! and `mixer` (one mix of broadcasts fetched from upstream, published upstream as a broadcast
+//! of its own: [`crate::mix`]). Each only wires modules together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use crate::webrtc::driver::Webrtc;
 /// SIGINT/SIGTERM.
 pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     // Roles without players or publishers of their own: no RTMP, no WebRTC.
-    let relay = matches!(role, "relay" | "transcoder");
+    let relay = matches!(role, "relay" | "transcoder" | "mixer");
     let rtmp = match relay {
         true => None,
         false => Some(
@@ -80,7 +81,7 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
     let manager_token = embedded
         .as_ref()
         .map_or_else(|| cluster.token.clone(), |(_, t)| t.clone());
-    let fetches = matches!(role, "relay" | "edge" | "transcoder");
+    let fetches = matches!(role, "relay" | "edge" | "transcoder" | "mixer");
     let linked =
         cluster.listen.is_some() || !cluster.upstream.is_empty() || (manager.is_some() && fetches);
     let link = if linked {
@@ -181,6 +182,35 @@ pub async fn run_role(cfg: NodeConfig, role: &str) -> anyhow::Result<()> {
                 _ => ctx.jobs.set(&ctx.hub, link, &ladders, &jobs),
             }
         }
+    } else if role == "mixer" {
+        let mix = ctx.cfg.mix.clone().context("a mixer needs --mix")?;
+        let link = ctx
+            .link
+            .get()
+            .cloned()
+            .context("a mixer needs --upstream")?;
+        println!("castnode mixer {} is running.", cluster.node_id);
+        println!(
+            "  Mix {:?}: {} inputs ({}) into {}, {}x{} at {} fps (--mix)",
+            mix.name,
+            mix.layout.inputs.len(),
+            mix.layout
+                .inputs
+                .iter()
+                .map(|p| p.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            mix.output,
+            mix.layout.width,
+            mix.layout.height,
+            mix.layout.fps
+        );
+        println!(
+            "  Upstream (fetches the inputs, takes the mix): {}",
+            cluster.upstream.join(", ")
+        );
+        println!("  Metrics:    http://{host}:{http_port}/metrics");
+        crate::mix::start(ctx.hub.clone(), link, mix).await?;
     } else if role == "relay" || role == "edge" {
         println!("castnode {role} {} is running.", cluster.node_id);
         if ctx.cfg.manager.url.is_some() {
