@@ -1,4 +1,4 @@
-//! The command line: roles not built yet exit 2; bad configuration exits 64 naming the key,
+//! The command line: bad configuration exits 64 naming the key,
 //! before any port is bound; flags, environment and TOML file all configure the node.
 
 mod common;
@@ -19,10 +19,60 @@ fn castnode(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 }
 
 #[test]
-fn roles_not_built_yet_exit_2() {
-    let (code, _, err) = castnode(&["mixer"], &[]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("not built yet"), "{err}");
+fn a_mixer_needs_a_good_mix_and_an_upstream_and_a_mix_is_a_mixers() {
+    let dir = common::temp_dir("cli-mixer");
+    let token = "0123456789abcdef";
+    let up = ["--upstream", "127.0.0.1:4443", "--cluster-token", token];
+    let (code, _, err) = castnode(&[&["mixer"][..], &up].concat(), &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--mix"), "{err}");
+    let mix = |inputs: &str| {
+        format!(
+            r#"{{ "name": "m", "output": "live/mix", "width": 1280, "height": 360, "fps": 30,
+                 "inputs": [ {{ "broadcast": "live/a", "x": 0, "y": 0, "w": 640, "h": 360 }},
+                             {inputs} ] }}"#
+        )
+    };
+    let good = dir.join("good.json");
+    std::fs::write(
+        &good,
+        mix(r#"{ "broadcast": "live/b", "x": 640, "y": 0, "w": 640, "h": 360 }"#),
+    )
+    .unwrap();
+    let odd = dir.join("odd.json");
+    std::fs::write(
+        &odd,
+        mix(r#"{ "broadcast": "live/b", "x": 640, "y": 0, "w": 641, "h": 360 }"#),
+    )
+    .unwrap();
+    let (good, odd) = (good.to_str().unwrap(), odd.to_str().unwrap());
+    // A bad mix names the file, the field and what is wrong with it, before anything binds.
+    let (code, _, err) = castnode(&[&["mixer"][..], &up, &["--mix", odd]].concat(), &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--mix") && err.contains("odd.json"), "{err}");
+    assert!(err.contains("inputs[1].w: odd"), "{err}");
+    // From the environment too.
+    let (code, _, err) = castnode(&[&["mixer"][..], &up].concat(), &[("CASTNODE_MIX", odd)]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("CASTNODE_MIX") && err.contains("inputs[1].w"),
+        "{err}"
+    );
+    // A mixer needs an upstream (no manager yet); only a mixer takes a mix.
+    let (code, _, err) = castnode(&["mixer", "--cluster-token", token, "--mix", good], &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("upstream"), "{err}");
+    let managed = ["--manager", "http://127.0.0.1:5080", "--mix", good];
+    let (code, _, err) = castnode(&[&["mixer"][..], &up, &managed].concat(), &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(
+        err.contains("--manager") && err.contains("not work"),
+        "{err}"
+    );
+    let (code, _, err) = castnode(&[&["edge"][..], &up, &["--mix", good]].concat(), &[]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("--mix") && err.contains("edge"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
