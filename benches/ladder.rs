@@ -23,29 +23,13 @@ mod clip;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
-use clip::{FPS, FRAMES};
+use clip::FPS;
 
 fn ladder(c: &mut Criterion) {
     let src = clip::clip_720p();
     let nth = |n: usize| clip::nth(&src, n);
 
-    let mut pictures = Vec::new();
-    let mut decoder = SourceDecoder::new().unwrap();
-    for f in &src.frames {
-        decoder
-            .push(f, Some(&src.avcc), |p| {
-                pictures.push(p.clone());
-                Ok(())
-            })
-            .unwrap();
-    }
-    decoder
-        .flush(|p| {
-            pictures.push(p.clone());
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(pictures.len(), FRAMES as usize);
+    let mut pictures = clip::decoded(&src);
 
     let mut g = c.benchmark_group("ladder");
     g.throughput(Throughput::Elements(1));

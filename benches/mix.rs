@@ -17,14 +17,13 @@
 
 use std::hint::black_box;
 
-use castnode::ffmpeg::ladder::SourceDecoder;
 use castnode::ffmpeg::mix::{Compositor, Layout, MixSettings, VideoMixer, Yuv};
 #[path = "common/clip.rs"]
 mod clip;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
-use clip::{FPS, FRAMES};
+use clip::FPS;
 
 fn mix(c: &mut Criterion) {
     let src = clip::clip_720p();
@@ -35,23 +34,7 @@ fn mix(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
 
     // Composite only: the clip decoded beforehand, a new picture per input per tick.
-    let mut pictures = Vec::new();
-    let mut decoder = SourceDecoder::new().unwrap();
-    for f in &src.frames {
-        decoder
-            .push(f, Some(&src.avcc), |p| {
-                pictures.push(p.clone());
-                Ok(())
-            })
-            .unwrap();
-    }
-    decoder
-        .flush(|p| {
-            pictures.push(p.clone());
-            Ok(())
-        })
-        .unwrap();
-    assert_eq!(pictures.len(), FRAMES as usize);
+    let pictures = clip::decoded(&src);
     let mut compositor = Compositor::new(layout.clone(), Yuv::GREY, i64::MAX).unwrap();
     compositor.add_input("a").unwrap();
     compositor.add_input("b").unwrap();

@@ -2,8 +2,10 @@
 //! (`castnode::ffmpeg::testsrc`: moving bars with a band of per-frame noise; libx264
 //! `ultrafast`, 2 B-frames, an IDR every 60 frames, 3 Mbit/s), played in a loop.
 
+use castnode::ffmpeg::ladder::SourceDecoder;
 use castnode::ffmpeg::testsrc::{self, Source, SourceSpec};
 use castnode::media::Frame;
+use ffmpeg_next as ff;
 
 /// Frames a second of the clip.
 pub const FPS: i64 = 30;
@@ -35,4 +37,26 @@ pub fn nth(src: &Source, n: usize) -> Frame {
         dts: f.dts + shift,
         ..f.clone()
     }
+}
+
+/// Every picture of `src`, decoded once (one per frame, in presentation order).
+pub fn decoded(src: &Source) -> Vec<ff::frame::Video> {
+    let mut pictures = Vec::new();
+    let mut decoder = SourceDecoder::new().unwrap();
+    for f in &src.frames {
+        decoder
+            .push(f, Some(&src.avcc), |p| {
+                pictures.push(p.clone());
+                Ok(())
+            })
+            .unwrap();
+    }
+    decoder
+        .flush(|p| {
+            pictures.push(p.clone());
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(pictures.len(), FRAMES as usize);
+    pictures
 }
